@@ -1,0 +1,136 @@
+//! `texture-agent run`: wires the pieces together and supervises them.
+//!
+//! Only wiring lives here: build each component, connect their channels, spawn them, and then
+//! wait for a termination signal while relaying status to systemd.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+
+use crate::config::Settings;
+use crate::link::{Inbound, Link, LinkState, LinkStatus, Publisher};
+use crate::reply::{ErrorCode, ErrorReply};
+use crate::service::{self, notify_or_log};
+use crate::status::{self, RuntimeStatus};
+use crate::storage;
+use crate::topics::Topics;
+
+/// How long a graceful shutdown may take in total; systemd's `TimeoutStopSec` must be larger.
+pub const SHUTDOWN_BUDGET: Duration = Duration::from_secs(4);
+
+/// Runs the daemon until SIGTERM/SIGINT. Returns `Ok` on a graceful stop.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    crate::link::tls::install_default_provider();
+    storage::ensure_dir(&settings.state.dir).context("state.dir")?;
+    storage::ensure_dir(&settings.state.runtime_dir).context("state.runtime_dir")?;
+
+    let (trigger, shutdown) = service::shutdown_channel();
+    let mut link = Link::start(&settings, shutdown.clone())?;
+    let inbound = link.take_inbound().expect("inbound taken once");
+    let pipeline = tokio::spawn(command_pipeline(
+        inbound,
+        link.publisher(),
+        link.topics().clone(),
+    ));
+
+    let started_at_unix = crate::link::unix_now();
+    let device_id = settings.device.id.to_string();
+    let runtime_dir = settings.state.runtime_dir.clone();
+    let publish_status = |link: &LinkStatus| {
+        let snapshot = RuntimeStatus {
+            pid: std::process::id(),
+            device_id: device_id.clone(),
+            started_at_unix,
+            link: serde_json::to_value(link).unwrap_or_default(),
+        };
+        if let Err(error) = status::write(&runtime_dir, &snapshot) {
+            tracing::warn!(%error, "could not write runtime status");
+        }
+        notify_or_log(&format!("STATUS={}", describe(link)));
+    };
+
+    // Configuration and state are loaded: ready, whether or not the network is up.
+    let mut link_status = link.status();
+    publish_status(&link_status.borrow_and_update());
+    notify_or_log("READY=1");
+    tracing::info!(device_id = %settings.device.id, "texture-agent started");
+
+    let watchdog = service::watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let terminated = service::termination_signal();
+    tokio::pin!(terminated);
+    loop {
+        tokio::select! {
+            signal = &mut terminated => {
+                let signal = signal.context("installing signal handlers")?;
+                tracing::info!(signal, "shutting down");
+                break;
+            }
+            changed = link_status.changed() => {
+                if changed.is_err() { break; }
+                publish_status(&link_status.borrow_and_update());
+            }
+            // Pinged from this loop, on the runtime's only thread: if anything wedges the
+            // runtime, the pings stop and systemd restarts us.
+            _ = watchdog_tick.tick(), if watchdog.is_some() => notify_or_log("WATCHDOG=1"),
+        }
+    }
+
+    notify_or_log("STOPPING=1");
+    trigger.trigger();
+    link.shutdown(SHUTDOWN_BUDGET).await;
+    pipeline.abort();
+    publish_status(&link_status.borrow());
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// A human-readable one-liner for systemd's `STATUS=`.
+fn describe(s: &LinkStatus) -> String {
+    match &s.state {
+        LinkState::Connecting { attempt } => {
+            format!("connecting to {} (attempt {attempt})", s.broker)
+        }
+        LinkState::Connected => format!("connected to {}", s.broker),
+        LinkState::WaitingToRetry { retry_in_ms, error } => format!(
+            "reconnecting to {} in {:.1}s: {error}",
+            s.broker,
+            *retry_in_ms as f64 / 1000.0
+        ),
+        LinkState::Stopped => "stopped".to_string(),
+    }
+}
+
+/// Inbound commands. Until the attestation verifier is configured, every command is refused
+/// as unauthenticated: the device never runs anything it cannot verify.
+async fn command_pipeline(
+    mut inbound: mpsc::Receiver<Inbound>,
+    publisher: Publisher,
+    topics: Topics,
+) {
+    let commands = topics.commands();
+    while let Some(message) = inbound.recv().await {
+        if message.topic != commands {
+            tracing::debug!(topic = %message.topic, "message on unexpected topic ignored");
+            continue;
+        }
+        let reply = ErrorReply::new(
+            None,
+            ErrorCode::Unauthenticated,
+            "no platform trust root is configured; commands cannot be verified",
+        );
+        tracing::warn!(
+            decision = "refused",
+            reason = "no trust root",
+            "command refused"
+        );
+        if publisher
+            .publish(topics.replies(), reply.to_bytes(), false)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}

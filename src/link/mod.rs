@@ -1,0 +1,427 @@
+//! The MQTT-over-TLS link to the platform's broker.
+//!
+//! rumqttc has three sharp edges this module exists to file down:
+//!
+//! 1. **Reconnect loops.** After `EventLoop::poll` returns an error, the next call reconnects at
+//!    once. A broker that refuses us would be hammered in a tight loop, so every error is followed
+//!    by a jittered [`backoff::Backoff`] sleep before the next poll.
+//! 2. **Deadlocks.** `AsyncClient` requests go through a bounded channel that only the event loop
+//!    drains. A task that polls the event loop and also awaits `publish` can block on a full
+//!    channel that nobody will ever drain. So the [`drive`] task *only* polls; it hands inbound
+//!    messages on with a non-blocking `try_send`, and everything that publishes (the session
+//!    task, command replies, shutdown) runs in other tasks.
+//! 3. **Lost subscriptions.** With a clean session the broker forgets our subscriptions, and
+//!    rumqttc clears its pending requests on a new session. The [`session`] task therefore
+//!    subscribes and publishes the retained birth message after *every* CONNACK.
+//!
+//! Presence uses the classic birth/will pattern: a retained `online` after each CONNACK, an MQTT
+//! last will with a retained `offline` for when the link dies, and an explicit `offline` on a
+//! clean shutdown (a clean DISCONNECT suppresses the will).
+
+pub mod backoff;
+pub mod tls;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Settings;
+use crate::service::Shutdown;
+use crate::topics::Topics;
+use backoff::Backoff;
+
+/// Largest inbound packet accepted. Commands and trust bundles are a few KiB; anything larger
+/// is refused by rumqttc before it is buffered, which bounds what a hostile broker can make us
+/// allocate.
+pub const MAX_INBOUND_PACKET: usize = 64 * 1024;
+/// Largest outbound packet (a telemetry batch).
+pub const MAX_OUTBOUND_PACKET: usize = 1024 * 1024;
+/// Inbound messages waiting for the command pipeline. When full, further messages are dropped
+/// and logged rather than stalling the event loop (which would stop keepalives).
+pub const INBOUND_QUEUE: usize = 32;
+/// Capacity of rumqttc's request channel: how many publishes may wait for the event loop.
+const REQUEST_QUEUE: usize = 64;
+
+/// Where the link is in its life cycle; published through a `watch` channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum LinkState {
+    /// A TCP/TLS/MQTT connect is in progress.
+    Connecting { attempt: u32 },
+    /// CONNACK received; the session task is (re-)subscribing.
+    Connected,
+    /// The last attempt or connection failed; the next attempt starts after `retry_in_ms`.
+    WaitingToRetry { retry_in_ms: u64, error: String },
+    /// Shut down; no further attempts.
+    Stopped,
+}
+
+/// A snapshot of the link for `status`, systemd `STATUS=` lines and health telemetry.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkStatus {
+    #[serde(flatten)]
+    pub state: LinkState,
+    pub broker: String,
+    /// Successful CONNACKs since start; each one after the first is a reconnect.
+    pub connects: u64,
+    /// Failed attempts and dropped connections since start.
+    pub failures: u64,
+    pub last_error: Option<String>,
+    pub connected_since_unix: Option<u64>,
+}
+
+impl LinkStatus {
+    pub fn reconnects(&self) -> u64 {
+        self.connects.saturating_sub(1)
+    }
+}
+
+/// A message received on one of our subscriptions.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub topic: String,
+    pub payload: bytes::Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsSetupError),
+    #[error("the link is shut down")]
+    Closed,
+}
+
+/// A cloneable handle for publishing. Never used from the event-loop task.
+#[derive(Clone)]
+pub struct Publisher {
+    client: AsyncClient,
+}
+
+impl Publisher {
+    /// Queues a QoS 1 publish. Resolves once rumqttc has accepted it, not on PUBACK.
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<(), LinkError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .map_err(|_| LinkError::Closed)
+    }
+}
+
+/// The running link: a publisher, the status feed and the inbound stream.
+pub struct Link {
+    publisher: Publisher,
+    status: watch::Receiver<LinkStatus>,
+    inflight: watch::Receiver<u32>,
+    inbound: Option<mpsc::Receiver<Inbound>>,
+    topics: Topics,
+    driver: JoinHandle<()>,
+    session: JoinHandle<()>,
+}
+
+/// The presence message on the retained status topic.
+#[derive(Debug, Serialize)]
+struct Presence<'a> {
+    state: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(rename = "agentVersion")]
+    agent_version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    at: Option<u64>,
+}
+
+fn presence(state: &str, reason: Option<&str>, at: Option<u64>) -> Vec<u8> {
+    serde_json::to_vec(&Presence {
+        state,
+        reason,
+        agent_version: env!("CARGO_PKG_VERSION"),
+        at,
+    })
+    .expect("presence serialises")
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Builds rumqttc's options from the settings. Fails only on unusable TLS material.
+fn mqtt_options(settings: &Settings, topics: &Topics) -> Result<MqttOptions, LinkError> {
+    let b = &settings.broker;
+    let mut o = MqttOptions::new(settings.device.id.as_str(), b.host.clone(), b.port);
+    o.set_keep_alive(b.keepalive())
+        .set_clean_session(true)
+        .set_max_packet_size(MAX_INBOUND_PACKET, MAX_OUTBOUND_PACKET)
+        .set_last_will(LastWill::new(
+            topics.status(),
+            presence("offline", Some("connection-lost"), None),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    if !b.allow_insecure_plaintext {
+        let config = tls::client_config(b)?;
+        o.set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
+    }
+    Ok(o)
+}
+
+impl Link {
+    /// Validates the TLS material and starts the event-loop and session tasks.
+    ///
+    /// Returns immediately: connecting happens in the background, so a gateway that boots
+    /// without network still starts (and tells systemd it is ready).
+    pub fn start(settings: &Settings, shutdown: Shutdown) -> Result<Link, LinkError> {
+        let topics = Topics::new(&settings.device.id);
+        let options = mqtt_options(settings, &topics)?;
+        let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
+        let mut net = eventloop.network_options();
+        net.set_connection_timeout(settings.broker.connect_timeout_secs);
+        eventloop.set_network_options(net);
+
+        let b = &settings.broker;
+        let broker = format!("{}:{}", b.host, b.port);
+        let (status_tx, status_rx) = watch::channel(LinkStatus {
+            state: LinkState::Connecting { attempt: 1 },
+            broker: broker.clone(),
+            connects: 0,
+            failures: 0,
+            last_error: None,
+            connected_since_unix: None,
+        });
+        let (inflight_tx, inflight_rx) = watch::channel(0u32);
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+        let driver = tokio::spawn(drive(
+            eventloop,
+            Driver {
+                backoff: Backoff::new(b.backoff_min(), b.backoff_max()),
+                plaintext: b.allow_insecure_plaintext,
+                broker,
+                status: status_tx,
+                inflight: inflight_tx,
+                inbound: inbound_tx,
+                shutdown,
+            },
+        ));
+        let session = tokio::spawn(session(client.clone(), topics.clone(), status_rx.clone()));
+        Ok(Link {
+            publisher: Publisher { client },
+            status: status_rx,
+            inflight: inflight_rx,
+            inbound: Some(inbound_rx),
+            topics,
+            driver,
+            session,
+        })
+    }
+
+    pub fn publisher(&self) -> Publisher {
+        self.publisher.clone()
+    }
+
+    pub fn status(&self) -> watch::Receiver<LinkStatus> {
+        self.status.clone()
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    /// The inbound stream; can be taken once, by the command pipeline.
+    pub fn take_inbound(&mut self) -> Option<mpsc::Receiver<Inbound>> {
+        self.inbound.take()
+    }
+
+    /// Clean shutdown within `budget`: publish a retained `offline`, wait for every in-flight
+    /// QoS 1 publish to be acknowledged, send DISCONNECT, and stop the event loop.
+    ///
+    /// The caller must already have triggered the shared [`Shutdown`] so the driver stops
+    /// reconnecting. Whatever cannot finish within the budget is abandoned: the broker's last
+    /// will then reports `offline` for us.
+    pub async fn shutdown(mut self, budget: Duration) {
+        self.session.abort();
+        let deadline = tokio::time::Instant::now() + budget;
+        let connected = matches!(self.status.borrow().state, LinkState::Connected);
+        if connected {
+            let offline = presence("offline", Some("shutdown"), Some(unix_now()));
+            let goodbye = async {
+                self.publisher
+                    .publish(self.topics.status(), offline, true)
+                    .await?;
+                // rumqttc reports the publish as outgoing before it is acknowledged, so wait for
+                // the counter to rise and fall again.
+                let _ = self.inflight.wait_for(|&n| n == 0).await;
+                self.publisher
+                    .client
+                    .disconnect()
+                    .await
+                    .map_err(|_| LinkError::Closed)
+            };
+            match tokio::time::timeout_at(deadline, goodbye).await {
+                Ok(Ok(())) => tracing::info!("offline status published; disconnecting"),
+                Ok(Err(error)) => tracing::warn!(%error, "could not publish offline status"),
+                Err(_) => tracing::warn!("timed out publishing offline status"),
+            }
+        }
+        if tokio::time::timeout_at(deadline, &mut self.driver)
+            .await
+            .is_err()
+        {
+            tracing::warn!("event loop did not stop in time; abandoning the connection");
+            self.driver.abort();
+        }
+    }
+}
+
+/// State owned by the event-loop task.
+struct Driver {
+    backoff: Backoff,
+    plaintext: bool,
+    broker: String,
+    status: watch::Sender<LinkStatus>,
+    inflight: watch::Sender<u32>,
+    inbound: mpsc::Sender<Inbound>,
+    shutdown: Shutdown,
+}
+
+/// The event-loop task. It only polls: see the module docs for why it must never publish.
+async fn drive(mut eventloop: EventLoop, mut d: Driver) {
+    let mut connected = false;
+    let mut dropped_inbound: u64 = 0;
+    loop {
+        let polled = if connected {
+            // Keep polling through shutdown so the offline message and DISCONNECT go out.
+            eventloop.poll().await
+        } else {
+            let attempt = d.backoff.attempt() + 1;
+            d.status
+                .send_modify(|s| s.state = LinkState::Connecting { attempt });
+            tracing::info!(broker = %d.broker, attempt, "connecting");
+            tokio::select! {
+                polled = eventloop.poll() => polled,
+                _ = d.shutdown.wait() => break,
+            }
+        };
+        match polled {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected = true;
+                d.backoff.reset();
+                if d.plaintext {
+                    tracing::warn!(broker = %d.broker, "connected WITHOUT TLS (allow_insecure_plaintext = true)");
+                }
+                tracing::info!(broker = %d.broker, "connected");
+                d.status.send_modify(|s| {
+                    s.state = LinkState::Connected;
+                    s.connects += 1;
+                    s.connected_since_unix = Some(unix_now());
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let inbound = Inbound {
+                    topic: p.topic,
+                    payload: p.payload,
+                };
+                if let Err(mpsc::error::TrySendError::Full(m)) = d.inbound.try_send(inbound) {
+                    dropped_inbound += 1;
+                    tracing::warn!(topic = %m.topic, dropped_inbound, "inbound queue full; message dropped");
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
+                d.inflight.send_modify(|n| *n += 1);
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                d.inflight.send_modify(|n| *n = n.saturating_sub(1));
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(_) => {}
+            Err(error) => {
+                connected = false;
+                // rumqttc drops unacknowledged publishes when the next session is clean; the
+                // layers above (outbox, replies) own redelivery.
+                d.inflight.send_replace(0);
+                let delay = d.backoff.next_delay();
+                let error = describe(&error);
+                tracing::warn!(broker = %d.broker, %error, retry_in_ms = delay.as_millis() as u64, "link down");
+                d.status.send_modify(|s| {
+                    s.state = LinkState::WaitingToRetry {
+                        retry_in_ms: delay.as_millis() as u64,
+                        error: error.clone(),
+                    };
+                    s.failures += 1;
+                    s.last_error = Some(error);
+                    s.connected_since_unix = None;
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = d.shutdown.wait() => break,
+                }
+            }
+        }
+    }
+    d.status.send_modify(|s| {
+        s.state = LinkState::Stopped;
+        s.connected_since_unix = None;
+    });
+}
+
+/// A one-line description of a connection error, with the TLS cause when there is one
+/// (rumqttc's own `Display` hides it behind "TLS: I/O").
+fn describe(error: &ConnectionError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// After every CONNACK: subscribe to our topics and publish the retained birth message.
+///
+/// Runs apart from the event loop (see the module docs). If the link drops half-way, rumqttc
+/// discards these requests with the old session and the next CONNACK starts the sequence again.
+async fn session(client: AsyncClient, topics: Topics, mut status: watch::Receiver<LinkStatus>) {
+    let mut served = 0;
+    loop {
+        let connects = {
+            let s = status.borrow_and_update();
+            (s.state == LinkState::Connected).then_some(s.connects)
+        };
+        if let Some(connects) = connects.filter(|&c| c != served) {
+            served = connects;
+            for topic in topics.subscriptions() {
+                if client.subscribe(&topic, QoS::AtLeastOnce).await.is_err() {
+                    return;
+                }
+                tracing::debug!(%topic, "subscribed");
+            }
+            let birth = presence("online", None, Some(unix_now()));
+            if client
+                .publish(topics.status(), QoS::AtLeastOnce, true, birth)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    texture_agent::cli::main()
+}

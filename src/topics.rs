@@ -1,0 +1,63 @@
+//! The MQTT topic layout (docs/PROTOCOL.md, "Topics").
+//!
+//! Everything a device publishes or receives lives under `texture/v1/devices/{device_id}/`, so a
+//! broker ACL of the form `pattern readwrite texture/v1/devices/%u/#` confines each gateway to its
+//! own subtree. The only topic outside it is the platform-wide trust bundle, which devices may
+//! read but never write.
+
+use crate::device::DeviceId;
+
+/// Root of every topic. The version segment lets a future wire format live beside this one.
+pub const ROOT: &str = "texture/v1";
+
+/// The topics of one device.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    base: String,
+}
+
+impl Topics {
+    pub fn new(device: &DeviceId) -> Self {
+        Topics {
+            base: format!("{ROOT}/devices/{device}"),
+        }
+    }
+
+    /// Retained `online`/`offline` presence (birth, last will, clean shutdown).
+    pub fn status(&self) -> String {
+        format!("{}/status", self.base)
+    }
+
+    /// Platform → device: attested commands.
+    pub fn commands(&self) -> String {
+        format!("{}/commands", self.base)
+    }
+
+    /// Device → platform: decisions and results for commands.
+    pub fn replies(&self) -> String {
+        format!("{}/replies", self.base)
+    }
+
+    /// Device → platform: telemetry batches.
+    pub fn telemetry(&self) -> String {
+        format!("{}/telemetry", self.base)
+    }
+
+    /// The topics the device subscribes to after every CONNACK.
+    pub fn subscriptions(&self) -> Vec<String> {
+        vec![self.commands()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_device_topic_is_under_its_own_subtree() {
+        let t = Topics::new(&DeviceId::parse("gw-7").unwrap());
+        for topic in [t.status(), t.commands(), t.replies(), t.telemetry()] {
+            assert!(topic.starts_with("texture/v1/devices/gw-7/"), "{topic}");
+        }
+    }
+}
