@@ -92,7 +92,7 @@ pub struct StateSettings {
     pub runtime_dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     #[serde(default)]
@@ -159,15 +159,6 @@ impl Default for StateSettings {
         StateSettings {
             dir: default_state_dir(),
             runtime_dir: default_runtime_dir(),
-        }
-    }
-}
-
-impl Default for LogSettings {
-    fn default() -> Self {
-        LogSettings {
-            format: LogFormat::default(),
-            level: LogLevel::default(),
         }
     }
 }
@@ -282,10 +273,28 @@ pub fn load_from(
         })?;
     let settings: Settings = built.try_deserialize().map_err(|e| ConfigError::Invalid {
         path: path.to_owned(),
-        message: e.to_string(),
+        message: name_unknown_key(&e.to_string()),
     })?;
     validate(&settings, path)?;
     Ok(settings)
+}
+
+/// serde reports an unknown key as "unknown field `x`, expected one of ... for key `section`";
+/// rewrite it so the full dotted key comes first, which is what a person searches their file for.
+fn name_unknown_key(message: &str) -> String {
+    let field = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(field, _)| field);
+    let section = message
+        .rsplit_once(" for key `")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(section, _)| section);
+    match (field, section) {
+        (Some(field), Some(section)) => format!("unknown key `{section}.{field}`: {message}"),
+        (Some(field), None) => format!("unknown key `{field}`: {message}"),
+        _ => message.to_owned(),
+    }
 }
 
 /// Loads from `path` with the process environment.

@@ -1,0 +1,163 @@
+//! The command line: `check-config` rejects each kind of bad configuration with a precise
+//! message, and `version`/`status` work without a daemon.
+
+mod common;
+
+use std::path::Path;
+
+use common::{agent_command, AgentConfig, Pki};
+
+fn write(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+/// Runs `check-config` and returns (success, stderr).
+fn check(config: &Path) -> (bool, String) {
+    let out = agent_command(config, &["check-config"]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn valid_config(pki: &Pki) -> std::path::PathBuf {
+    AgentConfig::new(pki, 8883, "gw-cli").write(pki.path())
+}
+
+#[test]
+fn check_config_accepts_valid_file_and_redacts_the_key_path() {
+    let pki = Pki::new();
+    let config = valid_config(&pki);
+    let out = agent_command(&config, &["check-config"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("id = \"gw-cli\""), "{stdout}");
+    assert!(
+        stdout.contains("client_key_file = \"<redacted>\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(".key"), "key path leaked: {stdout}");
+}
+
+#[test]
+fn check_config_rejects_missing_file() {
+    let d = tempfile::tempdir().unwrap();
+    let (ok, err) = check(&d.path().join("absent.toml"));
+    assert!(!ok);
+    assert!(
+        err.contains("absent.toml") && err.contains("not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_rejects_bad_toml_with_line_number() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(d.path(), "bad.toml", "[device]\nid = \"gw\"\n[broker\n");
+    let (ok, err) = check(&p);
+    assert!(!ok);
+    assert!(err.contains("bad.toml") && err.contains("line 3"), "{err}");
+}
+
+#[test]
+fn check_config_rejects_unknown_key_naming_it() {
+    let pki = Pki::new();
+    let body = std::fs::read_to_string(valid_config(&pki)).unwrap();
+    let p = write(
+        pki.path(),
+        "typo.toml",
+        &body.replace("[broker]\n", "[broker]\nca_fle = \"x\"\n"),
+    );
+    let (ok, err) = check(&p);
+    assert!(!ok);
+    assert!(
+        err.contains("broker.ca_fle") && err.contains("typo.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_rejects_wrong_type_naming_key_and_expectation() {
+    let pki = Pki::new();
+    let body = std::fs::read_to_string(valid_config(&pki)).unwrap();
+    let p = write(
+        pki.path(),
+        "type.toml",
+        &body.replace("port = 8883", "port = \"eighty\""),
+    );
+    let (ok, err) = check(&p);
+    assert!(!ok);
+    assert!(
+        err.contains("broker.port") && err.contains("expected an integer"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_rejects_missing_ca_file() {
+    let pki = Pki::new();
+    let mut cfg = AgentConfig::new(&pki, 8883, "gw-cli");
+    cfg.ca_file = pki.path().join("no-such-ca.pem");
+    let (ok, err) = check(&cfg.write(pki.path()));
+    assert!(!ok);
+    assert!(
+        err.contains("broker.ca_file") && err.contains("no-such-ca.pem"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_rejects_ca_file_without_certificates() {
+    let pki = Pki::new();
+    let mut cfg = AgentConfig::new(&pki, 8883, "gw-cli");
+    cfg.ca_file = write(pki.path(), "empty-ca.pem", "not a certificate\n");
+    let (ok, err) = check(&cfg.write(pki.path()));
+    assert!(!ok);
+    assert!(
+        err.contains("broker.ca_file") && err.contains("no PEM certificates"),
+        "{err}"
+    );
+}
+
+#[test]
+fn environment_override_is_validated_too() {
+    let pki = Pki::new();
+    let out = std::process::Command::new(common::agent_binary())
+        .arg("--config")
+        .arg(valid_config(&pki))
+        .arg("check-config")
+        .env("TEXTURE_AGENT__BROKER__BACKOFF_MIN_MS", "5")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("broker.backoff_min_ms"), "{err}");
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = agent_command(Path::new("/nonexistent"), &["version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("texture-agent {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn status_without_a_daemon_says_not_running() {
+    let pki = Pki::new();
+    let out = agent_command(&valid_config(&pki), &["status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        stdout.contains("gw-cli") && stdout.contains("not running"),
+        "{stdout}"
+    );
+}

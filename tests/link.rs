@@ -1,0 +1,233 @@
+//! The MQTT-over-TLS link against a real mosquitto with mutual TLS and a per-device ACL.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{device_topic, Agent, AgentConfig, Ca, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
+
+const CONNECT: Duration = Duration::from_secs(15);
+
+fn agent_for(pki: &Pki, cfg: &AgentConfig) -> Agent {
+    Agent::spawn(&cfg.write(pki.path()))
+}
+
+/// Asserts the agent never logged "connected" and its reconnect attempts respect the backoff
+/// floor: no two attempts closer than `backoff_min` (minus scheduling slack), and no more
+/// attempts than the floor allows in the elapsed window.
+fn assert_backs_off(agent: &Agent, backoff_min: Duration) {
+    assert!(
+        agent.logs_with_message("connected").is_empty(),
+        "unexpectedly connected:\n{}",
+        agent.log_dump()
+    );
+    let attempts = agent.timed_logs("connecting");
+    assert!(
+        attempts.len() >= 3,
+        "expected retries, saw {}:\n{}",
+        attempts.len(),
+        agent.log_dump()
+    );
+    for pair in attempts.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            gap >= backoff_min - Duration::from_millis(50),
+            "attempts only {gap:?} apart (floor {backoff_min:?}):\n{}",
+            agent.log_dump()
+        );
+    }
+    let window = attempts.last().unwrap().0 - attempts[0].0;
+    let max_attempts = (window.as_millis() / backoff_min.as_millis()) as usize + 1;
+    assert!(
+        attempts.len() <= max_attempts,
+        "{} attempts in {window:?}",
+        attempts.len()
+    );
+    for failure in agent.logs_with_message("link down") {
+        assert!(failure["retry_in_ms"].as_u64().unwrap() >= backoff_min.as_millis() as u64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_with_mutual_tls_and_publishes_retained_birth() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki);
+    let agent = agent_for(&pki, &AgentConfig::new(&pki, broker.port, "gw-birth"));
+    agent.wait_for_log("connected", CONNECT);
+    eprintln!("start to connected: {:?}", agent.started.elapsed());
+
+    // A subscriber arriving after the fact still learns the device is online: it is retained.
+    let status = device_topic("gw-birth", "status");
+    let mut peer = Peer::connect(&pki, broker.port, PLATFORM_CLIENT, &[&status]).await;
+    let birth = peer
+        .expect(&status, CONNECT, |m| m.json()["state"] == "online")
+        .await;
+    assert!(birth.retain, "birth message must be retained");
+    assert_eq!(birth.json()["agentVersion"], env!("CARGO_PKG_VERSION"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_broker_certificate_from_another_ca() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki);
+    let other = Ca::new(pki.path(), "other");
+    let mut cfg = AgentConfig::new(&pki, broker.port, "gw-ca");
+    cfg.ca_file = other.cert_path();
+    let agent = agent_for(&pki, &cfg);
+    let failure = agent.wait_for_log("link down", CONNECT);
+    let error = failure["error"].as_str().unwrap();
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_backs_off(&agent, Duration::from_millis(cfg.backoff_min_ms));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_broker_certificate_for_another_name() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki);
+    let mut cfg = AgentConfig::new(&pki, broker.port, "gw-name");
+    cfg.tls_server_name = Some("impostor.texture.test".into());
+    let agent = agent_for(&pki, &cfg);
+    let failure = agent.wait_for_log("link down", CONNECT);
+    let error = failure["error"].as_str().unwrap();
+    assert!(error.contains("not valid for name"), "{error}");
+    assert!(agent.logs_with_message("connected").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_client_certificate_fails_cleanly_with_backoff() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki);
+    let rogue = Ca::new(pki.path(), "rogue");
+    let mut cfg = AgentConfig::new(&pki, broker.port, "gw-rogue");
+    cfg.client = Some(rogue.client("gw-rogue"));
+    let agent = agent_for(&pki, &cfg);
+    agent.wait_for_log("link down", CONNECT);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_backs_off(&agent, Duration::from_millis(cfg.backoff_min_ms));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_tight_loop_while_broker_is_down() {
+    let pki = Pki::new();
+    let cfg = AgentConfig::new(&pki, common::free_port(), "gw-down");
+    let agent = agent_for(&pki, &cfg);
+    agent.wait_for_log("link down", CONNECT);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_backs_off(&agent, Duration::from_millis(cfg.backoff_min_ms));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_and_resubscribes_after_broker_restart() {
+    let pki = Pki::new();
+    let mut broker = Mosquitto::start(&pki);
+    let agent = agent_for(&pki, &AgentConfig::new(&pki, broker.port, "gw-restart"));
+    let (status, commands, replies) = (
+        device_topic("gw-restart", "status"),
+        device_topic("gw-restart", "commands"),
+        device_topic("gw-restart", "replies"),
+    );
+
+    // The agent answers whatever arrives on its command topic, which proves it is subscribed.
+    async fn command_gets_a_reply(pki: &Pki, port: u16, t: (&str, &str, &str)) {
+        let (status, commands, replies) = t;
+        let mut peer = Peer::connect(pki, port, PLATFORM_CLIENT, &[status, replies]).await;
+        // The birth is published after the subscription, so once it is seen the agent listens.
+        peer.expect(status, CONNECT, |m| m.json()["state"] == "online")
+            .await;
+        peer.publish(commands, b"{}".to_vec(), false).await;
+        let reply = peer.expect(replies, CONNECT, |_| true).await;
+        assert_eq!(reply.json()["status"], 401);
+    }
+
+    agent.wait_for_log("connected", CONNECT);
+    command_gets_a_reply(&pki, broker.port, (&status, &commands, &replies)).await;
+
+    broker.stop();
+    agent.wait_for_log("link down", CONNECT);
+    std::thread::sleep(Duration::from_millis(500));
+    broker.restart();
+
+    let deadline = std::time::Instant::now() + CONNECT;
+    while agent.logs_with_message("connected").len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reconnect:\n{}",
+            agent.log_dump()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    command_gets_a_reply(&pki, broker.port, (&status, &commands, &replies)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_will_reports_offline_when_agent_is_killed() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki);
+    let status = device_topic("gw-will", "status");
+    let mut peer = Peer::connect(&pki, broker.port, PLATFORM_CLIENT, &[&status]).await;
+    let agent = agent_for(&pki, &AgentConfig::new(&pki, broker.port, "gw-will"));
+    peer.expect(&status, CONNECT, |m| m.json()["state"] == "online")
+        .await;
+
+    agent.signal("KILL");
+    let will = peer
+        .expect(&status, CONNECT, |m| m.json()["state"] == "offline")
+        .await;
+    assert_eq!(will.json()["reason"], "connection-lost");
+
+    // And it stays retained for whoever looks later.
+    let mut late = Peer::connect(&pki, broker.port, PLATFORM_CLIENT, &[&status]).await;
+    let retained = late.expect(&status, CONNECT, |_| true).await;
+    assert!(retained.retain);
+    assert_eq!(retained.json()["state"], "offline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_publishes_offline_and_exits_zero_within_five_seconds() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki);
+    let status = device_topic("gw-term", "status");
+    let mut peer = Peer::connect(&pki, broker.port, PLATFORM_CLIENT, &[&status]).await;
+    let mut agent = agent_for(&pki, &AgentConfig::new(&pki, broker.port, "gw-term"));
+    peer.expect(&status, CONNECT, |m| m.json()["state"] == "online")
+        .await;
+
+    let asked = std::time::Instant::now();
+    agent.signal("TERM");
+    let exit = agent.wait_exit(Duration::from_secs(5));
+    assert!(exit.success(), "exit status {exit}:\n{}", agent.log_dump());
+    eprintln!("graceful stop took {:?}", asked.elapsed());
+    let offline = peer
+        .expect(&status, CONNECT, |m| m.json()["state"] == "offline")
+        .await;
+    assert_eq!(offline.json()["reason"], "shutdown");
+    assert!(
+        broker.log_text().contains("gw-term"),
+        "broker saw the client"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_confines_device_to_its_own_subtree() {
+    // The harness's ACL is the one docs/PROTOCOL.md recommends; prove it does confine a device
+    // (so the tests above exercise a realistic broker, not an open one).
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki);
+    let foreign = device_topic("gw-victim", "commands");
+    let mut victim = Peer::connect(&pki, broker.port, PLATFORM_CLIENT, &[&foreign]).await;
+    let intruder = Peer::connect(&pki, broker.port, "gw-intruder", &[]).await;
+    intruder.publish(&foreign, b"{}".to_vec(), false).await;
+    intruder
+        .publish(
+            &device_topic("gw-intruder", "commands"),
+            b"own".to_vec(),
+            false,
+        )
+        .await;
+    let seen = victim.collect(&foreign, Duration::from_secs(2)).await;
+    assert!(
+        seen.is_empty(),
+        "ACL let a device write another device's topic"
+    );
+}
