@@ -261,7 +261,9 @@ pub fn load_from(
     let env_source = config::Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("__")
         .separator("__")
-        .try_parsing(true)
+        // Values stay strings and are converted to the field's type on deserialisation, so
+        // `TEXTURE_AGENT__DEVICE__ID=0123` keeps its leading zero instead of becoming 123.
+        .try_parsing(false)
         .source(Some(env.into_iter().collect()));
     let built = config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
@@ -376,7 +378,11 @@ fn validate(s: &Settings, path: &Path) -> Result<(), ConfigError> {
         _ => {}
     }
     if b.allow_insecure_plaintext {
-        if b.ca_file.is_some() || b.client_cert_file.is_some() {
+        if b.ca_file.is_some()
+            || b.client_cert_file.is_some()
+            || b.tls_server_name.is_some()
+            || !b.alpn.is_empty()
+        {
             return Err(reject(
                 "broker.allow_insecure_plaintext",
                 "TLS files are configured too; remove them or set allow_insecure_plaintext = false"
@@ -420,7 +426,7 @@ fn validate(s: &Settings, path: &Path) -> Result<(), ConfigError> {
 }
 
 fn require_readable_file(key: &'static str, file: &Path, path: &Path) -> Result<(), ConfigError> {
-    match std::fs::metadata(file) {
+    match std::fs::File::open(file).and_then(|f| f.metadata()) {
         Ok(m) if m.is_file() => Ok(()),
         Ok(_) => Err(ConfigError::Rejected {
             key,
@@ -490,6 +496,22 @@ mod tests {
         .unwrap();
         assert_eq!(s.broker.port, 1884);
         assert_eq!(s.broker.host, "localhost");
+    }
+
+    #[test]
+    fn environment_values_keep_their_text() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), &minimal(d.path()));
+        let s = load_from(
+            &p,
+            [
+                ("TEXTURE_AGENT__DEVICE__ID".to_string(), "0123".to_string()),
+                ("TEXTURE_AGENT__LOG__FORMAT".to_string(), "json".to_string()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.device.id.as_str(), "0123");
+        assert_eq!(s.log.format, LogFormat::Json);
     }
 
     #[test]

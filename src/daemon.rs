@@ -81,7 +81,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     trigger.trigger();
     link.shutdown(SHUTDOWN_BUDGET).await;
     pipeline.abort();
-    publish_status(&link_status.borrow());
+    // Report "stopped" even if the event loop had to be abandoned mid-state.
+    let mut last = link_status.borrow().clone();
+    last.state = LinkState::Stopped;
+    last.connected_since_unix = None;
+    publish_status(&last);
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! texture-agent: the device-side agent of the Texture energy platform.
 //!
-//! Data path, inbound: [`link`] (MQTT over TLS) → auth → commands → drivers → reply via [`link`].
-//! Outbound: drivers → telemetry → outbox → [`link`]. [`daemon`] wires these together;
-//! [`service`] speaks to systemd; [`storage`] is the only way state reaches the disk.
+//! Data path, inbound: [`link`] (MQTT over TLS) → command pipeline → reply via [`link`].
+//! [`daemon`] wires the pieces together; [`service`] speaks to systemd; [`storage`] is the only
+//! way state reaches the disk. docs/PROTOCOL.md is the wire contract.
 
 pub mod cli;
 pub mod config;

@@ -10,12 +10,17 @@ use std::time::{Duration, Instant};
 use common::{AgentConfig, Pki};
 
 /// Reads datagrams from the notify socket until `until` returns true or `timeout` passes.
-fn read_until(sock: &UnixDatagram, timeout: Duration, mut until: impl FnMut(&str) -> bool) -> Vec<(Instant, String)> {
+fn read_until(
+    sock: &UnixDatagram,
+    timeout: Duration,
+    mut until: impl FnMut(&str) -> bool,
+) -> Vec<(Instant, String)> {
     let deadline = Instant::now() + timeout;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while Instant::now() < deadline {
-        sock.set_read_timeout(Some(deadline - Instant::now())).unwrap();
+        sock.set_read_timeout(Some(deadline - Instant::now()))
+            .unwrap();
         match sock.recv(&mut buf) {
             Ok(n) => {
                 let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -53,10 +58,17 @@ fn ready_status_and_watchdog_follow_the_notify_protocol() {
     let pid = child.id().to_string();
 
     let start = read_until(&sock, Duration::from_secs(10), |m| m == "READY=1");
-    assert!(start.iter().any(|(_, m)| m == "READY=1"), "no READY=1: {start:?}");
-    let running = read_until(&sock, Duration::from_secs(3), |m| m.starts_with("STATUS=reconnecting"));
     assert!(
-        running.iter().any(|(_, m)| m.starts_with("STATUS=reconnecting to 127.0.0.1")),
+        start.iter().any(|(_, m)| m == "READY=1"),
+        "no READY=1: {start:?}"
+    );
+    let running = read_until(&sock, Duration::from_secs(3), |m| {
+        m.starts_with("STATUS=reconnecting")
+    });
+    assert!(
+        running
+            .iter()
+            .any(|(_, m)| m.starts_with("STATUS=reconnecting to 127.0.0.1")),
         "no reconnecting status: {running:?}"
     );
 
@@ -69,13 +81,22 @@ fn ready_status_and_watchdog_follow_the_notify_protocol() {
     Command::new("kill").args(["-STOP", &pid]).status().unwrap();
     let _ = read_until(&sock, Duration::from_millis(100), |_| false); // drain in-flight
     let silent = read_until(&sock, Duration::from_secs(1), |_| false);
-    assert!(silent.iter().all(|(_, m)| m != "WATCHDOG=1"), "pinged while stopped: {silent:?}");
+    assert!(
+        silent.iter().all(|(_, m)| m != "WATCHDOG=1"),
+        "pinged while stopped: {silent:?}"
+    );
     Command::new("kill").args(["-CONT", &pid]).status().unwrap();
     let resumed = read_until(&sock, Duration::from_secs(2), |m| m == "WATCHDOG=1");
-    assert!(resumed.iter().any(|(_, m)| m == "WATCHDOG=1"), "no ping after SIGCONT");
+    assert!(
+        resumed.iter().any(|(_, m)| m == "WATCHDOG=1"),
+        "no ping after SIGCONT"
+    );
 
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let stop = read_until(&sock, Duration::from_secs(5), |m| m == "STOPPING=1");
-    assert!(stop.iter().any(|(_, m)| m == "STOPPING=1"), "no STOPPING=1: {stop:?}");
+    assert!(
+        stop.iter().any(|(_, m)| m == "STOPPING=1"),
+        "no STOPPING=1: {stop:?}"
+    );
     assert!(child.wait().unwrap().success());
 }

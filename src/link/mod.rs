@@ -122,11 +122,18 @@ impl Publisher {
 pub struct Link {
     publisher: Publisher,
     status: watch::Receiver<LinkStatus>,
-    inflight: watch::Receiver<u32>,
+    acks: watch::Receiver<AckCounter>,
     inbound: Option<mpsc::Receiver<Inbound>>,
     topics: Topics,
     driver: JoinHandle<()>,
     session: JoinHandle<()>,
+}
+
+/// QoS 1 publishes seen leaving (`sent`) and still waiting for their PUBACK (`inflight`).
+#[derive(Debug, Clone, Copy, Default)]
+struct AckCounter {
+    sent: u64,
+    inflight: u32,
 }
 
 /// The presence message on the retained status topic.
@@ -201,7 +208,7 @@ impl Link {
             last_error: None,
             connected_since_unix: None,
         });
-        let (inflight_tx, inflight_rx) = watch::channel(0u32);
+        let (acks_tx, acks_rx) = watch::channel(AckCounter::default());
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         let driver = tokio::spawn(drive(
             eventloop,
@@ -210,7 +217,7 @@ impl Link {
                 plaintext: b.allow_insecure_plaintext,
                 broker,
                 status: status_tx,
-                inflight: inflight_tx,
+                acks: acks_tx,
                 inbound: inbound_tx,
                 shutdown,
             },
@@ -219,7 +226,7 @@ impl Link {
         Ok(Link {
             publisher: Publisher { client },
             status: status_rx,
-            inflight: inflight_rx,
+            acks: acks_rx,
             inbound: Some(inbound_rx),
             topics,
             driver,
@@ -257,12 +264,16 @@ impl Link {
         if connected {
             let offline = presence("offline", Some("shutdown"), Some(unix_now()));
             let goodbye = async {
+                let sent_before = self.acks.borrow().sent;
                 self.publisher
                     .publish(self.topics.status(), offline, true)
                     .await?;
-                // rumqttc reports the publish as outgoing before it is acknowledged, so wait for
-                // the counter to rise and fall again.
-                let _ = self.inflight.wait_for(|&n| n == 0).await;
+                // Our publish has left once `sent` moves past its old value, and is acknowledged
+                // (with everything before it) once nothing is in flight.
+                let _ = self
+                    .acks
+                    .wait_for(|a| a.sent > sent_before && a.inflight == 0)
+                    .await;
                 self.publisher
                     .client
                     .disconnect()
@@ -291,7 +302,7 @@ struct Driver {
     plaintext: bool,
     broker: String,
     status: watch::Sender<LinkStatus>,
-    inflight: watch::Sender<u32>,
+    acks: watch::Sender<AckCounter>,
     inbound: mpsc::Sender<Inbound>,
     shutdown: Shutdown,
 }
@@ -339,10 +350,25 @@ async fn drive(mut eventloop: EventLoop, mut d: Driver) {
                 }
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
-                d.inflight.send_modify(|n| *n += 1);
+                d.acks.send_modify(|a| {
+                    a.sent += 1;
+                    a.inflight += 1;
+                });
             }
             Ok(Event::Incoming(Packet::PubAck(_))) => {
-                d.inflight.send_modify(|n| *n = n.saturating_sub(1));
+                d.acks
+                    .send_modify(|a| a.inflight = a.inflight.saturating_sub(1));
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                // mosquitto grants a denied subscription with a failure code rather than
+                // closing the connection; without this log an ACL mistake is silent.
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    tracing::error!(broker = %d.broker, "broker refused a subscription; check its ACL for this device");
+                }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
@@ -350,7 +376,7 @@ async fn drive(mut eventloop: EventLoop, mut d: Driver) {
                 connected = false;
                 // rumqttc drops unacknowledged publishes when the next session is clean; the
                 // layers above (outbox, replies) own redelivery.
-                d.inflight.send_replace(0);
+                d.acks.send_modify(|a| a.inflight = 0);
                 let delay = d.backoff.next_delay();
                 let error = describe(&error);
                 tracing::warn!(broker = %d.broker, %error, retry_in_ms = delay.as_millis() as u64, "link down");

@@ -1,0 +1,84 @@
+//! Footprint of the daemon, measured the way a gateway owner would see it:
+//! start-to-connected time, RSS and CPU time after a period connected and idle, binary size.
+//!
+//!     cargo bench --bench footprint            # 60 s idle window
+//!     FOOTPRINT_SECS=10 cargo bench --bench footprint
+//!
+//! Prints one figure per line; see docs/PERFORMANCE.md for recorded results.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Agent, AgentConfig, Mosquitto, Pki};
+
+fn proc_field(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// utime + stime in seconds (clock ticks are 100 Hz on Linux).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let secs: u64 = std::env::var("FOOTPRINT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki);
+    let mut cfg = AgentConfig::new(&pki, broker.port, "gw-footprint");
+    cfg.extra_broker = "keepalive_secs = 30\n".into();
+    let config = cfg.write(pki.path());
+    // The harness's config uses a 5 s keepalive for fast tests; use the production default.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("keepalive_secs = 5\n", "")
+        .replace("level = \"debug\"", "level = \"info\"");
+    std::fs::write(&config, text).unwrap();
+
+    let agent = Agent::spawn(&config);
+    agent.wait_for_log("connected", Duration::from_secs(15));
+    let connected = agent.started.elapsed();
+    let pid = agent.pid();
+    let cpu_at_connect = cpu_seconds(pid);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(secs));
+    let idle = t0.elapsed();
+    let binary = std::fs::metadata(common::agent_binary()).unwrap().len();
+
+    println!(
+        "binary                 {} ({:.2} MiB)",
+        common::agent_binary(),
+        binary as f64 / 1048576.0
+    );
+    println!(
+        "start_to_connected_ms  {:.1}",
+        connected.as_secs_f64() * 1000.0
+    );
+    println!("idle_window_s          {:.1}", idle.as_secs_f64());
+    println!("rss_kib                {}", proc_field(pid, "VmRSS:"));
+    println!("rss_peak_kib           {}", proc_field(pid, "VmHWM:"));
+    println!("rss_anon_kib           {}", proc_field(pid, "RssAnon:"));
+    println!("threads                {}", proc_field(pid, "Threads:"));
+    println!("cpu_s_total            {:.2}", cpu_seconds(pid));
+    println!(
+        "cpu_s_idle_window      {:.2}",
+        cpu_seconds(pid) - cpu_at_connect
+    );
+}
