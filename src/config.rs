@@ -28,6 +28,9 @@ pub const ENV_PREFIX: &str = "TEXTURE_AGENT";
 pub struct Settings {
     pub device: DeviceSettings,
     pub broker: BrokerSettings,
+    /// Command authorisation. Without it every command is refused: nothing can be verified.
+    #[serde(default)]
+    pub trust: Option<TrustSettings>,
     #[serde(default)]
     pub state: StateSettings,
     #[serde(default)]
@@ -36,10 +39,41 @@ pub struct Settings {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct TrustSettings {
+    /// The platform's root public key (Ed25519, 32 bytes, unpadded base64url), pinned at
+    /// install time. It signs the trust bundles that list the platform's signing keys.
+    pub root_public_key: String,
+    /// The `iss` every attestation and trust bundle must carry.
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// How far the device's and the platform's clocks may disagree.
+    #[serde(default = "default_skew_secs")]
+    pub max_clock_skew_secs: u64,
+    /// Live command ids remembered for replay protection; when full, new commands are refused.
+    #[serde(default = "default_replay_capacity")]
+    pub replay_capacity: usize,
+}
+
+fn default_issuer() -> String {
+    "texture-platform".into()
+}
+fn default_skew_secs() -> u64 {
+    60
+}
+fn default_replay_capacity() -> usize {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct DeviceSettings {
     /// The gateway's id on the platform. It is also the MQTT client id and the name of the
     /// device's topic subtree, so it is restricted to characters that are safe in both.
     pub id: DeviceId,
+    /// The customer/workspace that owns this device on the platform. Attestations from any
+    /// other workspace are refused (403), and so is every command while it is unset.
+    #[serde(default)]
+    pub workspace_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -408,6 +442,32 @@ fn validate(s: &Settings, path: &Path) -> Result<(), ConfigError> {
                     "file is missing or unreadable".into(),
                 ));
             }
+        }
+    }
+    if let Some(t) = &s.trust {
+        if let Err(problem) = crate::auth::jws::public_key_from_base64(&t.root_public_key) {
+            return Err(reject(
+                "trust.root_public_key",
+                format!("expected an Ed25519 public key, found {problem}"),
+            ));
+        }
+        if t.max_clock_skew_secs > 3_600 {
+            return Err(reject(
+                "trust.max_clock_skew_secs",
+                format!("expected 0..=3600 seconds, found {}", t.max_clock_skew_secs),
+            ));
+        }
+        if !(1..=1_000_000).contains(&t.replay_capacity) {
+            return Err(reject(
+                "trust.replay_capacity",
+                format!("expected 1..=1000000 entries, found {}", t.replay_capacity),
+            ));
+        }
+        if t.issuer.is_empty() {
+            return Err(reject(
+                "trust.issuer",
+                "expected a non-empty issuer name".into(),
+            ));
         }
     }
     if s.state.dir.as_os_str().is_empty() || !s.state.dir.is_absolute() {

@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::mpsc;
 
+use crate::auth::{Authorization, Authorizer, AuthorizerConfig};
 use crate::config::Settings;
 use crate::link::{Inbound, Link, LinkState, LinkStatus, Publisher};
-use crate::reply::{ErrorCode, ErrorReply};
+use crate::reply::{ErrorCode, Reply};
 use crate::service::{self, notify_or_log};
 use crate::status::{self, RuntimeStatus};
 use crate::storage;
@@ -25,6 +26,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     storage::ensure_dir(&settings.state.dir).context("state.dir")?;
     storage::ensure_dir(&settings.state.runtime_dir).context("state.runtime_dir")?;
 
+    let authorizer = open_authorizer(&settings)?;
     let (trigger, shutdown) = service::shutdown_channel();
     let mut link = Link::start(&settings, shutdown.clone())?;
     let inbound = link.take_inbound().expect("inbound taken once");
@@ -32,6 +34,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         inbound,
         link.publisher(),
         link.topics().clone(),
+        settings.device.id.to_string(),
+        authorizer,
     ));
 
     let started_at_unix = crate::link::unix_now();
@@ -106,31 +110,80 @@ fn describe(s: &LinkStatus) -> String {
     }
 }
 
-/// Inbound commands. Until the attestation verifier is configured, every command is refused
-/// as unauthenticated: the device never runs anything it cannot verify.
+/// Builds the authorizer from the `[trust]` settings; `None` when trust is not configured.
+fn open_authorizer(settings: &Settings) -> anyhow::Result<Option<Authorizer>> {
+    let Some(trust) = &settings.trust else {
+        tracing::warn!("no [trust] section: every command will be refused as unverifiable");
+        return Ok(None);
+    };
+    let root = crate::auth::jws::public_key_from_base64(&trust.root_public_key)
+        .map_err(|problem| anyhow::anyhow!("trust.root_public_key: {problem}"))?;
+    let owner = crate::pairing::load_owner(&settings.state.dir)
+        .context("reading the pairing state")?
+        .map(|o| o.reference_id);
+    let config = AuthorizerConfig {
+        device_id: settings.device.id.to_string(),
+        workspace_id: settings.device.workspace_id.clone(),
+        root,
+        issuer: trust.issuer.clone(),
+        skew: trust.max_clock_skew_secs,
+        replay_capacity: trust.replay_capacity,
+    };
+    let (authorizer, report) =
+        Authorizer::open(config, &settings.state.dir).context("opening the replay journal")?;
+    if !report.interrupted.is_empty() {
+        tracing::warn!(
+            count = report.interrupted.len(),
+            "commands were interrupted by the last stop"
+        );
+    }
+    let mut authorizer = authorizer;
+    authorizer.set_owner(owner);
+    Ok(Some(authorizer))
+}
+
+/// Inbound messages: trust bundles update the trust store; commands go through the authorizer
+/// and, if allowed, are executed. Every command gets exactly one reply on the reply topic.
 async fn command_pipeline(
     mut inbound: mpsc::Receiver<Inbound>,
     publisher: Publisher,
     topics: Topics,
+    device_id: String,
+    mut authorizer: Option<Authorizer>,
 ) {
-    let commands = topics.commands();
+    let (commands, trust) = (topics.commands(), Topics::trust_bundle());
     while let Some(message) = inbound.recv().await {
-        if message.topic != commands {
+        let reply = if message.topic == trust {
+            if let Some(a) = authorizer.as_mut() {
+                let _ = a.offer_trust_bundle(&message.payload);
+            }
+            continue;
+        } else if message.topic == commands {
+            match authorizer.as_mut() {
+                None => Reply::refused(
+                    None,
+                    &device_id,
+                    ErrorCode::Unauthenticated,
+                    "no platform trust root is configured; commands cannot be verified",
+                )
+                .to_bytes(),
+                Some(a) => match a.authorize(&message.payload) {
+                    Authorization::Reply(reply) => reply,
+                    Authorization::InProgress => continue,
+                    Authorization::Execute(claims) => {
+                        let reply =
+                            crate::commands::execute(&claims, &device_id, a.now()).to_bytes();
+                        a.complete(&claims.jti, &reply);
+                        reply
+                    }
+                },
+            }
+        } else {
             tracing::debug!(topic = %message.topic, "message on unexpected topic ignored");
             continue;
-        }
-        let reply = ErrorReply::new(
-            None,
-            ErrorCode::Unauthenticated,
-            "no platform trust root is configured; commands cannot be verified",
-        );
-        tracing::warn!(
-            decision = "refused",
-            reason = "no trust root",
-            "command refused"
-        );
+        };
         if publisher
-            .publish(topics.replies(), reply.to_bytes(), false)
+            .publish(topics.replies(), reply, false)
             .await
             .is_err()
         {

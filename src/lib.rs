@@ -1,15 +1,21 @@
 //! texture-agent: the device-side agent of the Texture energy platform.
 //!
-//! Data path, inbound: [`link`] (MQTT over TLS) → command pipeline → reply via [`link`].
+//! Data path, inbound: [`link`] (MQTT over TLS) → [`auth`] (attestation, trust, policy,
+//! replay) → [`commands`] → reply via [`link`]. [`platform`] is the platform's signing side,
+//! used by tests and tooling, never by the daemon.
 //! [`daemon`] wires the pieces together; [`service`] speaks to systemd; [`storage`] is the only
 //! way state reaches the disk. docs/PROTOCOL.md is the wire contract.
 
+pub mod auth;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod device;
 pub mod link;
 pub mod logging;
+pub mod pairing;
+pub mod platform;
 pub mod reply;
 pub mod service;
 pub mod status;

@@ -1,11 +1,14 @@
 //! Replies to commands: what the device tells the platform about each command it received.
 //!
-//! The body mirrors the platform's API errors (`{code, message}`) plus an HTTP-like `status`, so
-//! platform engineers can map a device's answer straight onto the status of their API call.
+//! Three shapes, told apart by `type` (docs/PROTOCOL.md, "Replies"):
+//! - `command.refused`: the command never ran. `{code, message}` mirror the platform's API
+//!   errors and `status` is the HTTP status the platform's API would have answered.
+//! - `command.succeeded` / `command.failed`: it ran; shaped like the platform's events of the
+//!   same names (`commandId`, `deviceId`, `issuedAt`, `executedAt`, `error.message`).
 
 use serde::Serialize;
 
-/// The machine-readable error codes a device can answer with (docs/PROTOCOL.md, "Errors").
+/// The machine-readable error codes a device can answer with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
@@ -13,41 +16,136 @@ pub enum ErrorCode {
     ValidationError,
     /// 401: no valid platform signature (malformed, wrong algorithm, unknown key, forged).
     Unauthenticated,
+    /// 401: validly signed, but past its expiry (evaluated against the time floor too).
+    AttestationExpired,
+    /// 401: validly signed, but issued further in the future than the allowed clock skew.
+    AttestationNotYetValid,
     /// 403: validly signed, but this key may not command this device.
     Forbidden,
+    /// 429: the replay table is full of live entries; retry later.
+    RateLimited,
+    /// 500: the command could not be carried out.
+    CommandFailed,
 }
 
 impl ErrorCode {
     pub fn status(self) -> u16 {
         match self {
             ErrorCode::ValidationError => 400,
-            ErrorCode::Unauthenticated => 401,
+            ErrorCode::Unauthenticated
+            | ErrorCode::AttestationExpired
+            | ErrorCode::AttestationNotYetValid => 401,
             ErrorCode::Forbidden => 403,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::CommandFailed => 500,
         }
     }
 }
 
-/// A refusal, published on the device's reply topic.
+/// A reply, published on the device's reply topic.
 #[derive(Debug, Clone, Serialize)]
-pub struct ErrorReply {
-    #[serde(rename = "commandId")]
-    pub command_id: Option<String>,
-    pub status: u16,
+#[serde(tag = "type")]
+pub enum Reply {
+    #[serde(rename = "command.refused", rename_all = "camelCase")]
+    Refused {
+        /// `null` when the attestation did not verify: an unverified id is not worth echoing.
+        command_id: Option<String>,
+        device_id: String,
+        status: u16,
+        code: ErrorCode,
+        message: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after: Option<u64>,
+    },
+    #[serde(rename = "command.succeeded", rename_all = "camelCase")]
+    Succeeded {
+        command_id: String,
+        device_id: String,
+        issued_at: String,
+        executed_at: String,
+        status: u16,
+        result: serde_json::Value,
+    },
+    #[serde(rename = "command.failed", rename_all = "camelCase")]
+    Failed {
+        command_id: String,
+        device_id: String,
+        issued_at: String,
+        executed_at: String,
+        status: u16,
+        error: FailedError,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedError {
     pub code: ErrorCode,
     pub message: String,
 }
 
-impl ErrorReply {
-    pub fn new(command_id: Option<String>, code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorReply {
+impl Reply {
+    pub fn refused(
+        command_id: Option<String>,
+        device_id: &str,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> Reply {
+        Reply::Refused {
             command_id,
+            device_id: device_id.to_owned(),
             status: code.status(),
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("replies serialise")
+    }
+}
+
+/// Formats Unix seconds as RFC 3339 UTC (`2026-11-27T13:45:00Z`), as the platform's API does.
+pub fn rfc3339(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3_600,
+        secs % 3_600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_matches_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_786_200), "2026-11-27T13:30:00Z");
+    }
+
+    #[test]
+    fn refused_reply_has_the_platform_error_shape() {
+        let r = Reply::refused(Some("c1".into()), "gw", ErrorCode::Forbidden, "nope");
+        let v: serde_json::Value = serde_json::from_slice(&r.to_bytes()).unwrap();
+        assert_eq!(v["type"], "command.refused");
+        assert_eq!(v["commandId"], "c1");
+        assert_eq!(v["status"], 403);
+        assert_eq!(v["code"], "FORBIDDEN");
+        assert_eq!(v["message"], "nope");
     }
 }

@@ -43,9 +43,14 @@ impl Topics {
         format!("{}/telemetry", self.base)
     }
 
+    /// The platform-wide, retained trust bundle (read-only for devices).
+    pub fn trust_bundle() -> String {
+        format!("{ROOT}/trust/bundle")
+    }
+
     /// The topics the device subscribes to after every CONNACK.
     pub fn subscriptions(&self) -> Vec<String> {
-        vec![self.commands()]
+        vec![Self::trust_bundle(), self.commands()]
     }
 }
 

@@ -1,0 +1,280 @@
+//! JWS compact serialization with EdDSA over Ed25519 (RFC 7515, RFC 8037), pinned down hard.
+//!
+//! Why JWS: any platform language signs it with a stock library, and the signature covers the
+//! exact bytes on the wire (`BASE64URL(header) "." BASE64URL(payload)`), so there is no
+//! canonicalisation step for two implementations to disagree on.
+//!
+//! What "pinned down" means here, each rule closing a known JWS pitfall:
+//! - the token is size-checked *before* any decoding or parsing;
+//! - `alg` must be exactly `EdDSA` (no `none`, no HMAC confusion); `typ` must be the one expected
+//!   for the message kind, so a trust bundle can never pass as a command or vice versa;
+//! - the header may carry only `alg`, `kid` and `typ`: `crit`, `jwk`, `jku`, `x5u` and anything
+//!   else are refused rather than ignored, so no header can point verification elsewhere;
+//! - base64url must be unpadded and canonical (no stray trailing bits), so one token has exactly
+//!   one encoding;
+//! - the signature is checked with `verify_strict`, which rejects small-order keys and
+//!   non-canonical signatures (no malleability).
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+/// The only accepted `alg`.
+pub const ALG: &str = "EdDSA";
+
+/// The protected header. Unknown members are refused (see module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    pub alg: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+    pub typ: String,
+}
+
+/// Why a token was rejected. All of these mean "not signed by a key we trust".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwsError {
+    #[error("token is {len} bytes, the limit is {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("not a JWS compact serialization (expected three base64url parts)")]
+    NotCompact,
+    #[error("{part} is not canonical unpadded base64url")]
+    Base64 { part: &'static str },
+    #[error("header is not valid JSON with only alg, kid and typ: {0}")]
+    Header(String),
+    #[error("alg {0:?} is not allowed; only EdDSA")]
+    Algorithm(String),
+    #[error("typ {found:?} is not the expected {expected:?}")]
+    Type {
+        found: String,
+        expected: &'static str,
+    },
+    #[error("no trusted key for kid {0:?}")]
+    UnknownKey(Option<String>),
+    #[error("signature is not 64 bytes")]
+    SignatureLength,
+    #[error("signature does not verify")]
+    BadSignature,
+}
+
+/// A token whose signature verified: its header and decoded payload.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub header: Header,
+    pub payload: Vec<u8>,
+}
+
+/// Verifies `token` and returns its payload.
+///
+/// `key_for` maps the header's `kid` to a trusted key; it sees only the kid, after the algorithm
+/// and type have been checked, so a lookup is never attempted for a token we would refuse anyway.
+pub fn verify<'k>(
+    token: &[u8],
+    max_len: usize,
+    expected_typ: &'static str,
+    key_for: impl FnOnce(Option<&str>) -> Option<&'k VerifyingKey>,
+) -> Result<Verified, JwsError> {
+    if token.len() > max_len {
+        return Err(JwsError::TooLarge {
+            len: token.len(),
+            max: max_len,
+        });
+    }
+    let mut parts = token.split(|&b| b == b'.');
+    let (Some(h64), Some(p64), Some(s64), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwsError::NotCompact);
+    };
+    let decode = |part: &'static str, text: &[u8]| {
+        URL_SAFE_NO_PAD
+            .decode(text)
+            .map_err(|_| JwsError::Base64 { part })
+    };
+    let header: Header = serde_json::from_slice(&decode("header", h64)?)
+        .map_err(|e| JwsError::Header(e.to_string()))?;
+    if header.alg != ALG {
+        return Err(JwsError::Algorithm(header.alg));
+    }
+    if header.typ != expected_typ {
+        return Err(JwsError::Type {
+            found: header.typ,
+            expected: expected_typ,
+        });
+    }
+    let signature: [u8; 64] = decode("signature", s64)?
+        .try_into()
+        .map_err(|_| JwsError::SignatureLength)?;
+    let key =
+        key_for(header.kid.as_deref()).ok_or_else(|| JwsError::UnknownKey(header.kid.clone()))?;
+    let signing_input = &token[..h64.len() + 1 + p64.len()];
+    key.verify_strict(signing_input, &Signature::from_bytes(&signature))
+        .map_err(|_| JwsError::BadSignature)?;
+    let payload = decode("payload", p64)?;
+    Ok(Verified { header, payload })
+}
+
+/// Signs `payload` as a compact JWS. The platform's side of [`verify`]; see `crate::platform`.
+pub fn sign(key: &SigningKey, kid: Option<&str>, typ: &str, payload: &[u8]) -> String {
+    let header = Header {
+        alg: ALG.to_string(),
+        kid: kid.map(str::to_owned),
+        typ: typ.to_string(),
+    };
+    let mut token = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).expect("header serialises"));
+    token.push('.');
+    token.push_str(&URL_SAFE_NO_PAD.encode(payload));
+    let signature = key.sign(token.as_bytes());
+    token.push('.');
+    token.push_str(&URL_SAFE_NO_PAD.encode(signature.to_bytes()));
+    token
+}
+
+/// Decodes a pinned Ed25519 public key (32 bytes, unpadded base64url), refusing weak keys.
+///
+/// A small-order ("weak") key would let anyone produce signatures that verify under it, so it is
+/// refused at load time rather than trusted.
+pub fn public_key_from_base64(text: &str) -> Result<VerifyingKey, String> {
+    let bytes: [u8; 32] = URL_SAFE_NO_PAD
+        .decode(text.trim())
+        .map_err(|_| "not unpadded base64url".to_string())?
+        .try_into()
+        .map_err(|_| "not 32 bytes".to_string())?;
+    let key =
+        VerifyingKey::from_bytes(&bytes).map_err(|_| "not a valid Ed25519 point".to_string())?;
+    if key.is_weak() {
+        return Err("a weak (small-order) key".to_string());
+    }
+    Ok(key)
+}
+
+/// Encodes a public key the way [`public_key_from_base64`] reads it.
+pub fn public_key_to_base64(key: &VerifyingKey) -> String {
+    URL_SAFE_NO_PAD.encode(key.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TYP: &str = "texture-command+jws";
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn encode_header(json: &str) -> String {
+        URL_SAFE_NO_PAD.encode(json)
+    }
+
+    /// A token with an arbitrary header, correctly signed by `k`.
+    fn with_header(k: &SigningKey, header_json: &str) -> String {
+        let mut t = encode_header(header_json);
+        t.push('.');
+        t.push_str(&URL_SAFE_NO_PAD.encode(b"{}"));
+        let sig = k.sign(t.as_bytes());
+        t.push('.');
+        t.push_str(&URL_SAFE_NO_PAD.encode(sig.to_bytes()));
+        t
+    }
+
+    fn check(token: &str, k: &SigningKey) -> Result<Verified, JwsError> {
+        let vk = k.verifying_key();
+        verify(token.as_bytes(), 8192, TYP, |_| Some(&vk))
+    }
+
+    #[test]
+    fn round_trip() {
+        let k = key(1);
+        let t = sign(&k, Some("p1"), TYP, br#"{"a":1}"#);
+        let v = check(&t, &k).unwrap();
+        assert_eq!(v.payload, br#"{"a":1}"#);
+        assert_eq!(v.header.kid.as_deref(), Some("p1"));
+    }
+
+    #[test]
+    fn only_eddsa_is_accepted() {
+        let k = key(1);
+        for alg in ["none", "HS256", "ES256", "RS256", "eddsa", "Ed25519"] {
+            let t = with_header(&k, &format!(r#"{{"alg":"{alg}","typ":"{TYP}"}}"#));
+            assert_eq!(
+                check(&t, &k).unwrap_err(),
+                JwsError::Algorithm(alg.into()),
+                "{alg}"
+            );
+        }
+    }
+
+    #[test]
+    fn unexpected_header_members_are_refused() {
+        let k = key(1);
+        for extra in [
+            r#""crit":["exp"]"#,
+            r#""jku":"https://x""#,
+            r#""jwk":{}"#,
+            r#""x5u":"x""#,
+        ] {
+            let t = with_header(&k, &format!(r#"{{"alg":"EdDSA","typ":"{TYP}",{extra}}}"#));
+            assert!(matches!(check(&t, &k), Err(JwsError::Header(_))), "{extra}");
+        }
+    }
+
+    #[test]
+    fn wrong_typ_is_refused() {
+        let k = key(1);
+        let t = sign(&k, None, "texture-trust-bundle+jws", b"{}");
+        assert!(matches!(check(&t, &k), Err(JwsError::Type { .. })));
+    }
+
+    #[test]
+    fn oversized_token_is_refused_before_parsing() {
+        let k = key(1);
+        let junk = vec![b'!'; 8193];
+        let vk = k.verifying_key();
+        let e = verify(&junk, 8192, TYP, |_| Some(&vk)).unwrap_err();
+        assert_eq!(
+            e,
+            JwsError::TooLarge {
+                len: 8193,
+                max: 8192
+            }
+        );
+    }
+
+    #[test]
+    fn another_keys_signature_is_refused() {
+        let t = sign(&key(1), None, TYP, b"{}");
+        assert_eq!(check(&t, &key(2)).unwrap_err(), JwsError::BadSignature);
+    }
+
+    #[test]
+    fn padding_and_extra_parts_are_refused() {
+        let k = key(1);
+        let t = sign(&k, None, TYP, b"{}");
+        assert_eq!(
+            check(&format!("{t}."), &k).unwrap_err(),
+            JwsError::NotCompact
+        );
+        assert_eq!(
+            check(&format!("{t}=="), &k).unwrap_err(),
+            JwsError::Base64 { part: "signature" }
+        );
+    }
+
+    #[test]
+    fn weak_and_malformed_public_keys_are_refused() {
+        // The identity point, encoded: small order, so signatures under it are forgeable.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let text = URL_SAFE_NO_PAD.encode(identity);
+        assert!(public_key_from_base64(&text).unwrap_err().contains("weak"));
+        assert!(public_key_from_base64("abc").is_err());
+        let good = key(3).verifying_key();
+        assert_eq!(
+            public_key_from_base64(&public_key_to_base64(&good)).unwrap(),
+            good
+        );
+    }
+}

@@ -1,0 +1,438 @@
+//! Command authorisation: a command runs only under a platform-signed attestation that a server
+//! key, or the paired owner's scoped key, authorised it for this device, now.
+//!
+//! The device trusts nothing the broker or the network says. [`decide`] is a pure function of
+//! (attestation bytes, trust bundle, pairing, clock, replay table) → [`Verdict`], so each rule
+//! is unit-testable; [`Authorizer`] wraps it with the state that must survive restarts (the
+//! trust store and the replay journal) and the audit log. docs/SECURITY.md says what each check
+//! defends against.
+
+pub mod claims;
+pub mod jws;
+pub mod replay;
+pub mod trust;
+
+use std::path::Path;
+
+use ed25519_dalek::VerifyingKey;
+
+use crate::reply::{ErrorCode, Reply};
+use claims::{AttestationClaims, KeyKind, ATTESTATION_TYP};
+use replay::{LoadReport, ReplayError, ReplayWindow};
+use trust::{BundleRejected, TrustBundle, TrustStore};
+
+/// Largest attestation accepted, checked before any decoding.
+pub const MAX_ATTESTATION_BYTES: usize = 8 * 1024;
+/// Longest validity (`exp - iat`) accepted. It bounds how long a replay entry must be kept.
+pub const MAX_LIFETIME_SECS: u64 = 3_600;
+/// Longest command id accepted.
+pub const MAX_COMMAND_ID_LEN: usize = 128;
+
+/// Everything a decision depends on besides the attestation itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub device_id: &'a str,
+    /// The customer/workspace this device belongs to; `None` refuses every command.
+    pub workspace_id: Option<&'a str>,
+    /// The paired owner's reference id; `None` when unpaired.
+    pub owner: Option<&'a str>,
+    pub trust: Option<&'a TrustBundle>,
+    pub issuer: &'a str,
+    /// Effective time: the later of the system clock and the time floor.
+    pub now: u64,
+    pub skew: u64,
+}
+
+/// Why a command was refused; `reason` is a stable slug for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub reason: &'static str,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, reason: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            reason,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// The outcome of [`decide`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Verified and authorised: run it.
+    Allow(Box<AttestationClaims>),
+    /// Not run. `claims` is set when the signature verified (so the id can be echoed and
+    /// recorded), `None` when nothing in the message can be trusted.
+    Refuse {
+        claims: Option<Box<AttestationClaims>>,
+        refusal: Refusal,
+    },
+    /// A verified command id already in the replay table: never run twice.
+    Duplicate {
+        claims: Box<AttestationClaims>,
+        recorded_reply: Option<Vec<u8>>,
+    },
+}
+
+fn unauthenticated(reason: &'static str, message: impl Into<String>) -> Verdict {
+    Verdict::Refuse {
+        claims: None,
+        refusal: Refusal::new(ErrorCode::Unauthenticated, reason, message),
+    }
+}
+
+fn is_valid_command_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_COMMAND_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// The authorisation decision. Pure: no I/O, no clock, no randomness.
+pub fn decide(token: &[u8], ctx: &Context<'_>, replay: &ReplayWindow) -> Verdict {
+    // 1. Authenticity: only a current platform key's signature counts.
+    let Some(bundle) = ctx.trust else {
+        return unauthenticated(
+            "no-trust-bundle",
+            "no trust bundle received yet; no platform key is trusted",
+        );
+    };
+    if bundle.expires_at <= ctx.now {
+        return unauthenticated(
+            "trust-bundle-expired",
+            "the trust bundle has expired; waiting for a newer one",
+        );
+    }
+    let lookup = |kid: Option<&str>| -> Option<&VerifyingKey> { kid.and_then(|k| bundle.key(k)) };
+    let verified = match jws::verify(token, MAX_ATTESTATION_BYTES, ATTESTATION_TYP, lookup) {
+        Ok(v) => v,
+        Err(e) => {
+            let reason = match e {
+                jws::JwsError::UnknownKey(_) => "unknown-key",
+                jws::JwsError::BadSignature => "bad-signature",
+                jws::JwsError::Algorithm(_) => "algorithm",
+                _ => "malformed",
+            };
+            return unauthenticated(reason, e.to_string());
+        }
+    };
+    let claims: AttestationClaims = match serde_json::from_slice(&verified.payload) {
+        Ok(c) => c,
+        Err(e) => return unauthenticated("malformed", format!("attestation payload: {e}")),
+    };
+    // 2. Well-formedness of what the platform signed.
+    if Some(claims.kid.as_str()) != verified.header.kid.as_deref() {
+        return unauthenticated("malformed", "payload kid differs from header kid");
+    }
+    if claims.iss != ctx.issuer {
+        return unauthenticated(
+            "issuer",
+            format!("issuer {:?} is not {:?}", claims.iss, ctx.issuer),
+        );
+    }
+    if !is_valid_command_id(&claims.jti) {
+        return unauthenticated(
+            "malformed",
+            "jti must be 1-128 characters of [A-Za-z0-9._:-]",
+        );
+    }
+    if claims.exp <= claims.iat || claims.exp - claims.iat > MAX_LIFETIME_SECS {
+        return unauthenticated(
+            "malformed",
+            format!(
+                "validity must be 1..={MAX_LIFETIME_SECS} s (iat {}, exp {})",
+                claims.iat, claims.exp
+            ),
+        );
+    }
+    if (claims.api_key_kind == KeyKind::Scoped) != claims.reference_id.is_some() {
+        return unauthenticated(
+            "malformed",
+            "referenceId must be present exactly for scoped keys",
+        );
+    }
+    // 3. Replay: a verified id seen before gets its recorded reply, whatever else is true now.
+    if let Some(entry) = replay.get(&claims.jti) {
+        return Verdict::Duplicate {
+            recorded_reply: entry.reply.clone(),
+            claims: Box::new(claims),
+        };
+    }
+    let refuse = |claims: AttestationClaims, code, reason, message: String| Verdict::Refuse {
+        claims: Some(Box::new(claims)),
+        refusal: Refusal::new(code, reason, message),
+    };
+    // 4. Time, against the later of the system clock and the time floor.
+    if claims.iat > ctx.now + ctx.skew {
+        let message = format!(
+            "issued at {} but now is {} (skew {} s)",
+            claims.iat, ctx.now, ctx.skew
+        );
+        return refuse(
+            claims,
+            ErrorCode::AttestationNotYetValid,
+            "not-yet-valid",
+            message,
+        );
+    }
+    if claims.exp + ctx.skew <= ctx.now {
+        let message = format!(
+            "expired at {} and now is {} (skew {} s)",
+            claims.exp, ctx.now, ctx.skew
+        );
+        return refuse(claims, ErrorCode::AttestationExpired, "expired", message);
+    }
+    // 5. Scope.
+    if claims.aud != ctx.device_id {
+        let message = format!("attestation is for device {:?}", claims.aud);
+        return refuse(claims, ErrorCode::Forbidden, "wrong-device", message);
+    }
+    if ctx.workspace_id != Some(claims.workspace_id.as_str()) {
+        let message = format!(
+            "workspace {:?} does not own this device",
+            claims.workspace_id
+        );
+        return refuse(claims, ErrorCode::Forbidden, "wrong-workspace", message);
+    }
+    if bundle.is_revoked(&claims.api_key_id) {
+        let message = format!("API key {:?} is revoked", claims.api_key_id);
+        return refuse(claims, ErrorCode::Forbidden, "revoked-key", message);
+    }
+    match claims.api_key_kind {
+        KeyKind::Server => Verdict::Allow(Box::new(claims)),
+        KeyKind::Connect => refuse(
+            claims,
+            ErrorCode::Forbidden,
+            "connect-key",
+            "connect keys may only create Connect links".into(),
+        ),
+        KeyKind::Scoped => match ctx.owner {
+            None => refuse(
+                claims,
+                ErrorCode::Forbidden,
+                "not-paired",
+                "device is not paired; scoped keys cannot command it".into(),
+            ),
+            Some(owner) if claims.reference_id.as_deref() == Some(owner) => {
+                Verdict::Allow(Box::new(claims))
+            }
+            Some(_) => refuse(
+                claims,
+                ErrorCode::Forbidden,
+                "not-owner",
+                "scoped key belongs to another user".into(),
+            ),
+        },
+    }
+}
+
+/// What the command pipeline should do with a message.
+#[derive(Debug)]
+pub enum Authorization {
+    /// Run the command, then call [`Authorizer::complete`] with the reply.
+    Execute(Box<AttestationClaims>),
+    /// Publish this reply and do nothing else.
+    Reply(Vec<u8>),
+    /// A duplicate of a command still running: its reply will follow once it completes.
+    InProgress,
+}
+
+/// Settings for [`Authorizer::open`].
+#[derive(Debug, Clone)]
+pub struct AuthorizerConfig {
+    pub device_id: String,
+    pub workspace_id: Option<String>,
+    pub root: VerifyingKey,
+    pub issuer: String,
+    pub skew: u64,
+    pub replay_capacity: usize,
+}
+
+/// The stateful side: trust store, replay journal, pairing state and audit log.
+#[derive(Debug)]
+pub struct Authorizer {
+    config: AuthorizerConfig,
+    trust: TrustStore,
+    replay: ReplayWindow,
+    owner: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorizerError {
+    #[error("replay journal: {0}")]
+    Replay(#[from] crate::storage::StorageError),
+}
+
+pub(crate) fn system_now() -> u64 {
+    crate::link::unix_now()
+}
+
+impl Authorizer {
+    /// Opens the persisted trust bundle and replay journal in `state_dir`.
+    pub fn open(
+        config: AuthorizerConfig,
+        state_dir: &Path,
+    ) -> Result<(Authorizer, LoadReport), AuthorizerError> {
+        let trust = TrustStore::open(config.root, &config.issuer, state_dir);
+        let (replay, report) = ReplayWindow::open(state_dir, config.replay_capacity, system_now())?;
+        if report.damaged_lines > 0 {
+            tracing::warn!(
+                damaged_lines = report.damaged_lines,
+                "replay journal had damaged lines; skipped"
+            );
+        }
+        Ok((
+            Authorizer {
+                config,
+                trust,
+                replay,
+                owner: None,
+            },
+            report,
+        ))
+    }
+
+    /// The later of the system clock and the time floor (see `replay`).
+    pub fn now(&self) -> u64 {
+        system_now().max(self.replay.time_floor())
+    }
+
+    pub fn trust_bundle(&self) -> Option<&TrustBundle> {
+        self.trust.current()
+    }
+
+    pub fn set_owner(&mut self, owner: Option<String>) {
+        self.owner = owner;
+    }
+
+    /// Offers a trust bundle from the platform; logs the outcome.
+    pub fn offer_trust_bundle(&mut self, bytes: &[u8]) -> Result<Option<u64>, BundleRejected> {
+        let now = self.now();
+        let result = self.trust.offer(bytes, now);
+        match &result {
+            Ok(Some(version)) => tracing::info!(version, "trust bundle accepted"),
+            Ok(None) => tracing::debug!("trust bundle unchanged"),
+            Err(error) => tracing::warn!(%error, "trust bundle rejected"),
+        }
+        result
+    }
+
+    /// Decides on an inbound attestation, records it durably when verified, and audits it.
+    pub fn authorize(&mut self, token: &[u8]) -> Authorization {
+        let now = self.now();
+        let ctx = Context {
+            device_id: &self.config.device_id,
+            workspace_id: self.config.workspace_id.as_deref(),
+            owner: self.owner.as_deref(),
+            trust: self.trust.current(),
+            issuer: &self.config.issuer,
+            now,
+            skew: self.config.skew,
+        };
+        let verdict = decide(token, &ctx, &self.replay);
+        match verdict {
+            Verdict::Allow(claims) => {
+                let forget_after = claims.exp + self.config.skew;
+                match self
+                    .replay
+                    .record(&claims.jti, claims.iat, forget_after, now)
+                {
+                    Ok(()) => {
+                        audit(Some(&claims), "allowed", "authorised");
+                        Authorization::Execute(claims)
+                    }
+                    Err(error) => {
+                        let refusal = match error {
+                            ReplayError::Full {
+                                retry_after_secs, ..
+                            } => Refusal {
+                                code: ErrorCode::RateLimited,
+                                reason: "replay-table-full",
+                                message: error.to_string(),
+                                retry_after: Some(retry_after_secs),
+                            },
+                            // Without a durable record the command could run twice: refuse.
+                            ReplayError::Storage(_) => Refusal::new(
+                                ErrorCode::RateLimited,
+                                "replay-journal-unwritable",
+                                format!("cannot record the command durably: {error}"),
+                            ),
+                        };
+                        audit(Some(&claims), "refused", refusal.reason);
+                        Authorization::Reply(self.refusal_reply(Some(&claims), &refusal))
+                    }
+                }
+            }
+            Verdict::Refuse { claims, refusal } => {
+                audit(claims.as_deref(), "refused", refusal.reason);
+                tracing::debug!(message = %refusal.message, "refusal detail");
+                let reply = self.refusal_reply(claims.as_deref(), &refusal);
+                // Record verified refusals still inside their validity, so a redelivery gets
+                // the same answer even if pairing or trust changed in between.
+                if let Some(c) = claims.filter(|c| c.exp + self.config.skew > now) {
+                    let recorded = self
+                        .replay
+                        .record(&c.jti, c.iat, c.exp + self.config.skew, now)
+                        .and_then(|()| self.replay.complete(&c.jti, &reply));
+                    if let Err(error) = recorded {
+                        tracing::warn!(%error, command_id = %c.jti, "refusal not recorded");
+                    }
+                }
+                Authorization::Reply(reply)
+            }
+            Verdict::Duplicate {
+                claims,
+                recorded_reply,
+            } => {
+                audit(Some(&claims), "duplicate", "command id already seen");
+                match recorded_reply {
+                    Some(reply) => Authorization::Reply(reply),
+                    None => Authorization::InProgress,
+                }
+            }
+        }
+    }
+
+    /// Records the reply of an executed command, so duplicates get it too.
+    pub fn complete(&mut self, command_id: &str, reply: &[u8]) {
+        if let Err(error) = self.replay.complete(command_id, reply) {
+            tracing::error!(%error, command_id, "could not record the command's reply");
+        }
+    }
+
+    fn refusal_reply(&self, claims: Option<&AttestationClaims>, refusal: &Refusal) -> Vec<u8> {
+        Reply::Refused {
+            command_id: claims.map(|c| c.jti.clone()),
+            device_id: self.config.device_id.clone(),
+            status: refusal.code.status(),
+            code: refusal.code,
+            message: refusal.message.clone(),
+            retry_after: refusal.retry_after,
+        }
+        .to_bytes()
+    }
+}
+
+/// One structured audit line per decision.
+fn audit(claims: Option<&AttestationClaims>, decision: &'static str, reason: &str) {
+    match claims {
+        Some(c) => tracing::info!(
+            command_id = %c.jti,
+            key_id = %c.api_key_id,
+            key_kind = %c.api_key_kind,
+            slug = %c.command.slug,
+            decision,
+            reason,
+            "command decision"
+        ),
+        None => tracing::warn!(decision, reason, "command decision"),
+    }
+}

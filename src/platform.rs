@@ -1,0 +1,190 @@
+//! The platform's side of the trust protocol: signing trust bundles and command attestations.
+//!
+//! This is the one implementation used by the tests, benchmarks, the simulator and the demo, so
+//! every one of them exercises exactly the format the device verifies (the payload types are
+//! shared with `auth::claims`). The daemon never calls it; the linker leaves it out of the
+//! gateway binary.
+
+use ed25519_dalek::SigningKey;
+
+use crate::auth::claims::{
+    AttestationClaims, BundleKey, CommandClaim, KeyKind, TrustBundleClaims, ATTESTATION_TYP,
+    TRUST_BUNDLE_TYP,
+};
+use crate::auth::jws;
+
+/// The default issuer name, matching the daemon's default `trust.issuer`.
+pub const DEFAULT_ISSUER: &str = "texture-platform";
+
+/// A fresh Ed25519 key from the operating system's CSPRNG.
+pub fn generate_key() -> SigningKey {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).expect("operating system RNG");
+    SigningKey::from_bytes(&seed)
+}
+
+/// The platform's keys: a root that signs trust bundles, and named keys that sign attestations.
+pub struct PlatformSigner {
+    pub issuer: String,
+    root: SigningKey,
+    keys: Vec<(String, SigningKey)>,
+}
+
+/// The API key on whose behalf an attestation is minted.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub id: String,
+    pub kind: KeyKind,
+    pub workspace_id: String,
+    /// The end user's reference id, for scoped keys.
+    pub reference_id: Option<String>,
+}
+
+impl ApiKey {
+    pub fn server(id: &str, workspace: &str) -> ApiKey {
+        ApiKey {
+            id: id.into(),
+            kind: KeyKind::Server,
+            workspace_id: workspace.into(),
+            reference_id: None,
+        }
+    }
+    pub fn connect(id: &str, workspace: &str) -> ApiKey {
+        ApiKey {
+            id: id.into(),
+            kind: KeyKind::Connect,
+            workspace_id: workspace.into(),
+            reference_id: None,
+        }
+    }
+    pub fn scoped(id: &str, workspace: &str, reference_id: &str) -> ApiKey {
+        ApiKey {
+            id: id.into(),
+            kind: KeyKind::Scoped,
+            workspace_id: workspace.into(),
+            reference_id: Some(reference_id.into()),
+        }
+    }
+}
+
+impl PlatformSigner {
+    /// New random root and one signing key named `kid`.
+    pub fn generate(kid: &str) -> PlatformSigner {
+        PlatformSigner {
+            issuer: DEFAULT_ISSUER.into(),
+            root: generate_key(),
+            keys: vec![(kid.into(), generate_key())],
+        }
+    }
+
+    /// Deterministic keys, for reproducible benchmarks and fuzz seeds.
+    pub fn from_seeds(root: [u8; 32], kid: &str, key: [u8; 32]) -> PlatformSigner {
+        PlatformSigner {
+            issuer: DEFAULT_ISSUER.into(),
+            root: SigningKey::from_bytes(&root),
+            keys: vec![(kid.into(), SigningKey::from_bytes(&key))],
+        }
+    }
+
+    /// The value for the device's `trust.root_public_key`.
+    pub fn root_public_key(&self) -> String {
+        jws::public_key_to_base64(&self.root.verifying_key())
+    }
+
+    /// Adds a signing key (for a rotation: publish a bundle with both, then drop the old one).
+    pub fn add_key(&mut self, kid: &str) {
+        self.keys.push((kid.into(), generate_key()));
+    }
+
+    /// Removes a signing key from future bundles.
+    pub fn remove_key(&mut self, kid: &str) {
+        self.keys.retain(|(k, _)| k != kid);
+    }
+
+    /// The id of the newest signing key.
+    pub fn current_kid(&self) -> &str {
+        &self.keys.last().expect("at least one signing key").0
+    }
+
+    fn key(&self, kid: &str) -> &SigningKey {
+        &self
+            .keys
+            .iter()
+            .find(|(k, _)| k == kid)
+            .expect("known kid")
+            .1
+    }
+
+    /// A signed trust bundle listing every current signing key.
+    pub fn trust_bundle(&self, version: u64, iat: u64, exp: u64, revoked: &[String]) -> String {
+        let claims = TrustBundleClaims {
+            iss: self.issuer.clone(),
+            version,
+            iat,
+            exp,
+            keys: self
+                .keys
+                .iter()
+                .map(|(kid, key)| BundleKey {
+                    kid: kid.clone(),
+                    public_key: jws::public_key_to_base64(&key.verifying_key()),
+                })
+                .collect(),
+            revoked_api_keys: revoked.to_vec(),
+        };
+        self.sign_bundle_claims(&claims)
+    }
+
+    /// Signs arbitrary bundle claims with the root (tests use it for malformed bundles).
+    pub fn sign_bundle_claims(&self, claims: &TrustBundleClaims) -> String {
+        jws::sign(
+            &self.root,
+            None,
+            TRUST_BUNDLE_TYP,
+            &serde_json::to_vec(claims).expect("serialises"),
+        )
+    }
+
+    /// The claims of an attestation for `command` on `device`, valid for `ttl` seconds from `iat`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn claims(
+        &self,
+        key: &ApiKey,
+        device: &str,
+        command_id: &str,
+        slug: &str,
+        input: serde_json::Value,
+        iat: u64,
+        ttl: u64,
+    ) -> AttestationClaims {
+        AttestationClaims {
+            iss: self.issuer.clone(),
+            kid: self.current_kid().to_owned(),
+            aud: device.into(),
+            jti: command_id.into(),
+            iat,
+            exp: iat + ttl,
+            api_key_id: key.id.clone(),
+            api_key_kind: key.kind,
+            workspace_id: key.workspace_id.clone(),
+            reference_id: key.reference_id.clone(),
+            command: CommandClaim {
+                slug: slug.into(),
+                input: match input {
+                    serde_json::Value::Object(map) => map,
+                    _ => serde_json::Map::new(),
+                },
+            },
+        }
+    }
+
+    /// Signs attestation claims with the key their `kid` names.
+    pub fn attest(&self, claims: &AttestationClaims) -> String {
+        jws::sign(
+            self.key(&claims.kid),
+            Some(&claims.kid),
+            ATTESTATION_TYP,
+            &serde_json::to_vec(claims).expect("serialises"),
+        )
+    }
+}
