@@ -153,7 +153,8 @@ impl Mosquitto {
             &acl,
             format!(
                 "user {PLATFORM_CLIENT}\ntopic readwrite #\n\n\
-                 pattern readwrite texture/v1/devices/%u/#\n"
+                 pattern readwrite texture/v1/devices/%u/#\n\
+                 pattern read texture/v1/trust/bundle\n"
             ),
         )
         .unwrap();
@@ -252,6 +253,11 @@ pub struct AgentConfig {
     pub backoff_min_ms: u64,
     pub backoff_max_ms: u64,
     pub extra_broker: String,
+    /// `trust.root_public_key`; `None` leaves the `[trust]` section out.
+    pub trust_root: Option<String>,
+    pub workspace_id: Option<String>,
+    /// Written to the state directory's owner.json before the agent starts.
+    pub owner: Option<String>,
 }
 
 impl AgentConfig {
@@ -267,6 +273,9 @@ impl AgentConfig {
             backoff_min_ms: 200,
             backoff_max_ms: 1_000,
             extra_broker: String::new(),
+            trust_root: None,
+            workspace_id: None,
+            owner: None,
         }
     }
 
@@ -292,18 +301,38 @@ impl AgentConfig {
             ));
         }
         broker.push_str(&self.extra_broker);
+        let mut device = format!("id = \"{}\"\n", self.device_id);
+        if let Some(ws) = &self.workspace_id {
+            device.push_str(&format!("workspace_id = \"{ws}\"\n"));
+        }
+        let trust = match &self.trust_root {
+            Some(root) => format!("[trust]\nroot_public_key = \"{root}\"\n\n"),
+            None => String::new(),
+        };
+        let state_dir = self.state_dir(dir);
+        if let Some(owner) = &self.owner {
+            std::fs::create_dir_all(&state_dir).unwrap();
+            std::fs::write(
+                state_dir.join("owner.json"),
+                serde_json::json!({ "referenceId": owner }).to_string(),
+            )
+            .unwrap();
+        }
         let path = dir.join(format!("agent-{}.toml", self.device_id));
         std::fs::write(
             &path,
             format!(
-                "[device]\nid = \"{}\"\n\n[broker]\n{broker}\n[state]\ndir = \"{}\"\nruntime_dir = \"{}\"\n\n[log]\nformat = \"json\"\nlevel = \"debug\"\n",
-                self.device_id,
-                dir.join(format!("state-{}", self.device_id)).display(),
+                "[device]\n{device}\n[broker]\n{broker}\n{trust}[state]\ndir = \"{}\"\nruntime_dir = \"{}\"\n\n[log]\nformat = \"json\"\nlevel = \"debug\"\n",
+                state_dir.display(),
                 dir.join(format!("run-{}", self.device_id)).display(),
             ),
         )
         .unwrap();
         path
+    }
+
+    pub fn state_dir(&self, dir: &Path) -> PathBuf {
+        dir.join(format!("state-{}", self.device_id))
     }
 }
 
