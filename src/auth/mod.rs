@@ -25,6 +25,8 @@ use trust::{BundleRejected, TrustBundle, TrustStore};
 pub const MAX_ATTESTATION_BYTES: usize = 8 * 1024;
 /// Longest validity (`exp - iat`) accepted. It bounds how long a replay entry must be kept.
 pub const MAX_LIFETIME_SECS: u64 = 3_600;
+/// The one command only a server key may send: it removes the owner's access.
+pub const SERVER_ONLY_SLUG: &str = "agent:unpair";
 /// Longest command id accepted.
 pub const MAX_COMMAND_ID_LEN: usize = 128;
 
@@ -208,6 +210,12 @@ pub fn decide(token: &[u8], ctx: &Context<'_>, replay: &ReplayWindow) -> Verdict
     }
     match claims.api_key_kind {
         KeyKind::Server => Verdict::Allow(Box::new(claims)),
+        _ if claims.command.slug == SERVER_ONLY_SLUG => refuse(
+            claims,
+            ErrorCode::Forbidden,
+            "server-key-required",
+            format!("{SERVER_ONLY_SLUG} requires a server key"),
+        ),
         KeyKind::Connect => refuse(
             claims,
             ErrorCode::Forbidden,
@@ -249,6 +257,7 @@ pub enum Authorization {
 #[derive(Debug, Clone)]
 pub struct AuthorizerConfig {
     pub device_id: String,
+    /// From the configuration; when unset, the owner binding's workspace is used.
     pub workspace_id: Option<String>,
     pub root: VerifyingKey,
     pub issuer: String,
@@ -263,6 +272,7 @@ pub struct Authorizer {
     trust: TrustStore,
     replay: ReplayWindow,
     owner: Option<String>,
+    bound_workspace: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -295,6 +305,7 @@ impl Authorizer {
                 trust,
                 replay,
                 owner: None,
+                bound_workspace: None,
             },
             report,
         ))
@@ -311,6 +322,21 @@ impl Authorizer {
 
     pub fn set_owner(&mut self, owner: Option<String>) {
         self.owner = owner;
+    }
+
+    /// Applies a pairing state: the owner whose scoped keys match, and the workspace the
+    /// binding names (used only when the configuration does not fix one).
+    pub fn set_pairing(&mut self, owner: Option<String>, workspace: Option<String>) {
+        self.owner = owner;
+        self.bound_workspace = workspace;
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.config.issuer
+    }
+
+    pub fn configured_workspace(&self) -> Option<&str> {
+        self.config.workspace_id.as_deref()
     }
 
     /// Offers a trust bundle from the platform; logs the outcome.
@@ -330,7 +356,11 @@ impl Authorizer {
         let now = self.now();
         let ctx = Context {
             device_id: &self.config.device_id,
-            workspace_id: self.config.workspace_id.as_deref(),
+            workspace_id: self
+                .config
+                .workspace_id
+                .as_deref()
+                .or(self.bound_workspace.as_deref()),
             owner: self.owner.as_deref(),
             trust: self.trust.current(),
             issuer: &self.config.issuer,
@@ -377,10 +407,12 @@ impl Authorizer {
                 let reply = self.refusal_reply(claims.as_deref(), &refusal);
                 // Record verified refusals still inside their validity, so a redelivery gets
                 // the same answer even if pairing or trust changed in between.
+                // The issued-at is clamped to now: a refused attestation (say one issued beyond
+                // the skew) must never move the time floor.
                 if let Some(c) = claims.filter(|c| c.exp + self.config.skew > now) {
                     let recorded = self
                         .replay
-                        .record(&c.jti, c.iat, c.exp + self.config.skew, now)
+                        .record(&c.jti, c.iat.min(now), c.exp + self.config.skew, now)
                         .and_then(|()| self.replay.complete(&c.jti, &reply));
                     if let Err(error) = recorded {
                         tracing::warn!(%error, command_id = %c.jti, "refusal not recorded");
