@@ -29,6 +29,8 @@ enum Command {
     CheckConfig,
     /// Print the daemon's persisted and live state.
     Status,
+    /// Pair this gateway to its owner: shows a code and QR code for the Connect page.
+    Pair,
     /// Print the version.
     Version,
 }
@@ -42,6 +44,7 @@ pub fn main() -> ExitCode {
         }
         Command::CheckConfig => check_config(&cli.config),
         Command::Status => show_status(&cli.config),
+        Command::Pair => pair(&cli.config),
         Command::Run => run(&cli.config),
     }
 }
@@ -79,6 +82,47 @@ fn show_status(path: &std::path::Path) -> ExitCode {
     };
     println!("device:      {}", settings.device.id);
     println!("state dir:   {}", settings.state.dir.display());
+    match crate::pairing::PairingState::open(&settings.state.dir, settings.device.id.as_str(), 600)
+    {
+        Ok(p) => {
+            let b = p.binding();
+            match &b.reference_id {
+                Some(owner) => println!(
+                    "pairing:     paired to {owner} (binding version {}, issued {})",
+                    b.version,
+                    crate::reply::rfc3339(b.issued_at)
+                ),
+                None if b.version > 0 => {
+                    println!("pairing:     unpaired (binding version {})", b.version)
+                }
+                None => println!("pairing:     unpaired"),
+            }
+        }
+        Err(error) => println!("pairing:     unreadable: {error}"),
+    }
+    match &settings.trust {
+        None => println!("trust:       not configured ([trust] section missing)"),
+        Some(t) => match crate::auth::jws::public_key_from_base64(&t.root_public_key) {
+            Ok(root) => {
+                match crate::auth::trust::TrustStore::open(root, &t.issuer, &settings.state.dir)
+                    .current()
+                {
+                    Some(bundle) => println!(
+                        "trust:       bundle version {} (expires {}), keys: {}",
+                        bundle.version,
+                        crate::reply::rfc3339(bundle.expires_at),
+                        {
+                            let mut kids: Vec<_> = bundle.key_ids().collect();
+                            kids.sort();
+                            kids.join(", ")
+                        }
+                    ),
+                    None => println!("trust:       no trust bundle received yet"),
+                }
+            }
+            Err(problem) => println!("trust:       root key invalid: {problem}"),
+        },
+    }
     match status::read(&settings.state.runtime_dir) {
         Ok(Some(s)) if status::is_running(s.pid) => {
             println!("daemon:      running (pid {})", s.pid);
@@ -112,6 +156,103 @@ fn print_link(link: &serde_json::Value) {
     if let Some(e) = link.get("last_error").and_then(|e| e.as_str()) {
         println!("last error:  {e}");
     }
+}
+
+/// `pair`: asks the daemon to start a pairing session and follows it to the end.
+fn pair(path: &std::path::Path) -> ExitCode {
+    use std::io::{BufRead, BufReader, IsTerminal, Write};
+    use std::os::unix::net::UnixStream;
+
+    use crate::control::{socket_path, ControlEvent, ControlRequest};
+
+    let Some(settings) = load_or_report(path) else {
+        return ExitCode::FAILURE;
+    };
+    let socket = socket_path(&settings.state.runtime_dir);
+    let mut stream = match UnixStream::connect(&socket) {
+        Ok(s) => s,
+        Err(error) => {
+            eprintln!(
+                "error: cannot reach the daemon at {}: {error} (is texture-agent running?)",
+                socket.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut request = serde_json::to_string(&ControlRequest::Pair).expect("serialises");
+    request.push('\n');
+    if let Err(error) = stream.write_all(request.as_bytes()) {
+        eprintln!("error: {error}");
+        return ExitCode::FAILURE;
+    }
+    let tty = std::io::stdout().is_terminal();
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { break };
+        let Ok(event) = serde_json::from_str::<ControlEvent>(&line) else {
+            eprintln!("error: unexpected message from the daemon: {line}");
+            return ExitCode::FAILURE;
+        };
+        match event {
+            ControlEvent::Code {
+                code,
+                device_id,
+                expires_at,
+                qr_uri,
+            } => {
+                println!("Pairing code for {device_id}:\n\n    {code}\n");
+                println!("Enter it on the Connect page, or scan:\n");
+                match qrcode::QrCode::new(qr_uri.as_bytes()) {
+                    Ok(qr) => println!(
+                        "{}",
+                        qr.render::<qrcode::render::unicode::Dense1x2>()
+                            .quiet_zone(true)
+                            .build()
+                    ),
+                    Err(error) => println!("(no QR code: {error})"),
+                }
+                println!("The code expires at {}.", crate::reply::rfc3339(expires_at));
+            }
+            ControlEvent::Waiting {
+                remaining_secs,
+                link,
+            } => {
+                let text =
+                    format!("waiting for the owner… {remaining_secs:>4} s left (link: {link})");
+                if tty {
+                    print!("\r{text}");
+                    let _ = std::io::stdout().flush();
+                } else {
+                    println!("{text}");
+                }
+            }
+            ControlEvent::Rejected { reason } => {
+                println!("{}binding refused: {reason}", if tty { "\n" } else { "" })
+            }
+            ControlEvent::Paired {
+                reference_id,
+                version,
+            } => {
+                println!(
+                    "{}paired to {reference_id} (binding version {version})",
+                    if tty { "\n" } else { "" }
+                );
+                return ExitCode::SUCCESS;
+            }
+            ControlEvent::Expired => {
+                println!(
+                    "{}the pairing code expired; run `texture-agent pair` again",
+                    if tty { "\n" } else { "" }
+                );
+                return ExitCode::FAILURE;
+            }
+            ControlEvent::Error { message } => {
+                eprintln!("{}error: {message}", if tty { "\n" } else { "" });
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    eprintln!("error: the daemon closed the connection");
+    ExitCode::FAILURE
 }
 
 fn run(path: &std::path::Path) -> ExitCode {

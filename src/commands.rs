@@ -11,7 +11,8 @@ use crate::reply::{rfc3339, ErrorCode, FailedError, Reply};
 
 /// Runs `claims.command` and returns the reply to publish.
 pub fn execute(claims: &AttestationClaims, device_id: &str, now: u64) -> Reply {
-    let outcome = match claims.command.slug.as_str() {
+    let outcome: Result<serde_json::Value, (ErrorCode, String)> = match claims.command.slug.as_str()
+    {
         "agent:ping" => match claims.command.input.keys().next() {
             None => Ok(json!({ "pong": true })),
             Some(field) => Err((
@@ -24,6 +25,31 @@ pub fn execute(claims: &AttestationClaims, device_id: &str, now: u64) -> Reply {
             format!("unknown command slug `{other}`"),
         )),
     };
+    reply_for(claims, device_id, now, outcome)
+}
+
+/// The reply for a built-in handled outside this module (like `agent:unpair`), whose failure
+/// is an internal error rather than bad input.
+pub fn builtin_reply(
+    claims: &AttestationClaims,
+    device_id: &str,
+    now: u64,
+    outcome: Result<serde_json::Value, String>,
+) -> Reply {
+    reply_for(
+        claims,
+        device_id,
+        now,
+        outcome.map_err(|message| (ErrorCode::CommandFailed, message)),
+    )
+}
+
+fn reply_for(
+    claims: &AttestationClaims,
+    device_id: &str,
+    now: u64,
+    outcome: Result<serde_json::Value, (ErrorCode, String)>,
+) -> Reply {
     let (issued_at, executed_at) = (rfc3339(claims.iat), rfc3339(now));
     match outcome {
         Ok(result) => Reply::Succeeded {

@@ -32,9 +32,39 @@ pub struct Settings {
     #[serde(default)]
     pub trust: Option<TrustSettings>,
     #[serde(default)]
+    pub pairing: PairingSettings,
+    #[serde(default)]
     pub state: StateSettings,
     #[serde(default)]
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairingSettings {
+    /// How long a pairing code stays valid.
+    #[serde(default = "default_code_ttl_secs")]
+    pub code_ttl_secs: u64,
+    /// What `texture-agent pair` encodes in its QR code, for the Connect page to scan.
+    /// `{device_id}` and `{code}` are substituted.
+    #[serde(default = "default_qr_uri")]
+    pub qr_uri: String,
+}
+
+impl Default for PairingSettings {
+    fn default() -> Self {
+        PairingSettings {
+            code_ttl_secs: default_code_ttl_secs(),
+            qr_uri: default_qr_uri(),
+        }
+    }
+}
+
+fn default_code_ttl_secs() -> u64 {
+    600
+}
+fn default_qr_uri() -> String {
+    "texture-pair:{device_id}:{code}".into()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -469,6 +499,21 @@ fn validate(s: &Settings, path: &Path) -> Result<(), ConfigError> {
                 "expected a non-empty issuer name".into(),
             ));
         }
+    }
+    if !(60..=3_600).contains(&s.pairing.code_ttl_secs) {
+        return Err(reject(
+            "pairing.code_ttl_secs",
+            format!(
+                "expected 60..=3600 seconds, found {}",
+                s.pairing.code_ttl_secs
+            ),
+        ));
+    }
+    if !s.pairing.qr_uri.contains("{code}") {
+        return Err(reject(
+            "pairing.qr_uri",
+            "must contain the {code} placeholder".into(),
+        ));
     }
     if s.state.dir.as_os_str().is_empty() || !s.state.dir.is_absolute() {
         return Err(reject(

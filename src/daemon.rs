@@ -8,14 +8,15 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use crate::auth::{Authorization, Authorizer, AuthorizerConfig};
+use crate::auth::{Authorizer, AuthorizerConfig};
 use crate::config::Settings;
-use crate::link::{Inbound, Link, LinkState, LinkStatus, Publisher};
-use crate::reply::{ErrorCode, Reply};
+use crate::control;
+use crate::dispatch::Dispatcher;
+use crate::link::{Link, LinkState, LinkStatus};
+use crate::pairing::PairingState;
 use crate::service::{self, notify_or_log};
 use crate::status::{self, RuntimeStatus};
 use crate::storage;
-use crate::topics::Topics;
 
 /// How long a graceful shutdown may take in total; systemd's `TimeoutStopSec` must be larger.
 pub const SHUTDOWN_BUDGET: Duration = Duration::from_secs(4);
@@ -27,16 +28,32 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     storage::ensure_dir(&settings.state.runtime_dir).context("state.runtime_dir")?;
 
     let authorizer = open_authorizer(&settings)?;
+    let device_key = crate::identity::load_or_create(&settings.state.dir).context("device key")?;
+    let pairing = PairingState::open(
+        &settings.state.dir,
+        settings.device.id.as_str(),
+        settings.pairing.code_ttl_secs,
+    )
+    .context("reading the pairing state")?;
+    let control =
+        control::bind(&settings.state.runtime_dir).context("binding the control socket")?;
+
     let (trigger, shutdown) = service::shutdown_channel();
     let mut link = Link::start(&settings, shutdown.clone())?;
     let inbound = link.take_inbound().expect("inbound taken once");
-    let pipeline = tokio::spawn(command_pipeline(
-        inbound,
-        link.publisher(),
-        link.topics().clone(),
+    let (calls_tx, calls_rx) = mpsc::channel(8);
+    let control_task = tokio::spawn(control::serve(control, calls_tx));
+    let dispatcher = Dispatcher::new(
         settings.device.id.to_string(),
+        link.topics().clone(),
+        link.publisher(),
+        link.status(),
         authorizer,
-    ));
+        pairing,
+        device_key,
+        settings.pairing.qr_uri.clone(),
+    );
+    let pipeline = tokio::spawn(dispatcher.run(inbound, calls_rx));
 
     let started_at_unix = crate::link::unix_now();
     let device_id = settings.device.id.to_string();
@@ -85,6 +102,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     trigger.trigger();
     link.shutdown(SHUTDOWN_BUDGET).await;
     pipeline.abort();
+    control_task.abort();
+    let _ = std::fs::remove_file(control::socket_path(&settings.state.runtime_dir));
     // Report "stopped" even if the event loop had to be abandoned mid-state.
     let mut last = link_status.borrow().clone();
     last.state = LinkState::Stopped;
@@ -118,9 +137,6 @@ fn open_authorizer(settings: &Settings) -> anyhow::Result<Option<Authorizer>> {
     };
     let root = crate::auth::jws::public_key_from_base64(&trust.root_public_key)
         .map_err(|problem| anyhow::anyhow!("trust.root_public_key: {problem}"))?;
-    let owner = crate::pairing::load_owner(&settings.state.dir)
-        .context("reading the pairing state")?
-        .map(|o| o.reference_id);
     let config = AuthorizerConfig {
         device_id: settings.device.id.to_string(),
         workspace_id: settings.device.workspace_id.clone(),
@@ -137,57 +153,5 @@ fn open_authorizer(settings: &Settings) -> anyhow::Result<Option<Authorizer>> {
             "commands were interrupted by the last stop"
         );
     }
-    let mut authorizer = authorizer;
-    authorizer.set_owner(owner);
     Ok(Some(authorizer))
-}
-
-/// Inbound messages: trust bundles update the trust store; commands go through the authorizer
-/// and, if allowed, are executed. Every command gets exactly one reply on the reply topic.
-async fn command_pipeline(
-    mut inbound: mpsc::Receiver<Inbound>,
-    publisher: Publisher,
-    topics: Topics,
-    device_id: String,
-    mut authorizer: Option<Authorizer>,
-) {
-    let (commands, trust) = (topics.commands(), Topics::trust_bundle());
-    while let Some(message) = inbound.recv().await {
-        let reply = if message.topic == trust {
-            if let Some(a) = authorizer.as_mut() {
-                let _ = a.offer_trust_bundle(&message.payload);
-            }
-            continue;
-        } else if message.topic == commands {
-            match authorizer.as_mut() {
-                None => Reply::refused(
-                    None,
-                    &device_id,
-                    ErrorCode::Unauthenticated,
-                    "no platform trust root is configured; commands cannot be verified",
-                )
-                .to_bytes(),
-                Some(a) => match a.authorize(&message.payload) {
-                    Authorization::Reply(reply) => reply,
-                    Authorization::InProgress => continue,
-                    Authorization::Execute(claims) => {
-                        let reply =
-                            crate::commands::execute(&claims, &device_id, a.now()).to_bytes();
-                        a.complete(&claims.jti, &reply);
-                        reply
-                    }
-                },
-            }
-        } else {
-            tracing::debug!(topic = %message.topic, "message on unexpected topic ignored");
-            continue;
-        };
-        if publisher
-            .publish(topics.replies(), reply, false)
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
 }

@@ -1,8 +1,9 @@
 //! texture-agent: the device-side agent of the Texture energy platform.
 //!
-//! Data path, inbound: [`link`] (MQTT over TLS) → [`auth`] (attestation, trust, policy,
-//! replay) → [`commands`] → reply via [`link`]. [`platform`] is the platform's signing side,
-//! used by tests and tooling, never by the daemon.
+//! Data path, inbound: [`link`] (MQTT over TLS) → [`dispatch`] → [`auth`] (attestation, trust,
+//! policy, replay) → [`commands`] → reply via [`link`]. [`pairing`] sits beside `auth` and is
+//! driven from the [`control`] socket. [`platform`] is the platform's signing side, used by
+//! tests and tooling, never by the daemon.
 //! [`daemon`] wires the pieces together; [`service`] speaks to systemd; [`storage`] is the only
 //! way state reaches the disk. docs/PROTOCOL.md is the wire contract.
 
@@ -10,8 +11,11 @@ pub mod auth;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod device;
+pub mod dispatch;
+pub mod identity;
 pub mod link;
 pub mod logging;
 pub mod pairing;

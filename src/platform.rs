@@ -8,20 +8,15 @@
 use ed25519_dalek::SigningKey;
 
 use crate::auth::claims::{
-    AttestationClaims, BundleKey, CommandClaim, KeyKind, TrustBundleClaims, ATTESTATION_TYP,
-    TRUST_BUNDLE_TYP,
+    AttestationClaims, BundleKey, CommandClaim, KeyKind, OwnerBindingClaims, TrustBundleClaims,
+    ATTESTATION_TYP, OWNER_BINDING_TYP, TRUST_BUNDLE_TYP,
 };
 use crate::auth::jws;
 
 /// The default issuer name, matching the daemon's default `trust.issuer`.
 pub const DEFAULT_ISSUER: &str = "texture-platform";
 
-/// A fresh Ed25519 key from the operating system's CSPRNG.
-pub fn generate_key() -> SigningKey {
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).expect("operating system RNG");
-    SigningKey::from_bytes(&seed)
-}
+pub use crate::identity::generate_key;
 
 /// The platform's keys: a root that signs trust bundles, and named keys that sign attestations.
 pub struct PlatformSigner {
@@ -184,6 +179,40 @@ impl PlatformSigner {
             self.key(&claims.kid),
             Some(&claims.kid),
             ATTESTATION_TYP,
+            &serde_json::to_vec(claims).expect("serialises"),
+        )
+    }
+
+    /// A signed owner binding for `device`, answering the pairing request whose commitment is
+    /// `code_commitment`.
+    pub fn owner_binding(
+        &self,
+        device: &str,
+        workspace: &str,
+        reference_id: &str,
+        version: u64,
+        iat: u64,
+        code_commitment: &str,
+    ) -> String {
+        let claims = OwnerBindingClaims {
+            iss: self.issuer.clone(),
+            kid: self.current_kid().to_owned(),
+            device_id: device.into(),
+            workspace_id: workspace.into(),
+            reference_id: reference_id.into(),
+            version,
+            iat,
+            code_commitment: code_commitment.into(),
+        };
+        self.sign_binding_claims(&claims)
+    }
+
+    /// Signs arbitrary binding claims with the key their `kid` names (tests use it for bad ones).
+    pub fn sign_binding_claims(&self, claims: &OwnerBindingClaims) -> String {
+        jws::sign(
+            self.key(&claims.kid),
+            Some(&claims.kid),
+            OWNER_BINDING_TYP,
             &serde_json::to_vec(claims).expect("serialises"),
         )
     }

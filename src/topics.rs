@@ -43,6 +43,16 @@ impl Topics {
         format!("{}/telemetry", self.base)
     }
 
+    /// Device → platform: a pairing request (code commitment and device public key).
+    pub fn pairing_request(&self) -> String {
+        format!("{}/pairing/request", self.base)
+    }
+
+    /// Platform → device: the signed owner binding answering a pairing request.
+    pub fn pairing_binding(&self) -> String {
+        format!("{}/pairing/binding", self.base)
+    }
+
     /// The platform-wide, retained trust bundle (read-only for devices).
     pub fn trust_bundle() -> String {
         format!("{ROOT}/trust/bundle")
@@ -50,7 +60,11 @@ impl Topics {
 
     /// The topics the device subscribes to after every CONNACK.
     pub fn subscriptions(&self) -> Vec<String> {
-        vec![Self::trust_bundle(), self.commands()]
+        vec![
+            Self::trust_bundle(),
+            self.pairing_binding(),
+            self.commands(),
+        ]
     }
 }
 
@@ -61,7 +75,14 @@ mod tests {
     #[test]
     fn every_device_topic_is_under_its_own_subtree() {
         let t = Topics::new(&DeviceId::parse("gw-7").unwrap());
-        for topic in [t.status(), t.commands(), t.replies(), t.telemetry()] {
+        for topic in [
+            t.status(),
+            t.commands(),
+            t.replies(),
+            t.telemetry(),
+            t.pairing_request(),
+            t.pairing_binding(),
+        ] {
             assert!(topic.starts_with("texture/v1/devices/gw-7/"), "{topic}");
         }
     }

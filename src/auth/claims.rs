@@ -99,3 +99,24 @@ pub struct TrustBundleClaims {
     #[serde(rename = "revokedApiKeys", default)]
     pub revoked_api_keys: Vec<String>,
 }
+
+/// `typ` of an owner binding.
+pub const OWNER_BINDING_TYP: &str = "texture-owner-binding+jws";
+
+/// Payload of a signed owner binding: the platform's word that `referenceId` owns `deviceId`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OwnerBindingClaims {
+    pub iss: String,
+    /// The signing key's id; must equal the header's `kid` and be in the trust bundle.
+    pub kid: String,
+    pub device_id: String,
+    pub workspace_id: String,
+    /// The owner's reference id (the customer's id for the end user).
+    pub reference_id: String,
+    /// Strictly increasing per device: a higher version re-pairs to a new owner.
+    pub version: u64,
+    pub iat: u64,
+    /// Echo of the commitment from the device's pending pairing request.
+    pub code_commitment: String,
+}

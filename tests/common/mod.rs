@@ -256,7 +256,7 @@ pub struct AgentConfig {
     /// `trust.root_public_key`; `None` leaves the `[trust]` section out.
     pub trust_root: Option<String>,
     pub workspace_id: Option<String>,
-    /// Written to the state directory's owner.json before the agent starts.
+    /// Stored as the accepted owner binding before the agent starts.
     pub owner: Option<String>,
 }
 
@@ -312,9 +312,16 @@ impl AgentConfig {
         let state_dir = self.state_dir(dir);
         if let Some(owner) = &self.owner {
             std::fs::create_dir_all(&state_dir).unwrap();
+            // The stored form of an accepted owner binding (what pairing would have written).
             std::fs::write(
-                state_dir.join("owner.json"),
-                serde_json::json!({ "referenceId": owner }).to_string(),
+                state_dir.join("owner-binding.json"),
+                serde_json::json!({
+                    "version": 1,
+                    "referenceId": owner,
+                    "workspaceId": self.workspace_id,
+                    "issuedAt": 0,
+                })
+                .to_string(),
             )
             .unwrap();
         }
