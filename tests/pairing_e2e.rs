@@ -1,0 +1,182 @@
+//! Pairing end to end over mosquitto with TLS: `texture-agent pair` shows a code, the platform
+//! (a peer here) checks the typed code against the device's commitment and answers with a signed
+//! owner binding, and from then on exactly the owner's scoped keys run commands.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
+use texture_agent::pairing::code::commitment;
+use texture_agent::platform::{ApiKey, PlatformSigner};
+use texture_agent::topics::Topics;
+
+const WAIT: Duration = Duration::from_secs(15);
+const DEVICE: &str = "gw-pair";
+const WORKSPACE: &str = "ws-home";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+struct Platform {
+    signer: PlatformSigner,
+    peer: Peer,
+    next_id: u32,
+}
+
+impl Platform {
+    /// Sends `slug` as `key` and returns the reply.
+    async fn command(&mut self, key: &ApiKey, slug: &str) -> serde_json::Value {
+        self.next_id += 1;
+        let id = format!("cmd-{}", self.next_id);
+        let claims = self
+            .signer
+            .claims(key, DEVICE, &id, slug, serde_json::json!({}), now(), 300);
+        self.peer
+            .publish(
+                &device_topic(DEVICE, "commands"),
+                self.signer.attest(&claims),
+                false,
+            )
+            .await;
+        self.peer
+            .expect(&device_topic(DEVICE, "replies"), WAIT, |m| {
+                m.json()["commandId"] == id.as_str()
+            })
+            .await
+            .json()
+    }
+
+    async fn runs(&mut self, key: &ApiKey) -> bool {
+        let r = self.command(key, "agent:ping").await;
+        match r["type"].as_str() {
+            Some("command.succeeded") => true,
+            Some("command.refused") if r["status"] == 403 => false,
+            _ => panic!("unexpected reply {r}"),
+        }
+    }
+
+    /// Runs `texture-agent pair`, plays the Connect page for `owner`, and checks it completes.
+    async fn pair(&mut self, config: &std::path::Path, owner: &str, version: u64) {
+        let mut pair = Command::new(common::agent_binary())
+            .arg("--config")
+            .arg(config)
+            .arg("pair")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(pair.stdout.take().unwrap()).lines();
+        // The code is printed alone on an indented line: what the person would type.
+        let code = lines
+            .by_ref()
+            .map(Result::unwrap)
+            .find_map(|l| {
+                let t = l.trim();
+                (l.starts_with("    ") && t.len() == 11 && t.as_bytes()[5] == b'-')
+                    .then(|| t.to_string())
+            })
+            .expect("pair printed a code");
+        let request = self
+            .peer
+            .expect(&device_topic(DEVICE, "pairing/request"), WAIT, |_| true)
+            .await
+            .json();
+        assert!(
+            !request.to_string().contains(&code),
+            "the code must not travel in clear"
+        );
+        assert!(request["publicKey"].as_str().unwrap().len() >= 43);
+        // The platform's check: the typed code (lower case, as people type) matches the commitment.
+        let typed = code.to_lowercase();
+        let expected = commitment(DEVICE, &typed).unwrap();
+        assert_eq!(request["codeCommitment"], expected.as_str());
+        let binding =
+            self.signer
+                .owner_binding(DEVICE, WORKSPACE, owner, version, now(), &expected);
+        self.peer
+            .publish(&device_topic(DEVICE, "pairing/binding"), binding, false)
+            .await;
+        let rest: Vec<String> = lines.map(Result::unwrap).collect();
+        let status = pair.wait().unwrap();
+        assert!(status.success(), "pair failed: {rest:?}");
+        assert!(
+            rest.iter()
+                .any(|l| l.contains(&format!("paired to {owner} (binding version {version})"))),
+            "{rest:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_paired_owners_scoped_keys_run_through_repairing_and_unpairing() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki);
+    let signer = PlatformSigner::generate("platform-1");
+    let peer = Peer::connect(
+        &pki,
+        broker.port,
+        PLATFORM_CLIENT,
+        &[
+            &device_topic(DEVICE, "replies"),
+            &device_topic(DEVICE, "pairing/request"),
+        ],
+    )
+    .await;
+    peer.publish(
+        &Topics::trust_bundle(),
+        signer.trust_bundle(1, now(), now() + 3_600, &[]),
+        true,
+    )
+    .await;
+    let mut platform = Platform {
+        signer,
+        peer,
+        next_id: 0,
+    };
+
+    let mut cfg = AgentConfig::new(&pki, broker.port, DEVICE);
+    cfg.trust_root = Some(platform.signer.root_public_key());
+    cfg.workspace_id = Some(WORKSPACE.into());
+    let config = cfg.write(pki.path());
+    let agent = Agent::spawn(&config);
+    agent.wait_for_log("trust bundle accepted", WAIT);
+
+    let server = ApiKey::server("key-server", WORKSPACE);
+    let alice = ApiKey::scoped("key-alice", WORKSPACE, "user-a");
+    let bob = ApiKey::scoped("key-bob", WORKSPACE, "user-b");
+
+    // 1. Unpaired: no scoped key runs.
+    assert!(!platform.runs(&alice).await);
+
+    // 2. Paired to A.
+    platform.pair(&config, "user-a", 1).await;
+    assert!(platform.runs(&alice).await);
+    assert!(!platform.runs(&bob).await);
+
+    // 3. The home is sold: re-paired to B with a higher version.
+    platform.pair(&config, "user-b", 2).await;
+    assert!(platform.runs(&bob).await);
+    assert!(!platform.runs(&alice).await);
+
+    // 4. Only a server key may unpair; afterwards no scoped key runs.
+    let r = platform.command(&bob, "agent:unpair").await;
+    assert_eq!(r["status"], 403, "{r}");
+    let r = platform.command(&server, "agent:unpair").await;
+    assert_eq!(r["type"], "command.succeeded", "{r}");
+    assert!(!platform.runs(&alice).await);
+    assert!(!platform.runs(&bob).await);
+    assert!(platform.runs(&server).await);
+
+    // status reports the unpaired state with the version kept.
+    let out = common::agent_command(&config, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("unpaired (binding version 2)"), "{text}");
+    assert!(text.contains("bundle version 1"), "{text}");
+}
