@@ -14,6 +14,15 @@
 //!    rumqttc clears its pending requests on a new session. The [`session`] task therefore
 //!    subscribes and publishes the retained birth message after *every* CONNACK.
 //!
+//! 4. **Knowing what was delivered.** rumqttc reports PUBACKs by packet id, and packet ids are
+//!    assigned inside the event loop, out of sight of whoever published. [`Publisher`] therefore
+//!    records, under one lock with a non-blocking `try_publish`, the order in which requests
+//!    enter rumqttc's channel; the event loop pairs the n-th outgoing PUBLISH with the n-th
+//!    recorded request and resolves its [`Delivery`] on the matching PUBACK. When the connection
+//!    drops, the event loop (under the same lock) discards rumqttc's queued requests and fails
+//!    every outstanding delivery, so a delivery is reported only for a PUBACK that was really
+//!    received and never for a message that was silently dropped. The outbox relies on this.
+//!
 //! Presence uses the classic birth/will pattern: a retained `online` after each CONNACK, an MQTT
 //! last will with a retained `offline` for when the link dies, and an explicit `offline` on a
 //! clean shutdown (a clean DISCONNECT suppresses the will).
@@ -21,6 +30,8 @@
 pub mod backoff;
 pub mod tls;
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{
@@ -28,7 +39,7 @@ use rumqttc::{
     TlsConfiguration, Transport,
 };
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::Settings;
@@ -97,43 +108,97 @@ pub enum LinkError {
     Closed,
 }
 
+/// The result of one publish: resolves `Ok` on its PUBACK, `Err` if the connection it was
+/// queued on ended first (the message may or may not have reached the broker).
+pub type Delivery = oneshot::Receiver<()>;
+
+/// Requests queued in rumqttc's channel, in order, each with the sender of its [`Delivery`].
+/// Shared between publishers and the event loop; only ever locked for a few instructions.
+type Queued = Arc<Mutex<PublishQueue>>;
+
+#[derive(Default)]
+struct PublishQueue {
+    deliveries: VecDeque<oneshot::Sender<()>>,
+    /// Set when the event loop has stopped: nothing queued from now on would ever leave.
+    closed: bool,
+}
+
 /// A cloneable handle for publishing. Never used from the event-loop task.
 #[derive(Clone)]
 pub struct Publisher {
     client: AsyncClient,
+    queued: Queued,
 }
 
 impl Publisher {
-    /// Queues a QoS 1 publish. Resolves once rumqttc has accepted it, not on PUBACK.
+    /// Queues a QoS 1 publish and returns its [`Delivery`]. Waits (briefly, repeatedly) while
+    /// rumqttc's request channel is full; fails only once the link has shut down.
     pub async fn publish(
         &self,
         topic: String,
         payload: Vec<u8>,
         retain: bool,
-    ) -> Result<(), LinkError> {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, retain, payload)
-            .await
-            .map_err(|_| LinkError::Closed)
+    ) -> Result<Delivery, LinkError> {
+        let mut payload = payload;
+        loop {
+            match self.try_publish(&topic, payload, retain) {
+                Ok(delivery) => return Ok(delivery),
+                Err(TryPublish::Full(back)) => {
+                    payload = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(TryPublish::Closed) => return Err(LinkError::Closed),
+            }
+        }
     }
+
+    /// Queues a QoS 1 publish without waiting.
+    pub fn try_publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<Delivery, TryPublish> {
+        let (tx, rx) = oneshot::channel();
+        // Holding the lock across the non-blocking send makes "recorded" and "in rumqttc's
+        // channel" one atomic step with respect to the event loop (see the module docs).
+        let mut queued = self.queued.lock().expect("publish queue lock");
+        if queued.closed {
+            return Err(TryPublish::Closed);
+        }
+        match self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+        {
+            Ok(()) => {
+                queued.deliveries.push_back(tx);
+                Ok(rx)
+            }
+            Err(rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(p))) => {
+                Err(TryPublish::Full(p.payload.to_vec()))
+            }
+            Err(_) => Err(TryPublish::Closed),
+        }
+    }
+}
+
+/// Why [`Publisher::try_publish`] did not queue a message.
+#[derive(Debug)]
+pub enum TryPublish {
+    /// rumqttc's request channel is full; the payload is handed back.
+    Full(Vec<u8>),
+    /// The link has shut down.
+    Closed,
 }
 
 /// The running link: a publisher, the status feed and the inbound stream.
 pub struct Link {
     publisher: Publisher,
     status: watch::Receiver<LinkStatus>,
-    acks: watch::Receiver<AckCounter>,
     inbound: Option<mpsc::Receiver<Inbound>>,
     topics: Topics,
     driver: JoinHandle<()>,
     session: JoinHandle<()>,
-}
-
-/// QoS 1 publishes seen leaving (`sent`) and still waiting for their PUBACK (`inflight`).
-#[derive(Debug, Clone, Copy, Default)]
-struct AckCounter {
-    sent: u64,
-    inflight: u32,
 }
 
 /// The presence message on the retained status topic.
@@ -208,7 +273,7 @@ impl Link {
             last_error: None,
             connected_since_unix: None,
         });
-        let (acks_tx, acks_rx) = watch::channel(AckCounter::default());
+        let queued: Queued = Arc::default();
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         let driver = tokio::spawn(drive(
             eventloop,
@@ -217,16 +282,21 @@ impl Link {
                 plaintext: b.allow_insecure_plaintext,
                 broker,
                 status: status_tx,
-                acks: acks_tx,
+                queued: queued.clone(),
+                awaiting_ack: HashMap::new(),
                 inbound: inbound_tx,
                 shutdown,
             },
         ));
-        let session = tokio::spawn(session(client.clone(), topics.clone(), status_rx.clone()));
+        let publisher = Publisher { client, queued };
+        let session = tokio::spawn(session(
+            publisher.clone(),
+            topics.clone(),
+            status_rx.clone(),
+        ));
         Ok(Link {
-            publisher: Publisher { client },
+            publisher,
             status: status_rx,
-            acks: acks_rx,
             inbound: Some(inbound_rx),
             topics,
             driver,
@@ -264,16 +334,13 @@ impl Link {
         if connected {
             let offline = presence("offline", Some("shutdown"), Some(unix_now()));
             let goodbye = async {
-                let sent_before = self.acks.borrow().sent;
-                self.publisher
+                let delivery = self
+                    .publisher
                     .publish(self.topics.status(), offline, true)
                     .await?;
-                // Our publish has left once `sent` moves past its old value, and is acknowledged
-                // (with everything before it) once nothing is in flight.
-                let _ = self
-                    .acks
-                    .wait_for(|a| a.sent > sent_before && a.inflight == 0)
-                    .await;
+                // Brokers acknowledge QoS 1 in order, so this PUBACK also covers everything
+                // published before it (replies, telemetry).
+                delivery.await.map_err(|_| LinkError::Closed)?;
                 self.publisher
                     .client
                     .disconnect()
@@ -292,6 +359,9 @@ impl Link {
         {
             tracing::warn!("event loop did not stop in time; abandoning the connection");
             self.driver.abort();
+            let mut queued = self.publisher.queued.lock().expect("publish queue lock");
+            queued.closed = true;
+            queued.deliveries.clear();
         }
     }
 }
@@ -302,7 +372,9 @@ struct Driver {
     plaintext: bool,
     broker: String,
     status: watch::Sender<LinkStatus>,
-    acks: watch::Sender<AckCounter>,
+    queued: Queued,
+    /// Deliveries whose PUBLISH went out, by packet id, waiting for their PUBACK.
+    awaiting_ack: HashMap<u16, oneshot::Sender<()>>,
     inbound: mpsc::Sender<Inbound>,
     shutdown: Shutdown,
 }
@@ -349,15 +421,21 @@ async fn drive(mut eventloop: EventLoop, mut d: Driver) {
                     tracing::warn!(topic = %m.topic, dropped_inbound, "inbound queue full; message dropped");
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
-                d.acks.send_modify(|a| {
-                    a.sent += 1;
-                    a.inflight += 1;
-                });
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                if let Some(tx) = d
+                    .queued
+                    .lock()
+                    .expect("publish queue lock")
+                    .deliveries
+                    .pop_front()
+                {
+                    d.awaiting_ack.insert(pkid, tx);
+                }
             }
-            Ok(Event::Incoming(Packet::PubAck(_))) => {
-                d.acks
-                    .send_modify(|a| a.inflight = a.inflight.saturating_sub(1));
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if let Some(tx) = d.awaiting_ack.remove(&ack.pkid) {
+                    let _ = tx.send(());
+                }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 // mosquitto grants a denied subscription with a failure code rather than
@@ -374,9 +452,16 @@ async fn drive(mut eventloop: EventLoop, mut d: Driver) {
             Ok(_) => {}
             Err(error) => {
                 connected = false;
-                // rumqttc drops unacknowledged publishes when the next session is clean; the
-                // layers above (outbox, replies) own redelivery.
-                d.acks.send_modify(|a| a.inflight = 0);
+                // With a clean session every queued or unacknowledged publish is gone. Say so to
+                // each waiter (dropping its sender), and empty rumqttc's queue under the same
+                // lock publishers take, so no request can slip in between the two.
+                {
+                    let mut queued = d.queued.lock().expect("publish queue lock");
+                    eventloop.clean();
+                    eventloop.pending.clear();
+                    queued.deliveries.clear();
+                }
+                d.awaiting_ack.clear();
                 let delay = d.backoff.next_delay();
                 let error = describe(&error);
                 tracing::warn!(broker = %d.broker, %error, retry_in_ms = delay.as_millis() as u64, "link down");
@@ -396,6 +481,10 @@ async fn drive(mut eventloop: EventLoop, mut d: Driver) {
             }
         }
     }
+    let mut queued = d.queued.lock().expect("publish queue lock");
+    queued.closed = true;
+    queued.deliveries.clear();
+    drop(queued);
     d.status.send_modify(|s| {
         s.state = LinkState::Stopped;
         s.connected_since_unix = None;
@@ -422,7 +511,7 @@ fn describe(error: &ConnectionError) -> String {
 ///
 /// Runs apart from the event loop (see the module docs). If the link drops half-way, rumqttc
 /// discards these requests with the old session and the next CONNACK starts the sequence again.
-async fn session(client: AsyncClient, topics: Topics, mut status: watch::Receiver<LinkStatus>) {
+async fn session(publisher: Publisher, topics: Topics, mut status: watch::Receiver<LinkStatus>) {
     let mut served = 0;
     loop {
         let connects = {
@@ -432,14 +521,19 @@ async fn session(client: AsyncClient, topics: Topics, mut status: watch::Receive
         if let Some(connects) = connects.filter(|&c| c != served) {
             served = connects;
             for topic in topics.subscriptions() {
-                if client.subscribe(&topic, QoS::AtLeastOnce).await.is_err() {
+                if publisher
+                    .client
+                    .subscribe(&topic, QoS::AtLeastOnce)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 tracing::debug!(%topic, "subscribed");
             }
             let birth = presence("online", None, Some(unix_now()));
-            if client
-                .publish(topics.status(), QoS::AtLeastOnce, true, birth)
+            if publisher
+                .publish(topics.status(), birth, true)
                 .await
                 .is_err()
             {
