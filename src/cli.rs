@@ -127,10 +127,12 @@ fn show_status(path: &std::path::Path) -> ExitCode {
         Ok(Some(s)) if status::is_running(s.pid) => {
             println!("daemon:      running (pid {})", s.pid);
             print_link(&s.link);
+            print_outbox(s.outbox.as_ref());
         }
         Ok(Some(s)) => {
             println!("daemon:      not running (last pid {})", s.pid);
             print_link(&s.link);
+            print_outbox(s.outbox.as_ref());
         }
         Ok(None) => println!(
             "daemon:      not running (no status in {})",
@@ -142,6 +144,15 @@ fn show_status(path: &std::path::Path) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+fn print_outbox(outbox: Option<&crate::outbox::OutboxStats>) {
+    if let Some(o) = outbox {
+        println!(
+            "outbox:      {} points waiting ({} bytes), {} dropped since install, next seq {}",
+            o.depth, o.bytes, o.dropped, o.next_seq
+        );
+    }
 }
 
 fn print_link(link: &serde_json::Value) {

@@ -34,6 +34,11 @@ pub struct Settings {
     #[serde(default)]
     pub pairing: PairingSettings,
     #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetrySettings,
+    /// The devices behind this gateway, one `[[drivers]]` table each.
+    #[serde(default)]
+    pub drivers: Vec<crate::drivers::DriverSettings>,
+    #[serde(default)]
     pub state: StateSettings,
     #[serde(default)]
     pub log: LogSettings,
@@ -500,6 +505,7 @@ fn validate(s: &Settings, path: &Path) -> Result<(), ConfigError> {
             ));
         }
     }
+    validate_telemetry(s, path)?;
     if !(60..=3_600).contains(&s.pairing.code_ttl_secs) {
         return Err(reject(
             "pairing.code_ttl_secs",
@@ -530,6 +536,105 @@ fn validate(s: &Settings, path: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
+fn validate_telemetry(s: &Settings, path: &Path) -> Result<(), ConfigError> {
+    let reject = |key: &'static str, problem: String| ConfigError::Rejected {
+        key,
+        path: path.to_owned(),
+        problem,
+    };
+    let t = &s.telemetry;
+    if !(1..=1_000).contains(&t.batch_max_points) {
+        return Err(reject(
+            "telemetry.batch_max_points",
+            format!("expected 1..=1000, found {}", t.batch_max_points),
+        ));
+    }
+    if !(10..=60_000).contains(&t.batch_max_ms) {
+        return Err(reject(
+            "telemetry.batch_max_ms",
+            format!("expected 10..=60000, found {}", t.batch_max_ms),
+        ));
+    }
+    if !(10..=60_000).contains(&t.fsync_interval_ms) {
+        return Err(reject(
+            "telemetry.fsync_interval_ms",
+            format!("expected 10..=60000, found {}", t.fsync_interval_ms),
+        ));
+    }
+    if !(64 * 1024..=1 << 30).contains(&t.outbox_max_bytes) {
+        return Err(reject(
+            "telemetry.outbox_max_bytes",
+            format!("expected 65536..=1073741824, found {}", t.outbox_max_bytes),
+        ));
+    }
+    if !(1..=86_400).contains(&t.health_interval_secs) {
+        return Err(reject(
+            "telemetry.health_interval_secs",
+            format!("expected 1..=86400, found {}", t.health_interval_secs),
+        ));
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, d) in s.drivers.iter().enumerate() {
+        match d {
+            crate::drivers::DriverSettings::Simulated {
+                device_id,
+                interval_ms,
+                ..
+            } => {
+                if let Err(e) = DeviceId::parse(device_id) {
+                    return Err(reject(
+                        "drivers.device_id",
+                        format!("driver #{}: {e}", i + 1),
+                    ));
+                }
+                if *interval_ms < 100 {
+                    return Err(reject(
+                        "drivers.interval_ms",
+                        format!(
+                            "driver #{}: expected at least 100, found {interval_ms}",
+                            i + 1
+                        ),
+                    ));
+                }
+                if !names.insert(device_id.clone()) {
+                    return Err(reject(
+                        "drivers.device_id",
+                        format!("driver #{}: {device_id:?} is used twice", i + 1),
+                    ));
+                }
+            }
+            crate::drivers::DriverSettings::Process {
+                name,
+                command,
+                max_line_bytes,
+            } => {
+                if command.is_empty() {
+                    return Err(reject(
+                        "drivers.command",
+                        format!(
+                            "driver #{} ({name}): expected a program and its arguments",
+                            i + 1
+                        ),
+                    ));
+                }
+                if !(1024..=1 << 20).contains(max_line_bytes) {
+                    return Err(reject(
+                        "drivers.max_line_bytes",
+                        format!("driver #{} ({name}): expected 1024..=1048576", i + 1),
+                    ));
+                }
+                if !names.insert(name.clone()) {
+                    return Err(reject(
+                        "drivers.name",
+                        format!("driver #{}: {name:?} is used twice", i + 1),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn require_readable_file(key: &'static str, file: &Path, path: &Path) -> Result<(), ConfigError> {
     match std::fs::File::open(file).and_then(|f| f.metadata()) {
         Ok(m) if m.is_file() => Ok(()),
@@ -553,13 +658,17 @@ impl Settings {
         let mut out = String::new();
         if let serde_json::Value::Object(sections) = value {
             for (section, body) in sections {
-                out.push_str(&format!("[{section}]\n"));
-                if let serde_json::Value::Object(fields) = body {
-                    for (k, v) in fields {
-                        if !v.is_null() {
-                            out.push_str(&format!("{k} = {v}\n"));
+                match body {
+                    serde_json::Value::Object(fields) => {
+                        out.push_str(&format!("[{section}]\n"));
+                        for (k, v) in fields {
+                            if !v.is_null() {
+                                out.push_str(&format!("{k} = {v}\n"));
+                            }
                         }
                     }
+                    serde_json::Value::Null => continue,
+                    other => out.push_str(&format!("{section} = {other}\n")),
                 }
                 out.push('\n');
             }

@@ -6,17 +6,20 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::auth::{Authorizer, AuthorizerConfig};
 use crate::config::Settings;
 use crate::control;
 use crate::dispatch::Dispatcher;
 use crate::link::{Link, LinkState, LinkStatus};
+use crate::outbox::Outbox;
 use crate::pairing::PairingState;
 use crate::service::{self, notify_or_log};
 use crate::status::{self, RuntimeStatus};
 use crate::storage;
+use crate::telemetry::health::HealthProbe;
+use crate::telemetry::Telemetry;
 
 /// How long a graceful shutdown may take in total; systemd's `TimeoutStopSec` must be larger.
 pub const SHUTDOWN_BUDGET: Duration = Duration::from_secs(4);
@@ -38,8 +41,39 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let control =
         control::bind(&settings.state.runtime_dir).context("binding the control socket")?;
 
+    let (outbox, recovery) = Outbox::open(
+        &settings.state.dir.join("outbox"),
+        settings.telemetry.outbox_max_bytes,
+    )
+    .context("opening the outbox")?;
+    if recovery.torn_bytes > 0 || recovery.corrupt_records > 0 {
+        tracing::warn!(
+            torn_bytes = recovery.torn_bytes,
+            corrupt_records = recovery.corrupt_records,
+            intact_records = recovery.records,
+            "outbox recovered from an interrupted write"
+        );
+    }
+
     let (trigger, shutdown) = service::shutdown_channel();
     let mut link = Link::start(&settings, shutdown.clone())?;
+    let (samples_tx, samples_rx) = mpsc::channel(crate::drivers::SAMPLE_QUEUE);
+    let (_drivers, driver_tasks) = crate::drivers::start(&settings.drivers, &samples_tx, &shutdown);
+    drop(samples_tx);
+    let (outbox_stats_tx, outbox_stats) = watch::channel(outbox.stats());
+    let telemetry = Telemetry {
+        gateway_id: settings.device.id.to_string(),
+        topics: link.topics().clone(),
+        publisher: link.publisher(),
+        link: link.status(),
+        outbox,
+        settings: settings.telemetry.clone(),
+        health: HealthProbe {
+            state_dir: settings.state.dir.clone(),
+        },
+        stats: outbox_stats_tx,
+    };
+    let telemetry_task = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
     let inbound = link.take_inbound().expect("inbound taken once");
     let (calls_tx, calls_rx) = mpsc::channel(8);
     let control_task = tokio::spawn(control::serve(control, calls_tx));
@@ -64,6 +98,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             device_id: device_id.clone(),
             started_at_unix,
             link: serde_json::to_value(link).unwrap_or_default(),
+            outbox: Some(*outbox_stats.borrow()),
         };
         if let Err(error) = status::write(&runtime_dir, &snapshot) {
             tracing::warn!(%error, "could not write runtime status");
@@ -100,6 +135,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     notify_or_log("STOPPING=1");
     trigger.trigger();
+    for task in driver_tasks {
+        task.abort();
+    }
+    // The outbox is made durable before the link goes: nothing appended is lost.
+    match tokio::time::timeout(Duration::from_secs(1), telemetry_task).await {
+        Ok(Ok(outbox)) => tracing::info!(depth = outbox.stats().depth, "outbox flushed"),
+        _ => tracing::warn!("telemetry did not stop in time"),
+    }
     link.shutdown(SHUTDOWN_BUDGET).await;
     pipeline.abort();
     control_task.abort();

@@ -19,6 +19,8 @@ pub struct RuntimeStatus {
     pub device_id: String,
     pub started_at_unix: u64,
     pub link: serde_json::Value,
+    #[serde(default)]
+    pub outbox: Option<crate::outbox::OutboxStats>,
 }
 
 pub fn status_path(runtime_dir: &Path) -> PathBuf {

@@ -48,9 +48,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StorageE
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // The pid keeps two processes (say a crashed daemon's successor and `status`) from sharing
-    // a temporary name; a leftover from a crash is simply overwritten next time.
-    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    // Only the daemon writes its state, so one fixed temporary name suffices, and a leftover
+    // from a crash is simply overwritten by the next write.
+    let tmp = dir.join(format!(".{file_name}.tmp"));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -61,13 +61,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StorageE
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        fs::rename(&tmp, path)
     })();
-    if result.is_err() {
+    if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
+        return Err(io_err(path)(e));
     }
-    result.map_err(io_err(path))
+    // The new contents are in place from here on, so this is not reported as a failure (the
+    // caller must not believe the old contents are still current). If it fails, the rename may
+    // not survive a power cut; the old contents would then come back, which is still whole.
+    if let Err(error) = File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(%error, path = %path.display(), "directory fsync failed after replace");
+    }
+    Ok(())
 }
 
 /// Serialises `value` as JSON and writes it with [`write_atomic`].

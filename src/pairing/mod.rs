@@ -74,6 +74,8 @@ pub enum BindingRejected {
     Signature(#[from] jws::JwsError),
     #[error("no trust bundle yet: cannot verify the binding")]
     NoTrustBundle,
+    #[error("the trust bundle expired at {expired_at}: cannot verify the binding")]
+    TrustBundleExpired { expired_at: u64 },
     #[error("binding payload is malformed: {0}")]
     Malformed(String),
     #[error("binding is for device {0:?}")]
@@ -193,6 +195,12 @@ impl PairingState {
             });
         }
         let trust = trust.ok_or(BindingRejected::NoTrustBundle)?;
+        // The same rule as for commands: keys from an expired bundle vouch for nothing.
+        if trust.expires_at <= now {
+            return Err(BindingRejected::TrustBundleExpired {
+                expired_at: trust.expires_at,
+            });
+        }
         let verified = jws::verify(token, MAX_BINDING_BYTES, OWNER_BINDING_TYP, |kid| {
             kid.and_then(|k| trust.key(k))
         })?;

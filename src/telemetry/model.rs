@@ -1,0 +1,222 @@
+//! The platform's device model: the `state` of each device type, with the platform's field
+//! names (docs/PROTOCOL.md, "Device model", gives units and sign conventions).
+//!
+//! Units: energy Wh, power W, voltage V, current A, percentages 0–100. Temperatures carry their
+//! unit explicitly, because the platform's own docs give them in °F only.
+//! Signs: battery `chargeRate` positive = discharging; `gridPower` positive = importing.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceType {
+    Battery,
+    Charger,
+    Inverter,
+    Thermostat,
+    Vehicle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChargingState {
+    Charging,
+    Discharging,
+    Idle,
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GridStatus {
+    Importing,
+    Exporting,
+    Idle,
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThermostatMode {
+    Off,
+    Heat,
+    Cool,
+    Auto,
+    Eco,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FanMode {
+    Auto,
+    On,
+    Off,
+    Circulate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TemperatureUnit {
+    #[serde(rename = "C")]
+    Celsius,
+    #[serde(rename = "F")]
+    Fahrenheit,
+}
+
+/// A temperature with its unit, e.g. `{"value": 21.5, "unit": "C"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Temperature {
+    pub value: f64,
+    pub unit: TemperatureUnit,
+}
+
+impl Temperature {
+    pub fn celsius(value: f64) -> Temperature {
+        Temperature {
+            value,
+            unit: TemperatureUnit::Celsius,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BatteryState {
+    /// Stored energy, Wh.
+    pub charge: f64,
+    pub charge_percentage: f64,
+    pub charging_state: ChargingState,
+    /// W; positive = discharging.
+    pub charge_rate: f64,
+    /// % kept for backup.
+    pub backup_reserve: f64,
+    pub grid_status: GridStatus,
+    /// W; positive = importing.
+    pub grid_power: f64,
+    pub strategy: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChargerState {
+    pub charging_state: ChargingState,
+    pub is_plugged_in: bool,
+    pub charger_voltage: f64,
+    pub charger_current: f64,
+    pub charger_wattage: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InverterState {
+    /// Generation, W.
+    pub power: f64,
+    pub grid_status: GridStatus,
+    /// W; positive = importing.
+    pub grid_power: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ThermostatState {
+    pub ambient_temperature: Temperature,
+    pub heat_target: Temperature,
+    pub cool_target: Temperature,
+    pub operating_mode: ThermostatMode,
+    pub fan_mode: FanMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VehicleState {
+    pub charge_percentage: f64,
+    /// % the vehicle stops charging at.
+    pub charge_limit: f64,
+    /// Remaining range, km.
+    pub range: f64,
+    pub charging_state: ChargingState,
+    pub is_plugged_in: bool,
+    pub charger_voltage: f64,
+    pub charger_current: f64,
+    pub charger_wattage: f64,
+}
+
+/// One device's state, tagged with its type: `{"type": "battery", "charge": ..., ...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum DeviceState {
+    Battery(BatteryState),
+    Charger(ChargerState),
+    Inverter(InverterState),
+    Thermostat(ThermostatState),
+    Vehicle(VehicleState),
+}
+
+impl DeviceState {
+    pub fn device_type(&self) -> DeviceType {
+        match self {
+            DeviceState::Battery(_) => DeviceType::Battery,
+            DeviceState::Charger(_) => DeviceType::Charger,
+            DeviceState::Inverter(_) => DeviceType::Inverter,
+            DeviceState::Thermostat(_) => DeviceType::Thermostat,
+            DeviceState::Vehicle(_) => DeviceType::Vehicle,
+        }
+    }
+}
+
+/// Gateway health, reported alongside device states.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayHealth {
+    pub uptime_secs: u64,
+    /// 1-minute load average.
+    pub load1: f64,
+    pub mem_available_kib: u64,
+    /// Free bytes on the state directory's filesystem.
+    pub disk_free_bytes: u64,
+    pub link_reconnects: u64,
+    pub outbox_depth: u64,
+    pub outbox_bytes: u64,
+    /// Points dropped because the outbox was full, since installation.
+    pub points_dropped: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn battery_state_uses_the_platforms_field_names() {
+        let s = DeviceState::Battery(BatteryState {
+            charge: 5000.0,
+            charge_percentage: 50.0,
+            charging_state: ChargingState::Discharging,
+            charge_rate: 1200.0,
+            backup_reserve: 20.0,
+            grid_status: GridStatus::Importing,
+            grid_power: 300.0,
+            strategy: "self-consumption".into(),
+        });
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["type"], "battery");
+        for field in [
+            "charge",
+            "chargePercentage",
+            "chargingState",
+            "chargeRate",
+            "backupReserve",
+            "gridStatus",
+            "gridPower",
+            "strategy",
+        ] {
+            assert!(v.get(field).is_some(), "{field} missing from {v}");
+        }
+        assert_eq!(serde_json::from_value::<DeviceState>(v).unwrap(), s);
+    }
+
+    #[test]
+    fn temperatures_carry_their_unit() {
+        let v = serde_json::to_value(Temperature::celsius(21.5)).unwrap();
+        assert_eq!(v, serde_json::json!({"value": 21.5, "unit": "C"}));
+    }
+}
