@@ -73,7 +73,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         },
         stats: outbox_stats_tx,
     };
-    let telemetry_task = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
+    let mut telemetry_task = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
     let inbound = link.take_inbound().expect("inbound taken once");
     let (calls_tx, calls_rx) = mpsc::channel(8);
     let control_task = tokio::spawn(control::serve(control, calls_tx));
@@ -87,7 +87,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         device_key,
         settings.pairing.qr_uri.clone(),
     );
-    let pipeline = tokio::spawn(dispatcher.run(inbound, calls_rx));
+    let mut pipeline = tokio::spawn(dispatcher.run(inbound, calls_rx));
 
     let started_at_unix = crate::link::unix_now();
     let device_id = settings.device.id.to_string();
@@ -118,6 +118,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::pin!(terminated);
     loop {
         tokio::select! {
+            // A core task that ends on its own is a bug or a broken invariant: exit non-zero
+            // so systemd restarts the agent from its durable state.
+            _ = &mut telemetry_task => anyhow::bail!("the telemetry task stopped unexpectedly"),
+            _ = &mut pipeline => anyhow::bail!("the command dispatcher stopped unexpectedly"),
             signal = &mut terminated => {
                 let signal = signal.context("installing signal handlers")?;
                 tracing::info!(signal, "shutting down");

@@ -116,6 +116,9 @@ pub struct Outbox {
     /// Appends since the last fsync.
     dirty: bool,
     cursor: Option<Cursor>,
+    /// Ids are never reused within a run, so a cached [`Cursor`] can never point into a
+    /// different segment that happens to get the same name.
+    next_segment_id: u64,
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -225,6 +228,7 @@ impl Outbox {
                 bytes: good_bytes,
             });
         }
+        let next_segment_id = segments.back().map_or(1, |s: &Segment| s.id + 1);
         let next_seq = segments
             .back()
             .map_or(1, |s| s.last_seq + 1)
@@ -241,6 +245,7 @@ impl Outbox {
             durable: meta,
             dirty: false,
             cursor: None,
+            next_segment_id,
         };
         outbox.delete_acked_segments();
         Ok((outbox, recovery))
@@ -322,7 +327,8 @@ impl Outbox {
     fn start_segment(&mut self) -> Result<(), OutboxError> {
         // A segment left over from a previous run is never appended to: its end may be where a
         // torn write was cut off, and starting fresh keeps recovery simple.
-        let id = self.segments.back().map_or(1, |s| s.id + 1);
+        let id = self.next_segment_id;
+        self.next_segment_id += 1;
         let path = segment_path(&self.dir, id);
         let file = OpenOptions::new()
             .create(true)
@@ -383,7 +389,7 @@ impl Outbox {
         let mut end_cursor = None;
         'segments: for seg in self.segments.iter().skip(start) {
             let offset = match self.cursor {
-                Some(c) if c.seq == after && c.id == seg.id => c.offset,
+                Some(c) if c.seq == after && c.id == seg.id && c.offset <= seg.bytes => c.offset,
                 _ => 0,
             };
             let mut file = File::open(&seg.path).map_err(|source| StorageError::Io {
@@ -570,6 +576,22 @@ mod tests {
         assert_eq!(got.len(), 9);
         // The torn record's number is reused: it never reached anyone.
         assert_eq!(o.append(b"{}").unwrap(), 10);
+    }
+
+    #[test]
+    fn reading_after_every_segment_was_deleted_starts_afresh() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut o, _) = Outbox::open(d.path(), 64 * 1024).unwrap();
+        for round in 0..3u64 {
+            for i in 0..50 {
+                o.append(&payload(round * 50 + i)).unwrap();
+            }
+            let got = o.read_after(round * 50, 1000, 1 << 20).unwrap();
+            assert_eq!(got.len(), 50, "round {round}");
+            o.ack(got.last().unwrap().seq);
+            o.sync().unwrap();
+            assert_eq!(o.stats().depth, 0);
+        }
     }
 
     #[test]

@@ -133,8 +133,8 @@ impl Telemetry {
     ) -> Outbox {
         let mut fsync =
             tokio::time::interval(Duration::from_millis(self.settings.fsync_interval_ms));
-        let mut health =
-            tokio::time::interval(Duration::from_secs(self.settings.health_interval_secs));
+        let health_every = Duration::from_secs(self.settings.health_interval_secs);
+        let mut health = tokio::time::interval_at(Instant::now() + health_every, health_every);
         let batch_age = Duration::from_millis(self.settings.batch_max_ms);
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         // The highest sequence number handed to the link (acknowledged or not).
@@ -142,6 +142,9 @@ impl Telemetry {
         // When the oldest unsent point was appended (None: nothing unsent, or unknown age after
         // a restart, which makes it immediately due).
         let mut unsent_since: Option<Instant> = None;
+        // With no drivers configured the channel is closed from the start; the outbox still
+        // has to be drained.
+        let mut samples_open = true;
         loop {
             let connected = matches!(self.link.borrow().state, LinkState::Connected);
             let unsent = self.outbox.last_seq().saturating_sub(sent);
@@ -181,14 +184,14 @@ impl Telemetry {
                         }
                     }
                 }
-                sample = samples.recv() => match sample {
+                sample = samples.recv(), if samples_open => match sample {
                     Some(sample) => {
                         self.append_state(&sample);
                         if unsent_since.is_none() && self.outbox.last_seq() > sent {
                             unsent_since = Some(Instant::now());
                         }
                     }
-                    None => break,
+                    None => samples_open = false,
                 },
                 _ = fsync.tick() => {
                     if let Err(error) = self.outbox.sync() {

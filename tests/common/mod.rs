@@ -145,7 +145,21 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(pki: &Pki) -> Mosquitto {
-        let port = free_port();
+        Self::start_with(pki, false)
+    }
+
+    /// With `persistent`, sessions and queued QoS 1 messages survive a graceful restart
+    /// ([`Mosquitto::stop_gracefully`]), so a subscriber misses nothing across an outage.
+    pub fn start_with(pki: &Pki, persistent: bool) -> Mosquitto {
+        Self::start_at(pki, free_port(), persistent)
+    }
+
+    /// A broker on a given port (for an agent configured before the broker existed).
+    pub fn start_on(pki: &Pki, port: u16) -> Mosquitto {
+        Self::start_at(pki, port, false)
+    }
+
+    fn start_at(pki: &Pki, port: u16, persistent: bool) -> Mosquitto {
         let conf = pki.path().join(format!("mosquitto-{port}.conf"));
         let acl = pki.path().join(format!("mosquitto-{port}.acl"));
         let log = pki.path().join(format!("mosquitto-{port}.log"));
@@ -161,10 +175,19 @@ impl Mosquitto {
         // As root, mosquitto drops to the `mosquitto` user unless told otherwise, and could no
         // longer read the key files in our temporary directory.
         let user = if is_root() { "user root\n" } else { "" };
+        let persistence = if persistent {
+            format!(
+                "persistence true\npersistence_location {}/\npersistence_file mosquitto-{port}.db\n\
+                 max_queued_messages 0\nmax_queued_bytes 0\n",
+                pki.path().display()
+            )
+        } else {
+            "persistence false\n".to_string()
+        };
         std::fs::write(
             &conf,
             format!(
-                "{user}per_listener_settings false\npersistence false\n\
+                "{user}per_listener_settings false\n{persistence}\
                  log_dest file {log}\nlog_type all\nconnection_messages true\n\
                  listener {port} 127.0.0.1\n\
                  cafile {ca}\ncertfile {cert}\nkeyfile {key}\n\
@@ -213,6 +236,14 @@ impl Mosquitto {
         }
     }
 
+    /// Stops the broker with SIGTERM, letting it save persistent sessions.
+    pub fn stop_gracefully(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+
     /// Kills the broker (SIGKILL): the harshest outage, no goodbye to clients.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -258,6 +289,8 @@ pub struct AgentConfig {
     pub workspace_id: Option<String>,
     /// Stored as the accepted owner binding before the agent starts.
     pub owner: Option<String>,
+    /// Appended verbatim at the end of the file (for `[telemetry]`, `[[drivers]]`, ...).
+    pub extra_toml: String,
 }
 
 impl AgentConfig {
@@ -276,6 +309,7 @@ impl AgentConfig {
             trust_root: None,
             workspace_id: None,
             owner: None,
+            extra_toml: String::new(),
         }
     }
 
@@ -329,9 +363,10 @@ impl AgentConfig {
         std::fs::write(
             &path,
             format!(
-                "[device]\n{device}\n[broker]\n{broker}\n{trust}[state]\ndir = \"{}\"\nruntime_dir = \"{}\"\n\n[log]\nformat = \"json\"\nlevel = \"debug\"\n",
+                "[device]\n{device}\n[broker]\n{broker}\n{trust}[state]\ndir = \"{}\"\nruntime_dir = \"{}\"\n\n[log]\nformat = \"json\"\nlevel = \"debug\"\n\n{}",
                 state_dir.display(),
                 dir.join(format!("run-{}", self.device_id)).display(),
+                self.extra_toml,
             ),
         )
         .unwrap();
@@ -505,6 +540,18 @@ pub struct Peer {
 impl Peer {
     /// Connects as `client_id` (certificate CN) and subscribes to `subscriptions`.
     pub async fn connect(pki: &Pki, port: u16, client_id: &str, subscriptions: &[&str]) -> Peer {
+        Self::connect_with(pki, port, client_id, subscriptions, true).await
+    }
+
+    /// With `clean_session = false` the broker keeps the subscriptions and queues messages
+    /// while the peer is away (see [`Mosquitto::start_with`]).
+    pub async fn connect_with(
+        pki: &Pki,
+        port: u16,
+        client_id: &str,
+        subscriptions: &[&str],
+        clean_session: bool,
+    ) -> Peer {
         let files = pki.ca.client(client_id);
         let _ = rustls::crypto::ring::default_provider().install_default();
         let roots = {
@@ -528,6 +575,8 @@ impl Peer {
             .unwrap();
         let mut options = MqttOptions::new(client_id, "localhost", port);
         options.set_keep_alive(Duration::from_secs(5));
+        options.set_clean_session(clean_session);
+        options.set_max_packet_size(4 << 20, 4 << 20);
         options.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(tls))));
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         let (tx, rx) = mpsc::unbounded_channel();
