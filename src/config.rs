@@ -479,6 +479,14 @@ fn validate(s: &Settings, path: &Path) -> Result<(), ConfigError> {
             }
         }
     }
+    if let Some(ws) = &s.device.workspace_id {
+        if ws.trim().is_empty() || ws.len() > 128 {
+            return Err(reject(
+                "device.workspace_id",
+                format!("expected 1..=128 characters, found {ws:?}"),
+            ));
+        }
+    }
     if let Some(t) = &s.trust {
         if let Err(problem) = crate::auth::jws::public_key_from_base64(&t.root_public_key) {
             return Err(reject(

@@ -26,6 +26,8 @@ pub enum ErrorCode {
     RateLimited,
     /// 500: the command could not be carried out.
     CommandFailed,
+    /// 503: the device cannot take commands right now (say its state volume fails writes).
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -38,6 +40,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::RateLimited => 429,
             ErrorCode::CommandFailed => 500,
+            ErrorCode::Unavailable => 503,
         }
     }
 }

@@ -625,7 +625,7 @@ fn binding_with_wrong_commitment_is_refused() {
     let request = f.start(NOW + 10);
     let before = f.stored();
     // Another code for this device, the right code's commitment for another device, and empty.
-    let other_code = code::commitment(DEVICE, "AAAAA-AAAAA").unwrap();
+    let other_code = code::commitment(DEVICE, "AAAA-AAAA-AAAA").unwrap();
     let other_device = PairingState::open(f.root.path(), OTHER_DEVICE, CODE_TTL)
         .unwrap()
         .start(&f.public_key, NOW + 10)
@@ -648,7 +648,7 @@ fn binding_with_wrong_commitment_is_refused() {
 fn binding_without_pending_session_is_refused() {
     // Never started.
     let mut f = Fixture::new();
-    let commitment = code::commitment(DEVICE, "AAAAA-AAAAA").unwrap();
+    let commitment = code::commitment(DEVICE, "AAAA-AAAA-AAAA").unwrap();
     let token = f.token(1, "owner-1", &commitment);
     let before = f.stored();
     let err = f.accept(token.as_bytes(), NOW).unwrap_err();

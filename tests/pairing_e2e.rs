@@ -79,7 +79,7 @@ impl Platform {
             .map(Result::unwrap)
             .find_map(|l| {
                 let t = l.trim();
-                (l.starts_with("    ") && t.len() == 11 && t.as_bytes()[5] == b'-')
+                (l.starts_with("    ") && t.len() == 14 && t.as_bytes()[4] == b'-')
                     .then(|| t.to_string())
             })
             .expect("pair printed a code");

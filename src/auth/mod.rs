@@ -173,7 +173,7 @@ pub fn decide(token: &[u8], ctx: &Context<'_>, replay: &ReplayWindow) -> Verdict
         refusal: Refusal::new(code, reason, message),
     };
     // 4. Time, against the later of the system clock and the time floor.
-    if claims.iat > ctx.now + ctx.skew {
+    if claims.iat > ctx.now.saturating_add(ctx.skew) {
         let message = format!(
             "issued at {} but now is {} (skew {} s)",
             claims.iat, ctx.now, ctx.skew
@@ -185,7 +185,7 @@ pub fn decide(token: &[u8], ctx: &Context<'_>, replay: &ReplayWindow) -> Verdict
             message,
         );
     }
-    if claims.exp + ctx.skew <= ctx.now {
+    if claims.exp.saturating_add(ctx.skew) <= ctx.now {
         let message = format!(
             "expired at {} and now is {} (skew {} s)",
             claims.exp, ctx.now, ctx.skew
@@ -209,6 +209,16 @@ pub fn decide(token: &[u8], ctx: &Context<'_>, replay: &ReplayWindow) -> Verdict
         return refuse(claims, ErrorCode::Forbidden, "revoked-key", message);
     }
     match claims.api_key_kind {
+        KeyKind::Server
+            if claims.command.slug == SERVER_ONLY_SLUG && !claims.command.input.is_empty() =>
+        {
+            refuse(
+                claims,
+                ErrorCode::ValidationError,
+                "malformed-input",
+                format!("{SERVER_ONLY_SLUG} takes no input"),
+            )
+        }
         KeyKind::Server => Verdict::Allow(Box::new(claims)),
         _ if claims.command.slug == SERVER_ONLY_SLUG => refuse(
             claims,
@@ -370,7 +380,7 @@ impl Authorizer {
         let verdict = decide(token, &ctx, &self.replay);
         match verdict {
             Verdict::Allow(claims) => {
-                let forget_after = claims.exp + self.config.skew;
+                let forget_after = claims.exp.saturating_add(self.config.skew);
                 match self
                     .replay
                     .record(&claims.jti, claims.iat, forget_after, now)
@@ -391,7 +401,7 @@ impl Authorizer {
                             },
                             // Without a durable record the command could run twice: refuse.
                             ReplayError::Storage(_) => Refusal::new(
-                                ErrorCode::RateLimited,
+                                ErrorCode::Unavailable,
                                 "replay-journal-unwritable",
                                 format!("cannot record the command durably: {error}"),
                             ),
@@ -409,10 +419,20 @@ impl Authorizer {
                 // the same answer even if pairing or trust changed in between.
                 // The issued-at is clamped to now: a refused attestation (say one issued beyond
                 // the skew) must never move the time floor.
-                if let Some(c) = claims.filter(|c| c.exp + self.config.skew > now) {
+                // Only refusals addressed to this device are kept: a broker replaying other
+                // devices' traffic at us must not be able to fill our table.
+                let device_id = self.config.device_id.as_str();
+                if let Some(c) = claims
+                    .filter(|c| c.aud == device_id && c.exp.saturating_add(self.config.skew) > now)
+                {
                     let recorded = self
                         .replay
-                        .record(&c.jti, c.iat.min(now), c.exp + self.config.skew, now)
+                        .record(
+                            &c.jti,
+                            c.iat.min(now),
+                            c.exp.saturating_add(self.config.skew),
+                            now,
+                        )
                         .and_then(|()| self.replay.complete(&c.jti, &reply));
                     if let Err(error) = recorded {
                         tracing::warn!(%error, command_id = %c.jti, "refusal not recorded");

@@ -124,7 +124,12 @@ impl TrustStore {
                     problem,
                 }
             })?;
-            keys.insert(k.kid.clone(), key);
+            if keys.insert(k.kid.clone(), key).is_some() {
+                return Err(BundleRejected::BadKey {
+                    kid: k.kid.clone(),
+                    problem: "listed twice".into(),
+                });
+            }
         }
         Ok(TrustBundle {
             version: claims.version,

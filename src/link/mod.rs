@@ -50,7 +50,9 @@ use backoff::Backoff;
 /// Largest inbound packet accepted. Commands and trust bundles are a few KiB; anything larger
 /// is refused by rumqttc before it is buffered, which bounds what a hostile broker can make us
 /// allocate.
-pub const MAX_INBOUND_PACKET: usize = 64 * 1024;
+/// Room is left above the largest trust bundle for the topic and packet header, so a bundle
+/// at its size limit never trips this one (which would drop the connection on every connect).
+pub const MAX_INBOUND_PACKET: usize = crate::auth::trust::MAX_BUNDLE_BYTES + 1024;
 /// Largest outbound packet (a telemetry batch).
 pub const MAX_OUTBOUND_PACKET: usize = 1024 * 1024;
 /// Inbound messages waiting for the command pipeline. When full, further messages are dropped

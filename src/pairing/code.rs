@@ -1,14 +1,15 @@
 //! Pairing codes: short, typable, and never sent anywhere in clear.
 //!
-//! A code is 10 characters of Crockford base32 (50 bits from the OS CSPRNG), shown as
-//! `XXXXX-XXXXX`. Crockford's alphabet has no I, L, O or U, and reading treats `I`/`L` as `1` and
+//! A code is 12 characters of Crockford base32 (60 bits from the OS CSPRNG), shown as
+//! `XXXX-XXXX-XXXX`. Crockford's alphabet has no I, L, O or U, and reading treats `I`/`L` as `1` and
 //! `O` as `0`, so the usual transcription slips still match.
 //!
 //! Over MQTT the device sends only a *commitment*: SHA-256 over a domain tag, the device id and
 //! the normalised code. The platform recomputes it from what the user typed and echoes it in the
 //! signed owner binding, which proves the binding answers *this* pairing session on *this* device.
-//! With 50 bits and a 10-minute lifetime, brute-forcing the code from the commitment is out of
-//! reach within the code's life (docs/SECURITY.md).
+//! A broker that sees the commitment could try codes offline; 60 bits make that about 2^60
+//! SHA-256 evaluations, far beyond what fits in the code's 10-minute life even on a GPU farm
+//! (docs/SECURITY.md has the arithmetic). The platform's Connect page must rate-limit guesses.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -16,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 /// Characters in a code (5 bits each).
-pub const CODE_LEN: usize = 10;
+pub const CODE_LEN: usize = 12;
 /// Domain separation for the commitment hash.
 pub const COMMITMENT_TAG: &[u8] = b"texture-pairing-v1";
 
@@ -43,9 +44,9 @@ impl PairingCode {
         )
     }
 
-    /// The code as shown to people: `XXXXX-XXXXX`.
+    /// The code as shown to people: `XXXX-XXXX-XXXX`.
     pub fn display(&self) -> String {
-        format!("{}-{}", &self.0[..5], &self.0[5..])
+        format!("{}-{}-{}", &self.0[..4], &self.0[4..8], &self.0[8..])
     }
 
     pub fn commitment(&self, device_id: &str) -> String {
@@ -90,23 +91,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn codes_carry_fifty_bits_and_display_in_two_groups() {
+    fn codes_carry_sixty_bits_and_display_in_three_groups() {
         let code = PairingCode::generate();
         let shown = code.display();
-        assert_eq!(shown.len(), 11);
-        assert_eq!(&shown[5..6], "-");
+        assert_eq!(shown.len(), 14);
+        assert_eq!((&shown[4..5], &shown[9..10]), ("-", "-"));
         assert_eq!(normalise(&shown).unwrap().len(), CODE_LEN);
         assert_ne!(PairingCode::generate(), PairingCode::generate());
     }
 
     #[test]
     fn transcription_slips_still_match() {
-        let c = commitment("gw-1", "AB1CD-0EFGH").unwrap();
-        assert_eq!(commitment("gw-1", "abicd oefgh"), Some(c.clone()));
-        assert_eq!(commitment("gw-1", "ABLCD-OEFGH"), Some(c.clone()));
-        assert_ne!(commitment("gw-2", "AB1CD-0EFGH"), Some(c));
+        let c = commitment("gw-1", "AB1C-D0EF-GH23").unwrap();
+        assert_eq!(commitment("gw-1", "abic doef gh23"), Some(c.clone()));
+        assert_eq!(commitment("gw-1", "ABLC-DOEF-GH23"), Some(c.clone()));
+        assert_ne!(commitment("gw-2", "AB1C-D0EF-GH23"), Some(c));
         assert_eq!(commitment("gw-1", "ABU"), None);
-        assert_eq!(commitment("gw-1", "UUUUU-UUUUU"), None);
+        assert_eq!(commitment("gw-1", "UUUU-UUUU-UUUU"), None);
     }
 
     #[test]
