@@ -128,7 +128,7 @@ fn check_config_rejects_ca_file_without_certificates() {
 #[test]
 fn environment_override_is_validated_too() {
     let pki = Pki::new();
-    let out = std::process::Command::new(common::agent_binary())
+    let out = common::agent_process()
         .arg("--config")
         .arg(valid_config(&pki))
         .arg("check-config")

@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
@@ -64,7 +64,7 @@ impl Platform {
 
     /// Runs `texture-agent pair`, plays the Connect page for `owner`, and checks it completes.
     async fn pair(&mut self, config: &std::path::Path, owner: &str, version: u64) {
-        let mut pair = Command::new(common::agent_binary())
+        let mut pair = common::agent_process()
             .arg("--config")
             .arg(config)
             .arg("pair")

@@ -43,7 +43,7 @@ fn ready_status_and_watchdog_follow_the_notify_protocol() {
     let config = AgentConfig::new(&pki, common::free_port(), "gw-notify").write(pki.path());
     let socket_path = pki.path().join("notify.sock");
     let sock = UnixDatagram::bind(&socket_path).unwrap();
-    let mut child = Command::new(common::agent_binary())
+    let mut child = common::agent_process()
         .arg("--config")
         .arg(&config)
         .arg("run")

@@ -378,14 +378,29 @@ impl AgentConfig {
     }
 }
 
-/// The texture-agent binary, built by cargo for this test run.
-pub fn agent_binary() -> &'static str {
-    env!("CARGO_BIN_EXE_texture-agent")
+/// The texture-agent binary under test: the one cargo built for this run, or another build
+/// named by `TEXTURE_AGENT_BIN` (the cross-compiled ARM binary in the QEMU tests).
+pub fn agent_binary() -> String {
+    std::env::var("TEXTURE_AGENT_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_texture-agent").to_string())
+}
+
+/// A command that runs the agent binary, through `TEXTURE_AGENT_RUNNER` when set (for example
+/// `qemu-aarch64-static`, since binfmt_misc is not available to run foreign binaries directly).
+pub fn agent_process() -> Command {
+    match std::env::var("TEXTURE_AGENT_RUNNER") {
+        Ok(runner) if !runner.is_empty() => {
+            let mut c = Command::new(runner);
+            c.arg(agent_binary());
+            c
+        }
+        _ => Command::new(agent_binary()),
+    }
 }
 
 /// Runs `texture-agent --config PATH ARGS...` to completion.
 pub fn agent_command(config: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(agent_binary())
+    agent_process()
         .arg("--config")
         .arg(config)
         .args(args)
@@ -405,7 +420,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn spawn(config: &Path) -> Agent {
-        let mut child = Command::new(agent_binary())
+        let mut child = agent_process()
             .arg("--config")
             .arg(config)
             .arg("run")
