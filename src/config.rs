@@ -35,6 +35,8 @@ pub struct Settings {
     pub pairing: PairingSettings,
     #[serde(default)]
     pub telemetry: crate::telemetry::TelemetrySettings,
+    #[serde(default)]
+    pub commands: crate::commands::CommandSettings,
     /// The devices behind this gateway, one `[[drivers]]` table each.
     #[serde(default)]
     pub drivers: Vec<crate::drivers::DriverSettings>,
@@ -514,6 +516,27 @@ fn validate(s: &Settings, path: &Path) -> Result<(), ConfigError> {
         }
     }
     validate_telemetry(s, path)?;
+    let c = &s.commands;
+    if !(1..=3_600).contains(&c.timeout_secs) {
+        return Err(reject(
+            "commands.timeout_secs",
+            format!("expected 1..=3600 seconds, found {}", c.timeout_secs),
+        ));
+    }
+    for (slug, secs) in &c.timeouts {
+        if crate::commands::catalog::Slug::parse(slug).is_none() {
+            return Err(reject(
+                "commands.timeouts",
+                format!("unknown command slug `{slug}`"),
+            ));
+        }
+        if !(1..=3_600).contains(secs) {
+            return Err(reject(
+                "commands.timeouts",
+                format!("{slug}: expected 1..=3600 seconds, found {secs}"),
+            ));
+        }
+    }
     if !(60..=3_600).contains(&s.pairing.code_ttl_secs) {
         return Err(reject(
             "pairing.code_ttl_secs",

@@ -30,7 +30,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     storage::ensure_dir(&settings.state.dir).context("state.dir")?;
     storage::ensure_dir(&settings.state.runtime_dir).context("state.runtime_dir")?;
 
-    let authorizer = open_authorizer(&settings)?;
+    let (authorizer, interrupted) = open_authorizer(&settings)?;
     let device_key = crate::identity::load_or_create(&settings.state.dir).context("device key")?;
     let pairing = PairingState::open(
         &settings.state.dir,
@@ -58,7 +58,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (trigger, shutdown) = service::shutdown_channel();
     let mut link = Link::start(&settings, shutdown.clone())?;
     let (samples_tx, samples_rx) = mpsc::channel(crate::drivers::SAMPLE_QUEUE);
-    let (_drivers, driver_tasks) = crate::drivers::start(&settings.drivers, &samples_tx, &shutdown);
+    let (drivers, driver_tasks) = crate::drivers::start(&settings.drivers, &samples_tx, &shutdown);
     drop(samples_tx);
     let (outbox_stats_tx, outbox_stats) = watch::channel(outbox.stats());
     let telemetry = Telemetry {
@@ -86,6 +86,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         pairing,
         device_key,
         settings.pairing.qr_uri.clone(),
+        drivers,
+        settings.commands.clone(),
+        &interrupted,
     );
     let mut pipeline = tokio::spawn(dispatcher.run(inbound, calls_rx));
 
@@ -177,10 +180,11 @@ fn describe(s: &LinkStatus) -> String {
 }
 
 /// Builds the authorizer from the `[trust]` settings; `None` when trust is not configured.
-fn open_authorizer(settings: &Settings) -> anyhow::Result<Option<Authorizer>> {
+/// Also returns the ids of commands the last run left unfinished.
+fn open_authorizer(settings: &Settings) -> anyhow::Result<(Option<Authorizer>, Vec<String>)> {
     let Some(trust) = &settings.trust else {
         tracing::warn!("no [trust] section: every command will be refused as unverifiable");
-        return Ok(None);
+        return Ok((None, Vec::new()));
     };
     let root = crate::auth::jws::public_key_from_base64(&trust.root_public_key)
         .map_err(|problem| anyhow::anyhow!("trust.root_public_key: {problem}"))?;
@@ -194,11 +198,5 @@ fn open_authorizer(settings: &Settings) -> anyhow::Result<Option<Authorizer>> {
     };
     let (authorizer, report) =
         Authorizer::open(config, &settings.state.dir).context("opening the replay journal")?;
-    if !report.interrupted.is_empty() {
-        tracing::warn!(
-            count = report.interrupted.len(),
-            "commands were interrupted by the last stop"
-        );
-    }
-    Ok(Some(authorizer))
+    Ok((Some(authorizer), report.interrupted))
 }

@@ -6,13 +6,16 @@
 //! A single owner means no locks: trust bundles, owner bindings, commands and `pair` requests
 //! from the control socket are serialised through this task's select loop.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::{Authorization, Authorizer};
+use crate::commands::{CommandSettings, DeviceRun, Plan};
 use crate::control::{ControlCall, ControlEvent, ControlRequest};
+use crate::drivers::DriverRegistry;
 use crate::link::{Inbound, LinkState, LinkStatus, Publisher};
 use crate::pairing::PairingState;
 use crate::reply::{ErrorCode, Reply};
@@ -31,8 +34,28 @@ pub struct Dispatcher {
     pub device_key: SigningKey,
     /// `{device_id}` and `{code}` are substituted; shown as a QR code by `pair`.
     pub qr_template: String,
+    pub registry: DriverRegistry,
+    pub command_settings: CommandSettings,
     /// Clients following the current pairing session.
     watchers: Vec<mpsc::Sender<ControlEvent>>,
+    /// The command running on each device, with the way to supersede it.
+    running: HashMap<String, Running>,
+    completions_tx: mpsc::Sender<Completion>,
+    completions_rx: Option<mpsc::Receiver<Completion>>,
+    /// Replies to publish once the link is up (interrupted commands found at start).
+    announcements: Vec<Vec<u8>>,
+}
+
+struct Running {
+    command_id: String,
+    cancel: oneshot::Sender<(ErrorCode, String)>,
+}
+
+/// A device command that finished, from its task back to the dispatcher.
+struct Completion {
+    command_id: String,
+    device_id: String,
+    reply: Vec<u8>,
 }
 
 impl Dispatcher {
@@ -46,7 +69,27 @@ impl Dispatcher {
         pairing: PairingState,
         device_key: SigningKey,
         qr_template: String,
+        registry: DriverRegistry,
+        command_settings: CommandSettings,
+        interrupted: &[String],
     ) -> Dispatcher {
+        let mut announcements = Vec::new();
+        if let Some(a) = authorizer.as_mut() {
+            let now = a.now();
+            for (id, issued_at, target) in a.interrupted(interrupted) {
+                let reply = crate::commands::interrupted_reply(
+                    &id,
+                    target.as_deref().unwrap_or(&device_id),
+                    issued_at,
+                    now,
+                )
+                .to_bytes();
+                tracing::warn!(command_id = %id, "command interrupted by the last stop; reporting it failed");
+                a.complete(&id, &reply);
+                announcements.push(reply);
+            }
+        }
+        let (completions_tx, completions_rx) = mpsc::channel(64);
         if let Some(a) = authorizer.as_mut() {
             let b = pairing.binding();
             a.set_pairing(b.reference_id.clone(), b.workspace_id.clone());
@@ -60,7 +103,13 @@ impl Dispatcher {
             pairing,
             device_key,
             qr_template,
+            registry,
+            command_settings,
             watchers: Vec::new(),
+            running: HashMap::new(),
+            completions_tx,
+            completions_rx: Some(completions_rx),
+            announcements,
         }
     }
 
@@ -78,16 +127,103 @@ impl Dispatcher {
         mut calls: mpsc::Receiver<ControlCall>,
     ) {
         let mut waiting = tokio::time::interval(WAITING_EVERY);
+        let mut completions = self.completions_rx.take().expect("run once");
+        let mut devices = self.registry.subscribe();
+        let mut link = self.link.clone();
         loop {
             tokio::select! {
                 message = inbound.recv() => match message {
                     Some(m) => if !self.on_message(m).await { return },
                     None => return,
                 },
+                Some(done) = completions.recv() => self.on_completion(done).await,
                 Some(call) = calls.recv() => self.on_call(call).await,
                 _ = waiting.tick(), if !self.watchers.is_empty() => self.on_waiting_tick().await,
+                // After every CONNACK (the broker forgot nothing retained, but a restarted one
+                // may have) and whenever a device appears: advertise what can be commanded.
+                changed = link.changed() => {
+                    if changed.is_err() { return }
+                    let connected = matches!(link.borrow_and_update().state, LinkState::Connected);
+                    if connected {
+                        self.advertise().await;
+                        for reply in std::mem::take(&mut self.announcements) {
+                            let _ = self.publisher.publish(self.topics.replies(), reply, false).await;
+                        }
+                    }
+                }
+                Ok(()) = devices.changed() => self.advertise().await,
             }
         }
+    }
+
+    async fn advertise(&self) {
+        let message = crate::commands::capabilities(&self.device_id, &self.registry);
+        if self
+            .publisher
+            .publish(self.topics.capabilities(), message, true)
+            .await
+            .is_err()
+        {
+            tracing::debug!("capabilities not published: link closed");
+        }
+    }
+
+    async fn on_completion(&mut self, done: Completion) {
+        if self
+            .running
+            .get(&done.device_id)
+            .is_some_and(|r| r.command_id == done.command_id)
+        {
+            self.running.remove(&done.device_id);
+        }
+        if let Some(a) = self.authorizer.as_mut() {
+            a.complete(&done.command_id, &done.reply);
+        }
+        let _ = self
+            .publisher
+            .publish(self.topics.replies(), done.reply, false)
+            .await;
+    }
+
+    /// Starts a device command in its own task, superseding whatever that device was running.
+    fn start_on_device(
+        &mut self,
+        claims: Box<crate::auth::claims::AttestationClaims>,
+        run: DeviceRun,
+    ) {
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        let device_id = run.device_id.clone();
+        if let Some(previous) = self.running.insert(
+            device_id.clone(),
+            Running {
+                command_id: claims.jti.clone(),
+                cancel: cancel_tx,
+            },
+        ) {
+            tracing::info!(command_id = %previous.command_id, superseded_by = %claims.jti, "command superseded");
+            let _ = previous.cancel.send((
+                ErrorCode::Superseded,
+                format!("superseded by command {}", claims.jti),
+            ));
+        }
+        let completions = self.completions_tx.clone();
+        tokio::spawn(async move {
+            let outcome = crate::commands::run_on_device(&claims, run, cancel_rx).await;
+            let now = crate::link::unix_now();
+            if let Err((code, message)) = &outcome {
+                tracing::warn!(command_id = %claims.jti, ?code, %message, "command failed");
+            } else {
+                tracing::info!(command_id = %claims.jti, device_id = %device_id, "command succeeded");
+            }
+            let reply = crate::commands::reply_for(&claims, &device_id, now, outcome).to_bytes();
+            let _ = completions
+                .send(Completion {
+                    command_id: claims.jti.clone(),
+                    device_id,
+                    reply,
+                })
+                .await;
+        });
     }
 
     /// Returns false when the link is gone for good.
@@ -119,16 +255,30 @@ impl Dispatcher {
                 Authorization::InProgress => return true,
                 Authorization::Execute(claims) => {
                     let now = a.now();
-                    let reply = if claims.command.slug == crate::auth::SERVER_ONLY_SLUG {
-                        self.unpair(&claims, now)
-                    } else {
-                        crate::commands::execute(&claims, &self.device_id, now)
+                    match crate::commands::plan(
+                        &claims,
+                        &self.device_id,
+                        &self.registry,
+                        &self.command_settings,
+                        now,
+                    ) {
+                        Plan::Reply(reply) => {
+                            let reply = reply.to_bytes();
+                            a.complete(&claims.jti, &reply);
+                            reply
+                        }
+                        Plan::Unpair => {
+                            let reply = self.unpair(&claims, now).to_bytes();
+                            if let Some(a) = self.authorizer.as_mut() {
+                                a.complete(&claims.jti, &reply);
+                            }
+                            reply
+                        }
+                        Plan::Device(run) => {
+                            self.start_on_device(claims, run);
+                            return true;
+                        }
                     }
-                    .to_bytes();
-                    if let Some(a) = self.authorizer.as_mut() {
-                        a.complete(&claims.jti, &reply);
-                    }
-                    reply
                 }
             },
         };
@@ -147,11 +297,13 @@ impl Dispatcher {
             }
             tracing::warn!(command_id = %claims.jti, "unpaired: every scoped key is refused from now on");
         }
-        crate::commands::builtin_reply(
+        crate::commands::reply_for(
             claims,
             &self.device_id,
             now,
-            result.map(|()| serde_json::json!({ "paired": false })),
+            result
+                .map(|()| serde_json::json!({ "paired": false }))
+                .map_err(|e| (ErrorCode::CommandFailed, e)),
         )
     }
 

@@ -164,6 +164,7 @@ impl PlatformSigner {
             workspace_id: key.workspace_id.clone(),
             reference_id: key.reference_id.clone(),
             command: CommandClaim {
+                device_id: None,
                 slug: slug.into(),
                 input: match input {
                     serde_json::Value::Object(map) => map,
@@ -171,6 +172,24 @@ impl PlatformSigner {
                 },
             },
         }
+    }
+
+    /// Like [`PlatformSigner::claims`], for a command to `target`, a device behind `gateway`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn device_claims(
+        &self,
+        key: &ApiKey,
+        gateway: &str,
+        target: &str,
+        command_id: &str,
+        slug: &str,
+        input: serde_json::Value,
+        iat: u64,
+        ttl: u64,
+    ) -> AttestationClaims {
+        let mut claims = self.claims(key, gateway, command_id, slug, input, iat, ttl);
+        claims.command.device_id = Some(target.into());
+        claims
     }
 
     /// Signs attestation claims with the key their `kid` names.

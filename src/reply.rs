@@ -22,12 +22,18 @@ pub enum ErrorCode {
     AttestationNotYetValid,
     /// 403: validly signed, but this key may not command this device.
     Forbidden,
+    /// 404: the command names a device this gateway does not have.
+    DeviceNotFound,
+    /// 409: a newer command for the same device replaced this one while it ran.
+    Superseded,
     /// 429: the replay table is full of live entries; retry later.
     RateLimited,
     /// 500: the command could not be carried out.
     CommandFailed,
     /// 503: the device cannot take commands right now (say its state volume fails writes).
     Unavailable,
+    /// 504: the driver did not finish the command within its timeout.
+    CommandTimeout,
 }
 
 impl ErrorCode {
@@ -38,9 +44,12 @@ impl ErrorCode {
             | ErrorCode::AttestationExpired
             | ErrorCode::AttestationNotYetValid => 401,
             ErrorCode::Forbidden => 403,
+            ErrorCode::DeviceNotFound => 404,
+            ErrorCode::Superseded => 409,
             ErrorCode::RateLimited => 429,
             ErrorCode::CommandFailed => 500,
             ErrorCode::Unavailable => 503,
+            ErrorCode::CommandTimeout => 504,
         }
     }
 }

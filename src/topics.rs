@@ -38,6 +38,11 @@ impl Topics {
         format!("{}/replies", self.base)
     }
 
+    /// Device → platform, retained: the devices behind the gateway and their commands.
+    pub fn capabilities(&self) -> String {
+        format!("{}/capabilities", self.base)
+    }
+
     /// Device → platform: telemetry batches.
     pub fn telemetry(&self) -> String {
         format!("{}/telemetry", self.base)
@@ -80,6 +85,7 @@ mod tests {
             t.commands(),
             t.replies(),
             t.telemetry(),
+            t.capabilities(),
             t.pairing_request(),
             t.pairing_binding(),
         ] {

@@ -38,6 +38,10 @@ impl fmt::Display for KeyKind {
 pub struct CommandClaim {
     pub slug: String,
     pub input: serde_json::Map<String, serde_json::Value>,
+    /// The device behind the gateway that the command is for (the platform's `deviceId`).
+    /// Absent for the agent's own `agent:*` commands, which address the gateway itself.
+    #[serde(rename = "deviceId", default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
 }
 
 /// Payload of a command attestation. Everything that decides what runs is in here, under the

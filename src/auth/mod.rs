@@ -381,9 +381,10 @@ impl Authorizer {
         match verdict {
             Verdict::Allow(claims) => {
                 let forget_after = claims.exp.saturating_add(self.config.skew);
+                let target = claims.command.device_id.as_deref();
                 match self
                     .replay
-                    .record(&claims.jti, claims.iat, forget_after, now)
+                    .record_for(&claims.jti, target, claims.iat, forget_after, now)
                 {
                     Ok(()) => {
                         audit(Some(&claims), "allowed", "authorised");
@@ -451,6 +452,19 @@ impl Authorizer {
                 }
             }
         }
+    }
+
+    /// Commands recorded as accepted but never completed: the agent stopped while they ran.
+    /// Each is `(command id, issued-at, target device)`.
+    pub fn interrupted(&self, ids: &[String]) -> Vec<(String, u64, Option<String>)> {
+        ids.iter()
+            .filter_map(|id| {
+                let e = self.replay.get(id)?;
+                e.reply
+                    .is_none()
+                    .then(|| (id.clone(), e.issued_at, e.target.clone()))
+            })
+            .collect()
     }
 
     /// Records the reply of an executed command, so duplicates get it too.

@@ -30,6 +30,9 @@ pub const JOURNAL_FILE: &str = "replay.journal";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub issued_at: u64,
+    /// The device the command was for, when it names one (so an interrupted command can be
+    /// reported for the right device after a restart).
+    pub target: Option<String>,
     /// When the entry may be forgotten: the attestation's `exp` plus the allowed skew.
     pub forget_after: u64,
     /// The reply sent for this command, once known.
@@ -46,6 +49,8 @@ enum Record {
         jti: String,
         iat: u64,
         forget_after: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<String>,
     },
     Done {
         jti: String,
@@ -131,12 +136,14 @@ impl ReplayWindow {
                         jti,
                         iat,
                         forget_after,
+                        target,
                     }) => {
                         floor = floor.max(iat);
                         entries.insert(
                             jti,
                             Entry {
                                 issued_at: iat,
+                                target,
                                 forget_after,
                                 reply: None,
                             },
@@ -206,6 +213,18 @@ impl ReplayWindow {
         forget_after: u64,
         now: u64,
     ) -> Result<(), ReplayError> {
+        self.record_for(jti, None, issued_at, forget_after, now)
+    }
+
+    /// [`ReplayWindow::record`] for a command addressed to `target`.
+    pub fn record_for(
+        &mut self,
+        jti: &str,
+        target: Option<&str>,
+        issued_at: u64,
+        forget_after: u64,
+        now: u64,
+    ) -> Result<(), ReplayError> {
         if self.entries.len() >= self.capacity {
             self.prune(now);
             if self.entries.len() >= self.capacity {
@@ -225,12 +244,14 @@ impl ReplayWindow {
             jti: jti.to_owned(),
             iat: issued_at,
             forget_after,
+            target: target.map(str::to_owned),
         })?;
         self.floor = self.floor.max(issued_at);
         self.entries.insert(
             jti.to_owned(),
             Entry {
                 issued_at,
+                target: target.map(str::to_owned),
                 forget_after,
                 reply: None,
             },
@@ -279,6 +300,7 @@ impl ReplayWindow {
                 jti: jti.clone(),
                 iat: e.issued_at,
                 forget_after: e.forget_after,
+                target: e.target.clone(),
             }));
             lines += 1;
             if let Some(reply) = &e.reply {
@@ -356,6 +378,7 @@ mod tests {
             jti: "x".into(),
             iat: 1,
             forget_after: 2,
+            target: None,
         });
         assert!(decode(line.trim_end()).is_some());
         let flipped = line.trim_end().replace("\"iat\":1", "\"iat\":3");

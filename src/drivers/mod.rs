@@ -68,20 +68,84 @@ fn default_max_line_bytes() -> usize {
 /// Sends samples from every driver to telemetry, and routes commands to the right driver.
 pub type SampleSender = mpsc::Sender<Sample>;
 
-/// Where commands for each device go.
-#[derive(Debug, Default, Clone)]
+/// What the agent knows about each device behind the gateway: where its commands go, its type
+/// and its latest state. Shared (behind a mutex held only for map operations) between the
+/// per-driver forwarders that learn it and the command executor that reads it.
+#[derive(Debug, Clone, Default)]
 pub struct DriverRegistry {
-    routes: std::collections::HashMap<String, mpsc::Sender<DriverCommand>>,
+    inner: std::sync::Arc<std::sync::Mutex<Registry>>,
+    /// Bumped whenever a device appears, so its capabilities can be re-advertised.
+    changed: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    devices: std::collections::BTreeMap<String, Device>,
+}
+
+#[derive(Debug, Clone)]
+struct Device {
+    route: mpsc::Sender<DriverCommand>,
+    state: DeviceState,
 }
 
 impl DriverRegistry {
-    /// The command channel of the driver behind `device_id`.
-    pub fn route(&self, device_id: &str) -> Option<&mpsc::Sender<DriverCommand>> {
-        self.routes.get(device_id)
+    /// The command channel of the driver behind `device_id`, and the device's type.
+    pub fn route(&self, device_id: &str) -> Option<(mpsc::Sender<DriverCommand>, DeviceType)> {
+        let inner = self.inner.lock().expect("registry lock");
+        inner
+            .devices
+            .get(device_id)
+            .map(|d| (d.route.clone(), d.state.device_type()))
     }
 
-    pub fn device_ids(&self) -> impl Iterator<Item = &str> {
-        self.routes.keys().map(String::as_str)
+    /// Every known device with its latest state, ordered by id.
+    pub fn states(&self) -> Vec<(String, DeviceState)> {
+        let inner = self.inner.lock().expect("registry lock");
+        inner
+            .devices
+            .iter()
+            .map(|(id, d)| (id.clone(), d.state.clone()))
+            .collect()
+    }
+
+    /// Resolves whenever a new device has been seen.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn observe(&self, sample: &Sample, route: &mpsc::Sender<DriverCommand>) {
+        let mut inner = self.inner.lock().expect("registry lock");
+        let known_type = inner
+            .devices
+            .get(&sample.device_id)
+            .map(|d| d.state.device_type());
+        inner.devices.insert(
+            sample.device_id.clone(),
+            Device {
+                route: route.clone(),
+                state: sample.state.clone(),
+            },
+        );
+        drop(inner);
+        if known_type != Some(sample.state.device_type()) {
+            self.changed.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// Passes one driver's samples on to telemetry, learning its devices on the way.
+async fn forward(
+    mut from_driver: mpsc::Receiver<Sample>,
+    to_telemetry: SampleSender,
+    route: mpsc::Sender<DriverCommand>,
+    registry: DriverRegistry,
+) {
+    while let Some(sample) = from_driver.recv().await {
+        registry.observe(&sample, &route);
+        if to_telemetry.send(sample).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -91,9 +155,17 @@ pub fn start(
     samples: &SampleSender,
     shutdown: &crate::service::Shutdown,
 ) -> (DriverRegistry, Vec<tokio::task::JoinHandle<()>>) {
-    let mut registry = DriverRegistry::default();
+    let registry = DriverRegistry::default();
     let mut tasks = Vec::new();
     for d in settings {
+        let (command_tx, command_rx) = mpsc::channel(8);
+        let (sample_tx, sample_rx) = mpsc::channel(SAMPLE_QUEUE);
+        tasks.push(tokio::spawn(forward(
+            sample_rx,
+            samples.clone(),
+            command_tx,
+            registry.clone(),
+        )));
         match d {
             DriverSettings::Simulated {
                 device_id,
@@ -101,20 +173,24 @@ pub fn start(
                 interval_ms,
                 seed,
             } => {
-                let (tx, rx) = mpsc::channel(8);
-                registry.routes.insert(device_id.clone(), tx);
                 tasks.push(tokio::spawn(sim::run(
                     device_id.clone(),
                     *device_type,
                     std::time::Duration::from_millis(*interval_ms),
                     *seed,
-                    samples.clone(),
-                    rx,
+                    sample_tx,
+                    command_rx,
                 )));
             }
-            DriverSettings::Process { name, .. } => {
-                // Wired in with the process supervisor.
-                let _ = (name, shutdown);
+            DriverSettings::Process { .. } => {
+                let driver = process::ProcessDriver::from_settings(d).expect("a process driver");
+                let stats = std::sync::Arc::new(process::DriverStats::default());
+                tasks.push(tokio::spawn(driver.supervise(
+                    sample_tx,
+                    command_rx,
+                    shutdown.clone(),
+                    stats,
+                )));
             }
         }
     }

@@ -1,0 +1,251 @@
+//! Running authorised commands: auth → **commands** → drivers → reply.
+//!
+//! [`plan`] turns an authorised attestation into what must happen: an immediate reply (the
+//! agent's own `agent:*` commands, or a validation failure naming the field), unpairing (done by
+//! the dispatcher, which owns the pairing state), or a run on a device's driver. [`run_on_device`]
+//! carries out the last kind with a timeout and a cancellation channel.
+//!
+//! **Concurrency.** At most one command runs per device. A newer command for a device
+//! *supersedes* the running one, which fails with `SUPERSEDED`: that is what peer platforms do,
+//! and it matches intent (the latest instruction wins) without an unbounded queue. Commands for
+//! different devices run in parallel.
+
+pub mod catalog;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::auth::claims::AttestationClaims;
+use crate::drivers::{DriverCommand, DriverRegistry};
+use crate::reply::{rfc3339, ErrorCode, FailedError, Reply};
+use catalog::Slug;
+
+/// `[commands]` settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSettings {
+    /// How long a device command may run before it fails and the driver is told to cancel.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+    /// Per-slug overrides, e.g. `"vehicle:set-charge-limit" = 120`.
+    #[serde(default)]
+    pub timeouts: BTreeMap<String, u64>,
+}
+
+fn default_timeout_secs() -> u64 {
+    30
+}
+
+impl Default for CommandSettings {
+    fn default() -> Self {
+        CommandSettings {
+            timeout_secs: default_timeout_secs(),
+            timeouts: BTreeMap::new(),
+        }
+    }
+}
+
+impl CommandSettings {
+    pub fn timeout(&self, slug: &str) -> Duration {
+        Duration::from_secs(*self.timeouts.get(slug).unwrap_or(&self.timeout_secs))
+    }
+}
+
+/// What an authorised command needs next.
+#[derive(Debug)]
+pub enum Plan {
+    /// Answer now.
+    Reply(Reply),
+    /// `agent:unpair`: the dispatcher clears the owner binding.
+    Unpair,
+    /// Run on the driver behind `device_id`.
+    Device(DeviceRun),
+}
+
+#[derive(Debug)]
+pub struct DeviceRun {
+    pub device_id: String,
+    pub route: mpsc::Sender<DriverCommand>,
+    pub timeout: Duration,
+}
+
+/// Decides what to do with an authorised command (validated against the platform's command
+/// set). `gateway_id` answers for the agent's own commands.
+pub fn plan(
+    claims: &AttestationClaims,
+    gateway_id: &str,
+    registry: &DriverRegistry,
+    settings: &CommandSettings,
+    now: u64,
+) -> Plan {
+    let target = claims.command.device_id.as_deref().unwrap_or(gateway_id);
+    let fail =
+        |code, message: String| Plan::Reply(reply_for(claims, target, now, Err((code, message))));
+    let validated = match catalog::validate(&claims.command.slug, &claims.command.input) {
+        Ok(v) => v,
+        Err(e) => return fail(ErrorCode::ValidationError, e.message),
+    };
+    match validated.slug {
+        Slug::AgentPing => Plan::Reply(reply_for(
+            claims,
+            gateway_id,
+            now,
+            Ok(json!({ "pong": true })),
+        )),
+        Slug::AgentGetState => {
+            let devices: Vec<Value> = registry
+                .states()
+                .into_iter()
+                .map(|(id, state)| json!({ "deviceId": id, "state": state }))
+                .collect();
+            Plan::Reply(reply_for(
+                claims,
+                gateway_id,
+                now,
+                Ok(json!({ "devices": devices })),
+            ))
+        }
+        Slug::AgentUnpair => Plan::Unpair,
+        slug => {
+            let Some(device_id) = claims.command.device_id.as_deref() else {
+                return fail(
+                    ErrorCode::ValidationError,
+                    format!("deviceId: required for {}", slug.as_str()),
+                );
+            };
+            let Some((route, device_type)) = registry.route(device_id) else {
+                return fail(
+                    ErrorCode::DeviceNotFound,
+                    format!("deviceId: no device {device_id:?} behind this gateway"),
+                );
+            };
+            if slug.device_type() != Some(device_type) {
+                return fail(
+                    ErrorCode::ValidationError,
+                    format!(
+                        "deviceId: {device_id:?} is a {device_type:?}, {} does not apply",
+                        slug.as_str()
+                    ),
+                );
+            }
+            Plan::Device(DeviceRun {
+                device_id: device_id.to_owned(),
+                route,
+                timeout: settings.timeout(slug.as_str()),
+            })
+        }
+    }
+}
+
+/// Runs a planned device command to its end: the driver's answer, the timeout, or a
+/// cancellation (`cancel` carries the reason, e.g. a superseding command's id). Dropping the
+/// driver's answer channel on timeout or cancellation is what tells the driver to cancel.
+pub async fn run_on_device(
+    claims: &AttestationClaims,
+    run: DeviceRun,
+    cancel: oneshot::Receiver<(ErrorCode, String)>,
+) -> Result<Value, (ErrorCode, String)> {
+    let (done, answer) = oneshot::channel();
+    let command = DriverCommand {
+        command_id: claims.jti.clone(),
+        device_id: run.device_id.clone(),
+        slug: claims.command.slug.clone(),
+        input: catalog::validate(&claims.command.slug, &claims.command.input)
+            .map(|v| v.input)
+            .unwrap_or_default(),
+        done,
+    };
+    let work = async {
+        run.route.send(command).await.map_err(|_| {
+            (
+                ErrorCode::CommandFailed,
+                "driver is not running".to_string(),
+            )
+        })?;
+        match answer.await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(reason)) => Err((ErrorCode::CommandFailed, reason)),
+            Err(_) => Err((
+                ErrorCode::CommandFailed,
+                "driver exited before answering".to_string(),
+            )),
+        }
+    };
+    tokio::select! {
+        outcome = work => outcome,
+        _ = tokio::time::sleep(run.timeout) => Err((
+            ErrorCode::CommandTimeout,
+            format!("timed out after {} s; the driver was told to cancel", run.timeout.as_secs()),
+        )),
+        Ok(reason) = cancel => Err(reason),
+    }
+}
+
+/// The reply for a command that ran (or could not), shaped like the platform's
+/// `command.succeeded` / `command.failed` events.
+pub fn reply_for(
+    claims: &AttestationClaims,
+    device_id: &str,
+    now: u64,
+    outcome: Result<Value, (ErrorCode, String)>,
+) -> Reply {
+    let (issued_at, executed_at) = (rfc3339(claims.iat), rfc3339(now));
+    match outcome {
+        Ok(result) => Reply::Succeeded {
+            command_id: claims.jti.clone(),
+            device_id: device_id.to_owned(),
+            issued_at,
+            executed_at,
+            status: 200,
+            result,
+        },
+        Err((code, message)) => Reply::Failed {
+            command_id: claims.jti.clone(),
+            device_id: device_id.to_owned(),
+            issued_at,
+            executed_at,
+            status: code.status(),
+            error: FailedError { code, message },
+        },
+    }
+}
+
+/// The reply for a command found interrupted by a restart.
+pub fn interrupted_reply(command_id: &str, device_id: &str, issued_at: u64, now: u64) -> Reply {
+    Reply::Failed {
+        command_id: command_id.to_owned(),
+        device_id: device_id.to_owned(),
+        issued_at: rfc3339(issued_at),
+        executed_at: rfc3339(now),
+        status: ErrorCode::CommandFailed.status(),
+        error: FailedError {
+            code: ErrorCode::CommandFailed,
+            message: "interrupted: the agent stopped while the command was running".into(),
+        },
+    }
+}
+
+/// The retained capabilities message: every device and the commands it accepts, with a JSON
+/// Schema of each input, like the platform's `availableCommands`.
+pub fn capabilities(gateway_id: &str, registry: &DriverRegistry) -> Vec<u8> {
+    let devices: Vec<Value> = registry
+        .states()
+        .into_iter()
+        .map(|(id, state)| {
+            let t = state.device_type();
+            json!({ "deviceId": id, "type": t, "availableCommands": catalog::available_commands(t) })
+        })
+        .collect();
+    let agent: Vec<Value> = [Slug::AgentPing, Slug::AgentGetState, Slug::AgentUnpair]
+        .iter()
+        .map(|s| json!({ "slug": s.as_str(), "description": s.description(), "inputSchema": s.input_schema() }))
+        .collect();
+    serde_json::to_vec(
+        &json!({ "gatewayId": gateway_id, "devices": devices, "agentCommands": agent }),
+    )
+    .expect("capabilities serialise")
+}
