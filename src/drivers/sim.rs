@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::telemetry::model::{
     BatteryState, ChargerState, ChargingState, DeviceState, DeviceType, FanMode, GridStatus,
-    InverterState, Temperature, ThermostatMode, ThermostatState,
+    InverterState, Temperature, ThermostatMode, ThermostatState, VehicleState,
 };
 
 /// Battery capacity, Wh.
@@ -56,7 +56,17 @@ impl SimDevice {
                 grid_status: GridStatus::Idle,
                 grid_power: 0.0,
             }),
-            DeviceType::Charger | DeviceType::Vehicle => DeviceState::Charger(ChargerState {
+            DeviceType::Vehicle => DeviceState::Vehicle(VehicleState {
+                charge_percentage: 55.0,
+                charge_limit: 80.0,
+                range: 210.0,
+                charging_state: ChargingState::Idle,
+                is_plugged_in: true,
+                charger_voltage: 230.0,
+                charger_current: 0.0,
+                charger_wattage: 0.0,
+            }),
+            DeviceType::Charger => DeviceState::Charger(ChargerState {
                 charging_state: ChargingState::Idle,
                 is_plugged_in: true,
                 charger_voltage: 230.0,
@@ -140,7 +150,27 @@ impl SimDevice {
                 t.ambient_temperature.value =
                     round(t.ambient_temperature.value + drift + 0.05 * noise, 0.01);
             }
-            DeviceState::Vehicle(_) => {}
+            DeviceState::Vehicle(v) => {
+                let charging = v.is_plugged_in
+                    && v.charging_state == ChargingState::Charging
+                    && v.charge_percentage < v.charge_limit;
+                if !charging && v.charging_state == ChargingState::Charging {
+                    v.charging_state = ChargingState::Idle;
+                }
+                v.charger_voltage = round(230.0 + 4.0 * noise, 0.1);
+                v.charger_current = if charging {
+                    round(CHARGER_POWER_W / v.charger_voltage, 0.01)
+                } else {
+                    0.0
+                };
+                v.charger_wattage = round(v.charger_voltage * v.charger_current, 0.1);
+                // A 75 kWh pack: percentage gained = energy / capacity.
+                v.charge_percentage = round(
+                    (v.charge_percentage + v.charger_wattage * dt / 3_600.0 / 750.0).min(100.0),
+                    0.01,
+                );
+                v.range = round(v.charge_percentage * 4.0, 0.1);
+            }
         }
         &self.state
     }
@@ -164,6 +194,16 @@ impl SimDevice {
                     Some("stop-charging") => ChargingState::Idle,
                     other => return Err(format!("unsupported operatingMode {other:?}")),
                 };
+            }
+            (DeviceState::Vehicle(v), "vehicle:set-operating-mode") => {
+                v.charging_state = match text("operatingMode") {
+                    Some("start-charging") => ChargingState::Charging,
+                    Some("stop-charging") => ChargingState::Idle,
+                    other => return Err(format!("unsupported operatingMode {other:?}")),
+                };
+            }
+            (DeviceState::Vehicle(v), "vehicle:set-charge-limit") => {
+                v.charge_limit = num("chargeLimit").ok_or("chargeLimit missing")?;
             }
             (DeviceState::Thermostat(t), "thermostat:set-operating-mode") => {
                 t.operating_mode =

@@ -549,6 +549,9 @@ impl Seen {
 pub struct Peer {
     pub client: AsyncClient,
     rx: mpsc::UnboundedReceiver<Seen>,
+    /// Messages received while waiting for something else, kept for later calls so that
+    /// waiting on one topic never loses a message on another.
+    backlog: std::collections::VecDeque<Seen>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -626,7 +629,12 @@ impl Peer {
                 .expect("peer subscription acknowledged")
                 .unwrap();
         }
-        Peer { client, rx, task }
+        Peer {
+            client,
+            rx,
+            backlog: std::collections::VecDeque::new(),
+            task,
+        }
     }
 
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>, retain: bool) {
@@ -643,11 +651,18 @@ impl Peer {
         timeout: Duration,
         pred: impl Fn(&Seen) -> bool,
     ) -> Seen {
+        if let Some(i) = self
+            .backlog
+            .iter()
+            .position(|m| m.topic == topic && pred(m))
+        {
+            return self.backlog.remove(i).expect("index in range");
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(seen)) if seen.topic == topic && pred(&seen) => return seen,
-                Ok(Some(_)) => continue,
+                Ok(Some(other)) => self.backlog.push_back(other),
                 Ok(None) => panic!("peer connection ended"),
                 Err(_) => panic!("no matching message on {topic} within {timeout:?}"),
             }
@@ -657,10 +672,14 @@ impl Peer {
     /// Collects everything that arrives on `topic` during `window`.
     pub async fn collect(&mut self, topic: &str, window: Duration) -> Vec<Seen> {
         let deadline = tokio::time::Instant::now() + window;
-        let mut out = Vec::new();
+        let (mut out, rest): (Vec<Seen>, Vec<Seen>) =
+            self.backlog.drain(..).partition(|m| m.topic == topic);
+        self.backlog.extend(rest);
         while let Ok(Some(seen)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
             if seen.topic == topic {
                 out.push(seen);
+            } else {
+                self.backlog.push_back(seen);
             }
         }
         out

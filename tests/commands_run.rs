@@ -1,0 +1,411 @@
+//! Command execution end to end over mosquitto with TLS: authorised commands reach the right
+//! driver, change the device, show in telemetry and are reported; timeouts, restarts,
+//! concurrency, superseding and duplicates behave as docs/PROTOCOL.md says.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
+use texture_agent::platform::{ApiKey, PlatformSigner};
+use texture_agent::topics::Topics;
+
+const GATEWAY: &str = "gw-run";
+const WORKSPACE: &str = "ws-run";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A driver for two batteries, `slow-1` and `slow-2`. `set-reserve` answers at once, except
+/// chargePercentage 11 (never answers) and 22 (answers after 1.5 s). Every command and cancel it
+/// receives is appended to `log`.
+const SLOW_DRIVER: &str = r#"
+import json, sys, threading, time
+log = open(sys.argv[1], "a")
+lock = threading.Lock()
+reserve = {"slow-1": 20, "slow-2": 20}
+def emit(obj):
+    with lock:
+        sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
+def state(dev):
+    return {"type": "battery", "charge": 5000.0, "chargePercentage": 40.0, "chargingState": "idle",
+            "chargeRate": 0.0, "backupReserve": reserve[dev], "gridStatus": "idle", "gridPower": 0.0,
+            "strategy": "test"}
+def ticker():
+    while True:
+        for dev in reserve: emit({"type": "state", "deviceId": dev, "state": state(dev)})
+        time.sleep(0.3)
+threading.Thread(target=ticker, daemon=True).start()
+def answer(cmd, delay):
+    time.sleep(delay)
+    reserve[cmd["deviceId"]] = cmd["input"]["chargePercentage"]
+    emit({"type": "result", "commandId": cmd["commandId"], "ok": True, "result": {"backupReserve": reserve[cmd["deviceId"]]}})
+for line in sys.stdin:
+    msg = json.loads(line)
+    log.write(json.dumps(msg) + "\n"); log.flush()
+    if msg["type"] != "command": continue
+    pct = msg["input"].get("chargePercentage")
+    if pct == 11: continue
+    threading.Thread(target=answer, args=(msg, 1.5 if pct == 22 else 0), daemon=True).start()
+"#;
+
+struct Bed {
+    pki: Pki,
+    _broker: Mosquitto,
+    signer: PlatformSigner,
+    peer: Peer,
+    cfg: AgentConfig,
+    config: PathBuf,
+    driver_log: PathBuf,
+    next: u32,
+}
+
+impl Bed {
+    async fn new(extra_toml: &str) -> Bed {
+        let pki = Pki::new();
+        let broker = Mosquitto::start(&pki);
+        let signer = PlatformSigner::generate("platform-1");
+        let peer = Peer::connect(
+            &pki,
+            broker.port,
+            PLATFORM_CLIENT,
+            &[
+                &device_topic(GATEWAY, "replies"),
+                &device_topic(GATEWAY, "telemetry"),
+                &device_topic(GATEWAY, "capabilities"),
+            ],
+        )
+        .await;
+        peer.publish(
+            &Topics::trust_bundle(),
+            signer.trust_bundle(1, now(), now() + 3_600, &[]),
+            true,
+        )
+        .await;
+        let script = pki.path().join("slow_driver.py");
+        std::fs::write(&script, SLOW_DRIVER).unwrap();
+        let driver_log = pki.path().join("driver.log");
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/drivers/example-battery.py");
+        let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY);
+        cfg.trust_root = Some(signer.root_public_key());
+        cfg.workspace_id = Some(WORKSPACE.into());
+        cfg.extra_toml = format!(
+            "{extra_toml}\n[telemetry]\nbatch_max_ms = 100\nhealth_interval_secs = 3600\n\n\
+             [[drivers]]\nkind = \"simulated\"\ndevice_id = \"bat-1\"\ndevice_type = \"battery\"\ninterval_ms = 200\n\n\
+             [[drivers]]\nkind = \"process\"\nname = \"slow\"\ncommand = [\"python3\", \"-u\", \"{}\", \"{}\"]\n\n\
+             [[drivers]]\nkind = \"process\"\nname = \"example\"\ncommand = [\"env\", \"EXAMPLE_INTERVAL_SECS=0.3\", \"python3\", \"{}\"]\n",
+            script.display(),
+            driver_log.display(),
+            example.display(),
+        );
+        let config = cfg.write(pki.path());
+        Bed {
+            pki,
+            _broker: broker,
+            signer,
+            peer,
+            cfg,
+            config,
+            driver_log,
+            next: 0,
+        }
+    }
+
+    /// Starts the agent and waits until its retained capabilities list every device.
+    async fn start_agent(&mut self) -> Agent {
+        // The retained trust bundle is delivered on subscription, so it is handled before any
+        // command published after the capabilities below arrive.
+        let agent = Agent::spawn(&self.config);
+        let wanted = ["bat-1", "slow-1", "slow-2", "bat-ext-1"];
+        self.peer
+            .expect(&device_topic(GATEWAY, "capabilities"), WAIT, |m| {
+                let listed: Vec<String> = m.json()["devices"]
+                    .as_array()
+                    .map(|d| {
+                        d.iter()
+                            .filter_map(|x| x["deviceId"].as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                wanted.iter().all(|w| listed.iter().any(|l| l == w))
+            })
+            .await;
+        agent
+    }
+
+    /// A signed set-reserve (or any `slug`) for `device`, from a server key.
+    fn token(&mut self, device: &str, slug: &str, input: serde_json::Value) -> (String, String) {
+        self.next += 1;
+        let id = format!("cmd-{}", self.next);
+        let key = ApiKey::server("key-server", WORKSPACE);
+        let claims = self
+            .signer
+            .device_claims(&key, GATEWAY, device, &id, slug, input, now(), 300);
+        (id, self.signer.attest(&claims))
+    }
+
+    async fn publish(&self, token: &str) {
+        self.peer
+            .publish(
+                &device_topic(GATEWAY, "commands"),
+                token.as_bytes().to_vec(),
+                false,
+            )
+            .await;
+    }
+
+    async fn reply(&mut self, id: &str) -> serde_json::Value {
+        self.peer
+            .expect(&device_topic(GATEWAY, "replies"), WAIT, |m| {
+                m.json()["commandId"] == id
+            })
+            .await
+            .json()
+    }
+
+    /// Waits for a telemetry point of `device` whose state satisfies `pred`.
+    async fn telemetry(
+        &mut self,
+        device: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "no matching telemetry for {device}"
+            );
+            let batch = self
+                .peer
+                .expect(&device_topic(GATEWAY, "telemetry"), WAIT, |_| true)
+                .await
+                .json();
+            for p in batch["points"].as_array().unwrap() {
+                if p["deviceId"] == device && pred(&p["state"]) {
+                    return p.clone();
+                }
+            }
+        }
+    }
+
+    fn driver_log(&self) -> String {
+        std::fs::read_to_string(&self.driver_log).unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorised_command_changes_the_device_and_shows_in_telemetry() {
+    let mut bed = Bed::new("").await;
+    let _agent = bed.start_agent().await;
+    let (id, token) = bed.token(
+        "bat-1",
+        "battery:set-reserve",
+        serde_json::json!({"chargePercentage": 42}),
+    );
+    bed.publish(&token).await;
+    let r = bed.reply(&id).await;
+    assert_eq!(r["type"], "command.succeeded", "{r}");
+    assert_eq!(r["deviceId"], "bat-1");
+    assert!(r["executedAt"].as_str().unwrap().ends_with('Z'));
+    let point = bed.telemetry("bat-1", |s| s["backupReserve"] == 42.0).await;
+    assert_eq!(point["state"]["type"], "battery");
+
+    // The example driver shipped in the repository speaks the same protocol.
+    let (id, token) = bed.token(
+        "bat-ext-1",
+        "battery:set-reserve",
+        serde_json::json!({"chargePercentage": 33}),
+    );
+    bed.publish(&token).await;
+    let r = bed.reply(&id).await;
+    assert_eq!(r["type"], "command.succeeded", "{r}");
+    bed.telemetry("bat-ext-1", |s| s["backupReserve"] == 33.0)
+        .await;
+
+    // Invalid input never reaches a driver, and the reply names the field.
+    let (id, token) = bed.token(
+        "bat-1",
+        "battery:set-reserve",
+        serde_json::json!({"chargePercentage": 150}),
+    );
+    bed.publish(&token).await;
+    let r = bed.reply(&id).await;
+    assert_eq!(
+        (r["type"].as_str(), r["status"].as_u64()),
+        (Some("command.failed"), Some(400)),
+        "{r}"
+    );
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("chargePercentage"),
+        "{r}"
+    );
+
+    // A device the gateway does not have.
+    let (id, token) = bed.token(
+        "bat-404",
+        "battery:set-reserve",
+        serde_json::json!({"chargePercentage": 10}),
+    );
+    bed.publish(&token).await;
+    assert_eq!(bed.reply(&id).await["status"], 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_running_when_the_agent_is_killed_is_reported_interrupted() {
+    let mut bed = Bed::new("").await;
+    let agent = bed.start_agent().await;
+    let (id, token) = bed.token(
+        "slow-1",
+        "battery:set-reserve",
+        serde_json::json!({"chargePercentage": 22}),
+    );
+    bed.publish(&token).await;
+    let deadline = Instant::now() + WAIT;
+    while !bed.driver_log().contains(&id) {
+        assert!(Instant::now() < deadline, "driver never got the command");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.signal("KILL");
+    drop(agent);
+    let _agent = bed.start_agent().await;
+    let r = bed.reply(&id).await;
+    assert_eq!(r["type"], "command.failed", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted"),
+        "{r}"
+    );
+    assert_eq!(r["deviceId"], "slow-1");
+    // And a redelivery of the same attestation gets that recorded answer, not a second run.
+    bed.publish(&token).await;
+    let again = bed.reply(&id).await;
+    assert_eq!(again, r);
+    assert_eq!(
+        bed.driver_log().matches(&id).count(),
+        1,
+        "{}",
+        bed.driver_log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_fails_the_command_and_tells_the_driver_to_cancel() {
+    let mut bed = Bed::new("[commands]\ntimeouts = { \"battery:set-reserve\" = 2 }\n").await;
+    let _agent = bed.start_agent().await;
+    let (id, token) = bed.token(
+        "slow-1",
+        "battery:set-reserve",
+        serde_json::json!({"chargePercentage": 11}),
+    );
+    let sent = Instant::now();
+    bed.publish(&token).await;
+    let r = bed.reply(&id).await;
+    assert_eq!(
+        (r["status"].as_u64(), r["error"]["code"].as_str()),
+        (Some(504), Some("COMMAND_TIMEOUT")),
+        "{r}"
+    );
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1_900),
+        "failed before its timeout"
+    );
+    let deadline = Instant::now() + WAIT;
+    while !bed.driver_log().contains("\"cancel\"") {
+        assert!(
+            Instant::now() < deadline,
+            "driver was not told to cancel:\n{}",
+            bed.driver_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_run_in_parallel_and_a_newer_command_supersedes_the_running_one() {
+    let mut bed = Bed::new("").await;
+    let _agent = bed.start_agent().await;
+    // A slow command on slow-1 does not hold up slow-2.
+    let (slow, slow_token) = bed.token(
+        "slow-1",
+        "battery:set-reserve",
+        serde_json::json!({"chargePercentage": 22}),
+    );
+    let (quick, quick_token) = bed.token(
+        "slow-2",
+        "battery:set-reserve",
+        serde_json::json!({"chargePercentage": 30}),
+    );
+    bed.publish(&slow_token).await;
+    bed.publish(&quick_token).await;
+    let first = bed
+        .peer
+        .expect(&device_topic(GATEWAY, "replies"), WAIT, |m| {
+            m.json()["commandId"] == slow.as_str() || m.json()["commandId"] == quick.as_str()
+        })
+        .await
+        .json();
+    assert_eq!(
+        first["commandId"],
+        quick.as_str(),
+        "the other device's command waited: {first}"
+    );
+    assert_eq!(bed.reply(&slow).await["type"], "command.succeeded");
+
+    // On one device, the newer command wins and the running one is reported superseded.
+    let (stuck, stuck_token) = bed.token(
+        "slow-1",
+        "battery:set-reserve",
+        serde_json::json!({"chargePercentage": 11}),
+    );
+    let (newer, newer_token) = bed.token(
+        "slow-1",
+        "battery:set-reserve",
+        serde_json::json!({"chargePercentage": 55}),
+    );
+    bed.publish(&stuck_token).await;
+    bed.publish(&newer_token).await;
+    let r = bed.reply(&stuck).await;
+    assert_eq!(
+        (r["status"].as_u64(), r["error"]["code"].as_str()),
+        (Some(409), Some("SUPERSEDED")),
+        "{r}"
+    );
+    assert!(r["error"]["message"].as_str().unwrap().contains(&newer));
+    assert_eq!(bed.reply(&newer).await["type"], "command.succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_command_id_never_runs_twice() {
+    let mut bed = Bed::new("").await;
+    let _agent = bed.start_agent().await;
+    let (id, token) = bed.token(
+        "slow-2",
+        "battery:set-reserve",
+        serde_json::json!({"chargePercentage": 60}),
+    );
+    bed.publish(&token).await;
+    let first = bed.reply(&id).await;
+    bed.publish(&token).await;
+    let second = bed.reply(&id).await;
+    assert_eq!(first, second);
+    assert_eq!(
+        bed.driver_log().matches(&id).count(),
+        1,
+        "{}",
+        bed.driver_log()
+    );
+    let _ = &bed.pki;
+    let _ = &bed.cfg;
+}
