@@ -33,6 +33,13 @@ enum Command {
     Pair,
     /// Print the version.
     Version,
+    /// Run the simulated platform and a real agent through the whole key model.
+    #[cfg(feature = "sim")]
+    Demo {
+        /// Leave everything running afterwards and print curl examples for the API.
+        #[arg(long)]
+        keep_running: bool,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -45,6 +52,8 @@ pub fn main() -> ExitCode {
         Command::CheckConfig => check_config(&cli.config),
         Command::Status => show_status(&cli.config),
         Command::Pair => pair(&cli.config),
+        #[cfg(feature = "sim")]
+        Command::Demo { keep_running } => demo(keep_running),
         Command::Run => run(&cli.config),
     }
 }
@@ -166,6 +175,28 @@ fn print_link(link: &serde_json::Value) {
     println!("failures:    {}", field("failures"));
     if let Some(e) = link.get("last_error").and_then(|e| e.as_str()) {
         println!("last error:  {e}");
+    }
+}
+
+#[cfg(feature = "sim")]
+fn demo(keep_running: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::sim::demo::run(keep_running)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

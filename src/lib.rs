@@ -24,6 +24,8 @@ pub mod pairing;
 pub mod platform;
 pub mod reply;
 pub mod service;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod status;
 pub mod storage;
 pub mod telemetry;

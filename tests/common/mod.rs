@@ -13,10 +13,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
@@ -26,75 +22,7 @@ pub const BROKER_NAME: &str = "broker.texture.test";
 /// The peer that plays the platform; the ACL gives it the whole tree.
 pub const PLATFORM_CLIENT: &str = "platform";
 
-/// A test certificate authority that writes PEM files into a directory.
-pub struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    dir: PathBuf,
-    name: String,
-}
-
-/// Paths of one certificate and its key.
-#[derive(Debug, Clone)]
-pub struct CertFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-impl Ca {
-    pub fn new(dir: &Path, name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} test CA"));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.join(format!("{name}-ca.pem")), issuer.pem()).unwrap();
-        Ca {
-            issuer,
-            dir: dir.to_owned(),
-            name: name.to_owned(),
-        }
-    }
-
-    pub fn cert_path(&self) -> PathBuf {
-        self.dir.join(format!("{}-ca.pem", self.name))
-    }
-
-    /// A server certificate valid for `names` (DNS names or IP addresses).
-    pub fn server(&self, file_stem: &str, names: &[&str]) -> CertFiles {
-        let mut params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, names[0].to_string());
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.issue(file_stem, params)
-    }
-
-    /// A client certificate whose CN is `common_name` (mosquitto uses it as the username).
-    pub fn client(&self, common_name: &str) -> CertFiles {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name.to_string());
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.issue(&format!("{}-client-{common_name}", self.name), params)
-    }
-
-    fn issue(&self, file_stem: &str, params: CertificateParams) -> CertFiles {
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let files = CertFiles {
-            cert: self.dir.join(format!("{file_stem}.crt")),
-            key: self.dir.join(format!("{file_stem}.key")),
-        };
-        std::fs::write(&files.cert, cert.pem()).unwrap();
-        std::fs::write(&files.key, key.serialize_pem()).unwrap();
-        files
-    }
-}
+pub use texture_agent::sim::pki::{Ca, CertFiles};
 
 /// Everything one test needs: a directory, the trusted CA, and the broker's certificate.
 pub struct Pki {
