@@ -23,3 +23,18 @@ echo "==> cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "==> cargo test"
 cargo test --locked
+
+echo "==> the gateway build leaves the simulator out"
+cargo build --release --locked
+if ./target/release/texture-agent --help | grep -qw demo; then
+  echo "FAIL: the release (gateway) binary contains the demo subcommand" >&2
+  exit 1
+fi
+for crate in rumqttd axum rcgen; do
+  if cargo tree --locked -e normal -i "$crate" 2>/dev/null | grep -q "^$crate "; then
+    echo "FAIL: $crate is linked into the gateway build" >&2
+    exit 1
+  fi
+done
+echo "ok: no simulator code or crates in target/release/texture-agent ($(stat -c %s target/release/texture-agent) bytes)"
+
