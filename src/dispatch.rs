@@ -44,6 +44,8 @@ pub struct Dispatcher {
     completions_rx: Option<mpsc::Receiver<Completion>>,
     /// Replies to publish once the link is up (interrupted commands found at start).
     announcements: Vec<Vec<u8>>,
+    /// The pending pairing request, sent again after a reconnect so the platform has it.
+    pairing_request: Option<Vec<u8>>,
 }
 
 struct Running {
@@ -110,6 +112,7 @@ impl Dispatcher {
             completions_tx,
             completions_rx: Some(completions_rx),
             announcements,
+            pairing_request: None,
         }
     }
 
@@ -146,6 +149,9 @@ impl Dispatcher {
                     let connected = matches!(link.borrow_and_update().state, LinkState::Connected);
                     if connected {
                         self.advertise().await;
+                        if let Some(request) = self.pairing_request.clone().filter(|_| self.pairing.is_pending(self.now())) {
+                            let _ = self.publisher.publish(self.topics.pairing_request(), request, false).await;
+                        }
                         for reply in std::mem::take(&mut self.announcements) {
                             let _ = self.publisher.publish(self.topics.replies(), reply, false).await;
                         }
@@ -349,6 +355,12 @@ impl Dispatcher {
 
     async fn on_call(&mut self, call: ControlCall) {
         match call.request {
+            ControlRequest::Pair if self.authorizer.is_none() => {
+                let message =
+                    "pairing needs a [trust] section: the owner binding could not be verified"
+                        .into();
+                let _ = call.events.send(ControlEvent::Error { message }).await;
+            }
             ControlRequest::Pair => {
                 let now = self.now();
                 let public_key = crate::identity::public_key(&self.device_key);
@@ -383,6 +395,7 @@ impl Dispatcher {
                             self.watchers.push(call.events);
                         }
                         let payload = serde_json::to_vec(&request).expect("request serialises");
+                        self.pairing_request = Some(payload.clone());
                         if self
                             .publisher
                             .publish(self.topics.pairing_request(), payload, false)

@@ -89,6 +89,15 @@ pub fn plan(
         Ok(v) => v,
         Err(e) => return fail(ErrorCode::ValidationError, e.message),
     };
+    if validated.slug.device_type().is_none() && claims.command.device_id.is_some() {
+        return fail(
+            ErrorCode::ValidationError,
+            format!(
+                "deviceId: {} addresses the gateway itself and takes no deviceId",
+                validated.slug.as_str()
+            ),
+        );
+    }
     match validated.slug {
         Slug::AgentPing => Plan::Reply(reply_for(
             claims,

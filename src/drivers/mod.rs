@@ -114,8 +114,21 @@ impl DriverRegistry {
         self.changed.subscribe()
     }
 
-    fn observe(&self, sample: &Sample, route: &mpsc::Sender<DriverCommand>) {
+    /// Records a sample; `false` when it must be dropped: an invalid device id, or one that
+    /// another driver already owns (the first driver to report an id keeps it, so a buggy or
+    /// hostile driver cannot take over another device's commands).
+    fn observe(&self, sample: &Sample, route: &mpsc::Sender<DriverCommand>) -> bool {
+        if crate::device::DeviceId::parse(&sample.device_id).is_err() {
+            return false;
+        }
         let mut inner = self.inner.lock().expect("registry lock");
+        if inner
+            .devices
+            .get(&sample.device_id)
+            .is_some_and(|d| !d.route.same_channel(route))
+        {
+            return false;
+        }
         let known_type = inner
             .devices
             .get(&sample.device_id)
@@ -131,6 +144,7 @@ impl DriverRegistry {
         if known_type != Some(sample.state.device_type()) {
             self.changed.send_modify(|n| *n += 1);
         }
+        true
     }
 }
 
@@ -141,8 +155,13 @@ async fn forward(
     route: mpsc::Sender<DriverCommand>,
     registry: DriverRegistry,
 ) {
+    let mut refused = 0u64;
     while let Some(sample) = from_driver.recv().await {
-        registry.observe(&sample, &route);
+        if !registry.observe(&sample, &route) {
+            refused += 1;
+            tracing::warn!(device_id = %sample.device_id, refused, "sample dropped: invalid device id or one owned by another driver");
+            continue;
+        }
         if to_telemetry.send(sample).await.is_err() {
             return;
         }
