@@ -22,7 +22,9 @@ cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "==> cargo test"
-cargo test --locked
+test_log=$(mktemp)
+trap 'rm -f "$test_log"' EXIT
+cargo test --locked 2>&1 | tee "$test_log"
 
 echo "==> the gateway build leaves the simulator out"
 cargo build --release --locked
@@ -37,4 +39,8 @@ for crate in rumqttd axum rcgen; do
   fi
 done
 echo "ok: no simulator code or crates in target/release/texture-agent ($(stat -c %s target/release/texture-agent) bytes)"
+
+# One closing line for the whole run, in the plain form CI reads.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$test_log"
 
