@@ -58,6 +58,15 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Builds a runtime, reporting failure on stderr.
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    builder
+        .enable_all()
+        .build()
+        .map_err(|error| eprintln!("error: cannot start the async runtime: {error}"))
+        .ok()
+}
+
 fn load_or_report(path: &std::path::Path) -> Option<Settings> {
     match config::load(path) {
         Ok(settings) => Some(settings),
@@ -180,15 +189,9 @@ fn print_link(link: &serde_json::Value) {
 
 #[cfg(feature = "sim")]
 fn demo(keep_running: bool) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    // The simulator's broker and API share the process with the demo: use both cores.
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(crate::sim::demo::run(keep_running)) {
         Ok(true) => ExitCode::SUCCESS,
@@ -304,15 +307,8 @@ fn run(path: &std::path::Path) -> ExitCode {
     crate::logging::init(&settings.log);
     // One thread: the agent's work is I/O-bound and small, a single thread keeps memory low,
     // and it makes the systemd watchdog meaningful (a wedged thread stops the pings).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(crate::daemon::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,

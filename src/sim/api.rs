@@ -54,6 +54,20 @@ fn caller(api: &Api, headers: &HeaderMap) -> Result<KeyRecord, Response> {
     }
 }
 
+/// Key management is for server keys only.
+#[allow(clippy::result_large_err)]
+fn server_caller(api: &Api, headers: &HeaderMap) -> Result<KeyRecord, Response> {
+    let key = caller(api, headers)?;
+    if key.kind != KeyKind::Server {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            "only a server key may manage keys",
+        ));
+    }
+    Ok(key)
+}
+
 /// Starts the API on an ephemeral loopback port.
 pub async fn serve(
     state: Arc<Mutex<PlatformState>>,
@@ -339,16 +353,8 @@ async fn create_key(
     headers: HeaderMap,
     body: Option<Json<Value>>,
 ) -> Response {
-    match caller(&api, &headers) {
-        Ok(k) if k.kind == KeyKind::Server => {}
-        Ok(_) => {
-            return error(
-                StatusCode::FORBIDDEN,
-                "FORBIDDEN",
-                "only a server key may manage keys",
-            )
-        }
-        Err(r) => return r,
+    if let Err(r) = server_caller(&api, &headers) {
+        return r;
     }
     let body = body.map(|b| b.0).unwrap_or_default();
     let kind = match body["type"].as_str() {
@@ -376,16 +382,8 @@ async fn revoke_key(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    match caller(&api, &headers) {
-        Ok(k) if k.kind == KeyKind::Server => {}
-        Ok(_) => {
-            return error(
-                StatusCode::FORBIDDEN,
-                "FORBIDDEN",
-                "only a server key may manage keys",
-            )
-        }
-        Err(r) => return r,
+    if let Err(r) = server_caller(&api, &headers) {
+        return r;
     }
     let bundle = {
         let mut s = api.state.lock().expect("state");

@@ -149,6 +149,17 @@ impl PlatformState {
             .trust_bundle(self.bundle_version, now, now + 7 * 86_400, &revoked)
     }
 
+    /// The record of `id`, created on first sight as a device behind `gateway`.
+    fn device(&mut self, id: &str, gateway: &str) -> &mut DeviceRecord {
+        self.devices
+            .entry(id.to_owned())
+            .or_insert_with(|| DeviceRecord {
+                id: id.to_owned(),
+                gateway_id: gateway.to_owned(),
+                ..Default::default()
+            })
+    }
+
     /// The gateway a device id is reached through (a gateway reaches itself).
     pub fn gateway_of(&self, device_id: &str) -> Option<String> {
         if self.online.contains_key(device_id) {
@@ -414,14 +425,7 @@ fn record(state: &Mutex<PlatformState>, topic: &str, payload: &[u8]) -> Option<b
                 let (Some(id), Some(st)) = (p["deviceId"].as_str(), p.get("state")) else {
                     continue;
                 };
-                let d = s
-                    .devices
-                    .entry(id.to_owned())
-                    .or_insert_with(|| DeviceRecord {
-                        id: id.to_owned(),
-                        gateway_id: gateway.to_owned(),
-                        ..Default::default()
-                    });
+                let d = s.device(id, gateway);
                 d.device_type = st.get("type").cloned();
                 d.state = Some(st.clone());
                 d.updated_at = Some(now.clone());
@@ -432,14 +436,7 @@ fn record(state: &Mutex<PlatformState>, topic: &str, payload: &[u8]) -> Option<b
                 let Some(id) = dev["deviceId"].as_str() else {
                     continue;
                 };
-                let d = s
-                    .devices
-                    .entry(id.to_owned())
-                    .or_insert_with(|| DeviceRecord {
-                        id: id.to_owned(),
-                        gateway_id: gateway.to_owned(),
-                        ..Default::default()
-                    });
+                let d = s.device(id, gateway);
                 d.device_type = dev.get("type").cloned();
                 d.available_commands = dev["availableCommands"]
                     .as_array()
