@@ -1,8 +1,14 @@
-//! Footprint of the daemon, measured the way a gateway owner would see it:
-//! start-to-connected time, RSS and CPU time after a period connected and idle, binary size.
+//! Footprint of the daemon, measured the way a gateway owner would see it: start-up time to
+//! READY=1 and to connected, RSS and CPU time after a period connected and idle, binary size.
 //!
-//!     cargo bench --bench footprint            # 60 s idle window
+//!     cargo bench --bench footprint            # 60 s idle window, four simulated devices
 //!     FOOTPRINT_SECS=10 cargo bench --bench footprint
+//!     FOOTPRINT_DRIVERS=0 cargo bench --bench footprint   # the link alone
+//!
+//! "Idle" is a gateway's normal state: `FOOTPRINT_DRIVERS` simulated devices (default 4) each
+//! reporting every 5 s, telemetry batched and published as in production. Start-up times come
+//! from the daemon's own systemd notifications (`READY=1`, then `STATUS=connected to ...`),
+//! received on a private `NOTIFY_SOCKET`.
 //!
 //! Prints one figure per line; see docs/PERFORMANCE.md for recorded results.
 
@@ -11,7 +17,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Agent, AgentConfig, Mosquitto, Pki};
+use std::os::unix::net::UnixDatagram;
+use std::process::Stdio;
+
+use common::{AgentConfig, Mosquitto, Pki};
 
 fn proc_field(pid: u32, key: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -40,10 +49,20 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
+    let drivers: usize = std::env::var("FOOTPRINT_DRIVERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
     let pki = Pki::new();
     let broker = Mosquitto::start(&pki);
     let mut cfg = AgentConfig::new(&pki, broker.port, "gw-footprint");
     cfg.extra_broker = "keepalive_secs = 30\n".into();
+    for i in 0..drivers {
+        let kind = ["battery", "inverter", "charger", "thermostat"][i % 4];
+        cfg.extra_toml.push_str(&format!(
+            "[[drivers]]\nkind = \"simulated\"\ndevice_id = \"sim-{i}\"\ndevice_type = \"{kind}\"\ninterval_ms = 5000\nseed = {i}\n\n"
+        ));
+    }
     let config = cfg.write(pki.path());
     // The harness's config uses a 5 s keepalive for fast tests; use the production default.
     let text = std::fs::read_to_string(&config)
@@ -52,10 +71,38 @@ fn main() {
         .replace("level = \"debug\"", "level = \"info\"");
     std::fs::write(&config, text).unwrap();
 
-    let agent = Agent::spawn(&config);
-    agent.wait_for_log("connected", Duration::from_secs(15));
-    let connected = agent.started.elapsed();
-    let pid = agent.pid();
+    let notify_path = pki.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let started = Instant::now();
+    let mut child = common::agent_process()
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("INVOCATION_ID")
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn texture-agent");
+    let (mut ready, mut connected) = (None, None);
+    let mut buf = [0u8; 512];
+    while connected.is_none() {
+        let n = notify.recv(&mut buf).expect("a notification within 15 s");
+        let message = String::from_utf8_lossy(&buf[..n]);
+        if message.lines().any(|l| l == "READY=1") {
+            ready.get_or_insert(started.elapsed());
+        }
+        if message.lines().any(|l| l.starts_with("STATUS=connected")) {
+            connected = Some(started.elapsed());
+        }
+    }
+    let (ready, connected) = (ready.expect("READY=1 before connected"), connected.unwrap());
+    let pid = child.id();
     let cpu_at_connect = cpu_seconds(pid);
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
@@ -67,6 +114,8 @@ fn main() {
         common::agent_binary(),
         binary as f64 / 1048576.0
     );
+    println!("simulated_devices      {drivers} (every 5 s)");
+    println!("start_to_ready_ms      {:.1}", ready.as_secs_f64() * 1000.0);
     println!(
         "start_to_connected_ms  {:.1}",
         connected.as_secs_f64() * 1000.0
@@ -81,4 +130,6 @@ fn main() {
         "cpu_s_idle_window      {:.2}",
         cpu_seconds(pid) - cpu_at_connect
     );
+    let _ = child.kill();
+    let _ = child.wait();
 }
