@@ -40,7 +40,11 @@ for crate in rumqttd axum rcgen; do
 done
 echo "ok: no simulator code or crates in target/release/texture-agent ($(stat -c %s target/release/texture-agent) bytes)"
 
+echo "==> deployment: aarch64 under QEMU, and the .deb in a booted systemd container"
+./scripts/test-qemu.sh 2>&1 | tee -a "$test_log"
+./scripts/test-container.sh 2>&1 | tee -a "$test_log"
+
 # One closing line for the whole run, in the plain form CI reads.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+awk '/^(test result|qemu|container):/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "summary: %d passed, %d failed\n", p, f }' "$test_log"
 

@@ -263,6 +263,9 @@ impl Link {
         let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
         let mut net = eventloop.network_options();
         net.set_connection_timeout(settings.broker.connect_timeout_secs);
+        // Commands and their replies are small and latency-bound: Nagle's algorithm would hold
+        // each one for up to 40 ms waiting for an ACK.
+        net.set_tcp_nodelay(true);
         eventloop.set_network_options(net);
 
         let b = &settings.broker;

@@ -119,7 +119,7 @@ impl Mosquitto {
                  log_dest file {log}\nlog_type all\nconnection_messages true\n\
                  listener {port} 127.0.0.1\n\
                  cafile {ca}\ncertfile {cert}\nkeyfile {key}\n\
-                 require_certificate true\nuse_identity_as_username true\n\
+                 require_certificate true\nuse_identity_as_username true\nset_tcp_nodelay true\n\
                  acl_file {acl}\n",
                 log = log.display(),
                 ca = pki.ca.cert_path().display(),
