@@ -186,7 +186,15 @@ impl Telemetry {
                 }
                 sample = samples.recv(), if samples_open => match sample {
                     Some(sample) => {
-                        self.append_state(&sample);
+                        // Take whatever else is already queued too: one write for the lot.
+                        let mut batch = vec![sample];
+                        while batch.len() < 256 {
+                            match samples.try_recv() {
+                                Ok(more) => batch.push(more),
+                                Err(_) => break,
+                            }
+                        }
+                        self.append_states(&batch);
                         if unsent_since.is_none() && self.outbox.last_seq() > sent {
                             unsent_since = Some(Instant::now());
                         }
@@ -216,15 +224,25 @@ impl Telemetry {
         }
     }
 
-    fn append_state(&mut self, sample: &Sample) {
-        let point = StoredPoint {
-            ts: unix_millis(),
-            device_id: &sample.device_id,
-            body: StateBody {
-                state: &sample.state,
-            },
-        };
-        self.append(serde_json::to_vec(&point).expect("points serialise"));
+    fn append_states(&mut self, samples: &[Sample]) {
+        let now = unix_millis();
+        let points: Vec<Vec<u8>> = samples
+            .iter()
+            .map(|sample| {
+                let point = StoredPoint {
+                    ts: now,
+                    device_id: &sample.device_id,
+                    body: StateBody {
+                        state: &sample.state,
+                    },
+                };
+                serde_json::to_vec(&point).expect("points serialise")
+            })
+            .collect();
+        match self.outbox.append_all(&points) {
+            Ok(_) => self.publish_stats(),
+            Err(error) => tracing::error!(%error, points = points.len(), "points not stored"),
+        }
     }
 
     fn append_health(&mut self) {
@@ -284,7 +302,8 @@ pub fn batch_message(gateway_id: &str, records: &[crate::outbox::Record]) -> Vec
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(format!("{{\"seq\":{},", r.seq).as_bytes());
+        // `write!` into the Vec itself: no temporary String per point.
+        let _ = std::io::Write::write_fmt(&mut out, format_args!("{{\"seq\":{},", r.seq));
         out.extend_from_slice(&r.payload[1..]);
     }
     out.extend_from_slice(b"]}");
