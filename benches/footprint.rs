@@ -22,25 +22,6 @@ use std::process::Stdio;
 
 use common::{AgentConfig, Mosquitto, Pki};
 
-fn proc_field(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// utime + stime in seconds (clock ticks are 100 Hz on Linux).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -103,7 +84,7 @@ fn main() {
     }
     let (ready, connected) = (ready.expect("READY=1 before connected"), connected.unwrap());
     let pid = child.id();
-    let cpu_at_connect = cpu_seconds(pid);
+    let cpu_at_connect = common::cpu_seconds(&pid.to_string());
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
     let idle = t0.elapsed();
@@ -121,14 +102,29 @@ fn main() {
         connected.as_secs_f64() * 1000.0
     );
     println!("idle_window_s          {:.1}", idle.as_secs_f64());
-    println!("rss_kib                {}", proc_field(pid, "VmRSS:"));
-    println!("rss_peak_kib           {}", proc_field(pid, "VmHWM:"));
-    println!("rss_anon_kib           {}", proc_field(pid, "RssAnon:"));
-    println!("threads                {}", proc_field(pid, "Threads:"));
-    println!("cpu_s_total            {:.2}", cpu_seconds(pid));
+    println!(
+        "rss_kib                {}",
+        common::proc_status_kib(&pid.to_string(), "VmRSS:")
+    );
+    println!(
+        "rss_peak_kib           {}",
+        common::proc_status_kib(&pid.to_string(), "VmHWM:")
+    );
+    println!(
+        "rss_anon_kib           {}",
+        common::proc_status_kib(&pid.to_string(), "RssAnon:")
+    );
+    println!(
+        "threads                {}",
+        common::proc_status_kib(&pid.to_string(), "Threads:")
+    );
+    println!(
+        "cpu_s_total            {:.2}",
+        common::cpu_seconds(&pid.to_string())
+    );
     println!(
         "cpu_s_idle_window      {:.2}",
-        cpu_seconds(pid) - cpu_at_connect
+        common::cpu_seconds(&pid.to_string()) - cpu_at_connect
     );
     let _ = child.kill();
     let _ = child.wait();

@@ -45,24 +45,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-fn proc_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-        .split_whitespace()
-        .collect();
-    (fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()) as f64 / 100.0
-}
-
 /// A handful of distinct device states, cycled.
 fn states() -> Vec<(String, DeviceState)> {
     let kinds = [
@@ -246,9 +228,9 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
     );
     println!(
         "  rss {} KiB, peak rss (VmHWM) {} KiB, anonymous {} KiB",
-        proc_kib(pid, "VmRSS:"),
-        proc_kib(pid, "VmHWM:"),
-        proc_kib(pid, "RssAnon:")
+        common::proc_status_kib(&pid.to_string(), "VmRSS:"),
+        common::proc_status_kib(&pid.to_string(), "VmHWM:"),
+        common::proc_status_kib(&pid.to_string(), "RssAnon:")
     );
 
     let broker = Mosquitto::start_on(pki, port);
@@ -257,9 +239,12 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
         let mut peer = Peer::connect(pki, broker.port, PLATFORM_CLIENT, &[&topic]).await;
         // Let it connect and work through the full outbox first.
         peer.collect(&topic, Duration::from_secs(3)).await;
-        let (cpu, t) = (cpu_seconds(pid), Instant::now());
+        let (cpu, t) = (common::cpu_seconds(&pid.to_string()), Instant::now());
         let batches = peer.collect(&topic, Duration::from_secs(5)).await;
-        let (cpu, window) = (cpu_seconds(pid) - cpu, t.elapsed().as_secs_f64());
+        let (cpu, window) = (
+            common::cpu_seconds(&pid.to_string()) - cpu,
+            t.elapsed().as_secs_f64(),
+        );
         let points: usize = batches
             .iter()
             .map(|m| m.json()["points"].as_array().map_or(0, Vec::len))
@@ -270,8 +255,8 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
         "binary, connected, driver pushing: {:.0} points/s delivered, {:.0} % CPU ({} threads); peak rss {} KiB",
         received.0,
         received.1 * 100.0,
-        proc_kib(pid, "Threads:"),
-        proc_kib(pid, "VmHWM:")
+        common::proc_status_kib(&pid.to_string(), "Threads:"),
+        common::proc_status_kib(&pid.to_string(), "VmHWM:")
     );
     drop(agent);
 }
@@ -293,7 +278,7 @@ fn main() {
 
     let (agent, dropped, peak_bytes) = runtime.block_on(agent_path(&pki, broker.port, points));
     let pid = std::process::id();
-    let hwm = proc_kib(pid, "VmHWM:");
+    let hwm = common::proc_status_kib(&pid.to_string(), "VmHWM:");
     let raw = runtime.block_on(raw_path(&pki, broker.port, points, 100));
     let raw_single = runtime.block_on(raw_path(&pki, broker.port, single, 1));
 

@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
+use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki};
 use texture_agent::platform::{ApiKey, PlatformSigner};
 use texture_agent::topics::Topics;
 
@@ -15,10 +15,7 @@ const DEVICE: &str = "gw-e2e";
 const WORKSPACE: &str = "ws-home";
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    common::unix_now()
 }
 
 fn ping(signer: &PlatformSigner, key: &ApiKey, id: &str) -> String {
@@ -54,17 +51,11 @@ async fn only_server_and_owner_attestations_execute_over_a_hostile_broker() {
     let pki = Pki::new();
     let broker = Mosquitto::start(&pki);
     let signer = PlatformSigner::generate("platform-1");
-    let mut peer = Peer::connect(
+    let mut peer = common::platform_peer(
         &pki,
         broker.port,
-        PLATFORM_CLIENT,
+        &signer,
         &[&device_topic(DEVICE, "replies")],
-    )
-    .await;
-    peer.publish(
-        &Topics::trust_bundle(),
-        signer.trust_bundle(1, now(), now() + 3_600, &[]),
-        true,
     )
     .await;
 

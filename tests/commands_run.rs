@@ -5,21 +5,17 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
+use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki};
 use texture_agent::platform::{ApiKey, PlatformSigner};
-use texture_agent::topics::Topics;
 
 const GATEWAY: &str = "gw-run";
 const WORKSPACE: &str = "ws-run";
 const WAIT: Duration = Duration::from_secs(20);
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    common::unix_now()
 }
 
 /// A driver for two batteries, `slow-1` and `slow-2`. `set-reserve` answers at once, except
@@ -71,21 +67,15 @@ impl Bed {
         let pki = Pki::new();
         let broker = Mosquitto::start(&pki);
         let signer = PlatformSigner::generate("platform-1");
-        let peer = Peer::connect(
+        let peer = common::platform_peer(
             &pki,
             broker.port,
-            PLATFORM_CLIENT,
+            &signer,
             &[
                 &device_topic(GATEWAY, "replies"),
                 &device_topic(GATEWAY, "telemetry"),
                 &device_topic(GATEWAY, "capabilities"),
             ],
-        )
-        .await;
-        peer.publish(
-            &Topics::trust_bundle(),
-            signer.trust_bundle(1, now(), now() + 3_600, &[]),
-            true,
         )
         .await;
         let script = pki.path().join("slow_driver.py");

@@ -6,22 +6,18 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
+use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki};
 use texture_agent::pairing::code::commitment;
 use texture_agent::platform::{ApiKey, PlatformSigner};
-use texture_agent::topics::Topics;
 
 const WAIT: Duration = Duration::from_secs(15);
 const DEVICE: &str = "gw-pair";
 const WORKSPACE: &str = "ws-home";
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    common::unix_now()
 }
 
 struct Platform {
@@ -119,20 +115,14 @@ async fn only_the_paired_owners_scoped_keys_run_through_repairing_and_unpairing(
     let pki = Pki::new();
     let broker = Mosquitto::start(&pki);
     let signer = PlatformSigner::generate("platform-1");
-    let peer = Peer::connect(
+    let peer = common::platform_peer(
         &pki,
         broker.port,
-        PLATFORM_CLIENT,
+        &signer,
         &[
             &device_topic(DEVICE, "replies"),
             &device_topic(DEVICE, "pairing/request"),
         ],
-    )
-    .await;
-    peer.publish(
-        &Topics::trust_bundle(),
-        signer.trust_bundle(1, now(), now() + 3_600, &[]),
-        true,
     )
     .await;
     let mut platform = Platform {

@@ -712,30 +712,6 @@ pub struct FleetReport {
     pub log_events: BTreeMap<String, u64>,
 }
 
-fn proc_status_kib(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// utime + stime of this process, seconds.
-fn process_cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let Some(close) = stat.rfind(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-    let ticks: u64 =
-        fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
-}
-
 /// Raises the open-file limit to its hard maximum: every session holds a socket, its outbox
 /// segment and its replay journal, and the broker (a child) inherits the limit too.
 pub fn raise_fd_limit() {
@@ -876,7 +852,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> FleetReport {
         h.measuring = true;
         h.points
     };
-    let cpu_before = process_cpu_secs();
+    let cpu_before = crate::common::cpu_seconds("self");
     let t_steady = Instant::now();
     let pings = cfg.pings.min(n);
     for k in 0..pings {
@@ -887,7 +863,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> FleetReport {
     }
     tokio::time::sleep_until((t_steady + steady).into()).await;
     let window = t_steady.elapsed().as_secs_f64();
-    let cpu = process_cpu_secs() - cpu_before;
+    let cpu = crate::common::cpu_seconds("self") - cpu_before;
     peer.wait_until(Duration::from_secs(10), |h| h.replies.len() >= pings)
         .await;
     {
@@ -906,7 +882,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> FleetReport {
             pings_failed: h.replies.values().filter(|(_, ok)| !ok).count(),
             telemetry_latency_ms: Spread::of(std::mem::take(&mut h.latency_ms)),
             process_cpu_pct: cpu / window * 100.0,
-            process_rss_kib: proc_status_kib("VmRSS:"),
+            process_rss_kib: crate::common::proc_status_kib("self", "VmRSS:"),
         };
     }
     progress(&format!(
@@ -1015,7 +991,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> FleetReport {
     }
     while stopping.join_next().await.is_some() {}
     report.shutdown_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
-    report.process_peak_rss_kib = proc_status_kib("VmHWM:");
+    report.process_peak_rss_kib = crate::common::proc_status_kib("self", "VmHWM:");
     report.log_events = rec
         .counts
         .lock()
