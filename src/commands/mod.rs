@@ -71,6 +71,8 @@ pub struct DeviceRun {
     pub device_id: String,
     pub route: mpsc::Sender<DriverCommand>,
     pub timeout: Duration,
+    /// The input as validated and normalised by the catalog (e.g. °F converted to °C).
+    pub input: serde_json::Map<String, Value>,
 }
 
 /// Decides what to do with an authorised command (validated against the platform's command
@@ -145,6 +147,7 @@ pub fn plan(
                 device_id: device_id.to_owned(),
                 route,
                 timeout: settings.timeout(slug.as_str()),
+                input: validated.input,
             })
         }
     }
@@ -163,9 +166,7 @@ pub async fn run_on_device(
         command_id: claims.jti.clone(),
         device_id: run.device_id.clone(),
         slug: claims.command.slug.clone(),
-        input: catalog::validate(&claims.command.slug, &claims.command.input)
-            .map(|v| v.input)
-            .unwrap_or_default(),
+        input: run.input,
         done,
     };
     let work = async {
