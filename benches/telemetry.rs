@@ -27,14 +27,13 @@ use std::time::{Duration, Instant};
 use rumqttc::{
     AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
 use texture_agent::config::Settings;
 use texture_agent::drivers::Sample;
 use texture_agent::link::{Link, LinkState};
 use texture_agent::outbox::{Outbox, Record};
-use texture_agent::telemetry::health::HealthProbe;
 use texture_agent::telemetry::model::{DeviceState, DeviceType};
 use texture_agent::telemetry::{batch_message, Telemetry};
 
@@ -84,19 +83,7 @@ async fn agent_path(pki: &Pki, port: u16, points: u64) -> (f64, u64, u64) {
         .unwrap();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let (outbox, _) = Outbox::open(dir.path(), settings.telemetry.outbox_max_bytes).unwrap();
-    let (stats_tx, mut stats) = watch::channel(outbox.stats());
-    let telemetry = Telemetry {
-        gateway_id: settings.device.id.to_string(),
-        topics: link.topics().clone(),
-        publisher: link.publisher(),
-        link: link.status(),
-        outbox,
-        settings: settings.telemetry.clone(),
-        health: HealthProbe {
-            state_dir: dir.path().to_owned(),
-        },
-        stats: stats_tx,
-    };
+    let (telemetry, mut stats) = Telemetry::new(&settings, &link, outbox, dir.path());
     let (tx, rx) = mpsc::channel(texture_agent::drivers::SAMPLE_QUEUE);
     let task = tokio::spawn(telemetry.run(rx, shutdown));
     let states = states();

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::auth::{Authorizer, AuthorizerConfig};
 use crate::config::Settings;
@@ -18,7 +18,6 @@ use crate::pairing::PairingState;
 use crate::service::{self, notify_or_log};
 use crate::status::{self, RuntimeStatus};
 use crate::storage;
-use crate::telemetry::health::HealthProbe;
 use crate::telemetry::Telemetry;
 
 /// How long a graceful shutdown may take in total; systemd's `TimeoutStopSec` must be larger.
@@ -60,19 +59,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (samples_tx, samples_rx) = mpsc::channel(crate::drivers::SAMPLE_QUEUE);
     let (drivers, driver_tasks) = crate::drivers::start(&settings.drivers, &samples_tx, &shutdown);
     drop(samples_tx);
-    let (outbox_stats_tx, outbox_stats) = watch::channel(outbox.stats());
-    let telemetry = Telemetry {
-        gateway_id: settings.device.id.to_string(),
-        topics: link.topics().clone(),
-        publisher: link.publisher(),
-        link: link.status(),
-        outbox,
-        settings: settings.telemetry.clone(),
-        health: HealthProbe {
-            state_dir: settings.state.dir.clone(),
-        },
-        stats: outbox_stats_tx,
-    };
+    let (telemetry, outbox_stats) = Telemetry::new(&settings, &link, outbox, &settings.state.dir);
     let mut telemetry_task = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
     let inbound = link.take_inbound().expect("inbound taken once");
     let (calls_tx, calls_rx) = mpsc::channel(8);

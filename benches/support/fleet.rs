@@ -51,7 +51,6 @@ use texture_agent::outbox::{Outbox, OutboxStats};
 use texture_agent::pairing::PairingState;
 use texture_agent::platform::{ApiKey, PlatformSigner};
 use texture_agent::service::{self, Shutdown};
-use texture_agent::telemetry::health::HealthProbe;
 use texture_agent::telemetry::Telemetry;
 use texture_agent::topics::Topics;
 
@@ -539,19 +538,7 @@ fn start(p: Prepared, shutdown: &Shutdown) -> Session {
     let (registry, drivers) =
         texture_agent::drivers::start(&settings.drivers, &samples_tx, shutdown);
     drop(samples_tx);
-    let (stats_tx, stats_rx) = watch::channel(p.outbox.stats());
-    let telemetry = Telemetry {
-        gateway_id: settings.device.id.to_string(),
-        topics: link.topics().clone(),
-        publisher: link.publisher(),
-        link: link.status(),
-        outbox: p.outbox,
-        settings: settings.telemetry.clone(),
-        health: HealthProbe {
-            state_dir: settings.state.dir.clone(),
-        },
-        stats: stats_tx,
-    };
+    let (telemetry, stats_rx) = Telemetry::new(&settings, &link, p.outbox, &settings.state.dir);
     let telemetry = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
     let inbound = link.take_inbound().expect("inbound taken once");
     let (calls_tx, calls_rx) = mpsc::channel(8);

@@ -125,6 +125,30 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
+    /// Wires the telemetry task to `link` as the daemon does, with health figures taken for
+    /// `state_dir`'s filesystem. Also returns the feed of outbox figures.
+    pub fn new(
+        settings: &crate::config::Settings,
+        link: &crate::link::Link,
+        outbox: Outbox,
+        state_dir: &std::path::Path,
+    ) -> (Telemetry, watch::Receiver<OutboxStats>) {
+        let (stats, stats_rx) = watch::channel(outbox.stats());
+        let telemetry = Telemetry {
+            gateway_id: settings.device.id.to_string(),
+            topics: link.topics().clone(),
+            publisher: link.publisher(),
+            link: link.status(),
+            outbox,
+            settings: settings.telemetry.clone(),
+            health: health::HealthProbe {
+                state_dir: state_dir.to_owned(),
+            },
+            stats,
+        };
+        (telemetry, stats_rx)
+    }
+
     /// Runs until shutdown; then makes the outbox durable and returns it.
     pub async fn run(
         mut self,
