@@ -32,12 +32,9 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 fn stored_point(i: u64) -> Vec<u8> {
     let mut device = texture_agent::drivers::sim::SimDevice::new(DeviceType::Battery, i);
     let state = device.step(5.0, 43_200).clone();
-    serde_json::to_vec(&serde_json::json!({
-        "ts": 1_800_000_000_000u64 + i,
-        "deviceId": "bat-1",
-        "state": state,
-    }))
-    .unwrap()
+    let mut point = Vec::new();
+    texture_agent::telemetry::encode_state(1_800_000_000_000 + i, "bat-1", &state, &mut point);
+    point
 }
 
 /// When to call `sync()`: every `every` operations or every `interval`, whichever first.

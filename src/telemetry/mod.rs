@@ -250,17 +250,19 @@ impl Telemetry {
 
     fn append_states(&mut self, samples: &[Sample]) {
         let now = unix_millis();
-        let points: Vec<Vec<u8>> = samples
+        // All points serialised into one buffer: one allocation for the lot, not one each.
+        let mut buf = Vec::with_capacity(samples.len() * 320);
+        let mut ends = Vec::with_capacity(samples.len());
+        for sample in samples {
+            encode_state(now, &sample.device_id, &sample.state, &mut buf);
+            ends.push(buf.len());
+        }
+        let points: Vec<&[u8]> = ends
             .iter()
-            .map(|sample| {
-                let point = StoredPoint {
-                    ts: now,
-                    device_id: &sample.device_id,
-                    body: StateBody {
-                        state: &sample.state,
-                    },
-                };
-                serde_json::to_vec(&point).expect("points serialise")
+            .scan(0, |start, &end| {
+                let point = &buf[*start..end];
+                *start = end;
+                Some(point)
             })
             .collect();
         match self.outbox.append_all(&points) {
@@ -310,6 +312,17 @@ impl Telemetry {
             Err(_) => Err(()),
         }
     }
+}
+
+/// Appends a device state point as the outbox stores it (`{"ts":…,"deviceId":…,"state":…}`,
+/// without its sequence number) to `out`.
+pub fn encode_state(ts: u64, device_id: &str, state: &model::DeviceState, out: &mut Vec<u8>) {
+    let point = StoredPoint {
+        ts,
+        device_id,
+        body: StateBody { state },
+    };
+    serde_json::to_writer(out, &point).expect("points serialise");
 }
 
 /// `{"gatewayId": "...", "points": [{"seq": N, ...stored point...}, ...]}`.
