@@ -57,9 +57,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (trigger, shutdown) = service::shutdown_channel();
     let mut link = Link::start(&settings, shutdown.clone())?;
     let (samples_tx, samples_rx) = mpsc::channel(crate::drivers::SAMPLE_QUEUE);
-    let (drivers, driver_tasks) = crate::drivers::start(&settings.drivers, &samples_tx, &shutdown);
+    let (drivers, driver_health, driver_tasks) =
+        crate::drivers::start(&settings.drivers, &samples_tx, &shutdown);
     drop(samples_tx);
     let (telemetry, outbox_stats) = Telemetry::new(&settings, &link, outbox, &settings.state.dir);
+    let telemetry = telemetry.with_driver_health(driver_health);
     let mut telemetry_task = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
     let inbound = link.take_inbound().expect("inbound taken once");
     let (calls_tx, calls_rx) = mpsc::channel(8);

@@ -2,12 +2,15 @@
 //! however broken, takes the agent down.
 //!
 //! Each test runs real child processes (python3 and sh) and bounds every wait with a timeout,
-//! so a regression fails the test instead of hanging it.
+//! so a regression fails the test instead of hanging it. Most drive a supervisor in-process;
+//! the last runs the agent binary against mosquitto to check what the platform sees.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -157,9 +160,9 @@ async fn example_driver_reports_state_and_runs_a_command() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn bad_driver_is_restarted_and_never_fatal() {
-    let dir = tempfile::tempdir().unwrap();
+/// A driver that, on every run, prints two malformed lines, a 5000-byte line (oversized at a
+/// 1024-byte limit), one valid state for `bad-1`, and exits with status 1.
+fn bad_driver(dir: &Path) -> PathBuf {
     let valid = json!({
         "type": "state", "deviceId": "bad-1",
         "state": {
@@ -168,8 +171,8 @@ async fn bad_driver_is_restarted_and_never_fatal() {
             "gridStatus": "idle", "gridPower": 0.0, "strategy": "backup"
         }
     });
-    let bad = script(
-        dir.path(),
+    script(
+        dir,
         "bad-driver.sh",
         &format!(
             "echo 'this is not json'\n\
@@ -179,7 +182,13 @@ async fn bad_driver_is_restarted_and_never_fatal() {
              echo '{valid}'\n\
              exit 1\n"
         ),
-    );
+    )
+}
+
+#[tokio::test]
+async fn bad_driver_is_restarted_and_never_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = bad_driver(dir.path());
     let mut h = start(vec!["sh".into(), bad.display().to_string()], 1024);
 
     // One valid line per incarnation: a second sample means the driver was restarted.
@@ -273,4 +282,81 @@ async fn commands_without_a_running_driver_are_refused() {
     assert_eq!(answer, Ok(Err("driver not running".to_string())));
     assert_eq!(h.stats.spawns.load(Ordering::Relaxed), 0);
     h.stop().await;
+}
+
+/// The `drivers` entry named `name` in a gateway health point, if the point has one.
+fn driver_health<'a>(health: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    health["drivers"]
+        .as_array()?
+        .iter()
+        .find(|d| d["name"] == name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_driver_counters_reach_the_platform_in_the_health_point() {
+    const GATEWAY: &str = "gw-drivers";
+    let pki = common::Pki::new();
+    let broker = common::Mosquitto::start(&pki);
+    let telemetry = common::device_topic(GATEWAY, "telemetry");
+    let mut platform =
+        common::Peer::connect(&pki, broker.port, common::PLATFORM_CLIENT, &[&telemetry]).await;
+    let bad = bad_driver(pki.path());
+    let mut cfg = common::AgentConfig::new(&pki, broker.port, GATEWAY);
+    // A simulated driver beside the bad one: it must not be listed in the health point.
+    cfg.extra_toml = format!(
+        "[telemetry]\nbatch_max_ms = 50\nhealth_interval_secs = 1\n\n\
+         [[drivers]]\nkind = \"process\"\nname = \"bad\"\ncommand = [\"sh\", \"{}\"]\n\
+         max_line_bytes = 1024\n\n\
+         [[drivers]]\nkind = \"simulated\"\ndevice_id = \"sim-1\"\ndevice_type = \"battery\"\n",
+        bad.display()
+    );
+    let agent = common::Agent::spawn(&cfg.write(pki.path()));
+
+    // Health points come every second; the counters grow with each run of the driver, so wait
+    // for the first point that shows a restart and both kinds of skipped line.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last_health = serde_json::Value::Null;
+    let bad_health = 'found: loop {
+        assert!(
+            Instant::now() < deadline,
+            "no health point showed the bad driver's restarts and skipped lines; \
+             last health point: {last_health}\nagent log:\n{}",
+            agent.log_dump()
+        );
+        for batch in platform
+            .collect(&telemetry, Duration::from_millis(300))
+            .await
+        {
+            for point in batch.json()["points"].as_array().into_iter().flatten() {
+                if point.get("health").is_none() {
+                    continue;
+                }
+                assert_eq!(point["deviceId"], GATEWAY, "{point}");
+                last_health = point["health"].clone();
+                let Some(bad) = driver_health(&last_health, "bad") else {
+                    continue;
+                };
+                if bad["restarts"].as_u64() >= Some(1)
+                    && bad["malformedLines"].as_u64() > Some(0)
+                    && bad["oversizedLines"].as_u64() > Some(0)
+                {
+                    break 'found bad.clone();
+                }
+            }
+        }
+    };
+
+    assert_eq!(
+        last_health["drivers"].as_array().map(Vec::len),
+        Some(1),
+        "only process drivers are listed: {last_health}"
+    );
+    // Two malformed lines and one oversized line per run, and the runs so far include a restart.
+    let restarts = bad_health["restarts"].as_u64().unwrap();
+    assert!(
+        bad_health["malformedLines"].as_u64().unwrap() >= 2 * restarts,
+        "{bad_health}"
+    );
+    assert!(bad_health["samples"].as_u64().unwrap() >= 1, "{bad_health}");
+    assert!(bad_health["running"].is_boolean(), "{bad_health}");
 }

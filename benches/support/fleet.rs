@@ -535,10 +535,11 @@ fn start(p: Prepared, shutdown: &Shutdown) -> Session {
     let settings = p.settings;
     let mut link = Link::start(&settings, shutdown.clone()).expect("link starts");
     let (samples_tx, samples_rx) = mpsc::channel(texture_agent::drivers::SAMPLE_QUEUE);
-    let (registry, drivers) =
+    let (registry, driver_health, drivers) =
         texture_agent::drivers::start(&settings.drivers, &samples_tx, shutdown);
     drop(samples_tx);
     let (telemetry, stats_rx) = Telemetry::new(&settings, &link, p.outbox, &settings.state.dir);
+    let telemetry = telemetry.with_driver_health(driver_health);
     let telemetry = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
     let inbound = link.take_inbound().expect("inbound taken once");
     let (calls_tx, calls_rx) = mpsc::channel(8);

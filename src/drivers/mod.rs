@@ -9,10 +9,13 @@
 pub mod process;
 pub mod sim;
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::telemetry::model::{DeviceState, DeviceType};
+use crate::telemetry::model::{DeviceState, DeviceType, DriverHealth};
 
 /// Samples waiting for the telemetry task. Drivers block (back-pressure) when it is full.
 pub const SAMPLE_QUEUE: usize = 256;
@@ -148,6 +151,38 @@ impl DriverRegistry {
     }
 }
 
+/// Where the health point reads one process driver's counters.
+///
+/// The driver's supervisor bumps the counters; telemetry reads them when it makes a health
+/// point. This handle is all the two share: telemetry needs neither the supervisor nor the
+/// driver's settings, and neither side ever waits for the other (the counters are atomics).
+#[derive(Debug, Clone)]
+pub struct DriverHealthSource {
+    /// The driver's configured `name`, which the platform sees.
+    pub name: String,
+    pub stats: Arc<process::DriverStats>,
+}
+
+impl DriverHealthSource {
+    /// The driver's figures as the health point reports them.
+    pub fn read(&self) -> DriverHealth {
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        // Two relaxed loads may see one counter a moment staler than the other. Around a
+        // restart that only makes `running` flip a moment early or late, which is harmless in
+        // a figure sampled every `health_interval_secs`.
+        let (spawns, exits) = (load(&self.stats.spawns), load(&self.stats.exits));
+        DriverHealth {
+            name: self.name.clone(),
+            running: spawns > exits,
+            // Saturating: `spawns` stays 0 while the program cannot be started at all.
+            restarts: spawns.saturating_sub(1),
+            malformed_lines: load(&self.stats.malformed_lines),
+            oversized_lines: load(&self.stats.oversized_lines),
+            samples: load(&self.stats.samples),
+        }
+    }
+}
+
 /// Passes one driver's samples on to telemetry, learning its devices on the way.
 async fn forward(
     mut from_driver: mpsc::Receiver<Sample>,
@@ -169,12 +204,20 @@ async fn forward(
 }
 
 /// Starts every configured driver; their samples go to `samples`.
+///
+/// Returns the registry of their devices, the counters of each process driver in configuration
+/// order (for the health point; simulated drivers keep none), and the drivers' tasks.
 pub fn start(
     settings: &[DriverSettings],
     samples: &SampleSender,
     shutdown: &crate::service::Shutdown,
-) -> (DriverRegistry, Vec<tokio::task::JoinHandle<()>>) {
+) -> (
+    DriverRegistry,
+    Vec<DriverHealthSource>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
     let registry = DriverRegistry::default();
+    let mut health = Vec::new();
     let mut tasks = Vec::new();
     for d in settings {
         let (command_tx, command_rx) = mpsc::channel(8);
@@ -203,7 +246,11 @@ pub fn start(
             }
             DriverSettings::Process { .. } => {
                 let driver = process::ProcessDriver::from_settings(d).expect("a process driver");
-                let stats = std::sync::Arc::new(process::DriverStats::default());
+                let stats = Arc::new(process::DriverStats::default());
+                health.push(DriverHealthSource {
+                    name: driver.name.clone(),
+                    stats: stats.clone(),
+                });
                 tasks.push(tokio::spawn(driver.supervise(
                     sample_tx,
                     command_rx,
@@ -213,5 +260,5 @@ pub fn start(
             }
         }
     }
-    (registry, tasks)
+    (registry, health, tasks)
 }

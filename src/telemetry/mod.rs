@@ -143,10 +143,18 @@ impl Telemetry {
             settings: settings.telemetry.clone(),
             health: health::HealthProbe {
                 state_dir: state_dir.to_owned(),
+                drivers: Vec::new(),
             },
             stats,
         };
         (telemetry, stats_rx)
+    }
+
+    /// Reports `drivers`' counters in every health point. A setter rather than an argument of
+    /// [`Telemetry::new`], so that callers without process drivers (the benches) need not care.
+    pub fn with_driver_health(mut self, drivers: Vec<crate::drivers::DriverHealthSource>) -> Self {
+        self.health.drivers = drivers;
+        self
     }
 
     /// Runs until shutdown; then makes the outbox durable and returns it.

@@ -179,6 +179,33 @@ pub struct GatewayHealth {
     pub outbox_bytes: u64,
     /// Points dropped because the outbox was full, since installation.
     pub points_dropped: u64,
+    /// One entry per external process driver, in configuration order; `[]` when there are
+    /// none. Simulated drivers are not listed: they run inside the agent and cannot crash,
+    /// print garbage or stall the way an integrator's program can.
+    #[serde(default)]
+    pub drivers: Vec<DriverHealth>,
+}
+
+/// How one external process driver has behaved since the agent started (docs/PROTOCOL.md,
+/// 14.5). Counters start from 0 whenever the agent does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DriverHealth {
+    /// The driver's `name` from the configuration.
+    pub name: String,
+    /// A driver process is alive when the point is made. False between restarts, and for ever
+    /// when the program cannot be started at all (which `restarts` alone would not show).
+    pub running: bool,
+    /// Times the driver process was started again after the first start: a figure that keeps
+    /// rising means the driver is crash-looping.
+    pub restarts: u64,
+    /// stdout lines skipped as malformed (not JSON, unknown `type`, invalid state).
+    pub malformed_lines: u64,
+    /// stdout lines skipped for being longer than the driver's `max_line_bytes`.
+    pub oversized_lines: u64,
+    /// `state` lines read and accepted from the driver. A state the agent drops afterwards,
+    /// for a device id that is invalid or owned by another driver, is still counted here.
+    pub samples: u64,
 }
 
 #[cfg(test)]
