@@ -4,6 +4,7 @@
 //!     cargo bench --bench footprint            # 60 s idle window, four simulated devices
 //!     FOOTPRINT_SECS=10 cargo bench --bench footprint
 //!     FOOTPRINT_DRIVERS=0 cargo bench --bench footprint   # the link alone
+//!     FOOTPRINT_SMAPS=1 cargo bench --bench footprint     # and where the RSS is
 //!
 //! "Idle" is a gateway's normal state: `FOOTPRINT_DRIVERS` simulated devices (default 4) each
 //! reporting every 5 s, telemetry batched and published as in production. Start-up times come
@@ -126,6 +127,42 @@ fn main() {
         "cpu_s_idle_window      {:.2}",
         common::cpu_seconds(&pid.to_string()) - cpu_at_connect
     );
+    if std::env::var("FOOTPRINT_SMAPS").is_ok_and(|v| v == "1") {
+        print_smaps(pid);
+    }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Where the resident memory is: RSS and private (dirty + clean) KiB per mapping name.
+fn print_smaps(pid: u32) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut by_name: Vec<(String, u64, u64)> = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping header: address perms offset dev inode [name]
+            current = fields.nth(4).unwrap_or("[anon]").to_string();
+            if !by_name.iter().any(|(n, _, _)| *n == current) {
+                by_name.push((current.clone(), 0, 0));
+            }
+            continue;
+        }
+        let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let entry = by_name.iter_mut().find(|(n, _, _)| *n == current);
+        if let Some(entry) = entry {
+            match first {
+                "Rss:" => entry.1 += kib,
+                "Private_Clean:" | "Private_Dirty:" => entry.2 += kib,
+                _ => {}
+            }
+        }
+    }
+    by_name.sort_by_key(|e| std::cmp::Reverse(e.1));
+    println!("smaps (rss KiB / private KiB per mapping):");
+    for (name, rss, private) in by_name.iter().filter(|(_, rss, _)| *rss > 0) {
+        println!("  {rss:>6} {private:>6}  {name}");
+    }
 }

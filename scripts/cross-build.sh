@@ -3,7 +3,7 @@
 # C compiler (ring has a little C and assembly). Usage:
 #   scripts/cross-build.sh [TARGET] [cargo build args...]
 # TARGET defaults to aarch64-unknown-linux-musl; also armv7-unknown-linux-musleabihf,
-# aarch64-unknown-linux-gnu and armv7-unknown-linux-gnueabihf. The environment set-up is shared
+# aarch64-unknown-linux-gnu, armv7-unknown-linux-gnueabihf and x86_64-unknown-linux-musl. The environment set-up is shared
 # with scripts/test-qemu.sh through scripts/lib/cross-env.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -6,7 +6,8 @@
 # Installs, when missing, Debian's cross gcc for TARGET and rustup's standard library for it,
 # then exports the linker and C compiler cargo and the cc crate use (ring has a little C and
 # assembly). Supported: aarch64-unknown-linux-musl (the default), aarch64-unknown-linux-gnu,
-# armv7-unknown-linux-musleabihf and armv7-unknown-linux-gnueabihf.
+# armv7-unknown-linux-musleabihf, armv7-unknown-linux-gnueabihf, and x86_64-unknown-linux-musl
+# (the x86-64 gateway build: the host gcc compiles ring's C, nothing to emulate).
 
 # apt-get install PACKAGE... quietly (the caller decides what is missing).
 cross_apt_install() {
@@ -28,9 +29,13 @@ cross_env() {
   case "$CROSS_TARGET" in
     aarch64-*) CROSS_GCC=aarch64-linux-gnu-gcc; pkg=gcc-aarch64-linux-gnu; libc=libc6-dev-arm64-cross; CROSS_QEMU=qemu-aarch64-static ;;
     armv7-*)   CROSS_GCC=arm-linux-gnueabihf-gcc; pkg=gcc-arm-linux-gnueabihf; libc=libc6-dev-armhf-cross; CROSS_QEMU=qemu-arm-static ;;
+    x86_64-unknown-linux-musl) CROSS_GCC=gcc; pkg=gcc; libc=libc6-dev; CROSS_QEMU= ;;
     *) echo "unsupported target: $CROSS_TARGET" >&2; return 2 ;;
   esac
-  CROSS_STRIP=${CROSS_GCC%-gcc}-strip
+  case "$CROSS_GCC" in
+    *-gcc) CROSS_STRIP=${CROSS_GCC%-gcc}-strip ;;
+    *) CROSS_STRIP=strip ;;
+  esac
   if ! command -v "$CROSS_GCC" >/dev/null ||
     [ "$(dpkg-query -W -f='${Status}' "$libc" 2>/dev/null)" != "install ok installed" ]; then
     echo "==> installing $pkg $libc"
