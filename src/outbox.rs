@@ -133,7 +133,7 @@ pub struct Outbox {
     /// Records appended in this run and not read yet, oldest first, contiguous, each with where
     /// it ends on disk. Normally the uplink reads exactly what was just appended; handing it
     /// over from here skips reading it back, checking its CRC and allocating it a second time.
-    /// Bounded by [`TAIL_BYTES`]: anything older, and every re-send, comes from disk.
+    /// Bounded by [`TAIL_BYTES`]: whatever did not fit, and every re-send, comes from disk.
     tail: VecDeque<Cached>,
     tail_bytes: usize,
 }
@@ -386,14 +386,21 @@ impl Outbox {
             unacked += size;
         }
         self.write_head(&mut buf)?;
-        // Only records known to be written are cached.
+        // Only records known to be written are cached, and only while the cache stays one
+        // contiguous run within its bound. When it is full (the link is down or slow) new
+        // records are not cached at all rather than evicting old ones: no allocation churn
+        // during an outage, and the reader meets the cache again once it has caught up.
         for c in cached {
-            self.tail_bytes += c.record.payload.len();
+            let len = c.record.payload.len();
+            let contiguous = self
+                .tail
+                .back()
+                .is_none_or(|last| last.record.seq + 1 == c.record.seq);
+            if !contiguous || self.tail_bytes + len > TAIL_BYTES {
+                break;
+            }
+            self.tail_bytes += len;
             self.tail.push_back(c);
-        }
-        while self.tail_bytes > TAIL_BYTES {
-            let old = self.tail.pop_front().expect("bytes imply records");
-            self.tail_bytes -= old.record.payload.len();
         }
         Ok(self.meta.next_seq - 1)
     }
@@ -785,8 +792,8 @@ mod tests {
         let all: Vec<Vec<u8>> = (1..=400).map(big).collect();
         o.append_all(&all).unwrap();
         assert_eq!(drain(&mut o, 0, 37, big), 400);
-        // Memory drained up to 400; then a burst larger than the tail: the first of it was
-        // never cached, so the read goes to disk from the cursor the memory reads left.
+        // Memory drained up to 400; then a burst larger than the tail: only its first part is
+        // cached, so after it the read goes to disk from the cursor the memory reads left.
         let more: Vec<Vec<u8>> = (401..=700).map(big).collect();
         o.append_all(&more).unwrap();
         assert_eq!(drain(&mut o, 400, 50, big), 700);
