@@ -34,11 +34,12 @@ use rumqttc::{
 };
 use tokio::sync::mpsc;
 
-use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
+use common::{device_topic, Agent, AgentConfig, Mosquitto, Pki};
 use texture_agent::config::Settings;
 use texture_agent::drivers::Sample;
 use texture_agent::link::{Link, LinkState};
 use texture_agent::outbox::{Outbox, Record};
+use texture_agent::platform::{ApiKey, PlatformSigner};
 use texture_agent::telemetry::model::{DeviceState, DeviceType};
 use texture_agent::telemetry::{batch_message, encode_state, Telemetry};
 
@@ -223,6 +224,9 @@ async fn raw_path(
     (points as f64 / elapsed, (own_cpu() - cpu) / elapsed)
 }
 
+/// Commands in the burst of phase 3.
+const BURST: u32 = 1000;
+
 /// Phase 3: the release binary, an external driver printing as fast as it can.
 fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
     let (_, state) = &states()[0];
@@ -237,9 +241,13 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
     )
     .unwrap();
     let port = common::free_port();
+    let signer = PlatformSigner::generate("platform-1");
     let mut cfg = AgentConfig::new(pki, port, "gw-cap");
+    cfg.trust_root = Some(signer.root_public_key());
+    cfg.workspace_id = Some("ws-cap".into());
     cfg.extra_toml = format!(
-        "[telemetry]\nhealth_interval_secs = 3600\n\n[[drivers]]\nkind = \"process\"\nname = \"firehose\"\ncommand = [\"sh\", \"{}\"]\n",
+        "[telemetry]\nhealth_interval_secs = 3600\n\n[[drivers]]\nkind = \"process\"\nname = \"firehose\"\ncommand = [\"sh\", \"{}\"]\n\n\
+         [[drivers]]\nkind = \"simulated\"\ndevice_id = \"bat-sim\"\ndevice_type = \"battery\"\ninterval_ms = 5000\n",
         script.display()
     );
     let config = cfg.write(pki.path());
@@ -269,8 +277,63 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
 
     let broker = Mosquitto::start_on(pki, port);
     let topic = device_topic("gw-cap", "telemetry");
+    let replies = device_topic("gw-cap", "replies");
+    let status = device_topic("gw-cap", "status");
     let received = runtime.block_on(async {
-        let mut peer = Peer::connect(pki, broker.port, PLATFORM_CLIENT, &[&topic]).await;
+        let mut peer =
+            common::platform_peer(pki, broker.port, &signer, &[&topic, &replies, &status]).await;
+        // The burst: as soon as the agent is back online, with its outbox at the cap and the
+        // driver still pushing, 1000 signed commands at once.
+        peer.expect(&status, Duration::from_secs(60), |m| {
+            m.json()["state"] == "online"
+        })
+        .await;
+        let key = ApiKey::server("key-server", "ws-cap");
+        let now = common::unix_now();
+        let t = Instant::now();
+        for i in 0..BURST {
+            let claims = signer.device_claims(
+                &key,
+                "gw-cap",
+                "bat-sim",
+                &format!("burst-{i}"),
+                "battery:set-reserve",
+                serde_json::json!({"chargePercentage": 20 + i % 50}),
+                now,
+                300,
+            );
+            let token = signer.attest(&claims);
+            peer.publish(&device_topic("gw-cap", "commands"), token, false)
+                .await;
+        }
+        let published = t.elapsed();
+        let mut answered = std::collections::BTreeMap::<String, usize>::new();
+        let mut total = 0;
+        loop {
+            let batch = peer.collect(&replies, Duration::from_secs(3)).await;
+            if batch.is_empty() {
+                break;
+            }
+            for m in batch {
+                let reply = m.json();
+                let key = format!(
+                    "{} {}",
+                    reply["type"].as_str().unwrap_or("?"),
+                    reply["status"]
+                );
+                *answered.entry(key).or_default() += 1;
+                total += 1;
+            }
+        }
+        let dropped = agent.logs_with_message("inbound queue full; message dropped").len();
+        println!(
+            "binary, burst of {BURST} signed commands on reconnect (outbox at its cap, driver pushing), published in {} ms:",
+            published.as_millis()
+        );
+        println!(
+            "  {total} replies {answered:?}; {dropped} dropped unanswered at the inbound queue; peak rss (VmHWM) {} KiB",
+            common::proc_status_kib(&pid.to_string(), "VmHWM:")
+        );
         // Let it connect and work through the full outbox first.
         peer.collect(&topic, Duration::from_secs(3)).await;
         let (cpu, t) = (common::cpu_seconds(&pid.to_string()), Instant::now());

@@ -23,6 +23,12 @@ use crate::topics::Topics;
 
 /// How often a pairing client is told the session is still waiting.
 const WAITING_EVERY: Duration = Duration::from_secs(5);
+/// Inbound messages waiting behind the one in hand from which commands are shed: refused at
+/// once with 503 and `retryAfter` instead of being verified. Below the link's queue size, so
+/// a burst is answered "busy" rather than dropped unanswered when the queue overflows.
+const SHED_AT: usize = crate::link::INBOUND_QUEUE / 2;
+/// `retryAfter` of a shed command, seconds.
+const SHED_RETRY_AFTER: u64 = 1;
 
 pub struct Dispatcher {
     pub device_id: String,
@@ -136,6 +142,9 @@ impl Dispatcher {
         loop {
             tokio::select! {
                 message = inbound.recv() => match message {
+                    Some(m) if inbound.len() >= SHED_AT && m.topic == self.topics.commands() => {
+                        if !self.shed(&m, inbound.len()).await { return }
+                    }
                     Some(m) => if !self.on_message(m).await { return },
                     None => return,
                 },
@@ -290,6 +299,33 @@ impl Dispatcher {
         };
         self.publisher
             .publish(self.topics.replies(), reply, false)
+            .await
+            .is_ok()
+    }
+
+    /// Refuses a command unread because `waiting` more messages are queued behind it. Verifying
+    /// costs a signature check and a durable replay record each; a burst larger than the queue
+    /// would otherwise overflow it and lose commands without any answer. The refusal carries
+    /// the command's (unverified) id so the platform can match it and retry; it is never
+    /// recorded in the replay journal, so the retry is judged afresh.
+    async fn shed(&mut self, message: &Inbound, waiting: usize) -> bool {
+        let jti = crate::auth::jws::peek_jti(&message.payload, crate::auth::MAX_ATTESTATION_BYTES);
+        tracing::warn!(
+            command_id = jti.as_deref().unwrap_or("?"),
+            waiting,
+            "gateway busy: command shed unread"
+        );
+        let mut reply = Reply::refused(
+            jti,
+            &self.device_id,
+            ErrorCode::Unavailable,
+            format!("gateway busy: {waiting} messages waiting; command not read, retry"),
+        );
+        if let Reply::Refused { retry_after, .. } = &mut reply {
+            *retry_after = Some(SHED_RETRY_AFTER);
+        }
+        self.publisher
+            .publish(self.topics.replies(), reply.to_bytes(), false)
             .await
             .is_ok()
     }

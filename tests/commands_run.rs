@@ -399,3 +399,60 @@ async fn a_duplicate_command_id_never_runs_twice() {
     let _ = &bed.pki;
     let _ = &bed.cfg;
 }
+
+/// A burst far larger than the inbound queue: every command is answered exactly once, run,
+/// superseded (409) or shed unread with 503 and `retryAfter`, none lost without an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_commands_is_answered_in_full() {
+    let mut bed = Bed::new("").await;
+    let agent = bed.start_agent().await;
+    const BURST: usize = 300;
+    let mut ids = std::collections::BTreeSet::new();
+    let mut tokens = Vec::new();
+    for i in 0..BURST {
+        let (id, token) = bed.token(
+            "bat-1",
+            "battery:set-reserve",
+            serde_json::json!({"chargePercentage": 20 + i % 50}),
+        );
+        ids.insert(id);
+        tokens.push(token);
+    }
+    for token in &tokens {
+        bed.publish(token).await;
+    }
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    let deadline = Instant::now() + WAIT;
+    while !ids.is_empty() && Instant::now() < deadline {
+        for m in bed
+            .peer
+            .collect(
+                &device_topic(GATEWAY, "replies"),
+                Duration::from_millis(500),
+            )
+            .await
+        {
+            let r = m.json();
+            let id = r["commandId"].as_str().unwrap_or_default().to_owned();
+            assert!(
+                ids.remove(&id),
+                "one reply per command, and only for ours: {r}"
+            );
+            if r["status"] == 503 {
+                assert_eq!(r["retryAfter"], 1, "{r}");
+            }
+            *kinds
+                .entry(format!("{} {}", r["type"].as_str().unwrap(), r["status"]))
+                .or_default() += 1;
+        }
+    }
+    assert!(
+        ids.is_empty(),
+        "{} of {BURST} commands never answered ({kinds:?}); dropped: {}",
+        ids.len(),
+        agent
+            .logs_with_message("inbound queue full; message dropped")
+            .len()
+    );
+    println!("{kinds:?}");
+}

@@ -116,6 +116,34 @@ pub fn verify<'k>(
     Ok(Verified { header, payload })
 }
 
+/// The `jti` a token's payload claims, **without verifying anything**.
+///
+/// Only for addressing a reply that refuses a command *unread*, when the agent is too busy to
+/// verify it (a shed command): the reply says "busy, retry" and nothing else, so a forged jti
+/// gains its sender nothing. Never use it for a decision. `None` for anything that is not a
+/// compact JWS with a JSON payload carrying a short string `jti`.
+pub fn peek_jti(token: &[u8], max_len: usize) -> Option<String> {
+    if token.len() > max_len {
+        return None;
+    }
+    let mut parts = token.split(|&b| b == b'.');
+    let (Some(_), Some(p64), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    #[derive(serde::Deserialize)]
+    struct Jti {
+        jti: String,
+    }
+    let payload = URL_SAFE_NO_PAD.decode(p64).ok()?;
+    let claims: Jti = serde_json::from_slice(&payload).ok()?;
+    (!claims.jti.is_empty() && claims.jti.len() <= MAX_PEEKED_JTI).then_some(claims.jti)
+}
+
+/// Longest `jti` [`peek_jti`] returns; a command id is an opaque id of a few dozen characters.
+const MAX_PEEKED_JTI: usize = 128;
+
 /// Signs `payload` as a compact JWS. The platform's side of [`verify`]; see `crate::platform`.
 pub fn sign(key: &SigningKey, kid: Option<&str>, typ: &str, payload: &[u8]) -> String {
     let header = Header {
@@ -276,5 +304,23 @@ mod tests {
             public_key_from_base64(&public_key_to_base64(&good)).unwrap(),
             good
         );
+    }
+
+    #[test]
+    fn peek_jti_reads_the_claim_without_a_key_and_rejects_junk() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let token = sign(&key, Some("k1"), TYP, br#"{"jti":"cmd-1","other":1}"#);
+        assert_eq!(peek_jti(token.as_bytes(), 8192).as_deref(), Some("cmd-1"));
+        assert_eq!(peek_jti(token.as_bytes(), 10), None, "over the size limit");
+        let long = sign(
+            &key,
+            None,
+            TYP,
+            format!(r#"{{"jti":"{}"}}"#, "x".repeat(200)).as_bytes(),
+        );
+        assert_eq!(peek_jti(long.as_bytes(), 8192), None, "jti too long");
+        for junk in ["", "a.b", "a.b.c.d", "e30.e30.", "x.!!!.y"] {
+            assert_eq!(peek_jti(junk.as_bytes(), 8192), None, "{junk}");
+        }
     }
 }

@@ -58,8 +58,10 @@ pub const MAX_OUTBOUND_PACKET: usize = 1024 * 1024;
 /// Inbound messages waiting for the command pipeline. When full, further messages are dropped
 /// and logged rather than stalling the event loop (which would stop keepalives).
 pub const INBOUND_QUEUE: usize = 32;
+/// Scheduler turns the event loop gives the consumer of a full inbound queue before dropping.
+const INBOUND_TURNS: u32 = 8;
 /// Capacity of rumqttc's request channel: how many publishes may wait for the event loop.
-const REQUEST_QUEUE: usize = 64;
+const REQUEST_QUEUE: usize = 512;
 
 /// Where the link is in its life cycle; published through a `watch` channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -421,9 +423,26 @@ async fn drive(mut eventloop: EventLoop, mut d: Driver) {
                     topic: p.topic,
                     payload: p.payload,
                 };
-                if let Err(mpsc::error::TrySendError::Full(m)) = d.inbound.try_send(inbound) {
-                    dropped_inbound += 1;
-                    tracing::warn!(topic = %m.topic, dropped_inbound, "inbound queue full; message dropped");
+                // rumqttc hands over every packet of a burst it has already read without ever
+                // returning Pending, so on the daemon's single thread the consumer cannot run
+                // while a burst is being handed over: give it a few turns before dropping
+                // anything. Bounded, so the event loop never waits on the consumer (point 2).
+                let mut inbound = inbound;
+                let mut turns = 0;
+                loop {
+                    match d.inbound.try_send(inbound) {
+                        Err(mpsc::error::TrySendError::Full(m)) if turns < INBOUND_TURNS => {
+                            inbound = m;
+                            turns += 1;
+                            tokio::task::yield_now().await;
+                        }
+                        Err(mpsc::error::TrySendError::Full(m)) => {
+                            dropped_inbound += 1;
+                            tracing::warn!(topic = %m.topic, dropped_inbound, "inbound queue full; message dropped");
+                            break;
+                        }
+                        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    }
                 }
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
