@@ -524,7 +524,22 @@ impl Outbox {
             let mut reader =
                 BufReader::with_capacity(left.min(READ_CHUNK) as usize, (&file).take(left));
             let mut pos = offset;
-            while let Ok(Some(rec)) = read_record(&mut reader) {
+            loop {
+                let rec = match read_record(&mut reader) {
+                    Ok(Some(rec)) => rec,
+                    Ok(None) => break,
+                    Err(()) => {
+                        // Only a damaged file (or a bug) gets here: open() cut torn tails. The
+                        // records after this one cannot be located; say so rather than skip
+                        // them in silence.
+                        tracing::error!(
+                            segment = %seg.path.display(),
+                            position = pos,
+                            "outbox record unreadable; the rest of this segment is skipped"
+                        );
+                        break;
+                    }
+                };
                 pos += HEADER_BYTES + rec.payload.len() as u64;
                 if rec.seq <= after {
                     continue;
