@@ -121,7 +121,7 @@ pub fn verify<'k>(
 /// Only for addressing a reply that refuses a command *unread*, when the agent is too busy to
 /// verify it (a shed command): the reply says "busy, retry" and nothing else, so a forged jti
 /// gains its sender nothing. Never use it for a decision. `None` for anything that is not a
-/// compact JWS with a JSON payload carrying a short string `jti`.
+/// compact JWS with a JSON payload whose `jti` is a well-formed command id (check 16).
 pub fn peek_jti(token: &[u8], max_len: usize) -> Option<String> {
     if token.len() > max_len {
         return None;
@@ -138,11 +138,8 @@ pub fn peek_jti(token: &[u8], max_len: usize) -> Option<String> {
     }
     let payload = URL_SAFE_NO_PAD.decode(p64).ok()?;
     let claims: Jti = serde_json::from_slice(&payload).ok()?;
-    (!claims.jti.is_empty() && claims.jti.len() <= MAX_PEEKED_JTI).then_some(claims.jti)
+    super::is_valid_command_id(&claims.jti).then_some(claims.jti)
 }
-
-/// Longest `jti` [`peek_jti`] returns; a command id is an opaque id of a few dozen characters.
-const MAX_PEEKED_JTI: usize = 128;
 
 /// Signs `payload` as a compact JWS. The platform's side of [`verify`]; see `crate::platform`.
 pub fn sign(key: &SigningKey, kid: Option<&str>, typ: &str, payload: &[u8]) -> String {
@@ -319,6 +316,8 @@ mod tests {
             format!(r#"{{"jti":"{}"}}"#, "x".repeat(200)).as_bytes(),
         );
         assert_eq!(peek_jti(long.as_bytes(), 8192), None, "jti too long");
+        let odd = sign(&key, None, TYP, br#"{"jti":"cmd\n1"}"#);
+        assert_eq!(peek_jti(odd.as_bytes(), 8192), None, "jti not a command id");
         for junk in ["", "a.b", "a.b.c.d", "e30.e30.", "x.!!!.y"] {
             assert_eq!(peek_jti(junk.as_bytes(), 8192), None, "{junk}");
         }

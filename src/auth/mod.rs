@@ -90,7 +90,8 @@ fn unauthenticated(reason: &'static str, message: impl Into<String>) -> Verdict 
     }
 }
 
-fn is_valid_command_id(id: &str) -> bool {
+/// Check 16 of the decision order (docs/PROTOCOL.md 7.1): what a command id may look like.
+pub(crate) fn is_valid_command_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_COMMAND_ID_LEN
         && id
