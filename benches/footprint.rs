@@ -103,22 +103,17 @@ fn main() {
         connected.as_secs_f64() * 1000.0
     );
     println!("idle_window_s          {:.1}", idle.as_secs_f64());
-    println!(
-        "rss_kib                {}",
-        common::proc_status_kib(&pid.to_string(), "VmRSS:")
-    );
-    println!(
-        "rss_peak_kib           {}",
-        common::proc_status_kib(&pid.to_string(), "VmHWM:")
-    );
-    println!(
-        "rss_anon_kib           {}",
-        common::proc_status_kib(&pid.to_string(), "RssAnon:")
-    );
-    println!(
-        "threads                {}",
-        common::proc_status_kib(&pid.to_string(), "Threads:")
-    );
+    for (name, key) in [
+        ("rss_kib", "VmRSS:"),
+        ("rss_peak_kib", "VmHWM:"),
+        ("rss_anon_kib", "RssAnon:"),
+        ("threads", "Threads:"),
+    ] {
+        println!(
+            "{name:<22} {}",
+            common::proc_status_kib(&pid.to_string(), key)
+        );
+    }
     println!(
         "cpu_s_total            {:.2}",
         common::cpu_seconds(&pid.to_string())

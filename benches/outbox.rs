@@ -68,6 +68,24 @@ impl SyncSchedule {
     }
 }
 
+/// Appends `records` records one at a time, cycling through `payloads`, on `schedule`; returns
+/// the bytes written, headers included.
+fn append_timed(
+    outbox: &mut Outbox,
+    payloads: &[Vec<u8>],
+    records: u64,
+    schedule: &mut SyncSchedule,
+) -> u64 {
+    let mut bytes = 0;
+    for i in 0..records {
+        let payload = &payloads[i as usize % payloads.len()];
+        outbox.append(payload).unwrap();
+        bytes += payload.len() as u64 + HEADER_BYTES;
+        schedule.tick(outbox, 1);
+    }
+    bytes
+}
+
 fn report(name: &str, records: u64, bytes: u64, elapsed: Duration, syncs: u64) {
     let s = elapsed.as_secs_f64();
     println!(
@@ -96,7 +114,6 @@ fn main() {
     let root = std::env::var("OUTBOX_DIR").unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").into());
     std::fs::create_dir_all(&root).unwrap();
     let payloads: Vec<Vec<u8>> = (0..64).map(stored_point).collect();
-    let record_bytes = |i: u64| payloads[(i % 64) as usize].len() as u64 + HEADER_BYTES;
     println!(
         "outbox in {root}; payload ≈ {} bytes + {HEADER_BYTES} header; sync every {every} records or {} ms",
         payloads[0].len(),
@@ -107,13 +124,8 @@ fn main() {
     let dir = tempfile::tempdir_in(&root).unwrap();
     let (mut outbox, _) = Outbox::open(dir.path(), 1 << 30).unwrap();
     let mut schedule = SyncSchedule::new(every, interval);
-    let mut bytes = 0;
     let t = Instant::now();
-    for i in 0..records {
-        outbox.append(&payloads[(i % 64) as usize]).unwrap();
-        bytes += record_bytes(i);
-        schedule.tick(&mut outbox, 1);
-    }
+    let bytes = append_timed(&mut outbox, &payloads, records, &mut schedule);
     outbox.sync().unwrap();
     report("append", records, bytes, t.elapsed(), schedule.syncs + 1);
 
@@ -149,13 +161,8 @@ fn main() {
         i += 1;
     }
     let mut schedule = SyncSchedule::new(every, interval);
-    let mut bytes = 0;
     let t = Instant::now();
-    for i in 0..records {
-        outbox.append(&payloads[(i % 64) as usize]).unwrap();
-        bytes += record_bytes(i);
-        schedule.tick(&mut outbox, 1);
-    }
+    let bytes = append_timed(&mut outbox, &payloads, records, &mut schedule);
     let elapsed = t.elapsed();
     assert!(outbox.stats().bytes <= cap);
     report("append at cap", records, bytes, elapsed, schedule.syncs);

@@ -315,15 +315,14 @@ impl Dispatcher {
             waiting,
             "gateway busy: command shed unread"
         );
-        let mut reply = Reply::refused(
-            jti,
-            &self.device_id,
-            ErrorCode::Unavailable,
-            format!("gateway busy: {waiting} messages waiting; command not read, retry"),
-        );
-        if let Reply::Refused { retry_after, .. } = &mut reply {
-            *retry_after = Some(SHED_RETRY_AFTER);
-        }
+        let reply = Reply::Refused {
+            command_id: jti,
+            device_id: self.device_id.clone(),
+            status: ErrorCode::Unavailable.status(),
+            code: ErrorCode::Unavailable,
+            message: format!("gateway busy: {waiting} messages waiting; command not read, retry"),
+            retry_after: Some(SHED_RETRY_AFTER),
+        };
         self.publisher
             .publish(self.topics.replies(), reply.to_bytes(), false)
             .await

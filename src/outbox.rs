@@ -340,7 +340,21 @@ impl Outbox {
         let mut buf = Vec::with_capacity(total.min(self.segment_bytes as usize));
         // Unacknowledged bytes including `buf`; recomputed only when a segment is dropped.
         let mut unacked = self.unacked().1;
-        let mut cached = Vec::with_capacity(payloads.len());
+        // Room in the in-memory tail for this call's records. The tail must stay one contiguous
+        // run, so it takes records only if it ends just before them, and only until the first
+        // that does not fit. When it is full (the link is down or slow) nothing is copied at
+        // all: no allocation churn during an outage, and the reader meets the tail again once
+        // it has caught up.
+        let mut tail_room = if self
+            .tail
+            .back()
+            .is_none_or(|last| last.record.seq + 1 == self.meta.next_seq)
+        {
+            TAIL_BYTES - self.tail_bytes
+        } else {
+            0
+        };
+        let mut cached = Vec::new();
         for payload in payloads {
             let payload = payload.as_ref();
             let size = HEADER_BYTES + payload.len() as u64;
@@ -367,17 +381,22 @@ impl Outbox {
             buf.extend_from_slice(payload);
             self.meta.next_seq = seq + 1;
             let seg = self.segments.back_mut().expect("a head segment");
-            cached.push(Cached {
-                record: Record {
-                    seq,
-                    payload: payload.to_vec(),
-                },
-                end: Cursor {
-                    seq,
-                    id: seg.id,
-                    offset: seg.bytes + buf.len() as u64,
-                },
-            });
+            if payload.len() <= tail_room {
+                tail_room -= payload.len();
+                cached.push(Cached {
+                    record: Record {
+                        seq,
+                        payload: payload.to_vec(),
+                    },
+                    end: Cursor {
+                        seq,
+                        id: seg.id,
+                        offset: seg.bytes + buf.len() as u64,
+                    },
+                });
+            } else {
+                tail_room = 0;
+            }
             if seg.records == 0 {
                 seg.first_seq = seq;
             }
@@ -386,22 +405,9 @@ impl Outbox {
             unacked += size;
         }
         self.write_head(&mut buf)?;
-        // Only records known to be written are cached, and only while the cache stays one
-        // contiguous run within its bound. When it is full (the link is down or slow) new
-        // records are not cached at all rather than evicting old ones: no allocation churn
-        // during an outage, and the reader meets the cache again once it has caught up.
-        for c in cached {
-            let len = c.record.payload.len();
-            let contiguous = self
-                .tail
-                .back()
-                .is_none_or(|last| last.record.seq + 1 == c.record.seq);
-            if !contiguous || self.tail_bytes + len > TAIL_BYTES {
-                break;
-            }
-            self.tail_bytes += len;
-            self.tail.push_back(c);
-        }
+        // Only records known to be written join the tail.
+        self.tail_bytes += cached.iter().map(|c| c.record.payload.len()).sum::<usize>();
+        self.tail.extend(cached);
         Ok(self.meta.next_seq - 1)
     }
 
