@@ -11,6 +11,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:-x86_64-unknown-linux-musl}
+# The build's date becomes the agent's initial time floor (build.rs, docs/PROTOCOL.md 8): the
+# commit time, so the same commit always builds the same binary.
+if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
+  SOURCE_DATE_EPOCH=$(git -C "$(dirname "$0")/.." log -1 --format=%ct 2>/dev/null || true)
+  [ -n "$SOURCE_DATE_EPOCH" ] || unset SOURCE_DATE_EPOCH
+fi
+[ -z "${SOURCE_DATE_EPOCH:-}" ] || export SOURCE_DATE_EPOCH
 build=yes
 [ "${2:-}" = --no-build ] && build=no
 

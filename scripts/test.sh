@@ -10,6 +10,8 @@ if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
 
 missing=()
 [ -x /usr/sbin/mosquitto ] || [ -x /usr/bin/mosquitto ] || missing+=(mosquitto)
+# libfaketime: tests/replay_e2e.rs runs the agent with its clock ahead.
+compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || missing+=(faketime)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   $sudo apt-get update -qq

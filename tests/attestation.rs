@@ -788,3 +788,131 @@ fn no_single_byte_mutation_of_the_payload_is_accepted() {
     assert_eq!(tally.accepted, 0, "mutated payloads executed");
     assert_eq!(tally.verified, 0, "mutated payloads verified");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Wrong clocks and a table that strangers fill (issue 13, items 1, 2 and 7)
+// ---------------------------------------------------------------------------------------------
+
+/// A system clock 200 s ahead: a bad RTC, a modem giving local time as UTC, fake NTP. Less
+/// than an attestation's lifetime, so commands signed now still run.
+fn clock_ahead() -> u64 {
+    now() + 200
+}
+
+/// A gateway without a real-time clock, booted at the start of 1970.
+fn clock_at_1970() -> u64 {
+    0
+}
+
+/// With its clock ahead, a gateway whose replay table is full must not make room by forgetting
+/// an entry that is live in platform time: once the clock is corrected the broker could replay
+/// it. (The restart variant, the journal pruned at start-up, is `replay_e2e.rs`.)
+#[test]
+fn a_clock_ahead_does_not_make_an_executed_command_replayable() {
+    let (_dir, mut auth) = fresh(2);
+    offer_ok(&mut auth, &bundle(&platform(), 1, &[]));
+    // Issued 250 s ago, valid for 300 s: live in platform time for another 50 s + skew.
+    let old = attest_at(&platform(), &server_key(), DEVICE, "cmd-old", now() - 250);
+    assert_execute(&auth.authorize(old.as_bytes()), "cmd-old");
+    auth.complete("cmd-old", &success_reply("cmd-old"));
+    let second = attest(&platform(), &server_key(), "cmd-second");
+    assert_execute(&auth.authorize(second.as_bytes()), "cmd-second");
+    auth.complete("cmd-second", &success_reply("cmd-second"));
+
+    auth.set_clock(clock_ahead);
+    let third = attest(&platform(), &server_key(), "cmd-third");
+    assert_refused(
+        &auth.authorize(third.as_bytes()),
+        429,
+        "RATE_LIMITED",
+        Some("cmd-third"),
+    );
+
+    // The clock is corrected; the broker redelivers the old command: a duplicate.
+    auth.set_clock(now);
+    match auth.authorize(old.as_bytes()) {
+        Authorization::Reply(bytes) => assert_eq!(bytes, success_reply("cmd-old")),
+        other => panic!("executed twice: {}", describe(&other)),
+    }
+}
+
+/// Verified refusals from callers with no right to command the gateway, as many as the table
+/// holds, must leave the owner's server key and scoped key able to run commands.
+#[test]
+fn refusals_never_take_replay_capacity_from_commands_that_can_run() {
+    let capacity = 50;
+    let (_dir, mut auth) = fresh(capacity);
+    offer_ok(&mut auth, &bundle(&platform(), 2, &["sk-revoked"]));
+    let strangers = [
+        ApiKey::server("sk-globex", OTHER_WORKSPACE),
+        ApiKey::scoped("sc-bob", WORKSPACE, OTHER_USER),
+        ApiKey::connect("ck-public", WORKSPACE),
+        ApiKey::server("sk-revoked", WORKSPACE),
+    ];
+    for i in 0..capacity * 2 {
+        let key = &strangers[i % strangers.len()];
+        let jti = format!("cmd-stranger-{i}");
+        assert_refused(
+            &auth.authorize(attest(&platform(), key, &jti).as_bytes()),
+            403,
+            "FORBIDDEN",
+            Some(&jti),
+        );
+    }
+    let scoped = ApiKey::scoped("sc-alice", WORKSPACE, OWNER);
+    assert_execute(
+        &auth.authorize(attest(&platform(), &server_key(), "cmd-owner-server").as_bytes()),
+        "cmd-owner-server",
+    );
+    assert_execute(
+        &auth.authorize(attest(&platform(), &scoped, "cmd-owner-scoped").as_bytes()),
+        "cmd-owner-scoped",
+    );
+}
+
+/// On a fresh install whose clock says 1970, a root-signed bundle that expired years ago (and
+/// may list a since-leaked key) is refused: the build's time floor says it is too old.
+#[test]
+fn a_fresh_install_at_1970_refuses_a_long_expired_bundle() {
+    let (_dir, mut auth) = fresh(CAPACITY);
+    auth.set_clock(clock_at_1970);
+    let y2019 = 1_550_000_000;
+    let old = platform().trust_bundle(1, y2019, y2019 + 7 * 86_400, &[]);
+    assert!(matches!(
+        auth.offer_trust_bundle(old.as_bytes()),
+        Err(BundleRejected::Expired { .. })
+    ));
+    assert!(auth.now() >= texture_agent::auth::BUILD_TIME_FLOOR);
+    let unpair = attest_slug(
+        &platform(),
+        &server_key(),
+        DEVICE,
+        "cmd-2019-unpair",
+        "agent:unpair",
+        y2019 + 60,
+    );
+    assert_refused(
+        &auth.authorize(unpair.as_bytes()),
+        401,
+        "UNAUTHENTICATED",
+        None,
+    );
+}
+
+/// An accepted bundle's `iat` raises the time floor, so a gateway at 1970 learns how late it
+/// is at least, and keeps it across a restart.
+#[test]
+fn an_accepted_bundle_raises_the_time_floor_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let issued = now() - 30;
+    {
+        let mut auth = open(dir.path(), CAPACITY);
+        auth.set_clock(clock_at_1970);
+        let b = platform().trust_bundle(1, issued, issued + BUNDLE_LIFETIME, &[]);
+        offer_ok(&mut auth, &b);
+        assert_eq!(auth.now(), issued);
+    }
+    let mut auth = open(dir.path(), CAPACITY);
+    auth.set_clock(clock_at_1970);
+    assert_eq!(auth.time_floor(), issued);
+}

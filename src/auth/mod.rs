@@ -9,6 +9,7 @@
 
 pub mod claims;
 pub mod jws;
+pub mod refusals;
 pub mod replay;
 pub mod trust;
 
@@ -18,6 +19,7 @@ use ed25519_dalek::VerifyingKey;
 
 use crate::reply::{ErrorCode, Reply};
 use claims::{AttestationClaims, KeyKind, ATTESTATION_TYP};
+use refusals::RefusalCache;
 use replay::{LoadReport, ReplayError, ReplayWindow};
 use trust::{BundleRejected, TrustBundle, TrustStore};
 
@@ -29,6 +31,22 @@ pub const MAX_LIFETIME_SECS: u64 = 3_600;
 pub const SERVER_ONLY_SLUG: &str = "agent:unpair";
 /// Longest command id accepted.
 pub const MAX_COMMAND_ID_LEN: usize = 128;
+/// The earliest time the gateway believes before any platform-signed time has raised its floor:
+/// the build's date (see build.rs). A fresh install booting at 1970 thus still refuses a
+/// years-old bundle or attestation as expired (docs/PROTOCOL.md 8).
+pub const BUILD_TIME_FLOOR: u64 = parse_unix_seconds(env!("TEXTURE_AGENT_TIME_FLOOR"));
+
+const fn parse_unix_seconds(text: &str) -> u64 {
+    let bytes = text.as_bytes();
+    let mut value = 0u64;
+    let mut i = 0;
+    while i < bytes.len() {
+        assert!(bytes[i].is_ascii_digit(), "TEXTURE_AGENT_TIME_FLOOR");
+        value = value * 10 + (bytes[i] - b'0') as u64;
+        i += 1;
+    }
+    value
+}
 
 /// Everything a decision depends on besides the attestation itself.
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +58,7 @@ pub struct Context<'a> {
     pub owner: Option<&'a str>,
     pub trust: Option<&'a TrustBundle>,
     pub issuer: &'a str,
-    /// Effective time: the later of the system clock and the time floor.
+    /// Effective time: the later of the system clock and the time floor (docs/PROTOCOL.md 8).
     pub now: u64,
     pub skew: u64,
 }
@@ -276,20 +294,25 @@ pub struct AuthorizerConfig {
     pub replay_capacity: usize,
 }
 
-/// The stateful side: trust store, replay journal, pairing state and audit log.
+/// The stateful side: trust store, replay journal, recent refusals, pairing state and audit log.
 #[derive(Debug)]
 pub struct Authorizer {
     config: AuthorizerConfig,
     trust: TrustStore,
     replay: ReplayWindow,
+    refusals: RefusalCache,
     owner: Option<String>,
     bound_workspace: Option<String>,
+    /// The system clock; replaceable so tests can run a gateway whose clock is wrong.
+    clock: fn() -> u64,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthorizerError {
     #[error("replay journal: {0}")]
     Replay(#[from] crate::storage::StorageError),
+    #[error("trust state: {0}")]
+    TrustState(crate::storage::StorageError),
 }
 
 pub(crate) fn system_now() -> u64 {
@@ -303,7 +326,11 @@ impl Authorizer {
         state_dir: &Path,
     ) -> Result<(Authorizer, LoadReport), AuthorizerError> {
         let trust = TrustStore::open(config.root, &config.issuer, state_dir);
-        let (replay, report) = ReplayWindow::open(state_dir, config.replay_capacity, system_now())?;
+        trust.persist_state().map_err(AuthorizerError::TrustState)?;
+        // The floor starts from platform-signed evidence only, never from the clock: a clock
+        // running ahead at start-up must not make live replay entries look forgettable.
+        let floor = BUILD_TIME_FLOOR.max(trust.highest_issued_at());
+        let (replay, report) = ReplayWindow::open(state_dir, config.replay_capacity, floor)?;
         if report.damaged_lines > 0 {
             tracing::warn!(
                 damaged_lines = report.damaged_lines,
@@ -315,16 +342,29 @@ impl Authorizer {
                 config,
                 trust,
                 replay,
+                refusals: RefusalCache::default(),
                 owner: None,
                 bound_workspace: None,
+                clock: system_now,
             },
             report,
         ))
     }
 
-    /// The later of the system clock and the time floor (see `replay`).
+    /// The effective time: the later of the system clock and the time floor (see `replay`).
     pub fn now(&self) -> u64 {
-        system_now().max(self.replay.time_floor())
+        (self.clock)().max(self.replay.time_floor())
+    }
+
+    /// Replaces the system clock (Unix seconds) this authorizer reads, for tests of wrong
+    /// clocks. Nothing the replay journal forgets depends on it (see `replay`).
+    pub fn set_clock(&mut self, clock: fn() -> u64) {
+        self.clock = clock;
+    }
+
+    /// The time floor: the latest platform-signed time seen (docs/PROTOCOL.md 8).
+    pub fn time_floor(&self) -> u64 {
+        self.replay.time_floor()
     }
 
     pub fn trust_bundle(&self) -> Option<&TrustBundle> {
@@ -354,6 +394,9 @@ impl Authorizer {
     pub fn offer_trust_bundle(&mut self, bytes: &[u8]) -> Result<Option<u64>, BundleRejected> {
         let now = self.now();
         let result = self.trust.offer(bytes, now);
+        if let Ok(Some(_)) = result {
+            self.replay.raise_floor(self.trust.highest_issued_at());
+        }
         match &result {
             Ok(Some(version)) => tracing::info!(version, "trust bundle accepted"),
             Ok(None) => tracing::debug!("trust bundle unchanged"),
@@ -379,6 +422,25 @@ impl Authorizer {
             skew: self.config.skew,
         };
         let verdict = decide(token, &ctx, &self.replay);
+        // A verified id refused before gets that refusal again, even if pairing or trust changed
+        // in between (best effort: the cache may have forgotten it, and then it is judged anew).
+        let earlier_refusal = match &verdict {
+            Verdict::Allow(c)
+            | Verdict::Refuse {
+                claims: Some(c), ..
+            } => self.refusals.get(&c.jti).map(<[u8]>::to_vec),
+            _ => None,
+        };
+        if let Some(reply) = earlier_refusal {
+            if let Verdict::Allow(c)
+            | Verdict::Refuse {
+                claims: Some(c), ..
+            } = &verdict
+            {
+                audit(Some(c), "duplicate", "command id refused before");
+            }
+            return Authorization::Reply(reply);
+        }
         match verdict {
             Verdict::Allow(claims) => {
                 let forget_after = claims.exp.saturating_add(self.config.skew);
@@ -417,28 +479,17 @@ impl Authorizer {
                 audit(claims.as_deref(), "refused", refusal.reason);
                 tracing::debug!(message = %refusal.message, "refusal detail");
                 let reply = self.refusal_reply(claims.as_deref(), &refusal);
-                // Record verified refusals still inside their validity, so a redelivery gets
-                // the same answer even if pairing or trust changed in between.
-                // The issued-at is clamped to now: a refused attestation (say one issued beyond
-                // the skew) must never move the time floor.
-                // Only refusals addressed to this device are kept: a broker replaying other
-                // devices' traffic at us must not be able to fill our table.
+                // Remember verified refusals addressed to this device, in the evicting cache and
+                // never in the replay journal: callers with no right to command the gateway must
+                // not take capacity from commands that can run. Refusals about time are not
+                // kept: the same attestation may be valid once the clock is right.
                 let device_id = self.config.device_id.as_str();
-                if let Some(c) = claims
-                    .filter(|c| c.aud == device_id && c.exp.saturating_add(self.config.skew) > now)
-                {
-                    let recorded = self
-                        .replay
-                        .record(
-                            &c.jti,
-                            c.iat.min(now),
-                            c.exp.saturating_add(self.config.skew),
-                            now,
-                        )
-                        .and_then(|()| self.replay.complete(&c.jti, &reply));
-                    if let Err(error) = recorded {
-                        tracing::warn!(%error, command_id = %c.jti, "refusal not recorded");
-                    }
+                let about_time = matches!(
+                    refusal.code,
+                    ErrorCode::AttestationExpired | ErrorCode::AttestationNotYetValid
+                );
+                if let Some(c) = claims.filter(|c| c.aud == device_id && !about_time) {
+                    self.refusals.insert(&c.jti, reply.clone());
                 }
                 Authorization::Reply(reply)
             }

@@ -10,9 +10,17 @@
 //! clock skew), and is pruned after that. If the table is still full, new commands are refused:
 //! forgetting a live entry would re-open the door to replaying it.
 //!
-//! The journal also carries the *time floor*: the highest issued-at of any verified attestation.
-//! A gateway that boots with its clock in 1970 still knows time has passed at least that far, so
-//! stale attestations stay expired.
+//! The journal also carries the *time floor*: the highest issued-at of any attestation the
+//! gateway allowed (and, through [`ReplayWindow::raise_floor`], of any trust bundle it accepted).
+//! Only platform-signed times raise it. A gateway that boots with its clock in 1970 still knows
+//! time has passed at least that far, so stale attestations stay expired.
+//!
+//! Entries are forgotten against the floor, **never** against the system clock: a clock that
+//! runs ahead (a bad RTC, a modem giving local time as UTC, a hostile NTP server) must not be able
+//! to prune an entry whose attestation the platform still considers live, or a broker could
+//! replay the command once the clock is corrected. Since the effective time used for decisions
+//! is never below the floor, an entry is dropped only once its attestation is expired for every
+//! later decision too.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -113,15 +121,19 @@ fn open_append(path: &Path) -> Result<File, StorageError> {
 
 impl ReplayWindow {
     /// Opens (or creates) the journal in `state_dir` and replays it into memory.
+    ///
+    /// `floor_at_least` is a time the caller knows has passed from platform-signed evidence of
+    /// its own (the build's time floor, the accepted trust bundle's `iat`); it is *not* the system
+    /// clock, which never decides what is forgotten (see the module docs).
     pub fn open(
         state_dir: &Path,
         capacity: usize,
-        now: u64,
+        floor_at_least: u64,
     ) -> Result<(Self, LoadReport), StorageError> {
         let path = state_dir.join(JOURNAL_FILE);
         let mut report = LoadReport::default();
         let mut entries: HashMap<String, Entry> = HashMap::new();
-        let mut floor = 0;
+        let mut floor = floor_at_least;
         let mut lines = 0;
         if let Ok(file) = File::open(&path) {
             for line in BufReader::new(file).split(b'\n') {
@@ -173,7 +185,7 @@ impl ReplayWindow {
             floor,
             lines,
         };
-        window.prune(now);
+        window.prune();
         if report.damaged_lines > 0 || window.lines > 2 * window.entries.len() + 64 {
             window.compact()?;
         }
@@ -196,13 +208,22 @@ impl ReplayWindow {
         self.capacity
     }
 
-    /// The highest issued-at ever verified (see the module docs).
+    /// The highest platform-signed time seen (see the module docs).
     pub fn time_floor(&self) -> u64 {
         self.floor
     }
 
-    fn prune(&mut self, now: u64) {
-        self.entries.retain(|_, e| e.forget_after > now);
+    /// Raises the time floor to `t`, a platform-signed time (an accepted trust bundle's `iat`).
+    /// In memory only: the caller persists its own evidence, and the floor reaches the journal
+    /// with the next compaction.
+    pub fn raise_floor(&mut self, t: u64) {
+        self.floor = self.floor.max(t);
+    }
+
+    /// Forgets the entries whose attestations are expired even at the floor.
+    fn prune(&mut self) {
+        let floor = self.floor;
+        self.entries.retain(|_, e| e.forget_after > floor);
     }
 
     /// Durably records a newly verified command id, before anything acts on it.
@@ -217,6 +238,10 @@ impl ReplayWindow {
     }
 
     /// [`ReplayWindow::record`] for a command addressed to `target`.
+    ///
+    /// `issued_at` must be the verified, allowed attestation's `iat`: it raises the time floor
+    /// (even when the table turns out to be full, since it is platform-signed all the same).
+    /// `now` is the effective time, used only to say when to retry.
     pub fn record_for(
         &mut self,
         jti: &str,
@@ -225,8 +250,9 @@ impl ReplayWindow {
         forget_after: u64,
         now: u64,
     ) -> Result<(), ReplayError> {
+        self.raise_floor(issued_at);
         if self.entries.len() >= self.capacity {
-            self.prune(now);
+            self.prune();
             if self.entries.len() >= self.capacity {
                 let soonest = self
                     .entries
@@ -325,12 +351,12 @@ mod tests {
     #[test]
     fn entries_and_replies_survive_a_restart() {
         let d = tempfile::tempdir().unwrap();
-        let (mut w, _) = ReplayWindow::open(d.path(), 10, 100).unwrap();
+        let (mut w, _) = ReplayWindow::open(d.path(), 10, 0).unwrap();
         w.record("c1", 90, 500, 100).unwrap();
         w.complete("c1", br#"{"ok":true}"#).unwrap();
         w.record("c2", 95, 500, 100).unwrap();
         drop(w);
-        let (w, report) = ReplayWindow::open(d.path(), 10, 100).unwrap();
+        let (w, report) = ReplayWindow::open(d.path(), 10, 0).unwrap();
         assert_eq!(
             w.get("c1").unwrap().reply.as_deref(),
             Some(&br#"{"ok":true}"#[..])
@@ -351,9 +377,46 @@ mod tests {
             }) => assert_eq!(retry_after_secs, 30),
             other => panic!("expected Full, got {other:?}"),
         }
-        // Once "a" has expired there is room again, and "b" is still remembered.
-        w.record("c", 100, 300, 151).unwrap();
+        // Once a platform-signed time past "a"'s expiry arrives there is room again, and "b" is
+        // still remembered.
+        w.record("c", 151, 300, 151).unwrap();
         assert!(w.get("a").is_none() && w.get("b").is_some() && w.get("c").is_some());
+    }
+
+    #[test]
+    fn the_clock_alone_never_makes_an_entry_forgettable() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, _) = ReplayWindow::open(d.path(), 2, 0).unwrap();
+        w.record("a", 100, 150, 100).unwrap();
+        w.record("b", 100, 300, 100).unwrap();
+        // A clock a day ahead is no evidence: the table stays full and "a" stays known...
+        assert!(matches!(
+            w.record("c", 100, 300, 100 + 86_400),
+            Err(ReplayError::Full { .. })
+        ));
+        assert!(w.get("a").is_some());
+        drop(w);
+        // ...and so does reopening it (the old code pruned at open with the system clock).
+        let (w, _) = ReplayWindow::open(d.path(), 2, 0).unwrap();
+        assert!(w.get("a").is_some() && w.get("b").is_some());
+        assert_eq!(w.time_floor(), 100);
+    }
+
+    #[test]
+    fn a_raised_floor_forgets_expired_entries_and_survives_compaction() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, _) = ReplayWindow::open(d.path(), 2, 0).unwrap();
+        w.record("a", 100, 150, 100).unwrap();
+        w.record("b", 100, 300, 100).unwrap();
+        w.raise_floor(200);
+        w.record("c", 120, 400, 200).unwrap();
+        assert!(w.get("a").is_none(), "expired at the floor");
+        assert_eq!(w.time_floor(), 200, "an older iat never lowers the floor");
+        drop(w);
+        // The floor given at open counts too.
+        let (w, _) = ReplayWindow::open(d.path(), 2, 350).unwrap();
+        assert!(w.get("b").is_none() && w.get("c").is_some());
+        assert_eq!(w.time_floor(), 350);
     }
 
     #[test]
@@ -390,18 +453,18 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (mut w, _) = ReplayWindow::open(d.path(), 10_000, 0).unwrap();
         for i in 0..2_000u64 {
-            w.record(&format!("c{i}"), 1_000 + i, 10 + i, 0).unwrap();
+            w.record(&format!("c{i}"), 1_000 + i, 1_010 + i, 0).unwrap();
             w.complete(&format!("c{i}"), b"{}").unwrap();
         }
         drop(w);
-        // At t=2000 only c1991.. are still live (forget_after = 10 + i > 2000).
-        let (w, _) = ReplayWindow::open(d.path(), 10_000, 2_000).unwrap();
-        assert_eq!(w.len(), 9);
+        // At the floor 2999 only c1990.. are still live (forget_after = 1010 + i > 2999).
+        let (w, _) = ReplayWindow::open(d.path(), 10_000, 0).unwrap();
+        assert_eq!(w.len(), 10);
         assert_eq!(w.time_floor(), 2_999);
         let lines = std::fs::read_to_string(d.path().join(JOURNAL_FILE))
             .unwrap()
             .lines()
             .count();
-        assert!(lines <= 1 + 2 * 9, "journal not compacted: {lines} lines");
+        assert!(lines <= 1 + 2 * 10, "journal not compacted: {lines} lines");
     }
 }

@@ -348,10 +348,16 @@ pub struct Agent {
 
 impl Agent {
     pub fn spawn(config: &Path) -> Agent {
+        Agent::spawn_with_env(config, &[])
+    }
+
+    /// [`Agent::spawn`] with extra environment variables (for example libfaketime's).
+    pub fn spawn_with_env(config: &Path, env: &[(&str, &str)]) -> Agent {
         let mut child = agent_process()
             .arg("--config")
             .arg(config)
             .arg("run")
+            .envs(env.iter().copied())
             .env_remove("NOTIFY_SOCKET")
             .env_remove("INVOCATION_ID")
             .env_remove("JOURNAL_STREAM")
