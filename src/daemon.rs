@@ -78,6 +78,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         drivers,
         settings.commands.clone(),
         &interrupted,
+        shutdown.clone(),
     );
     let mut pipeline = tokio::spawn(dispatcher.run(inbound, calls_rx));
 
@@ -130,12 +131,26 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
 
     notify_or_log("STOPPING=1");
+    // From here a device command still running is cut short, neither answered nor recorded: the
+    // next start reports it `interrupted` (PROTOCOL 4.6). Process drivers get a `cancel` for it
+    // and a moment to exit (15.5) while the outbox is flushed.
     trigger.trigger();
-    for task in driver_tasks {
-        task.abort();
-    }
+    let drivers_stopped = async {
+        let deadline = tokio::time::Instant::now() + crate::drivers::STOP_BUDGET;
+        let mut driver_tasks = driver_tasks;
+        for task in &mut driver_tasks {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                tracing::warn!("a driver did not stop in time");
+                break;
+            }
+        }
+        for task in driver_tasks {
+            task.abort();
+        }
+    };
     // The outbox is made durable before the link goes: nothing appended is lost.
-    match tokio::time::timeout(Duration::from_secs(1), telemetry_task).await {
+    let telemetry_stopped = tokio::time::timeout(Duration::from_secs(1), telemetry_task);
+    match tokio::join!(drivers_stopped, telemetry_stopped).1 {
         Ok(Ok(outbox)) => tracing::info!(depth = outbox.stats().depth, "outbox flushed"),
         _ => tracing::warn!("telemetry did not stop in time"),
     }

@@ -19,6 +19,7 @@ use crate::drivers::DriverRegistry;
 use crate::link::{Inbound, LinkState, LinkStatus, Publisher};
 use crate::pairing::PairingState;
 use crate::reply::{ErrorCode, Reply};
+use crate::service::Shutdown;
 use crate::topics::Topics;
 
 /// How often a pairing client is told the session is still waiting.
@@ -52,6 +53,9 @@ pub struct Dispatcher {
     announcements: Vec<Vec<u8>>,
     /// The pending pairing request, sent again after a reconnect so the platform has it.
     pairing_request: Option<Vec<u8>>,
+    /// The agent's stop: from then on a running device command has no outcome to report
+    /// (PROTOCOL 4.6).
+    stop: Shutdown,
 }
 
 struct Running {
@@ -80,6 +84,7 @@ impl Dispatcher {
         registry: DriverRegistry,
         command_settings: CommandSettings,
         interrupted: &[String],
+        stop: Shutdown,
     ) -> Dispatcher {
         let mut announcements = Vec::new();
         if let Some(a) = authorizer.as_mut() {
@@ -119,6 +124,7 @@ impl Dispatcher {
             completions_rx: Some(completions_rx),
             announcements,
             pairing_request: None,
+            stop,
         }
     }
 
@@ -222,8 +228,15 @@ impl Dispatcher {
             ));
         }
         let completions = self.completions_tx.clone();
+        let stop = self.stop.clone();
         tokio::spawn(async move {
-            let outcome = crate::commands::run_on_device(&claims, run, cancel_rx).await;
+            let Some(outcome) = crate::commands::run_on_device(&claims, run, cancel_rx, stop).await
+            else {
+                // Neither answered nor recorded: its replay entry stays "seen, no reply", so the
+                // next start reports it `interrupted` (PROTOCOL 4.6).
+                tracing::warn!(command_id = %claims.jti, device_id = %device_id, "agent stopping: command cut short; it is reported interrupted after the restart");
+                return;
+            };
             let now = crate::link::unix_now();
             if let Err((code, message)) = &outcome {
                 tracing::warn!(command_id = %claims.jti, ?code, %message, "command failed");

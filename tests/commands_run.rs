@@ -75,6 +75,7 @@ impl Bed {
                 &device_topic(GATEWAY, "replies"),
                 &device_topic(GATEWAY, "telemetry"),
                 &device_topic(GATEWAY, "capabilities"),
+                &device_topic(GATEWAY, "status"),
             ],
         )
         .await;
@@ -286,6 +287,128 @@ async fn a_command_running_when_the_agent_is_killed_is_reported_interrupted() {
         bed.driver_log().matches(&id).count(),
         1,
         "{}",
+        bed.driver_log()
+    );
+}
+
+/// Waits for the agent's clean-shutdown presence message. The agent publishes it after every
+/// reply it publishes (QoS 1, one connection, delivered in order), so once it has arrived every
+/// reply of that run is in the peer's hands.
+async fn wait_for_shutdown_status(bed: &mut Bed) {
+    bed.peer
+        .expect(&device_topic(GATEWAY, "status"), WAIT, |m| {
+            m.json()["state"] == "offline" && m.json()["reason"] == "shutdown"
+        })
+        .await;
+}
+
+/// Every reply for `id` the peer has received so far, as published (bytes).
+async fn replies_for(bed: &mut Bed, id: &str) -> Vec<Vec<u8>> {
+    bed.peer
+        .collect(&device_topic(GATEWAY, "replies"), Duration::ZERO)
+        .await
+        .into_iter()
+        .filter(|m| m.json()["commandId"] == id)
+        .map(|m| m.payload)
+        .collect()
+}
+
+/// A stop of the agent is not a driver failure (PROTOCOL 4.6, 15.5): the running command is
+/// neither answered nor recorded as completed when the agent is told to stop, the driver gets a
+/// `cancel` for it, and after the restart it is answered once, `interrupted`, and a redelivery
+/// gets that same reply byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_running_when_the_agent_is_stopped_is_reported_interrupted_after_the_restart() {
+    let mut bed = Bed::new("").await;
+    let mut agent = bed.start_agent().await;
+    let (id, token) = bed.token(
+        "slow-1",
+        "battery:set-reserve",
+        serde_json::json!({"chargePercentage": 11}),
+    );
+    bed.publish(&token).await;
+    let deadline = Instant::now() + WAIT;
+    while !bed.driver_log().contains(&id) {
+        assert!(Instant::now() < deadline, "driver never got the command");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.signal("TERM");
+    assert!(agent.wait_exit(WAIT).success(), "{}", agent.log_dump());
+    wait_for_shutdown_status(&mut bed).await;
+    let during_stop = replies_for(&mut bed, &id).await;
+    assert!(
+        during_stop.is_empty(),
+        "the stop was answered as a failure: {:?}",
+        during_stop
+            .iter()
+            .map(|r| String::from_utf8_lossy(r).into_owned())
+            .collect::<Vec<_>>()
+    );
+    let driver_saw: Vec<serde_json::Value> = bed
+        .driver_log()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|m: &serde_json::Value| m["commandId"] == id.as_str())
+        .collect();
+    assert_eq!(
+        driver_saw
+            .iter()
+            .map(|m| m["type"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["command", "cancel"],
+        "the driver is told to cancel before it is stopped"
+    );
+    drop(agent);
+
+    let mut agent = bed.start_agent().await;
+    let announced = bed
+        .peer
+        .expect(&device_topic(GATEWAY, "replies"), WAIT, |m| {
+            m.json()["commandId"] == id.as_str()
+        })
+        .await;
+    let r = announced.json();
+    assert_eq!(
+        (
+            r["type"].as_str(),
+            r["status"].as_u64(),
+            r["error"]["code"].as_str(),
+            r["error"]["message"].as_str(),
+            r["deviceId"].as_str()
+        ),
+        (
+            Some("command.failed"),
+            Some(500),
+            Some("COMMAND_FAILED"),
+            Some("interrupted: the agent stopped while the command was running"),
+            Some("slow-1")
+        ),
+        "{r}"
+    );
+    bed.publish(&token).await;
+    let again = bed
+        .peer
+        .expect(&device_topic(GATEWAY, "replies"), WAIT, |m| {
+            m.json()["commandId"] == id.as_str()
+        })
+        .await;
+    assert_eq!(
+        String::from_utf8_lossy(&again.payload),
+        String::from_utf8_lossy(&announced.payload),
+        "a redelivery gets the recorded reply byte for byte"
+    );
+    // Nothing else for this command in the second run: one announcement, one redelivery answer.
+    agent.signal("TERM");
+    assert!(agent.wait_exit(WAIT).success(), "{}", agent.log_dump());
+    wait_for_shutdown_status(&mut bed).await;
+    assert_eq!(replies_for(&mut bed, &id).await, Vec::<Vec<u8>>::new());
+    assert_eq!(
+        bed.driver_log()
+            .lines()
+            .filter(|l| l.contains(&id) && l.contains("\"command\""))
+            .count(),
+        1,
+        "the command ran once:\n{}",
         bed.driver_log()
     );
 }

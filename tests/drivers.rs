@@ -271,6 +271,95 @@ async fn abandoned_command_is_cancelled_at_the_driver() {
     h.stop().await;
 }
 
+/// Polls `path` until it holds `needle`; panics after [`PATIENCE`].
+async fn wait_for_text(path: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{needle:?} never in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// At the agent's stop (PROTOCOL 15.5) a driver gets a `cancel` for each command in flight,
+/// then the end of its stdin; one that exits then is not killed, and is not waited for longer.
+#[tokio::test]
+async fn at_shutdown_the_driver_is_told_to_cancel_and_its_stdin_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stdin.log");
+    let driver = script(
+        dir.path(),
+        "polite.sh",
+        &format!(
+            "while read -r line; do echo \"$line\" >> '{log}'; done\necho EOF >> '{log}'\n",
+            log = log.display()
+        ),
+    );
+    let h = start(vec!["sh".into(), driver.display().to_string()], 1024);
+    let outcome = h
+        .command("c1", "dev-1", "battery:set-reserve", json!({}))
+        .await;
+    wait_for_text(&log, "\"c1\"").await;
+    let stopping = Instant::now();
+    h.stop().await;
+    let took = stopping.elapsed();
+    let text = wait_for_text(&log, "EOF").await;
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].contains("\"type\":\"command\""), "{text}");
+    assert_eq!(lines[1], r#"{"type":"cancel","commandId":"c1"}"#, "{text}");
+    assert_eq!(lines[2], "EOF");
+    assert!(
+        took < texture_agent::drivers::STOP_GRACE,
+        "a driver that exits at the end of its stdin is not held for the grace: {took:?}"
+    );
+    assert_eq!(
+        outcome.await,
+        Ok(Err(CommandFailure::ShuttingDown.to_string()))
+    );
+}
+
+/// A driver that does not exit when its stdin ends is killed once the stop grace is over.
+#[tokio::test]
+async fn at_shutdown_a_driver_that_lingers_is_killed_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stdin.log");
+    let pid_file = dir.path().join("pid");
+    let driver = script(
+        dir.path(),
+        "stubborn.sh",
+        &format!(
+            "echo $$ > '{pid}'\nwhile read -r line; do echo \"$line\" >> '{log}'; done\nexec sleep 60\n",
+            pid = pid_file.display(),
+            log = log.display()
+        ),
+    );
+    let h = start(vec!["sh".into(), driver.display().to_string()], 1024);
+    let _outcome = h
+        .command("c1", "dev-1", "battery:set-reserve", json!({}))
+        .await;
+    wait_for_text(&log, "\"c1\"").await;
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let stopping = Instant::now();
+    h.stop().await;
+    let took = stopping.elapsed();
+    assert!(
+        took >= texture_agent::drivers::STOP_GRACE,
+        "killed before its grace was over: {took:?}"
+    );
+    wait_for_text(&log, "\"cancel\"").await;
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the driver (pid {pid}) outlived the stop"
+    );
+}
+
 #[tokio::test]
 async fn commands_without_a_running_driver_are_refused() {
     let h = start(vec!["/nonexistent/texture-driver".into()], 1024);

@@ -555,6 +555,7 @@ fn start(p: Prepared, shutdown: &Shutdown) -> Session {
         registry,
         settings.commands.clone(),
         &p.interrupted,
+        shutdown.clone(),
     );
     let dispatcher = tokio::spawn(dispatcher.run(inbound, calls_rx));
     Session {

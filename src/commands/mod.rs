@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::auth::claims::AttestationClaims;
 use crate::drivers::{DriverCommand, DriverRegistry};
 use crate::reply::{rfc3339, ErrorCode, FailedError, Reply};
+use crate::service::Shutdown;
 use catalog::Slug;
 
 /// `[commands]` settings.
@@ -156,11 +157,19 @@ pub fn plan(
 /// Runs a planned device command to its end: the driver's answer, the timeout, or a
 /// cancellation (`cancel` carries the reason, e.g. a superseding command's id). Dropping the
 /// driver's answer channel on timeout or cancellation is what tells the driver to cancel.
+///
+/// `None` when the agent began to stop (`stop`) before the command ended. A stop is not an
+/// outcome of the command: whatever the driver does while the agent stops (it is told to
+/// cancel, then stopped) is not reported, so the command's replay entry stays "seen, no reply"
+/// and the next start answers it `interrupted` (PROTOCOL 4.6). The stop is checked first, so a
+/// failure caused by the stop itself (the driver's channel closing as it is stopped) is never
+/// mistaken for the command's outcome.
 pub async fn run_on_device(
     claims: &AttestationClaims,
     run: DeviceRun,
     cancel: oneshot::Receiver<(ErrorCode, String)>,
-) -> Result<Value, (ErrorCode, String)> {
+    mut stop: Shutdown,
+) -> Option<Result<Value, (ErrorCode, String)>> {
     let (done, answer) = oneshot::channel();
     let command = DriverCommand {
         command_id: claims.jti.clone(),
@@ -185,14 +194,19 @@ pub async fn run_on_device(
             )),
         }
     };
-    tokio::select! {
+    let outcome = tokio::select! {
+        biased;
+        () = stop.wait() => return None,
         outcome = work => outcome,
         _ = tokio::time::sleep(run.timeout) => Err((
             ErrorCode::CommandTimeout,
             format!("timed out after {} s; the driver was told to cancel", run.timeout.as_secs()),
         )),
         Ok(reason) = cancel => Err(reason),
-    }
+    };
+    // An outcome that became ready in the same instant as the stop (the driver's channel closed
+    // because the stop is tearing it down) belongs to the stop, not to the command.
+    (!stop.is_triggered()).then_some(outcome)
 }
 
 /// The reply for a command that ran (or could not), shaped like the platform's

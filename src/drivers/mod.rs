@@ -20,6 +20,14 @@ use crate::telemetry::model::{DeviceState, DeviceType, DriverHealth};
 /// Samples waiting for the telemetry task. Drivers block (back-pressure) when it is full.
 pub const SAMPLE_QUEUE: usize = 256;
 
+/// At the agent's stop, how long a process driver has, from the stop, to take its `cancel`
+/// lines and the end of its stdin and exit on its own before it is killed (PROTOCOL 15.5).
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How long the daemon waits for every driver task to end at a stop before it aborts them:
+/// [`STOP_GRACE`] and the time to kill and reap a driver that used all of it.
+pub const STOP_BUDGET: std::time::Duration = std::time::Duration::from_millis(1_000);
+
 /// A state update from a driver.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -206,7 +214,8 @@ async fn forward(
 /// Starts every configured driver; their samples go to `samples`.
 ///
 /// Returns the registry of their devices, the counters of each process driver in configuration
-/// order (for the health point; simulated drivers keep none), and the drivers' tasks.
+/// order (for the health point; simulated drivers keep none), and the drivers' tasks, which end
+/// by themselves once `shutdown` triggers (the daemon gives them [`STOP_BUDGET`]).
 pub fn start(
     settings: &[DriverSettings],
     samples: &SampleSender,
@@ -235,14 +244,23 @@ pub fn start(
                 interval_ms,
                 seed,
             } => {
-                tasks.push(tokio::spawn(sim::run(
+                let device = sim::run(
                     device_id.clone(),
                     *device_type,
                     std::time::Duration::from_millis(*interval_ms),
                     *seed,
                     sample_tx,
                     command_rx,
-                )));
+                );
+                // Ends at the stop, like a process driver's supervisor, so the daemon can wait
+                // for every driver task instead of aborting them.
+                let mut stop = shutdown.clone();
+                tasks.push(tokio::spawn(async move {
+                    tokio::select! {
+                        () = device => {}
+                        () = stop.wait() => {}
+                    }
+                }));
             }
             DriverSettings::Process { .. } => {
                 let driver = process::ProcessDriver::from_settings(d).expect("a process driver");

@@ -36,8 +36,9 @@
 //! `state` carries a [`DeviceState`] with the platform's field names. A `cancel` means nobody is
 //! waiting for that command's result any more; the driver may stop working on it, and any result
 //! it still sends is ignored. stderr is free-form text for humans and goes to the agent's log.
-//! On agent shutdown the driver is killed (SIGKILL), so a driver must tolerate dying at any
-//! point — exactly as it must tolerate a power cut.
+//! On agent shutdown the driver gets a `cancel` for each command in flight, then the end of its
+//! stdin, and [`super::STOP_GRACE`] to exit on its own; then it is killed (SIGKILL). A driver
+//! must still tolerate dying at any point, exactly as it must tolerate a power cut.
 
 use std::collections::HashMap;
 use std::io;
@@ -154,7 +155,8 @@ impl ProcessDriver {
 
     /// Runs the driver until `shutdown`: starts it, forwards its states to `samples` and the
     /// `commands` routed to it, and restarts it whenever it exits. Never returns early, whatever
-    /// the driver does; on shutdown the child is killed before this returns.
+    /// the driver does; on shutdown the child is stopped (cancels, end of stdin, then killed
+    /// after [`super::STOP_GRACE`]) before this returns.
     pub async fn supervise(
         self,
         samples: SampleSender,
@@ -352,17 +354,38 @@ impl Supervisor {
             }
         };
 
-        writer.abort();
         if shutting_down {
-            for (_, answer) in in_flight.drain() {
+            // The agent is stopping (PROTOCOL 15.5): a `cancel` for each command in flight, then
+            // the end of stdin, then until the grace runs out to exit on its own; then SIGKILL.
+            let deadline = Instant::now() + super::STOP_GRACE;
+            for (command_id, answer) in in_flight.drain() {
+                let cancel = encode(&ToDriver::Cancel {
+                    command_id: &command_id,
+                });
+                let _ = tokio::time::timeout_at(deadline, to_driver.send(cancel)).await;
                 fail(answer, CommandFailure::ShuttingDown);
             }
+            // The writer ends once the queue is written, and closes the driver's stdin as it does.
+            drop(to_driver);
+            let mut writer = writer;
+            if tokio::time::timeout_at(deadline, &mut writer)
+                .await
+                .is_err()
+            {
+                writer.abort();
+            }
             stderr_task.abort();
-            if let Err(error) = child.kill().await {
-                tracing::warn!(driver = %self.driver.name, %error, "could not kill driver");
+            if tokio::time::timeout_at(deadline, child.wait())
+                .await
+                .is_err()
+            {
+                if let Err(error) = child.kill().await {
+                    tracing::warn!(driver = %self.driver.name, %error, "could not kill driver");
+                }
             }
             return Ended::Shutdown;
         }
+        writer.abort();
 
         // Nobody is left to answer these; tell their callers now rather than at their deadline.
         for (_, answer) in in_flight.drain() {
