@@ -638,6 +638,7 @@ fn validate_telemetry(s: &Settings, path: &Path) -> Result<(), ConfigError> {
                 name,
                 command,
                 max_line_bytes,
+                ..
             } => {
                 if command.is_empty() {
                     return Err(reject(

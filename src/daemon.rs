@@ -25,6 +25,15 @@ pub const SHUTDOWN_BUDGET: Duration = Duration::from_secs(4);
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns `Ok` on a graceful stop.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    // Before any secret is loaded: a non-dumpable process cannot be ptraced, and its
+    // /proc/<pid>/{mem,fd,root,environ} cannot be opened, by other processes of its uid (only
+    // by root with CAP_SYS_PTRACE), and it leaves no core dump. Drivers are kept out of it by
+    // their namespaces already (drivers::process::DriverSandbox); this also covers a driver run
+    // with `sandbox = false` by a non-root agent, and any other process of the agent's user.
+    // SAFETY: prctl(PR_SET_DUMPABLE) has no memory-safety preconditions.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not make the agent non-dumpable");
+    }
     crate::link::tls::install_default_provider();
     storage::ensure_dir(&settings.state.dir).context("state.dir")?;
     storage::ensure_dir(&settings.state.runtime_dir).context("state.runtime_dir")?;
@@ -57,8 +66,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (trigger, shutdown) = service::shutdown_channel();
     let mut link = Link::start(&settings, shutdown.clone())?;
     let (samples_tx, samples_rx) = mpsc::channel(crate::drivers::SAMPLE_QUEUE);
+    let sandbox = crate::drivers::process::DriverSandbox::from_settings(&settings);
     let (drivers, driver_health, driver_tasks) =
-        crate::drivers::start(&settings.drivers, &samples_tx, &shutdown);
+        crate::drivers::start(&settings.drivers, &sandbox, &samples_tx, &shutdown);
     drop(samples_tx);
     let (telemetry, outbox_stats) = Telemetry::new(&settings, &link, outbox, &settings.state.dir);
     let telemetry = telemetry.with_driver_health(driver_health);

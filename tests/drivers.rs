@@ -449,3 +449,494 @@ async fn bad_driver_counters_reach_the_platform_in_the_health_point() {
     assert!(bad_health["samples"].as_u64().unwrap() >= 1, "{bad_health}");
     assert!(bad_health["running"].is_boolean(), "{bad_health}");
 }
+
+// --- The sandbox: what a hostile process driver can reach (issue 13, item 3) ---------------
+
+/// A hostile driver, standard-library Python: waits for `<out>/go`, tries every way at the
+/// agent's secrets it knows, writes what each attempt got to `<out>/results.json` (a
+/// directory it is allowed to write), then behaves like a normal driver for device `<device>`.
+/// An attempt "succeeds" only if it revealed or changed something.
+const HOSTILE_DRIVER: &str = r#"
+import ctypes, json, os, socket, sys, time
+out, device, state_dir, runtime_dir, key_file, mode = sys.argv[1:7]
+libc = ctypes.CDLL(None, use_errno=True)
+deadline = time.time() + 30
+while not os.path.exists(os.path.join(out, "go")) and time.time() < deadline:
+    time.sleep(0.02)
+results = {}
+def attempt(name, fn):
+    try:
+        results[name] = {"ok": True, "got": repr(fn())[:200]}
+    except Exception as e:
+        results[name] = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+def nonempty(listing):
+    if not listing:
+        raise FileNotFoundError("nothing there")
+    return listing
+def sys_ok(result, what):
+    if result != 0:
+        raise OSError(ctypes.get_errno(), "%s: %s" % (what, os.strerror(ctypes.get_errno())))
+    return "done"
+secrets = ["device-key", "owner-binding.json", "replay.journal", "trust-bundle.jws"]
+# 1. Read the agent's state.
+for name in secrets:
+    attempt("read " + name, lambda name=name: read(os.path.join(state_dir, name)))
+attempt("list state.dir", lambda: nonempty(os.listdir(state_dir)))
+attempt("list runtime_dir", lambda: nonempty(os.listdir(runtime_dir)))
+# 2. Rewrite the owner binding.
+def write_binding():
+    with open(os.path.join(state_dir, "owner-binding.json"), "w") as f:
+        f.write('{"version":99,"referenceId":"attacker"}')
+    return "written"
+if mode == "attack":
+    attempt("write owner-binding.json", write_binding)
+# 3. The TLS client key.
+attempt("read client key", lambda: read(key_file))
+# 4. Pair the gateway through the control socket.
+def pair():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(os.path.join(runtime_dir, "control.sock"))
+    s.sendall(b'{"op":"pair"}\n')
+    reply = s.recv(4096)
+    if b'"event":"code"' not in reply:
+        raise ValueError("no code: %r" % reply)
+    return reply
+attempt("pair through control.sock", pair)
+# 5. Around the mounts, through the agent's /proc entries and ptrace.
+agent = os.getppid()
+attempt("/proc/agent/root", lambda: read("/proc/%d/root%s/device-key" % (agent, state_dir)))
+attempt("/proc/agent/cwd", lambda: nonempty(os.listdir("/proc/%d/cwd" % agent)))
+def agent_fds():
+    # Listing the numbers may work (as root); resolving or opening one must not.
+    got = []
+    for fd in os.listdir("/proc/%d/fd" % agent):
+        for how in (os.readlink, lambda p: open(p, "rb").close()):
+            try:
+                got.append((fd, how("/proc/%d/fd/%s" % (agent, fd))))
+            except OSError:
+                pass
+    if not got:
+        raise PermissionError("no descriptor of the agent resolved or opened")
+    return got
+attempt("/proc/agent/fd", agent_fds)
+attempt("/proc/agent/environ", lambda: read("/proc/%d/environ" % agent))
+attempt("/proc/agent/mem", lambda: open("/proc/%d/mem" % agent, "rb").close())
+def ptrace():
+    # In a child, so that its exit detaches at once; PTRACE_SEIZE does not stop the agent.
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if libc.ptrace(0x4206, agent, 0, 0) == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise PermissionError("PTRACE_SEIZE refused")
+    return "attached"
+attempt("ptrace agent", ptrace)
+# 6. Secrets in the environment: reported whole, for the test to compare.
+results["environment"] = dict(os.environ)
+# 7. Take the mounts away, or look under them. Only from a mount namespace of its own: a bind
+# of / that succeeded on the host would put the whole file system under the test's temporary
+# directory, for its clean-up to delete. Not attempted, they count as got through.
+def own_namespace():
+    try:
+        return os.readlink("/proc/self/ns/mnt") != os.readlink("/proc/%d/ns/mnt" % agent)
+    except OSError:
+        return True
+mount_attacks = ["umount state.dir", "umount -l state.dir", "umount client key",
+    "remount state.dir rw", "bind / to look under", "read after the mount attacks",
+    "read under a bind of /"]
+if mode == "attack" and own_namespace():
+    attempt("umount state.dir", lambda: sys_ok(libc.umount2(state_dir.encode(), 0), "umount"))
+    attempt("umount -l state.dir", lambda: sys_ok(libc.umount2(state_dir.encode(), 2), "umount -l"))
+    attempt("umount client key", lambda: sys_ok(libc.umount2(key_file.encode(), 2), "umount -l"))
+    attempt("remount state.dir rw", lambda: sys_ok(libc.mount(None, state_dir.encode(), None, 32, None), "remount"))
+    peek = os.path.join(out, "peek")
+    os.makedirs(peek, exist_ok=True)
+    attempt("bind / to look under", lambda: sys_ok(libc.mount(b"/", peek.encode(), None, 4096, None), "bind"))
+    attempt("read after the mount attacks", lambda: read(os.path.join(state_dir, "device-key")))
+    attempt("read under a bind of /", lambda: read(peek + state_dir + "/device-key"))
+else:
+    for name in mount_attacks:
+        results[name] = {"ok": "not attempted: no mount namespace of its own"}
+# What a driver needs keeps working.
+attempt("benign: world-readable file", lambda: read("/etc/passwd"))
+attempt("benign: /dev/null", lambda: open("/dev/null", "r+b").close() or "opened")
+with open(os.path.join(out, "results.tmp"), "w") as f:
+    json.dump(results, f)
+os.rename(os.path.join(out, "results.tmp"), os.path.join(out, "results.json"))
+state = {"type": "state", "deviceId": device, "state": {"type": "inverter", "power": 1.0,
+         "gridStatus": "idle", "gridPower": 0.0}}
+while True:
+    print(json.dumps(state), flush=True)
+    time.sleep(0.2)
+"#;
+
+/// Polls `path` until it exists and parses as JSON; panics after `patience`.
+fn wait_for_json(
+    path: &Path,
+    patience: Duration,
+    context: impl Fn() -> String,
+) -> serde_json::Value {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Ok(value) = serde_json::from_str(&text) {
+                return value;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {} within {patience:?}\n{}",
+            path.display(),
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every attack of issue 13 item 3, by a driver of the real agent: reading the device key,
+/// owner binding, replay journal and trust bundle, rewriting the binding, reading the TLS key,
+/// pairing through the control socket, going through `/proc/<agent>` or ptrace, finding
+/// anything of the agent's in its environment, and removing or looking under the mounts that
+/// hide them. A sandboxed driver fails at each and still works as a driver. The same script
+/// with `sandbox = false` is the control: it succeeds at the file and socket attacks, which
+/// shows the attacks are real (and is what every driver could do before the sandbox).
+///
+/// The tests run as root, so this also covers an agent run as root: the driver is root in its
+/// namespace, with every capability there and none outside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_driver_reaches_none_of_the_agents_secrets() {
+    const GATEWAY: &str = "gw-hostile";
+    let pki = common::Pki::new();
+    let broker = common::Mosquitto::start(&pki);
+    let telemetry = common::device_topic(GATEWAY, "telemetry");
+    let signer = texture_agent::platform::PlatformSigner::generate("platform-1");
+    let mut platform = common::platform_peer(&pki, broker.port, &signer, &[&telemetry]).await;
+    let mut cfg = common::AgentConfig::new(&pki, broker.port, GATEWAY);
+    cfg.trust_root = Some(signer.root_public_key());
+    cfg.workspace_id = Some("ws-hostile".into());
+    cfg.owner = Some("owner-1".into());
+    let state_dir = cfg.state_dir(pki.path());
+    let runtime_dir = pki.path().join(format!("run-{GATEWAY}"));
+    let key_file = cfg.client.as_ref().unwrap().key.clone();
+    let script = script(pki.path(), "hostile.py", HOSTILE_DRIVER);
+    let driver = |name: &str, sandbox: bool, mode: &str| {
+        let out = pki.path().join(format!("out-{name}"));
+        std::fs::create_dir_all(&out).unwrap();
+        // Writable by the driver whatever uid the agent runs as.
+        std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let argv = [
+            "python3".to_string(),
+            script.display().to_string(),
+            out.display().to_string(),
+            format!("dev-{name}"),
+            state_dir.display().to_string(),
+            runtime_dir.display().to_string(),
+            key_file.display().to_string(),
+            mode.to_string(),
+        ];
+        let toml = format!(
+            "[[drivers]]\nkind = \"process\"\nname = \"{name}\"\ncommand = {}\nsandbox = {sandbox}\n\n",
+            serde_json::to_string(&argv).unwrap()
+        );
+        (out, toml)
+    };
+    let (confined, confined_toml) = driver("confined", true, "attack");
+    let (control, control_toml) = driver("control", false, "control");
+    cfg.extra_toml = format!("[telemetry]\nbatch_max_ms = 50\n\n{confined_toml}{control_toml}");
+    let agent = common::Agent::spawn(&cfg.write(pki.path()));
+
+    // Every secret the attacks aim at exists, and its path is the one the driver was given.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let secrets = [
+        "device-key",
+        "owner-binding.json",
+        "replay.journal",
+        "trust-bundle.jws",
+    ];
+    while !secrets.iter().all(|s| state_dir.join(s).exists())
+        || !runtime_dir.join("control.sock").exists()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the agent's state never appeared in full: {:?}\nagent log:\n{}",
+            std::fs::read_dir(&state_dir).map(|d| d.count()),
+            agent.log_dump()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let binding_before = std::fs::read(state_dir.join("owner-binding.json")).unwrap();
+    for out in [&confined, &control] {
+        std::fs::write(out.join("go"), b"").unwrap();
+    }
+    let results = |out: &Path| {
+        wait_for_json(&out.join("results.json"), Duration::from_secs(20), || {
+            format!("agent log:\n{}", agent.log_dump())
+        })
+    };
+    let confined_results = results(&confined);
+    let control_results = results(&control);
+
+    let attacks = [
+        "read device-key",
+        "read owner-binding.json",
+        "read replay.journal",
+        "read trust-bundle.jws",
+        "list state.dir",
+        "list runtime_dir",
+        "write owner-binding.json",
+        "read client key",
+        "pair through control.sock",
+        "/proc/agent/root",
+        "/proc/agent/cwd",
+        "/proc/agent/fd",
+        "/proc/agent/environ",
+        "/proc/agent/mem",
+        "ptrace agent",
+        "umount state.dir",
+        "umount -l state.dir",
+        "umount client key",
+        "remount state.dir rw",
+        "bind / to look under",
+        "read after the mount attacks",
+        "read under a bind of /",
+    ];
+    let succeeded: Vec<String> = attacks
+        .iter()
+        .filter(|a| confined_results[**a]["ok"] != false)
+        .map(|a| format!("{a}: {}", confined_results[*a]))
+        .collect();
+    assert!(
+        succeeded.is_empty(),
+        "a sandboxed driver got through:\n{}",
+        succeeded.join("\n")
+    );
+    for benign in ["benign: world-readable file", "benign: /dev/null"] {
+        assert_eq!(
+            confined_results[benign]["ok"], true,
+            "{benign}: {}",
+            confined_results[benign]
+        );
+    }
+    // Exactly the environment PROTOCOL 15.1 promises, whatever the agent's own held.
+    assert_eq!(
+        confined_results["environment"],
+        json!({
+            "PATH": texture_agent::drivers::process::DRIVER_PATH,
+            "LANG": "C.UTF-8",
+            "HOME": "/",
+            "TEXTURE_DRIVER_NAME": "confined",
+        })
+    );
+    assert_eq!(
+        std::fs::read(state_dir.join("owner-binding.json")).unwrap(),
+        binding_before,
+        "the owner binding changed"
+    );
+
+    // The control shows the attacks work on a driver without the sandbox: the read and socket
+    // attacks are exactly what any driver could do before (it skips the writes and mounts).
+    for attack in [
+        "read device-key",
+        "read owner-binding.json",
+        "read replay.journal",
+        "read trust-bundle.jws",
+        "read client key",
+        "pair through control.sock",
+    ] {
+        assert_eq!(
+            control_results[attack]["ok"], true,
+            "the unconfined control failed at {attack:?}, so the attack itself is broken: {}",
+            control_results[attack]
+        );
+    }
+    assert_eq!(
+        control_results["environment"]["TEXTURE_DRIVER_NAME"], "control",
+        "sandbox = false still gets the empty environment"
+    );
+
+    // And the confined driver is still a driver: its states reach the platform.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    'seen: loop {
+        assert!(
+            Instant::now() < deadline,
+            "no telemetry from the sandboxed driver's device; agent log:\n{}",
+            agent.log_dump()
+        );
+        for batch in platform
+            .collect(&telemetry, Duration::from_millis(300))
+            .await
+        {
+            let points = batch.json()["points"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if points.iter().any(|p| p["deviceId"] == "dev-confined") {
+                break 'seen;
+            }
+        }
+    }
+}
+
+/// A control-socket client: connects to `argv[1]`, asks to pair, prints the first line back.
+const CONTROL_CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(b'{"op":"pair"}\n')
+print(s.makefile().readline().strip())
+"#;
+
+/// The control socket's peer check (`SO_PEERCRED`): root and the agent's own user in the
+/// agent's user namespace are served; root inside a nested user namespace (where drivers run)
+/// and any other uid are refused with one `error` event, even when the socket's permissions
+/// would let them connect. The permissions are opened up here to test the check on its own.
+#[tokio::test]
+async fn the_control_socket_serves_only_root_and_the_agents_user_in_its_namespace() {
+    use texture_agent::control::{self, ControlEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    let listener = control::bind(&runtime).unwrap();
+    let socket = control::socket_path(&runtime);
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [
+        (dir.path(), 0o755),
+        (runtime.as_path(), 0o755),
+        (socket.as_path(), 0o666),
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let client = script(dir.path(), "client.py", CONTROL_CLIENT);
+    let (calls_tx, mut calls) = mpsc::channel(8);
+    let server = tokio::spawn(control::serve(listener, calls_tx));
+    // Admitted clients get an `expired` event from this stand-in for the dispatcher.
+    let dispatcher = tokio::spawn(async move {
+        let mut served = 0;
+        while let Some(call) = calls.recv().await {
+            served += 1;
+            let _ = call.events.send(ControlEvent::Expired).await;
+        }
+        served
+    });
+    let ask = |wrapper: &[&str]| {
+        let mut argv: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        argv.extend([
+            "python3".into(),
+            client.display().to_string(),
+            socket.display().to_string(),
+        ]);
+        async move {
+            let output = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(&argv[0])
+                    .args(&argv[1..])
+                    .output()
+                    .expect("run the client")
+            });
+            let output = timeout(PATIENCE, output)
+                .await
+                .expect("client hung")
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "client failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8(output.stdout).unwrap().trim().to_owned()
+        }
+    };
+
+    let me = unsafe { libc::geteuid() };
+    assert_eq!(
+        ask(&[]).await,
+        r#"{"event":"expired"}"#,
+        "the agent's own user"
+    );
+    let nested = ask(&[
+        "unshare",
+        "--user",
+        &format!("--map-user={me}"),
+        &format!("--map-group={}", unsafe { libc::getegid() }),
+        "--",
+    ])
+    .await;
+    assert!(
+        nested.contains(r#""event":"error""#) && nested.contains("another user namespace"),
+        "a client in a nested user namespace (uid {me} mapped to itself) was not refused: {nested}"
+    );
+    if me == 0 {
+        let stranger = ask(&[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "env",
+            &format!("PATH={}", texture_agent::drivers::process::DRIVER_PATH),
+        ])
+        .await;
+        assert!(
+            stranger.contains(r#""event":"error""#) && stranger.contains("uid 65534"),
+            "uid 65534 was not refused: {stranger}"
+        );
+    }
+    server.abort();
+    let _ = server.await;
+    assert_eq!(
+        dispatcher.await.unwrap(),
+        1,
+        "only the admitted client reached the dispatcher"
+    );
+}
+
+/// A sandbox that cannot be set up does not fall back to running the driver unconfined: the
+/// driver is not started (a mount that fails stands in for a kernel without user namespaces),
+/// its commands fail `driver not running`, and the supervisor keeps retrying.
+#[tokio::test]
+async fn a_driver_whose_sandbox_fails_is_not_run_unconfined() {
+    use texture_agent::drivers::process::{DriverSandbox, ProcessDriver};
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let (samples_tx, _samples) = mpsc::channel(SAMPLE_QUEUE);
+    let (commands, commands_rx) = mpsc::channel(8);
+    let (trigger, shutdown) = shutdown_channel();
+    let stats = Arc::new(DriverStats::default());
+    let driver = ProcessDriver {
+        name: "unsandboxable".into(),
+        command: vec!["touch".into(), marker.display().to_string()],
+        max_line_bytes: 1024,
+        sandbox: Some(Arc::new(DriverSandbox {
+            hidden_dirs: vec![dir.path().join("no-such-directory")],
+            hidden_files: vec![],
+        })),
+    };
+    let task = tokio::spawn(driver.supervise(samples_tx, commands_rx, shutdown, stats.clone()));
+    let (done, outcome) = oneshot::channel();
+    commands
+        .send(DriverCommand {
+            command_id: "c1".into(),
+            device_id: "dev-1".into(),
+            slug: "battery:set-reserve".into(),
+            input: serde_json::Map::new(),
+            done,
+        })
+        .await
+        .unwrap();
+    let answer = timeout(PATIENCE, outcome).await.expect("no answer in time");
+    assert_eq!(
+        answer,
+        Ok(Err(CommandFailure::DriverNotRunning.to_string()))
+    );
+    // The command was refused between attempts, so one attempt to start the driver is over.
+    assert!(!marker.exists(), "the driver ran without its sandbox");
+    assert_eq!(stats.spawns.load(Ordering::Relaxed), 0);
+    trigger.trigger();
+    timeout(Duration::from_secs(2), task)
+        .await
+        .unwrap()
+        .unwrap();
+}

@@ -535,8 +535,12 @@ fn start(p: Prepared, shutdown: &Shutdown) -> Session {
     let settings = p.settings;
     let mut link = Link::start(&settings, shutdown.clone()).expect("link starts");
     let (samples_tx, samples_rx) = mpsc::channel(texture_agent::drivers::SAMPLE_QUEUE);
-    let (registry, driver_health, drivers) =
-        texture_agent::drivers::start(&settings.drivers, &samples_tx, shutdown);
+    let (registry, driver_health, drivers) = texture_agent::drivers::start(
+        &settings.drivers,
+        &texture_agent::drivers::process::DriverSandbox::from_settings(&settings),
+        &samples_tx,
+        shutdown,
+    );
     drop(samples_tx);
     let (telemetry, stats_rx) = Telemetry::new(&settings, &link, p.outbox, &settings.state.dir);
     let telemetry = telemetry.with_driver_health(driver_health);

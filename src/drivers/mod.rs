@@ -66,6 +66,11 @@ pub enum DriverSettings {
         /// Longest line accepted from the driver; longer lines are counted and skipped.
         #[serde(default = "default_max_line_bytes")]
         max_line_bytes: usize,
+        /// Run the driver in its own namespaces, with the agent's state and keys out of sight
+        /// ([`process::DriverSandbox`]). `false` runs it with the agent's full access: only for
+        /// a kernel without user namespaces, and only for a driver trusted as much as the agent.
+        #[serde(default = "default_sandbox")]
+        sandbox: bool,
     },
 }
 
@@ -74,6 +79,9 @@ fn default_interval_ms() -> u64 {
 }
 fn default_max_line_bytes() -> usize {
     64 * 1024
+}
+fn default_sandbox() -> bool {
+    true
 }
 
 /// Sends samples from every driver to telemetry, and routes commands to the right driver.
@@ -211,13 +219,15 @@ async fn forward(
     }
 }
 
-/// Starts every configured driver; their samples go to `samples`.
+/// Starts every configured driver; their samples go to `samples`. Process drivers run in
+/// `sandbox` unless their settings say `sandbox = false`.
 ///
 /// Returns the registry of their devices, the counters of each process driver in configuration
 /// order (for the health point; simulated drivers keep none), and the drivers' tasks, which end
 /// by themselves once `shutdown` triggers (the daemon gives them [`STOP_BUDGET`]).
 pub fn start(
     settings: &[DriverSettings],
+    sandbox: &process::DriverSandbox,
     samples: &SampleSender,
     shutdown: &crate::service::Shutdown,
 ) -> (
@@ -226,6 +236,7 @@ pub fn start(
     Vec<tokio::task::JoinHandle<()>>,
 ) {
     let registry = DriverRegistry::default();
+    let sandbox = Arc::new(sandbox.clone());
     let mut health = Vec::new();
     let mut tasks = Vec::new();
     for d in settings {
@@ -263,7 +274,8 @@ pub fn start(
                 }));
             }
             DriverSettings::Process { .. } => {
-                let driver = process::ProcessDriver::from_settings(d).expect("a process driver");
+                let driver =
+                    process::ProcessDriver::from_settings(d, &sandbox).expect("a process driver");
                 let stats = Arc::new(process::DriverStats::default());
                 health.push(DriverHealthSource {
                     name: driver.name.clone(),
