@@ -1,5 +1,10 @@
-//! The command line: `run`, `check-config`, `status`, `version`.
+//! The command line: `run`, `check-config`, `status`, `pair`, `version`.
+//!
+//! Everything printed that came from the network or from the daemon (pairing events, refusal
+//! reasons, the owner's reference id, the link's last error) goes through [`printable`] first:
+//! `pair` is run as root on a terminal, and a terminal obeys escape sequences.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -58,6 +63,34 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `text` with every character a terminal could act on written as an escape in Rust's form
+/// (`\u{1b}`): the C0 controls (newline and tab included), DEL, the C1 controls U+0080 to
+/// U+009F (among them U+009B, a one-character CSI), and the bidirectional marks, embeddings,
+/// overrides and isolates (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069), which
+/// can make a line read differently from what it holds. Anything else is kept, so names in any
+/// script print as they are; borrowed when there is nothing to escape.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        c.is_control()
+            || matches!(
+                c,
+                '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            )
+    }
+    if !text.chars().any(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// Builds a runtime, reporting failure on stderr.
 fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
     builder
@@ -106,7 +139,8 @@ fn show_status(path: &std::path::Path) -> ExitCode {
             let b = p.binding();
             match &b.reference_id {
                 Some(owner) => println!(
-                    "pairing:     paired to {owner} (binding version {}, issued {})",
+                    "pairing:     paired to {} (binding version {}, issued {})",
+                    printable(owner),
                     b.version,
                     crate::reply::rfc3339(b.issued_at)
                 ),
@@ -116,7 +150,7 @@ fn show_status(path: &std::path::Path) -> ExitCode {
                 None => println!("pairing:     unpaired"),
             }
         }
-        Err(error) => println!("pairing:     unreadable: {error}"),
+        Err(error) => println!("pairing:     unreadable: {}", printable(&error.to_string())),
     }
     match &settings.trust {
         None => println!("trust:       not configured ([trust] section missing)"),
@@ -132,7 +166,7 @@ fn show_status(path: &std::path::Path) -> ExitCode {
                         {
                             let mut kids: Vec<_> = bundle.key_ids().collect();
                             kids.sort();
-                            kids.join(", ")
+                            printable(&kids.join(", ")).into_owned()
                         }
                     ),
                     None => println!("trust:       no trust bundle received yet"),
@@ -157,7 +191,7 @@ fn show_status(path: &std::path::Path) -> ExitCode {
             settings.state.runtime_dir.display()
         ),
         Err(error) => {
-            eprintln!("error: {error}");
+            eprintln!("error: {}", printable(&error.to_string()));
             return ExitCode::FAILURE;
         }
     }
@@ -173,17 +207,21 @@ fn print_outbox(outbox: Option<&crate::outbox::OutboxStats>) {
     }
 }
 
+/// The link as the daemon's status file says (`last_error` can quote the broker or the network).
 fn print_link(link: &serde_json::Value) {
     let field = |k: &str| link.get(k).cloned().unwrap_or_default();
+    let text = |k: &str, missing: &'static str| {
+        printable(field(k).as_str().unwrap_or(missing)).into_owned()
+    };
     println!(
         "link:        {} ({})",
-        field("state").as_str().unwrap_or("unknown"),
-        field("broker").as_str().unwrap_or("?")
+        text("state", "unknown"),
+        text("broker", "?")
     );
-    println!("connects:    {}", field("connects"));
-    println!("failures:    {}", field("failures"));
+    println!("connects:    {}", printable(&field("connects").to_string()));
+    println!("failures:    {}", printable(&field("failures").to_string()));
     if let Some(e) = link.get("last_error").and_then(|e| e.as_str()) {
-        println!("last error:  {e}");
+        println!("last error:  {}", printable(e));
     }
 }
 
@@ -234,7 +272,10 @@ fn pair(path: &std::path::Path) -> ExitCode {
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { break };
         let Ok(event) = serde_json::from_str::<ControlEvent>(&line) else {
-            eprintln!("error: unexpected message from the daemon: {line}");
+            eprintln!(
+                "error: unexpected message from the daemon: {}",
+                printable(&line)
+            );
             return ExitCode::FAILURE;
         };
         match event {
@@ -244,6 +285,7 @@ fn pair(path: &std::path::Path) -> ExitCode {
                 expires_at,
                 qr_uri,
             } => {
+                let (code, device_id) = (printable(&code), printable(&device_id));
                 println!("Pairing code for {device_id}:\n\n    {code}\n");
                 println!("Enter it on the Connect page, or scan:\n");
                 match qrcode::QrCode::new(qr_uri.as_bytes()) {
@@ -261,8 +303,10 @@ fn pair(path: &std::path::Path) -> ExitCode {
                 remaining_secs,
                 link,
             } => {
-                let text =
-                    format!("waiting for the owner… {remaining_secs:>4} s left (link: {link})");
+                let text = format!(
+                    "waiting for the owner… {remaining_secs:>4} s left (link: {})",
+                    printable(&link)
+                );
                 if tty {
                     print!("\r{text}");
                     let _ = std::io::stdout().flush();
@@ -270,16 +314,19 @@ fn pair(path: &std::path::Path) -> ExitCode {
                     println!("{text}");
                 }
             }
-            ControlEvent::Rejected { reason } => {
-                println!("{}binding refused: {reason}", if tty { "\n" } else { "" })
-            }
+            ControlEvent::Rejected { reason } => println!(
+                "{}binding refused: {}",
+                if tty { "\n" } else { "" },
+                printable(&reason)
+            ),
             ControlEvent::Paired {
                 reference_id,
                 version,
             } => {
                 println!(
-                    "{}paired to {reference_id} (binding version {version})",
-                    if tty { "\n" } else { "" }
+                    "{}paired to {} (binding version {version})",
+                    if tty { "\n" } else { "" },
+                    printable(&reference_id)
                 );
                 return ExitCode::SUCCESS;
             }
@@ -291,7 +338,11 @@ fn pair(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
             ControlEvent::Error { message } => {
-                eprintln!("{}error: {message}", if tty { "\n" } else { "" });
+                eprintln!(
+                    "{}error: {}",
+                    if tty { "\n" } else { "" },
+                    printable(&message)
+                );
                 return ExitCode::FAILURE;
             }
         }
@@ -315,6 +366,35 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "texture-agent failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn printable_escapes_every_character_a_terminal_acts_on() {
+        let evil = "\u{1b}[2J\u{1b}[Hpaired to mallory\r\n\u{7}\u{7f}\u{9b}31m\u{85}\u{202e}x\u{2066}\u{200f}\u{61c}\t";
+        let shown = printable(evil);
+        assert_eq!(
+            shown,
+            "\\u{1b}[2J\\u{1b}[Hpaired to mallory\\u{d}\\u{a}\\u{7}\\u{7f}\\u{9b}31m\\u{85}\\u{202e}x\\u{2066}\\u{200f}\\u{61c}\\u{9}"
+        );
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+    }
+
+    #[test]
+    fn printable_keeps_plain_text_of_any_script_borrowed() {
+        for plain in [
+            "user_42",
+            "Zoë Müller",
+            "用户",
+            "gw-0001 (link: connected) …",
+            "",
+        ] {
+            assert!(matches!(printable(plain), std::borrow::Cow::Borrowed(p) if p == plain));
         }
     }
 }

@@ -916,3 +916,99 @@ fn an_accepted_bundle_raises_the_time_floor_for_good() {
     auth.set_clock(clock_at_1970);
     assert_eq!(auth.time_floor(), issued);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Repeated members and unverified text (issue 13, items 8 and 4)
+// ---------------------------------------------------------------------------------------------
+
+/// A server-key attestation for this device whose payload is `claims` with the text of
+/// `command.input` replaced by `input_json` verbatim, signed by the platform key: JSON that a
+/// `serde_json::Value` could not even hold (a repeated member).
+fn attest_raw_input(jti: &str, input_json: &str) -> String {
+    let p = platform();
+    let claims = p.claims(
+        &server_key(),
+        DEVICE,
+        jti,
+        "battery.setMode",
+        serde_json::json!({ "placeholder": 0 }),
+        now(),
+        TTL,
+    );
+    let text = serde_json::to_string(&claims).unwrap();
+    let text = text.replacen(r#"{"placeholder":0}"#, input_json, 1);
+    assert!(text.contains(input_json), "{text}");
+    jws::sign(
+        &SigningKey::from_bytes(&KEY_SEED),
+        Some(KID),
+        ATTESTATION_TYP,
+        text.as_bytes(),
+    )
+}
+
+fn authorize_once(token: &str) -> Authorization {
+    let (_dir, mut auth) = fresh(CAPACITY);
+    offer_ok(&mut auth, &bundle(&platform(), 1, &[]));
+    auth.authorize(token.as_bytes())
+}
+
+#[test]
+fn attestation_repeating_a_member_of_command_is_401() {
+    // Depth 2: `command` itself names its slug twice.
+    let token = attest_raw_input("cmd-dup-2", r#"{},"slug":"agent:unpair""#);
+    let v = assert_refused(&authorize_once(&token), 401, "UNAUTHENTICATED", None);
+    assert!(v["message"].as_str().unwrap().contains("repeats"), "{v}");
+}
+
+#[test]
+fn attestation_repeating_a_member_inside_command_input_is_401() {
+    // Depth 3: the first value is what an auditor reading first-wins would see, the second what
+    // a last-wins parser would run.
+    let token = attest_raw_input("cmd-dup-3", r#"{"mode":"charge","mode":"discharge"}"#);
+    let v = assert_refused(&authorize_once(&token), 401, "UNAUTHENTICATED", None);
+    assert!(v["message"].as_str().unwrap().contains("repeats"), "{v}");
+    // Depth 4, inside an object in the input.
+    let token = attest_raw_input("cmd-dup-4", r#"{"limits":{"powerW":1,"powerW":9000}}"#);
+    assert_refused(&authorize_once(&token), 401, "UNAUTHENTICATED", None);
+    // The same input without the repeat runs: only the repeat is refused.
+    let token = attest_raw_input("cmd-dup-none", r#"{"mode":"charge","powerW":2500}"#);
+    assert_execute(&authorize_once(&token), "cmd-dup-none");
+}
+
+#[test]
+fn refusal_of_an_unverified_header_never_repeats_its_text() {
+    // An unknown header member whose name clears the screen and prints a fake line; the same in
+    // `alg`, `typ` and `kid`. The refusal is published to the platform and logged: none of it
+    // may carry the escape.
+    let p = platform();
+    let claims = p.claims(
+        &server_key(),
+        DEVICE,
+        "cmd-escape",
+        "battery.setMode",
+        serde_json::json!({}),
+        now(),
+        TTL,
+    );
+    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+    let evil = r"\u001b[2J\u001b[Hcommand.succeeded\u009b31m\r\n";
+    for header in [
+        format!(r#"{{"alg":"EdDSA","kid":"{KID}","typ":"{ATTESTATION_TYP}","{evil}":1}}"#),
+        format!(r#"{{"alg":"{evil}","kid":"{KID}","typ":"{ATTESTATION_TYP}"}}"#),
+        format!(r#"{{"alg":"EdDSA","kid":"{KID}","typ":"{evil}"}}"#),
+        format!(r#"{{"alg":"EdDSA","kid":"{evil}","typ":"{ATTESTATION_TYP}"}}"#),
+    ] {
+        let mut token = URL_SAFE_NO_PAD.encode(&header);
+        token.push('.');
+        token.push_str(&payload);
+        let signature = SigningKey::from_bytes(&KEY_SEED).sign(token.as_bytes());
+        token.push('.');
+        token.push_str(&URL_SAFE_NO_PAD.encode(signature.to_bytes()));
+        let v = assert_refused(&authorize_once(&token), 401, "UNAUTHENTICATED", None);
+        let message = v["message"].as_str().unwrap();
+        assert!(
+            !message.chars().any(char::is_control) && !message.contains("command.succeeded"),
+            "{header}: {message:?}"
+        );
+    }
+}

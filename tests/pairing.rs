@@ -198,15 +198,17 @@ impl Fixture {
     }
 }
 
-/// Only the trust bundle and (maybe) the binding live in the state directory.
+/// Only the trust bundle, its version record and (maybe) the binding live in the state
+/// directory.
 #[track_caller]
 fn assert_no_temporary_files(dir: &Path) {
+    use texture_agent::auth::trust::{BUNDLE_FILE, STATE_FILE};
     let mut names: Vec<String> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    names.retain(|n| n != BINDING_FILE && n != texture_agent::auth::trust::BUNDLE_FILE);
+    names.retain(|n| n != BINDING_FILE && n != BUNDLE_FILE && n != STATE_FILE);
     assert!(names.is_empty(), "unexpected files left behind: {names:?}");
 }
 
@@ -1036,4 +1038,70 @@ fn killing_the_writer_never_leaves_a_torn_binding() {
         "no run was killed while writing bindings"
     );
     assert!(stored > 0, "no binding was ever written");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unverified text and repeated members (issue 13, items 4 and 8)
+// ---------------------------------------------------------------------------------------------
+
+/// Any character a terminal acts on: C0, DEL, C1 (among them CSI U+009B), bidi overrides.
+fn has_terminal_control(text: &str) -> bool {
+    text.chars()
+        .any(|c| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+}
+
+#[test]
+fn refusal_reason_never_repeats_unverified_header_text() {
+    let mut f = Fixture::with_signer(PlatformSigner::from_seeds(ROOT_SEED, KID, KEY_SEED));
+    let request = f.start(NOW);
+    let before = f.stored();
+    let key = SigningKey::from_bytes(&KEY_SEED);
+    let payload =
+        base64_encode(&serde_json::to_vec(&f.claims(1, &request.code_commitment)).unwrap());
+    let evil = r"\u001b[2J\u001b[Hpaired to mallory (binding version 9)\r\n\u009b31m\u202e";
+    for header in [
+        // An unknown member whose name is the attack (the case the review reproduced).
+        format!(r#"{{"alg":"EdDSA","kid":"{KID}","typ":"{OWNER_BINDING_TYP}","{evil}":1}}"#),
+        format!(r#"{{"alg":"{evil}","kid":"{KID}","typ":"{OWNER_BINDING_TYP}"}}"#),
+        format!(r#"{{"alg":"EdDSA","kid":"{KID}","typ":"{evil}"}}"#),
+        format!(r#"{{"alg":"EdDSA","kid":"{evil}","typ":"{OWNER_BINDING_TYP}"}}"#),
+    ] {
+        // Correctly signed too, so no check stops before the header's text is looked at.
+        let signing_input = format!("{}.{payload}", base64_encode(header.as_bytes()));
+        let signature = ed25519_dalek::Signer::sign(&key, signing_input.as_bytes());
+        let token = format!("{signing_input}.{}", base64_encode(&signature.to_bytes()));
+        let err = f.accept(token.as_bytes(), NOW + 1).unwrap_err();
+        assert!(matches!(err, BindingRejected::Signature(_)), "{err:?}");
+        let reason = err.to_string();
+        assert!(
+            !has_terminal_control(&reason) && !reason.contains("mallory"),
+            "{header}: {reason:?}"
+        );
+        f.assert_unchanged(&before);
+    }
+}
+
+#[test]
+fn binding_repeating_a_member_at_any_depth_is_refused_as_malformed() {
+    let mut f = Fixture::with_signer(PlatformSigner::from_seeds(ROOT_SEED, KID, KEY_SEED));
+    let request = f.start(NOW);
+    let before = f.stored();
+    let key = SigningKey::from_bytes(&KEY_SEED);
+    let good = serde_json::to_string(&f.claims(1, &request.code_commitment)).unwrap();
+    // The owner named twice: a first-wins reader would see another owner than the device.
+    let twice = good.replacen(
+        r#""referenceId":"owner-1""#,
+        r#""referenceId":"owner-1","referenceId":"mallory""#,
+        1,
+    );
+    assert_ne!(twice, good);
+    let token = jws::sign(&key, Some(KID), OWNER_BINDING_TYP, twice.as_bytes());
+    let err = f.accept(token.as_bytes(), NOW + 1).unwrap_err();
+    assert!(
+        matches!(&err, BindingRejected::Malformed(m) if m.contains("repeats")),
+        "{err:?}"
+    );
+    f.assert_unchanged(&before);
+    let token = jws::sign(&key, Some(KID), OWNER_BINDING_TYP, good.as_bytes());
+    assert_eq!(f.accept(token.as_bytes(), NOW + 1).unwrap().version, 1);
 }

@@ -170,3 +170,128 @@ async fn only_the_paired_owners_scoped_keys_run_through_repairing_and_unpairing(
     assert!(text.contains("unpaired (binding version 2)"), "{text}");
     assert!(text.contains("bundle version 1"), "{text}");
 }
+
+/// A junk owner binding whose JWS header has an unknown member named with terminal escapes:
+/// clear the screen, home the cursor, print a fake "paired to" line and a fake code. Anyone who
+/// can publish on the device's `pairing/binding` topic can send it; the header is unverified.
+fn junk_binding_with_escapes() -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let name =
+        r"\u001b[2J\u001b[Hpaired to mallory (binding version 9)\n\n    AAAA-BBBB-CCCC\n\u009b32m";
+    let header = format!(
+        r#"{{"alg":"EdDSA","kid":"platform-1","typ":"texture-owner-binding+jws","{name}":1}}"#
+    );
+    format!(
+        "{}.{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(b"{}"),
+        URL_SAFE_NO_PAD.encode([0u8; 64])
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pair_output_never_carries_escapes_from_a_junk_binding() {
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki);
+    let signer = PlatformSigner::generate("platform-1");
+    let mut peer = common::platform_peer(
+        &pki,
+        broker.port,
+        &signer,
+        &[&device_topic(DEVICE, "pairing/request")],
+    )
+    .await;
+    let mut cfg = AgentConfig::new(&pki, broker.port, DEVICE);
+    cfg.trust_root = Some(signer.root_public_key());
+    cfg.workspace_id = Some(WORKSPACE.into());
+    let config = cfg.write(pki.path());
+    let agent = Agent::spawn(&config);
+    agent.wait_for_log("trust bundle accepted", WAIT);
+
+    let mut pair = common::agent_process()
+        .arg("--config")
+        .arg(&config)
+        .arg("pair")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Everything `pair` writes, as bytes: an escape must not hide in a lossy conversion.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let stdout = pair.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        loop {
+            let mut line = Vec::new();
+            match std::io::BufRead::read_until(&mut reader, b'\n', &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut output: Vec<Vec<u8>> = Vec::new();
+    let next_line = |output: &mut Vec<Vec<u8>>| {
+        let line = rx.recv_timeout(WAIT).expect("pair kept printing");
+        output.push(line.clone());
+        String::from_utf8_lossy(&line).into_owned()
+    };
+    let code = loop {
+        let l = next_line(&mut output);
+        let t = l.trim();
+        if l.starts_with("    ") && t.len() == 14 && t.as_bytes()[4] == b'-' {
+            break t.to_string();
+        }
+    };
+    let request = peer
+        .expect(&device_topic(DEVICE, "pairing/request"), WAIT, |_| true)
+        .await
+        .json();
+    let binding_topic = device_topic(DEVICE, "pairing/binding");
+    peer.publish(&binding_topic, junk_binding_with_escapes(), false)
+        .await;
+    // The refusal reached `pair` ...
+    while !next_line(&mut output).contains("binding refused") {}
+    // ... and the session goes on: the genuine binding still pairs.
+    let commitment = commitment(DEVICE, &code).unwrap();
+    assert_eq!(request["codeCommitment"], commitment.as_str());
+    let binding = signer.owner_binding(DEVICE, WORKSPACE, "user-a", 1, now(), &commitment);
+    peer.publish(&binding_topic, binding, false).await;
+    while let Ok(line) = rx.recv_timeout(WAIT) {
+        output.push(line);
+    }
+    let status = pair.wait().unwrap();
+    let mut stderr = Vec::new();
+    std::io::Read::read_to_end(&mut pair.stderr.take().unwrap(), &mut stderr).unwrap();
+    let all: Vec<u8> = output.concat();
+    let text = String::from_utf8_lossy(&all);
+    assert!(
+        status.success(),
+        "pair failed:\n{text}\n{}",
+        String::from_utf8_lossy(&stderr)
+    );
+    for (name, bytes) in [("stdout", &all), ("stderr", &stderr)] {
+        assert!(
+            !bytes.contains(&0x1b) && !String::from_utf8_lossy(bytes).contains('\u{9b}'),
+            "an escape reached pair's {name}:\n{text:?}"
+        );
+    }
+    let paired: Vec<&str> = text.lines().filter(|l| l.contains("paired to")).collect();
+    assert_eq!(
+        paired,
+        ["paired to user-a (binding version 1)"],
+        "a fake line reached pair's output:\n{text}"
+    );
+    // The agent's own log of the refusal does not carry it either.
+    let refused = agent.logs_with_message("owner binding refused");
+    assert!(!refused.is_empty(), "{}", agent.log_dump());
+    for line in refused {
+        let error = line["error"].as_str().unwrap_or_default();
+        assert!(!error.chars().any(char::is_control), "{error:?}");
+        assert!(!error.contains("mallory"), "{error:?}");
+    }
+}

@@ -13,11 +13,22 @@
 //! - base64url must be unpadded and canonical (no stray trailing bits), so one token has exactly
 //!   one encoding;
 //! - the signature is checked with `verify_strict`, which rejects small-order keys and
-//!   non-canonical signatures (no malleability).
+//!   non-canonical signatures (no malleability);
+//! - a JSON payload in which any object, at any depth, repeats a member name is refused, so no
+//!   two JSON parsers (ours last-wins, an auditor's first-wins) can read one signed payload two
+//!   ways;
+//! - no error message repeats bytes from the token: they are unverified and may hold terminal
+//!   escapes, and the messages end up in logs, in command refusals published to the platform and
+//!   on the terminal of `texture-agent pair`.
+
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// The only accepted `alg`.
@@ -33,7 +44,12 @@ pub struct Header {
     pub typ: String,
 }
 
-/// Why a token was rejected. All of these mean "not signed by a key we trust".
+/// Why a token was rejected. All of these mean "not signed by a key we trust", or (for
+/// [`JwsError::RepeatedMember`]) signed but ambiguous.
+///
+/// The `Display` of every variant is safe to show anywhere: it never contains bytes from the
+/// token. The fields keep what was found for code that matches on it (tests, metrics); print
+/// them only through `Debug`, which escapes control characters.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JwsError {
     #[error("token is {len} bytes, the limit is {max}")]
@@ -42,21 +58,46 @@ pub enum JwsError {
     NotCompact,
     #[error("{part} is not canonical unpadded base64url")]
     Base64 { part: &'static str },
-    #[error("header is not valid JSON with only alg, kid and typ: {0}")]
-    Header(String),
-    #[error("alg {0:?} is not allowed; only EdDSA")]
+    /// What is wrong with the header, in fixed words (never the header's own text).
+    #[error("header is not a JSON object with only alg, kid and typ: {0}")]
+    Header(&'static str),
+    /// The `alg` found (unverified; not shown).
+    #[error("alg is not allowed; only EdDSA")]
     Algorithm(String),
-    #[error("typ {found:?} is not the expected {expected:?}")]
+    /// The `typ` found (unverified; not shown) and the one expected.
+    #[error("typ is not the expected {expected:?}")]
     Type {
         found: String,
         expected: &'static str,
     },
-    #[error("no trusted key for kid {0:?}")]
+    /// The header's `kid` (unverified; shown only if it is a well-formed key id).
+    #[error("{}", UnknownKid(.0.as_deref()))]
     UnknownKey(Option<String>),
     #[error("signature is not 64 bytes")]
     SignatureLength,
     #[error("signature does not verify")]
     BadSignature,
+    /// The signature verified, but an object of the JSON payload repeats a member name.
+    /// `depth` counts the objects enclosing the repeated member: 1 for the top level.
+    #[error("payload repeats a member name within one object (object depth {depth})")]
+    RepeatedMember { depth: usize },
+}
+
+/// Shows an unknown `kid` only if it is a plain key id, so no unverified text reaches a message.
+struct UnknownKid<'a>(Option<&'a str>);
+
+impl fmt::Display for UnknownKid<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            None => f.write_str("the header has no kid; no trusted key to check it with"),
+            Some(kid) if super::is_valid_command_id(kid) => {
+                write!(f, "no trusted key for kid {kid:?}")
+            }
+            Some(_) => f.write_str(
+                "no trusted key for the header's kid (not shown: not a well-formed key id)",
+            ),
+        }
+    }
 }
 
 /// A token whose signature verified: its header and decoded payload.
@@ -93,8 +134,7 @@ pub fn verify<'k>(
             .decode(text)
             .map_err(|_| JwsError::Base64 { part })
     };
-    let header: Header = serde_json::from_slice(&decode("header", h64)?)
-        .map_err(|e| JwsError::Header(e.to_string()))?;
+    let header = parse_header(&decode("header", h64)?).map_err(JwsError::Header)?;
     if header.alg != ALG {
         return Err(JwsError::Algorithm(header.alg));
     }
@@ -113,7 +153,162 @@ pub fn verify<'k>(
     key.verify_strict(signing_input, &Signature::from_bytes(&signature))
         .map_err(|_| JwsError::BadSignature)?;
     let payload = decode("payload", p64)?;
+    if let Some(depth) = repeated_member_depth(&payload) {
+        return Err(JwsError::RepeatedMember { depth });
+    }
     Ok(Verified { header, payload })
+}
+
+/// Parses the protected header: a JSON object with string members `alg` and `typ`, optionally
+/// `kid` (a string or `null`), and nothing else, each once. The error is a fixed phrase: the
+/// header is unverified, so none of its text may reach a message.
+fn parse_header(json: &[u8]) -> Result<Header, &'static str> {
+    struct HeaderVisitor<'a>(&'a Cell<Option<&'static str>>);
+
+    impl<'de> Visitor<'de> for HeaderVisitor<'_> {
+        type Value = Header;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Header, A::Error> {
+            let fail = |problem: &'static str| {
+                self.0.set(Some(problem));
+                de::Error::custom(problem)
+            };
+            let (mut alg, mut kid, mut typ) = (None, None, None);
+            while let Some(name) = map.next_key::<String>()? {
+                let slot = match name.as_str() {
+                    "alg" => &mut alg,
+                    "kid" => &mut kid,
+                    "typ" => &mut typ,
+                    _ => return Err(fail("it has another member")),
+                };
+                if slot.is_some() {
+                    return Err(fail("it repeats a member"));
+                }
+                *slot = Some(map.next_value::<serde_json::Value>()?);
+            }
+            let text = |value: serde_json::Value| match value {
+                serde_json::Value::String(s) => Ok(s),
+                _ => Err(fail("alg, kid and typ must be strings")),
+            };
+            let (Some(alg), Some(typ)) = (alg, typ) else {
+                return Err(fail("alg or typ is missing"));
+            };
+            let kid = match kid {
+                None | Some(serde_json::Value::Null) => None,
+                Some(value) => Some(text(value)?),
+            };
+            Ok(Header {
+                alg: text(alg)?,
+                kid,
+                typ: text(typ)?,
+            })
+        }
+    }
+
+    let problem = Cell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let parsed = de::Deserializer::deserialize_any(&mut de, HeaderVisitor(&problem))
+        .and_then(|header| de.end().map(|()| header));
+    parsed.map_err(|e| {
+        problem.get().unwrap_or(match e.classify() {
+            serde_json::error::Category::Data => "it is not a JSON object",
+            _ => "it is not valid JSON",
+        })
+    })
+}
+
+/// If `json` is JSON and one of its objects, at any depth, repeats a member name: the depth of
+/// that object (1 for the top level). `None` when no name repeats, and also when `json` is not
+/// JSON at all, which the caller's own parser then refuses with its own reason.
+///
+/// Names are compared after unescaping, so `"a"` and `"\u0061"` are the same member. The walk
+/// is bounded by serde_json's recursion limit (128 levels).
+pub fn repeated_member_depth(json: &[u8]) -> Option<usize> {
+    struct Scan<'a> {
+        depth: usize,
+        found: &'a Cell<Option<usize>>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Scan<'_> {
+        type Value = ();
+
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Scan<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i128<E>(self, _: i128) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u128<E>(self, _: u128) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_none<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq
+                .next_element_seed(Scan {
+                    depth: self.depth,
+                    found: self.found,
+                })?
+                .is_some()
+            {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let depth = self.depth + 1;
+            let mut names = HashSet::new();
+            while let Some(name) = map.next_key::<String>()? {
+                if !names.insert(name) {
+                    self.found.set(Some(depth));
+                    return Err(de::Error::custom("repeated member"));
+                }
+                map.next_value_seed(Scan {
+                    depth,
+                    found: self.found,
+                })?;
+            }
+            Ok(())
+        }
+    }
+
+    let found = Cell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let _ = Scan {
+        depth: 0,
+        found: &found,
+    }
+    .deserialize(&mut de);
+    found.get()
 }
 
 /// The `jti` a token's payload claims, **without verifying anything**.
@@ -244,6 +439,108 @@ mod tests {
             let t = with_header(&k, &format!(r#"{{"alg":"EdDSA","typ":"{TYP}",{extra}}}"#));
             assert!(matches!(check(&t, &k), Err(JwsError::Header(_))), "{extra}");
         }
+    }
+
+    /// A token over `payload`, correctly signed by `k`.
+    fn over(k: &SigningKey, payload: &str) -> String {
+        sign(k, Some("p1"), TYP, payload.as_bytes())
+    }
+
+    #[test]
+    fn a_member_repeated_at_any_depth_of_the_payload_is_refused() {
+        let k = key(1);
+        for (payload, depth) in [
+            (r#"{"a":1,"a":2}"#, 1),
+            (r#"{"command":{"slug":"x","slug":"y"}}"#, 2),
+            (r#"{"command":{"input":{"mode":"on","mode":"off"}}}"#, 3),
+            (r#"{"command":{"input":{"p":{"w":1,"w":2}}}}"#, 4),
+            (
+                r#"{"command":{"input":{"list":[{"w":1},{"w":2,"w":3}]}}}"#,
+                4,
+            ),
+            // The same name spelt two ways is the same member.
+            (r#"{"command":{"input":{"a":1,"\u0061":2}}}"#, 3),
+        ] {
+            assert_eq!(
+                check(&over(&k, payload), &k).unwrap_err(),
+                JwsError::RepeatedMember { depth },
+                "{payload}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_name_used_once_per_object_is_not_a_repeat() {
+        let k = key(1);
+        let payload = r#"{"a":{"a":{"a":1}},"b":[{"a":1},{"a":2}],"c":[],"d":{}}"#;
+        assert_eq!(
+            check(&over(&k, payload), &k).unwrap().payload,
+            payload.as_bytes()
+        );
+        // Not JSON at all: left to the caller's parser, which refuses it with its own reason.
+        assert!(check(&over(&k, "not json"), &k).is_ok());
+    }
+
+    #[test]
+    fn a_member_repeated_in_the_header_is_refused() {
+        let k = key(1);
+        let t = with_header(
+            &k,
+            &format!(r#"{{"alg":"EdDSA","typ":"{TYP}","typ":"{TYP}"}}"#),
+        );
+        assert_eq!(
+            check(&t, &k).unwrap_err(),
+            JwsError::Header("it repeats a member")
+        );
+    }
+
+    /// Every control character a terminal acts on: C0 (ESC, BEL, CR, LF), DEL, C1 (CSI U+009B)
+    /// and a bidi override.
+    fn has_control(text: &str) -> bool {
+        text.chars().any(|c| {
+            c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+    }
+
+    #[test]
+    fn no_error_message_repeats_unverified_header_text() {
+        let k = key(1);
+        let evil = r"\u001b[2J\u001b[Hpaired to mallory (binding version 9)\r\n\u009b31m\u202e";
+        let headers = [
+            format!(r#"{{"alg":"EdDSA","typ":"{TYP}","{evil}":1}}"#),
+            format!(r#"{{"alg":"{evil}","typ":"{TYP}"}}"#),
+            format!(r#"{{"alg":"EdDSA","typ":"{evil}"}}"#),
+            format!(r#"{{"alg":"EdDSA","kid":"{evil}","typ":"{TYP}"}}"#),
+            format!(r#"{{"alg":"EdDSA","typ":"{TYP}","kid":["{evil}"]}}"#),
+            format!(r#"{{"alg":"EdDSA","typ":"{TYP}"}} "{evil}""#),
+            format!(r#"["{evil}"]"#),
+            format!(r#""{evil}"#),
+        ];
+        for header in headers {
+            let t = with_header(&k, &header);
+            // No key for any kid, so the kid case fails at the lookup.
+            let e = verify(t.as_bytes(), 8192, TYP, |_| None).unwrap_err();
+            let message = e.to_string();
+            assert!(!has_control(&message), "{header}: {message:?}");
+            assert!(!message.contains("mallory"), "{header}: {message:?}");
+        }
+    }
+
+    #[test]
+    fn a_well_formed_unknown_kid_is_named_and_a_missing_one_said_so() {
+        let k = key(1);
+        let t = sign(&k, Some("platform-2026-01"), TYP, b"{}");
+        let e = verify(t.as_bytes(), 8192, TYP, |_| None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"no trusted key for kid "platform-2026-01""#
+        );
+        let t = with_header(
+            &k,
+            &format!(r#"{{"alg":"EdDSA","kid":null,"typ":"{TYP}"}}"#),
+        );
+        let e = verify(t.as_bytes(), 8192, TYP, |_| None).unwrap_err();
+        assert_eq!(e, JwsError::UnknownKey(None));
     }
 
     #[test]

@@ -203,6 +203,11 @@ impl PairingState {
         }
         let verified = jws::verify(token, MAX_BINDING_BYTES, OWNER_BINDING_TYP, |kid| {
             kid.and_then(|k| trust.key(k))
+        })
+        .map_err(|e| match e {
+            // Signed, but ambiguous: a payload problem, not a signature one.
+            jws::JwsError::RepeatedMember { .. } => BindingRejected::Malformed(e.to_string()),
+            e => BindingRejected::Signature(e),
         })?;
         let claims: OwnerBindingClaims = serde_json::from_slice(&verified.payload)
             .map_err(|e| BindingRejected::Malformed(e.to_string()))?;
