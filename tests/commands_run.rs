@@ -13,6 +13,9 @@ use texture_agent::platform::{ApiKey, PlatformSigner};
 const GATEWAY: &str = "gw-run";
 const WORKSPACE: &str = "ws-run";
 const WAIT: Duration = Duration::from_secs(20);
+/// The platform signing key, known so a test can sign payloads the signer's types cannot hold.
+const KID: &str = "platform-1";
+const KEY_SEED: [u8; 32] = [7; 32];
 
 fn now() -> u64 {
     common::unix_now()
@@ -66,7 +69,7 @@ impl Bed {
     async fn new(extra_toml: &str) -> Bed {
         let pki = Pki::new();
         let broker = Mosquitto::start(&pki);
-        let signer = PlatformSigner::generate("platform-1");
+        let signer = PlatformSigner::from_seeds([3; 32], KID, KEY_SEED);
         let peer = common::platform_peer(
             &pki,
             broker.port,
@@ -411,6 +414,194 @@ async fn a_command_running_when_the_agent_is_stopped_is_reported_interrupted_aft
         "the command ran once:\n{}",
         bed.driver_log()
     );
+}
+
+/// Signs `slug` with `input` from a server key, for `device` behind the gateway or (`None`) for
+/// the gateway itself, publishes it and returns its reply.
+async fn ask(
+    bed: &mut Bed,
+    device: Option<&str>,
+    slug: &str,
+    input: serde_json::Value,
+) -> serde_json::Value {
+    bed.next += 1;
+    let id = format!("cmd-{}", bed.next);
+    let key = ApiKey::server("key-server", WORKSPACE);
+    let claims = match device {
+        Some(d) => bed
+            .signer
+            .device_claims(&key, GATEWAY, d, &id, slug, input, now(), 300),
+        None => bed
+            .signer
+            .claims(&key, GATEWAY, &id, slug, input, now(), 300),
+    };
+    let token = bed.signer.attest(&claims);
+    bed.publish(&token).await;
+    bed.reply(&id).await
+}
+
+/// PROTOCOL 4.1: an `agent:*` command that carries `command.deviceId` is refused 400 (check 3),
+/// after the slug and input checks, and every `command.failed` names `command.deviceId` when
+/// the attestation has one and the gateway when it has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_command_with_a_device_id_is_refused_and_replies_name_the_signed_device() {
+    let mut bed = Bed::new("").await;
+    let _agent = bed.start_agent().await;
+    let summary = |r: &serde_json::Value| {
+        (
+            r["type"].as_str().unwrap_or_default().to_owned(),
+            r["status"].as_u64().unwrap_or_default(),
+            r["deviceId"].as_str().unwrap_or_default().to_owned(),
+            r["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    };
+    let failed = |device: &str, message: &str| {
+        (
+            "command.failed".to_owned(),
+            400,
+            device.to_owned(),
+            message.to_owned(),
+        )
+    };
+
+    let r = ask(&mut bed, Some("bat-1"), "agent:ping", serde_json::json!({})).await;
+    assert_eq!(
+        summary(&r),
+        failed(
+            "bat-1",
+            "deviceId: agent:ping addresses the gateway itself and takes no deviceId"
+        ),
+        "{r}"
+    );
+    // The input is checked first (check 2 before check 3), still naming the signed device.
+    let r = ask(
+        &mut bed,
+        Some("bat-1"),
+        "agent:get-state",
+        serde_json::json!({"x": 1}),
+    )
+    .await;
+    assert_eq!(summary(&r).2, "bat-1", "{r}");
+    assert!(summary(&r).3.contains("unknown field `x`"), "{r}");
+    // An unknown slug with a device names it; without one, the gateway.
+    let r = ask(&mut bed, Some("bat-1"), "vendor:x", serde_json::json!({})).await;
+    assert_eq!(
+        summary(&r),
+        failed("bat-1", "unknown command slug `vendor:x`"),
+        "{r}"
+    );
+    let r = ask(&mut bed, None, "vendor:x", serde_json::json!({})).await;
+    assert_eq!(
+        summary(&r),
+        failed(GATEWAY, "unknown command slug `vendor:x`"),
+        "{r}"
+    );
+    // A device command without a device (check 5) names the gateway.
+    let r = ask(
+        &mut bed,
+        None,
+        "battery:set-reserve",
+        serde_json::json!({"chargePercentage": 5}),
+    )
+    .await;
+    assert_eq!(
+        summary(&r),
+        failed(GATEWAY, "deviceId: required for battery:set-reserve"),
+        "{r}"
+    );
+    // agent:unpair with a device id does not unpair (a scoped key would still be judged on the
+    // pairing); the agent's own command without one runs and names the gateway.
+    let r = ask(
+        &mut bed,
+        Some("bat-1"),
+        "agent:unpair",
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(summary(&r).1, 400, "{r}");
+    let r = ask(&mut bed, None, "agent:ping", serde_json::json!({})).await;
+    assert_eq!(
+        (r["type"].as_str(), r["deviceId"].as_str(), &r["result"]),
+        (
+            Some("command.succeeded"),
+            Some(GATEWAY),
+            &serde_json::json!({"pong": true})
+        ),
+        "{r}"
+    );
+}
+
+/// PROTOCOL 5.2: a signed payload whose `command.input` is not a JSON object (or is missing)
+/// does not parse as the claims: `401 UNAUTHENTICATED` with a null `commandId` (7.1, check 13),
+/// nothing recorded, so a well-formed attestation with the same `jti` still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_that_is_not_an_object_is_401_and_not_recorded() {
+    let mut bed = Bed::new("").await;
+    let _agent = bed.start_agent().await;
+    let key = ApiKey::server("key-server", WORKSPACE);
+    let claims = bed.signer.claims(
+        &key,
+        GATEWAY,
+        "cmd-input",
+        "agent:ping",
+        serde_json::json!({}),
+        now(),
+        300,
+    );
+    let good = serde_json::to_value(&claims).unwrap();
+    let signing_key = ed25519_dalek::SigningKey::from_bytes(&KEY_SEED);
+    for input in [
+        Some(serde_json::Value::Null),
+        Some(serde_json::json!([])),
+        Some(serde_json::json!("{}")),
+        Some(serde_json::json!(0)),
+        None,
+    ] {
+        let mut payload = good.clone();
+        match &input {
+            Some(v) => payload["command"]["input"] = v.clone(),
+            None => {
+                payload["command"].as_object_mut().unwrap().remove("input");
+            }
+        }
+        let token = texture_agent::auth::jws::sign(
+            &signing_key,
+            Some(KID),
+            texture_agent::auth::claims::ATTESTATION_TYP,
+            &serde_json::to_vec(&payload).unwrap(),
+        );
+        for _delivery in 0..2 {
+            bed.publish(&token).await;
+            let r = bed
+                .peer
+                .expect(&device_topic(GATEWAY, "replies"), WAIT, |m| {
+                    m.json()["commandId"].is_null()
+                })
+                .await
+                .json();
+            assert_eq!(
+                (
+                    r["type"].as_str(),
+                    r["status"].as_u64(),
+                    r["code"].as_str(),
+                    r["deviceId"].as_str()
+                ),
+                (
+                    Some("command.refused"),
+                    Some(401),
+                    Some("UNAUTHENTICATED"),
+                    Some(GATEWAY)
+                ),
+                "input {input:?}: {r}"
+            );
+        }
+    }
+    bed.publish(&bed.signer.attest(&claims)).await;
+    let r = bed.reply("cmd-input").await;
+    assert_eq!(r["type"], "command.succeeded", "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
