@@ -24,6 +24,9 @@ use crate::topics::Topics;
 
 /// How often a pairing client is told the session is still waiting.
 const WAITING_EVERY: Duration = Duration::from_secs(5);
+/// How long a final event that found a pairing client's queue full is retried (at each waiting
+/// tick) before that client is dropped (docs/PROTOCOL.md 12, "Slow clients").
+const FINAL_GRACE: Duration = Duration::from_secs(30);
 /// Inbound messages waiting behind the one in hand from which commands are shed: refused at
 /// once with 503 and `retryAfter` instead of being verified. Below the link's queue size, so
 /// a burst is answered "busy" rather than dropped unanswered when the queue overflows.
@@ -43,8 +46,8 @@ pub struct Dispatcher {
     pub qr_template: String,
     pub registry: DriverRegistry,
     pub command_settings: CommandSettings,
-    /// Clients following the current pairing session.
-    watchers: Vec<mpsc::Sender<ControlEvent>>,
+    /// Clients following the current pairing session. Never awaited: see [`Watcher`].
+    watchers: Vec<Watcher>,
     /// The command running on each device, with the way to supersede it.
     running: HashMap<String, Running>,
     completions_tx: mpsc::Sender<Completion>,
@@ -56,6 +59,53 @@ pub struct Dispatcher {
     /// The agent's stop: from then on a running device command has no outcome to report
     /// (PROTOCOL 4.6).
     stop: Shutdown,
+}
+
+/// A `pair` client. Its events go into a bounded queue that the control socket drains into the
+/// client's socket; the dispatcher only ever *tries* to queue, so a client that stops reading
+/// can never hold up the inbound task (and with it every command).
+struct Watcher {
+    events: mpsc::Sender<ControlEvent>,
+    /// A final event that found the queue full, and until when to keep retrying it.
+    pending_final: Option<(ControlEvent, tokio::time::Instant)>,
+}
+
+impl Watcher {
+    fn new(events: mpsc::Sender<ControlEvent>) -> Watcher {
+        Watcher {
+            events,
+            pending_final: None,
+        }
+    }
+
+    /// Offers `event` without waiting; returns whether the client is still followed.
+    ///
+    /// A non-final event that does not fit is skipped: `waiting` comes again 5 s later with
+    /// fresh figures, and a skipped `rejected` is only lost. A final event that does not fit is
+    /// kept and retried first at every later offer (a tick comes every 5 s) for
+    /// [`FINAL_GRACE`]; after it, or once delivered, the client is dropped and its connection
+    /// closes when the control socket has written what was queued.
+    fn offer(&mut self, event: &ControlEvent, now: tokio::time::Instant) -> bool {
+        use mpsc::error::TrySendError;
+        if let Some((last, give_up_at)) = self.pending_final.take() {
+            return match self.events.try_send(last) {
+                Err(TrySendError::Full(last)) if now < give_up_at => {
+                    self.pending_final = Some((last, give_up_at));
+                    true
+                }
+                Ok(()) | Err(_) => false,
+            };
+        }
+        match self.events.try_send(event.clone()) {
+            Ok(()) => !event.is_final(),
+            Err(TrySendError::Closed(_)) => false,
+            Err(TrySendError::Full(last)) if last.is_final() => {
+                self.pending_final = Some((last, now + FINAL_GRACE));
+                true
+            }
+            Err(TrySendError::Full(_)) => true,
+        }
+    }
 }
 
 struct Running {
@@ -156,7 +206,7 @@ impl Dispatcher {
                 },
                 Some(done) = completions.recv() => self.on_completion(done).await,
                 Some(call) = calls.recv() => self.on_call(call).await,
-                _ = waiting.tick(), if !self.watchers.is_empty() => self.on_waiting_tick().await,
+                _ = waiting.tick(), if !self.watchers.is_empty() => self.on_waiting_tick(),
                 // After every CONNACK (the broker forgot nothing retained, but a restarted one
                 // may have) and whenever a device appears: advertise what can be commanded.
                 changed = link.changed() => {
@@ -388,15 +438,13 @@ impl Dispatcher {
                 self.notify(ControlEvent::Paired {
                     reference_id: owner.unwrap_or_default(),
                     version,
-                })
-                .await;
+                });
             }
             Err(error) => {
                 tracing::warn!(%error, "owner binding refused");
                 self.notify(ControlEvent::Rejected {
                     reason: error.to_string(),
-                })
-                .await;
+                });
             }
         }
     }
@@ -407,7 +455,8 @@ impl Dispatcher {
                 let message =
                     "pairing needs a [trust] section: the owner binding could not be verified"
                         .into();
-                let _ = call.events.send(ControlEvent::Error { message }).await;
+                // A fresh queue: room for this one event unless the client already left.
+                let _ = call.events.try_send(ControlEvent::Error { message });
             }
             ControlRequest::Pair => {
                 let now = self.now();
@@ -415,12 +464,9 @@ impl Dispatcher {
                 match self.pairing.start(&public_key, now) {
                     Err(e) => {
                         tracing::warn!(error = %e, "pairing refused");
-                        let _ = call
-                            .events
-                            .send(ControlEvent::Error {
-                                message: e.to_string(),
-                            })
-                            .await;
+                        let _ = call.events.try_send(ControlEvent::Error {
+                            message: e.to_string(),
+                        });
                     }
                     Ok((code, request)) => {
                         tracing::info!(expires_at = request.expires_at, "pairing session started");
@@ -437,10 +483,9 @@ impl Dispatcher {
                         // A new session supersedes the old one: its clients are told it ended.
                         self.notify(ControlEvent::Error {
                             message: "superseded by a newer pairing session".into(),
-                        })
-                        .await;
-                        if call.events.send(event).await.is_ok() {
-                            self.watchers.push(call.events);
+                        });
+                        if call.events.try_send(event).is_ok() {
+                            self.watchers.push(Watcher::new(call.events));
                         }
                         let payload = serde_json::to_vec(&request).expect("request serialises");
                         self.pairing_request = Some(payload.clone());
@@ -452,17 +497,17 @@ impl Dispatcher {
                         {
                             tracing::warn!("pairing request not published: link closed");
                         }
-                        self.on_waiting_tick().await;
+                        self.on_waiting_tick();
                     }
                 }
             }
         }
     }
 
-    async fn on_waiting_tick(&mut self) {
+    fn on_waiting_tick(&mut self) {
         let now = self.now();
         if !self.pairing.is_pending(now) {
-            self.notify(ControlEvent::Expired).await;
+            self.notify(ControlEvent::Expired);
             return;
         }
         let remaining = self
@@ -480,18 +525,94 @@ impl Dispatcher {
         self.notify(ControlEvent::Waiting {
             remaining_secs: remaining,
             link,
-        })
-        .await;
+        });
     }
 
-    /// Sends `event` to every pairing client; final events end their sessions.
-    async fn notify(&mut self, event: ControlEvent) {
-        let mut alive = Vec::with_capacity(self.watchers.len());
-        for w in self.watchers.drain(..) {
-            if w.send(event.clone()).await.is_ok() && !event.is_final() {
-                alive.push(w);
-            }
+    /// Offers `event` to every pairing client without waiting ([`Watcher::offer`]); final
+    /// events end their sessions.
+    fn notify(&mut self, event: ControlEvent) {
+        let now = tokio::time::Instant::now();
+        self.watchers.retain_mut(|w| w.offer(&event, now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(n: u64) -> ControlEvent {
+        ControlEvent::Waiting {
+            remaining_secs: n,
+            link: "connected".into(),
         }
-        self.watchers = alive;
+    }
+
+    fn paired() -> ControlEvent {
+        ControlEvent::Paired {
+            reference_id: "user-a".into(),
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_skips_progress_events_without_dropping_the_client() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let mut w = Watcher::new(tx);
+        let now = tokio::time::Instant::now();
+        for n in 0..10 {
+            assert!(w.offer(&waiting(n), now), "event {n}");
+        }
+        // The first two fitted; the rest were skipped, not queued behind them.
+        assert_eq!(rx.try_recv().unwrap(), waiting(0));
+        assert_eq!(rx.try_recv().unwrap(), waiting(1));
+        assert!(rx.try_recv().is_err());
+        assert!(w.offer(&waiting(10), now));
+        assert_eq!(rx.try_recv().unwrap(), waiting(10));
+    }
+
+    #[test]
+    fn a_final_event_that_does_not_fit_is_delivered_once_there_is_room() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut w = Watcher::new(tx);
+        let now = tokio::time::Instant::now();
+        assert!(w.offer(&waiting(1), now));
+        assert!(w.offer(&paired(), now), "kept to retry the final event");
+        assert!(
+            w.offer(&waiting(2), now + Duration::from_secs(5)),
+            "still full"
+        );
+        assert_eq!(rx.try_recv().unwrap(), waiting(1));
+        // The next offer (the 5 s tick) delivers the final event, not the newer one, and ends
+        // the client.
+        assert!(!w.offer(&waiting(3), now + Duration::from_secs(10)));
+        assert_eq!(rx.try_recv().unwrap(), paired());
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_client_that_never_reads_is_dropped_after_the_grace_period() {
+        let (tx, _rx) = mpsc::channel(1);
+        let mut w = Watcher::new(tx);
+        let now = tokio::time::Instant::now();
+        assert!(w.offer(&waiting(1), now));
+        assert!(w.offer(&ControlEvent::Expired, now));
+        assert!(w.offer(&waiting(2), now + FINAL_GRACE - Duration::from_secs(1)));
+        assert!(!w.offer(&waiting(3), now + FINAL_GRACE));
+    }
+
+    #[test]
+    fn a_client_that_left_is_dropped_at_once() {
+        let (tx, rx) = mpsc::channel(8);
+        let mut w = Watcher::new(tx);
+        drop(rx);
+        assert!(!w.offer(&waiting(1), tokio::time::Instant::now()));
+    }
+
+    #[test]
+    fn a_delivered_final_event_ends_the_client() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut w = Watcher::new(tx);
+        assert!(!w.offer(&paired(), tokio::time::Instant::now()));
+        assert_eq!(rx.try_recv().unwrap(), paired());
     }
 }
