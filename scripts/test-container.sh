@@ -2,9 +2,10 @@
 # The Debian package under a real systemd: builds the .deb for this machine, installs it into a
 # minimal Debian bookworm container (systemd-nspawn, no Docker), boots the container and checks
 # what the unit promises (packaging/test/container-checks.sh): Type=notify readiness, the
-# unprivileged user without capabilities, watchdog restart of a hung agent, graceful stop with
+# unprivileged user without capabilities, a process driver (the example) that runs in its sandbox
+# and cannot see the agent's state, watchdog restart of a hung agent, graceful stop with
 # the offline status published and no telemetry lost, structured journald fields, and a
-# `systemd-analyze security` exposure of at most 1.5. The agent talks mutual TLS to a mosquitto
+# `systemd-analyze security` exposure of at most 1.6. The agent talks mutual TLS to a mosquitto
 # this script runs on the host (127.0.0.1, a free port; nspawn shares the host's network) with
 # certificates generated for this run.
 #
@@ -56,8 +57,8 @@ say "built $deb in ${t_deb}s"
 
 # --- the cached root file system ---------------------------------------------------------------
 suite=bookworm
-include=systemd,systemd-sysv,dbus
-recipe="debootstrap --variant=minbase --include=$include $suite (v1)"
+include=systemd,systemd-sysv,dbus,python3
+recipe="debootstrap --variant=minbase --include=$include $suite (v2)"
 cache=${TEXTURE_ROOTFS_CACHE:-target/nspawn-rootfs}
 rootfs_ok() {
   [ "$(cat "$cache/recipe" 2>/dev/null)" = "$recipe" ] &&
@@ -211,7 +212,8 @@ say "mosquitto with mutual TLS on 127.0.0.1:$port; platform subscriber attached"
 printf 'BROKER_PORT=%s\nDEVICE_ID=%s\n' "$port" "$device" >"$shared/env"
 cp "$deb" "$shared/texture-agent.deb"
 cp packaging/test/setup.sh packaging/test/container-checks.sh packaging/test/texture-test.service \
-  packaging/test/texture-agent-test.conf "$shared/test/"
+  packaging/test/texture-agent-test.conf packaging/test/sandbox-probe.sh \
+  examples/drivers/example-battery.py "$shared/test/"
 : >"$shared/results"
 
 nspawn=(systemd-nspawn --quiet --register=no --keep-unit -D "$rootfs" --bind="$shared:/texture-test")
@@ -248,7 +250,7 @@ rm -rf "$report"
 mkdir -p "$report"
 cp "$shared"/results "$shared"/*.txt "$shared"/*.json "$shared"/*.log "$work"/*.log "$report/" 2>/dev/null || true
 expected=(package-install check-config ready ready-gated connected unprivileged journald-fields
-  exposure watchdog-pings watchdog-restart graceful-stop outbox-no-loss package-upgrade
+  driver-sandbox exposure watchdog-pings watchdog-restart graceful-stop outbox-no-loss package-upgrade
   package-purge)
 results=$shared/results
 echo

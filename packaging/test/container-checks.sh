@@ -113,13 +113,33 @@ else
   fail journald-fields "missing:$missing; sample: $(grep -m1 F_ <<<"$journal" | head -c 400)"
 fi
 
+# --- driver sandbox: the example process driver runs under the unit, blind to the agent's state
+# sandbox-probe.sh reports on stderr (so in the agent's journal) what it could see, then execs
+# the example driver, whose battery must reach the platform.
+probe_logged() { journalctl -u "$unit" --no-pager -o cat | grep -q 'sandbox-probe: '; }
+battery_seen() { grep "^texture/v1/devices/$DEVICE_ID/telemetry " "$mqtt" | grep -q '"deviceId":"bat-ext-1"'; }
+if until_true 30 probe_logged && until_true 30 battery_seen; then
+  probe=$(journalctl -u "$unit" --no-pager -o cat | grep -m1 'sandbox-probe: ')
+  if [[ $probe == *"sandbox-probe: held; environment: HOME LANG PATH TEXTURE_DRIVER_NAME "* ]] &&
+    ! journalctl -u "$unit" --no-pager -o cat | grep -q 'driver could not be started'; then
+    pass driver-sandbox "example driver reports bat-ext-1 to the platform; ${probe#*sandbox-probe: }: /var/lib/texture-agent empty, keys unreadable, no control socket"
+  else
+    fail driver-sandbox "$probe; $(journalctl -u "$unit" --no-pager -o cat | grep -m1 'driver could not be started')"
+  fi
+else
+  fail driver-sandbox "probe logged: $(probe_logged && echo yes || echo no), bat-ext-1 seen: $(battery_seen && echo yes || echo no); $(journalctl -u "$unit" --no-pager -o cat | grep -m2 -i 'driver' | tr '\n' ' ' | head -c 400)"
+fi
+
 # --- exposure: systemd-analyze security -----------------------------------------------------
+# 1.1 before the driver sandbox; user and mnt namespaces and mount(2), which the sandbox needs
+# (systemd/texture-agent.service), cost 0.5 on systemd's scale, which counts what the service
+# may do, not that drivers lose the agent's keys and state by it. The bound is the new figure.
 line=$(systemd-analyze security --no-pager "$unit" 2>&1 | grep 'Overall exposure level')
 score=$(echo "$line" | grep -o 'level for [^:]*: [0-9.]*' | awk '{print $NF}')
-if [ -n "$score" ] && awk -v s="$score" 'BEGIN { exit !(s <= 1.5) }'; then
+if [ -n "$score" ] && awk -v s="$score" 'BEGIN { exit !(s <= 1.6) }'; then
   pass exposure "$score (${line##*: })"
 else
-  fail exposure "score '$score' > 1.5: $line"
+  fail exposure "score '$score' > 1.6: $line"
 fi
 
 # --- watchdog: pings keep a healthy agent alive; a hung one is killed and restarted -----------

@@ -74,7 +74,17 @@ device_id = "sim-charger"
 device_type = "charger"
 interval_ms = 100
 seed = 1
+
+# The example process driver, behind a probe that reports on stderr (the journal) what of the
+# agent's state it can see from inside the driver sandbox.
+[[drivers]]
+kind = "process"
+name = "example-battery"
+command = ["/usr/local/lib/texture-test/sandbox-probe.sh", "python3", "/usr/local/lib/texture-test/example-battery.py"]
 TOML
+mkdir -p /usr/local/lib/texture-test
+install -m 0755 "$shared/test/sandbox-probe.sh" /usr/local/lib/texture-test/sandbox-probe.sh
+install -m 0644 "$shared/test/example-battery.py" /usr/local/lib/texture-test/example-battery.py
 if check=$(setpriv --reuid=texture-agent --regid=texture-agent --clear-groups \
   texture-agent --config /etc/texture-agent/agent.toml check-config 2>&1); then
   pass check-config "the packaged agent.toml, edited, is valid and readable by texture-agent"
