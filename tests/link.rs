@@ -237,3 +237,117 @@ async fn acl_confines_device_to_its_own_subtree() {
         "ACL let a device write another device's topic"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_makes_a_devices_inbound_topics_read_only_for_it() {
+    // The recommended ACL (docs/PROTOCOL.md 2.1): a device reads its commands, its pairing
+    // binding and the trust bundle, and may publish on none of them, not even in its own
+    // subtree. mosquitto acknowledges a denied QoS 1 publish like any other and drops it, so
+    // what counts is delivery, seen by a second client, next to positive controls.
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki);
+    let device = "gw-acl";
+    let inbound = [
+        device_topic(device, "commands"),
+        device_topic(device, "pairing/binding"),
+        texture_agent::topics::Topics::trust_bundle(),
+    ];
+    let replies = device_topic(device, "replies");
+    let mut all: Vec<&str> = inbound.iter().map(String::as_str).collect();
+    all.push(&replies);
+    let mut platform = Peer::connect(&pki, broker.port, PLATFORM_CLIENT, &all).await;
+    let mut gateway = Peer::connect(&pki, broker.port, device, &all).await;
+
+    for topic in &inbound {
+        gateway
+            .publish(topic, b"from the device".to_vec(), false)
+            .await;
+    }
+    // Positive control, published after the denied ones on the same connection: the device
+    // may write its replies.
+    gateway.publish(&replies, b"reply".to_vec(), false).await;
+    platform
+        .expect(&replies, CONNECT, |m| m.payload == b"reply")
+        .await;
+    for topic in &inbound {
+        let seen = platform.collect(topic, Duration::from_millis(1_500)).await;
+        assert!(
+            seen.is_empty(),
+            "the device could publish on its inbound topic {topic}"
+        );
+        let echoed = gateway.collect(topic, Duration::from_millis(100)).await;
+        assert!(echoed.is_empty(), "{topic}: {echoed:?}");
+    }
+    // Positive control: the device still reads what the platform publishes on them.
+    for topic in &inbound {
+        platform
+            .publish(topic, b"from the platform".to_vec(), false)
+            .await;
+        gateway
+            .expect(topic, CONNECT, |m| m.payload == b"from the platform")
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_retained_message_makes_the_backoff_grow_not_a_hot_loop() {
+    // A retained message above the inbound packet limit on the device's own binding topic (the
+    // platform's identity may publish there). Every connection then ends right after the
+    // subscription; that must count as a failure, or the gateway reconnects at the floor
+    // forever (35 connections in 12 s in the review).
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki);
+    let device = "gw-poison";
+    let binding = device_topic(device, "pairing/binding");
+    let mut platform = Peer::connect(&pki, broker.port, PLATFORM_CLIENT, &[&binding]).await;
+    let poison = vec![b'x'; texture_agent::link::MAX_INBOUND_PACKET + 1];
+    platform.publish(&binding, poison.clone(), true).await;
+    platform
+        .expect(&binding, CONNECT, |m| m.payload.len() == poison.len())
+        .await;
+
+    let mut cfg = AgentConfig::new(&pki, broker.port, device);
+    cfg.backoff_min_ms = 200;
+    cfg.backoff_max_ms = 10_000;
+    let agent = agent_for(&pki, &cfg);
+    agent.wait_for_log("connected", CONNECT);
+    let window = Duration::from_secs(8);
+    let start = agent.timed_logs("connected")[0].0;
+    let deadline = std::time::Instant::now() + window;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let connects: Vec<Duration> = agent
+        .timed_logs("connected")
+        .into_iter()
+        .map(|(at, _)| at)
+        .filter(|at| *at < start + window)
+        .collect();
+    let downs = agent.logs_with_message("link down");
+    assert!(
+        downs
+            .iter()
+            .any(|l| l["error"].as_str().unwrap_or("").contains("size")),
+        "the oversized message did not end a connection:\n{}",
+        agent.log_dump()
+    );
+    // With the windows widening (0.4, 0.8, 1.6, 3.2, 6.4 s ceilings) the expected count in 8 s
+    // is 5 or 6; resetting at each CONNACK (every window 0.2 to 0.4 s) gives about 20.
+    eprintln!("{} connections in {window:?}", connects.len());
+    assert!(
+        connects.len() <= 10,
+        "{} connections in {window:?}: a hot loop:\n{}",
+        connects.len(),
+        agent.log_dump()
+    );
+    // And the attempts keep counting up across the short-lived connections.
+    let attempts: Vec<u64> = agent
+        .logs_with_message("connecting")
+        .iter()
+        .filter_map(|l| l["attempt"].as_u64())
+        .collect();
+    assert!(
+        attempts.windows(2).all(|w| w[1] == w[0] + 1) && attempts.len() >= 3,
+        "attempts {attempts:?}"
+    );
+}

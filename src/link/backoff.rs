@@ -6,8 +6,18 @@
 //! restarts (AWS Architecture Blog, "Exponential Backoff and Jitter"). Unlike textbook full jitter
 //! the draw never goes below `min`: a zero delay would let a broker that rejects us at once
 //! (a bad certificate, a banned client id) drive a tight reconnect loop.
+//!
+//! For the MQTT link a CONNACK alone does not count as success: a broker can accept the
+//! connection and then have it fail at once, every time (a retained message larger than the
+//! inbound packet limit, delivered right after the subscription, does exactly that). So the link
+//! reports [`Backoff::connected`] at CONNACK and asks [`Backoff::next_delay_after`] when the
+//! connection ends: the count goes back to zero only if the connection stayed up for
+//! [`STABLE_AFTER`]; otherwise the windows keep widening as if the connect had failed.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a connection must stay up before the next failure starts again from the floor.
+pub const STABLE_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub struct Backoff {
@@ -15,6 +25,8 @@ pub struct Backoff {
     max: Duration,
     attempt: u32,
     rng: fastrand::Rng,
+    /// When the current connection came up, if one is up.
+    up_since: Option<Instant>,
 }
 
 impl Backoff {
@@ -33,6 +45,7 @@ impl Backoff {
             max: max.max(min),
             attempt: 0,
             rng,
+            up_since: None,
         }
     }
 
@@ -53,9 +66,28 @@ impl Backoff {
         Duration::from_millis(self.rng.u64(lo..=hi))
     }
 
-    /// Called after a successful CONNACK: the next failure starts again from `min`.
+    /// Starts again from `min` now (for a success that is known to be one).
     pub fn reset(&mut self) {
         self.attempt = 0;
+        self.up_since = None;
+    }
+
+    /// A connection came up at `at` (CONNACK). Does not reset anything yet: see
+    /// [`Backoff::next_delay_after`].
+    pub fn connected(&mut self, at: Instant) {
+        self.up_since = Some(at);
+    }
+
+    /// The delay before the next attempt, after a failure at `now`. If a connection was up and
+    /// lasted at least [`STABLE_AFTER`], the count first goes back to zero, so the delay is
+    /// drawn from the first window; a shorter-lived connection counts as one more failure.
+    pub fn next_delay_after(&mut self, now: Instant) -> Duration {
+        if let Some(since) = self.up_since.take() {
+            if now.saturating_duration_since(since) >= STABLE_AFTER {
+                self.attempt = 0;
+            }
+        }
+        self.next_delay()
     }
 
     pub fn attempt(&self) -> u32 {
@@ -95,6 +127,61 @@ mod tests {
         assert_eq!(b.ceiling(), MIN * 2);
         let first = b.next_delay();
         assert!(first >= MIN && first <= MIN * 2, "{first:?}");
+    }
+
+    #[test]
+    fn a_connection_that_drops_at_once_keeps_the_windows_widening() {
+        // CONNACK, then failure a moment later, over and over: the retained-oversized-message
+        // loop. Each round must count as a failure, or the gateway reconnects at the floor forever.
+        let mut b = Backoff::with_seed(MIN, MAX, 3);
+        let t0 = Instant::now();
+        for n in 0..12u32 {
+            let up = t0 + Duration::from_secs(u64::from(n) * 60);
+            b.connected(up);
+            let ceiling = b.ceiling();
+            assert_eq!(
+                ceiling,
+                MIN.saturating_mul(1 << (n + 1).min(16)).min(MAX),
+                "round {n}"
+            );
+            let d = b.next_delay_after(up + Duration::from_millis(50));
+            assert!(d >= MIN && d <= ceiling, "round {n}: {d:?}");
+        }
+        assert_eq!(b.ceiling(), MAX);
+    }
+
+    #[test]
+    fn a_connection_that_stayed_up_long_enough_starts_again_from_the_floor() {
+        let widened = || {
+            let mut b = Backoff::with_seed(MIN, MAX, 4);
+            for _ in 0..10 {
+                b.next_delay();
+            }
+            b
+        };
+        let up = Instant::now();
+        // Up for just under the threshold: one more failure, the window stays at its widest.
+        let mut short = widened();
+        short.connected(up);
+        short.next_delay_after(up + STABLE_AFTER - Duration::from_millis(1));
+        assert_eq!(short.attempt(), 11);
+        assert_eq!(short.ceiling(), MAX);
+        // Up for the threshold: back to the first window [min, 2 * min].
+        let mut stable = widened();
+        stable.connected(up);
+        let d = stable.next_delay_after(up + STABLE_AFTER);
+        assert!(d >= MIN && d <= MIN * 2, "{d:?}");
+        assert_eq!(stable.attempt(), 1);
+    }
+
+    #[test]
+    fn a_failed_connect_without_connack_is_a_plain_failure() {
+        let mut b = Backoff::with_seed(MIN, MAX, 5);
+        let now = Instant::now();
+        b.next_delay_after(now);
+        b.next_delay_after(now + STABLE_AFTER * 10);
+        // No CONNACK in between, so however long the wait, nothing resets.
+        assert_eq!(b.attempt(), 2);
     }
 
     #[test]

@@ -4,7 +4,11 @@
 //!
 //! 1. **Reconnect loops.** After `EventLoop::poll` returns an error, the next call reconnects at
 //!    once. A broker that refuses us would be hammered in a tight loop, so every error is followed
-//!    by a jittered [`backoff::Backoff`] sleep before the next poll.
+//!    by a jittered [`backoff::Backoff`] sleep before the next poll. The backoff starts again from
+//!    its floor only after a connection has stayed up for [`backoff::STABLE_AFTER`]: a broker
+//!    that accepts us and then fails the connection at once (say, with a retained message above
+//!    [`MAX_INBOUND_PACKET`], which rumqttc can only treat as a connection error) gets the same
+//!    widening delays as one that refuses us.
 //! 2. **Deadlocks.** `AsyncClient` requests go through a bounded channel that only the event loop
 //!    drains. A task that polls the event loop and also awaits `publish` can block on a full
 //!    channel that nobody will ever drain. So the [`drive`] task *only* polls; it hands inbound
@@ -49,7 +53,8 @@ use backoff::Backoff;
 
 /// Largest inbound packet accepted. Commands and trust bundles are a few KiB; anything larger
 /// is refused by rumqttc before it is buffered, which bounds what a hostile broker can make us
-/// allocate.
+/// allocate. rumqttc 0.25 cannot skip such a packet: its codec fails on the fixed header and the
+/// event loop returns an error, so the connection is dropped (docs/PROTOCOL.md 1.3).
 /// Room is left above the largest trust bundle for the topic and packet header, so a bundle
 /// at its size limit never trips this one (which would drop the connection on every connect).
 pub const MAX_INBOUND_PACKET: usize = crate::auth::trust::MAX_BUNDLE_BYTES + 1024;
@@ -407,7 +412,8 @@ async fn drive(mut eventloop: EventLoop, mut d: Driver) {
         match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected = true;
-                d.backoff.reset();
+                // Not a reset: only a connection that lasts counts (see `Backoff`).
+                d.backoff.connected(std::time::Instant::now());
                 if d.plaintext {
                     tracing::warn!(broker = %d.broker, "connected WITHOUT TLS (allow_insecure_plaintext = true)");
                 }
@@ -486,7 +492,7 @@ async fn drive(mut eventloop: EventLoop, mut d: Driver) {
                     queued.deliveries.clear();
                 }
                 d.awaiting_ack.clear();
-                let delay = d.backoff.next_delay();
+                let delay = d.backoff.next_delay_after(std::time::Instant::now());
                 let error = describe(&error);
                 tracing::warn!(broker = %d.broker, %error, retry_in_ms = delay.as_millis() as u64, "link down");
                 d.status.send_modify(|s| {

@@ -95,8 +95,14 @@ impl Mosquitto {
             &acl,
             format!(
                 "user {PLATFORM_CLIENT}\ntopic readwrite #\n\n\
-                 pattern readwrite texture/v1/devices/%u/#\n\
-                 pattern read texture/v1/trust/bundle\n"
+                 pattern read texture/v1/trust/bundle\n\
+                 pattern read texture/v1/devices/%u/commands\n\
+                 pattern read texture/v1/devices/%u/pairing/binding\n\
+                 pattern write texture/v1/devices/%u/status\n\
+                 pattern write texture/v1/devices/%u/replies\n\
+                 pattern write texture/v1/devices/%u/capabilities\n\
+                 pattern write texture/v1/devices/%u/telemetry\n\
+                 pattern write texture/v1/devices/%u/pairing/request\n"
             ),
         )
         .unwrap();
