@@ -169,8 +169,14 @@ cat >"$work/acl" <<EOF
 user platform
 topic readwrite #
 
-pattern readwrite texture/v1/devices/%u/#
 pattern read texture/v1/trust/bundle
+pattern read texture/v1/devices/%u/commands
+pattern read texture/v1/devices/%u/pairing/binding
+pattern write texture/v1/devices/%u/status
+pattern write texture/v1/devices/%u/replies
+pattern write texture/v1/devices/%u/capabilities
+pattern write texture/v1/devices/%u/telemetry
+pattern write texture/v1/devices/%u/pairing/request
 EOF
 # As root, mosquitto drops to its own user unless told otherwise, and could then no longer read
 # the keys in this private directory.

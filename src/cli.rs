@@ -156,9 +156,9 @@ fn show_status(path: &std::path::Path) -> ExitCode {
         None => println!("trust:       not configured ([trust] section missing)"),
         Some(t) => match crate::auth::jws::public_key_from_base64(&t.root_public_key) {
             Ok(root) => {
-                match crate::auth::trust::TrustStore::open(root, &t.issuer, &settings.state.dir)
-                    .current()
-                {
+                let store =
+                    crate::auth::trust::TrustStore::open(root, &t.issuer, &settings.state.dir);
+                match store.current() {
                     Some(bundle) => println!(
                         "trust:       bundle version {} (expires {}), keys: {}",
                         bundle.version,
@@ -169,7 +169,14 @@ fn show_status(path: &std::path::Path) -> ExitCode {
                             printable(&kids.join(", ")).into_owned()
                         }
                     ),
-                    None => println!("trust:       no trust bundle received yet"),
+                    None => match store.problem() {
+                        Some(problem) => println!(
+                            "trust:       no bundle in force (highest accepted version {}): {}",
+                            store.highest_version(),
+                            printable(problem)
+                        ),
+                        None => println!("trust:       no trust bundle received yet"),
+                    },
                 }
             }
             Err(problem) => println!("trust:       root key invalid: {problem}"),

@@ -1,9 +1,10 @@
 //! The MQTT topic layout (docs/PROTOCOL.md, "Topics").
 //!
 //! Everything a device publishes or receives lives under `texture/v1/devices/{device_id}/`, so a
-//! broker ACL of the form `pattern readwrite texture/v1/devices/%u/#` confines each gateway to its
-//! own subtree. The only topic outside it is the platform-wide trust bundle, which devices may
-//! read but never write.
+//! broker ACL of `pattern read`/`pattern write` lines on `texture/v1/devices/%u/...` confines each
+//! gateway to its own subtree, reading only its inbound topics and writing only its outbound
+//! ones (docs/PROTOCOL.md 2.1). The only topic outside it is the platform-wide trust bundle,
+//! which devices may read but never write.
 
 use crate::device::DeviceId;
 

@@ -161,3 +161,38 @@ fn status_without_a_daemon_says_not_running() {
         "{stdout}"
     );
 }
+
+/// A damaged stored bundle is not in force, and `status` says so and why, with the version that
+/// a new bundle must still beat (docs/PROTOCOL.md 6.4).
+#[test]
+fn status_names_a_damaged_trust_bundle_and_the_version_to_beat() {
+    use texture_agent::auth::trust::{TrustStore, BUNDLE_FILE};
+    use texture_agent::platform::PlatformSigner;
+    let pki = Pki::new();
+    let signer = PlatformSigner::generate("k1");
+    let mut cfg = AgentConfig::new(&pki, 8883, "gw-cli");
+    cfg.trust_root = Some(signer.root_public_key());
+    let config = cfg.write(pki.path());
+    let state = cfg.state_dir(pki.path());
+    std::fs::create_dir_all(&state).unwrap();
+    let root = texture_agent::auth::jws::public_key_from_base64(&signer.root_public_key()).unwrap();
+    let now = common::unix_now();
+    TrustStore::open(root, &signer.issuer, &state)
+        .offer(
+            signer.trust_bundle(4, now, now + 3_600, &[]).as_bytes(),
+            now,
+        )
+        .unwrap();
+    std::fs::write(state.join(BUNDLE_FILE), "garbage").unwrap();
+
+    let out = agent_command(&config, &["status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(
+            "trust:       no bundle in force (highest accepted version 4): \
+             stored trust bundle does not verify"
+        ),
+        "{stdout}"
+    );
+}
