@@ -215,19 +215,15 @@ fn print_outbox(outbox: Option<&crate::outbox::OutboxStats>) {
 }
 
 /// The link as the daemon's status file says (`last_error` can quote the broker or the network).
-fn print_link(link: &serde_json::Value) {
-    let field = |k: &str| link.get(k).cloned().unwrap_or_default();
-    let text = |k: &str, missing: &'static str| {
-        printable(field(k).as_str().unwrap_or(missing)).into_owned()
-    };
+fn print_link(link: &crate::link::LinkStatus) {
     println!(
         "link:        {} ({})",
-        text("state", "unknown"),
-        text("broker", "?")
+        link.state.name(),
+        printable(&link.broker)
     );
-    println!("connects:    {}", printable(&field("connects").to_string()));
-    println!("failures:    {}", printable(&field("failures").to_string()));
-    if let Some(e) = link.get("last_error").and_then(|e| e.as_str()) {
+    println!("connects:    {}", link.connects);
+    println!("failures:    {}", link.failures);
+    if let Some(e) = &link.last_error {
         println!("last error:  {}", printable(e));
     }
 }

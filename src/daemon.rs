@@ -100,7 +100,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             pid: std::process::id(),
             device_id: device_id.clone(),
             started_at_unix,
-            link: serde_json::to_value(link).unwrap_or_default(),
+            link: link.clone(),
             outbox: Some(*outbox_stats.borrow()),
         };
         if let Err(error) = status::write(&runtime_dir, &snapshot) {

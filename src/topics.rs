@@ -5,11 +5,35 @@
 //! gateway to its own subtree, reading only its inbound topics and writing only its outbound
 //! ones (docs/PROTOCOL.md 2.1). The only topic outside it is the platform-wide trust bundle,
 //! which devices may read but never write.
+//!
+//! Inbound topics are parsed once, where a message arrives ([`Topics::classify`] into an
+//! [`InboundTopic`]), so whatever routes messages matches on a kind instead of comparing strings
+//! it has to rebuild.
 
 use crate::device::DeviceId;
 
 /// Root of every topic. The version segment lets a future wire format live beside this one.
 pub const ROOT: &str = "texture/v1";
+
+/// The topics a device subscribes to: what the platform may send it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InboundTopic {
+    /// The platform-wide, retained trust bundle.
+    TrustBundle,
+    /// The signed owner binding answering a pairing request.
+    PairingBinding,
+    /// Attested commands.
+    Commands,
+}
+
+impl InboundTopic {
+    /// Every inbound topic, in the order the device subscribes to them.
+    pub const ALL: [InboundTopic; 3] = [
+        InboundTopic::TrustBundle,
+        InboundTopic::PairingBinding,
+        InboundTopic::Commands,
+    ];
+}
 
 /// The topics of one device.
 #[derive(Debug, Clone)]
@@ -64,13 +88,31 @@ impl Topics {
         format!("{ROOT}/trust/bundle")
     }
 
+    /// The topic string of one of this device's inbound topics.
+    pub fn inbound(&self, kind: InboundTopic) -> String {
+        match kind {
+            InboundTopic::TrustBundle => Self::trust_bundle(),
+            InboundTopic::PairingBinding => self.pairing_binding(),
+            InboundTopic::Commands => self.commands(),
+        }
+    }
+
+    /// Which of this device's inbound topics `topic` is; `None` for anything else (another
+    /// device's topics, our own outbound ones, a topic we never subscribed to).
+    pub fn classify(&self, topic: &str) -> Option<InboundTopic> {
+        if topic.strip_prefix(ROOT).and_then(|t| t.strip_prefix('/')) == Some("trust/bundle") {
+            return Some(InboundTopic::TrustBundle);
+        }
+        match topic.strip_prefix(self.base.as_str())?.strip_prefix('/')? {
+            "pairing/binding" => Some(InboundTopic::PairingBinding),
+            "commands" => Some(InboundTopic::Commands),
+            _ => None,
+        }
+    }
+
     /// The topics the device subscribes to after every CONNACK.
     pub fn subscriptions(&self) -> Vec<String> {
-        vec![
-            Self::trust_bundle(),
-            self.pairing_binding(),
-            self.commands(),
-        ]
+        InboundTopic::ALL.map(|kind| self.inbound(kind)).to_vec()
     }
 }
 
@@ -91,6 +133,65 @@ mod tests {
             t.pairing_binding(),
         ] {
             assert!(topic.starts_with("texture/v1/devices/gw-7/"), "{topic}");
+        }
+    }
+
+    #[test]
+    fn each_inbound_topic_is_classified_as_itself() {
+        let t = Topics::new(&DeviceId::parse("gw-7").unwrap());
+        assert_eq!(
+            t.classify("texture/v1/trust/bundle"),
+            Some(InboundTopic::TrustBundle)
+        );
+        assert_eq!(
+            t.classify("texture/v1/devices/gw-7/pairing/binding"),
+            Some(InboundTopic::PairingBinding)
+        );
+        assert_eq!(
+            t.classify("texture/v1/devices/gw-7/commands"),
+            Some(InboundTopic::Commands)
+        );
+        for kind in InboundTopic::ALL {
+            assert_eq!(t.classify(&t.inbound(kind)), Some(kind));
+        }
+    }
+
+    #[test]
+    fn subscriptions_are_the_inbound_topics_in_their_order() {
+        let t = Topics::new(&DeviceId::parse("gw-7").unwrap());
+        assert_eq!(
+            t.subscriptions(),
+            [
+                "texture/v1/trust/bundle",
+                "texture/v1/devices/gw-7/pairing/binding",
+                "texture/v1/devices/gw-7/commands",
+            ]
+        );
+    }
+
+    #[test]
+    fn outbound_foreign_and_look_alike_topics_are_not_inbound() {
+        let t = Topics::new(&DeviceId::parse("gw-7").unwrap());
+        for topic in [
+            t.status(),
+            t.replies(),
+            t.telemetry(),
+            t.capabilities(),
+            t.pairing_request(),
+            // Another device's inbound topics, including one whose id extends ours.
+            "texture/v1/devices/gw-8/commands".into(),
+            "texture/v1/devices/gw-70/commands".into(),
+            "texture/v1/devices/gw-7commands".into(),
+            "texture/v1/devices/gw-7/commands/extra".into(),
+            "texture/v1/devices/gw-7/".into(),
+            "texture/v1/devices/gw-7".into(),
+            "texture/v1/trust/bundle/".into(),
+            "texture/v2/trust/bundle".into(),
+            "texture/v1/devices/+/commands".into(),
+            "texture/v1/devices/gw-7/#".into(),
+            String::new(),
+        ] {
+            assert_eq!(t.classify(&topic), None, "{topic}");
         }
     }
 }

@@ -351,3 +351,51 @@ async fn an_oversized_retained_message_makes_the_backoff_grow_not_a_hot_loop() {
         "attempts {attempts:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_the_link_from_status_json_while_running_and_after_the_stop() {
+    // status.json's `link` is written and read back typed; this is the round trip through the
+    // real daemon and `texture-agent status` (the byte format is pinned in src/status.rs).
+    let pki = Pki::new();
+    let broker = Mosquitto::start(&pki);
+    let cfg = AgentConfig::new(&pki, broker.port, "gw-status");
+    let config = cfg.write(pki.path());
+    let mut agent = Agent::spawn(&config);
+    agent.wait_for_log("connected", CONNECT);
+    let status = |config: &std::path::Path| {
+        let out = common::agent_command(config, &["status"]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // The daemon rewrites the file after the link reports CONNACK, not before the log line.
+    let deadline = std::time::Instant::now() + CONNECT;
+    let mut shown = status(&config);
+    while !shown.contains("link:        connected") {
+        assert!(std::time::Instant::now() < deadline, "{shown}");
+        std::thread::sleep(Duration::from_millis(50));
+        shown = status(&config);
+    }
+    let broker_addr = format!("(127.0.0.1:{})", broker.port);
+    assert!(shown.contains(&broker_addr), "{shown}");
+    assert!(shown.contains("daemon:      running"), "{shown}");
+    assert!(shown.contains("connects:    1\n"), "{shown}");
+    assert!(shown.contains("failures:    0\n"), "{shown}");
+    assert!(!shown.contains("last error:"), "{shown}");
+
+    agent.signal("TERM");
+    assert!(agent.wait_exit(Duration::from_secs(5)).success());
+    let shown = status(&config);
+    assert!(
+        shown.contains("daemon:      not running (last pid"),
+        "{shown}"
+    );
+    assert!(shown.contains("link:        stopped"), "{shown}");
+    assert!(shown.contains(&broker_addr), "{shown}");
+    let file: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(pki.path().join("run-gw-status").join("status.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(file["link"]["state"], "stopped");
+    assert_eq!(file["link"]["connects"], 1);
+    assert!(file["link"]["connected_since_unix"].is_null());
+}

@@ -11,11 +11,11 @@
 //!    widening delays as one that refuses us.
 //! 2. **Deadlocks.** `AsyncClient` requests go through a bounded channel that only the event loop
 //!    drains. A task that polls the event loop and also awaits `publish` can block on a full
-//!    channel that nobody will ever drain. So the [`drive`] task *only* polls; it hands inbound
-//!    messages on with a non-blocking `try_send`, and everything that publishes (the session
-//!    task, command replies, shutdown) runs in other tasks.
+//!    channel that nobody will ever drain. So the [`run_event_loop`] task *only* polls; it hands
+//!    inbound messages on with a non-blocking `try_send`, and everything that publishes (the
+//!    [`announce`] task, command replies, shutdown) runs in other tasks.
 //! 3. **Lost subscriptions.** With a clean session the broker forgets our subscriptions, and
-//!    rumqttc clears its pending requests on a new session. The [`session`] task therefore
+//!    rumqttc clears its pending requests on a new session. The [`announce`] task therefore
 //!    subscribes and publishes the retained birth message after *every* CONNACK.
 //!
 //! 4. **Knowing what was delivered.** rumqttc reports PUBACKs by packet id, and packet ids are
@@ -26,15 +26,17 @@
 //!    drops, the event loop (under the same lock) discards rumqttc's queued requests and fails
 //!    every outstanding delivery, so a delivery is reported only for a PUBACK that was really
 //!    received and never for a message that was silently dropped. The outbox relies on this.
+//!    The bookkeeping itself is [`session::Session`], a plain type with unit tests: the event
+//!    loop polls, then calls exactly one of its methods per event.
 //!
 //! Presence uses the classic birth/will pattern: a retained `online` after each CONNACK, an MQTT
 //! last will with a retained `offline` for when the link dies, and an explicit `offline` on a
 //! clean shutdown (a clean DISCONNECT suppresses the will).
 
 pub mod backoff;
+mod session;
 pub mod tls;
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -42,14 +44,15 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
     TlsConfiguration, Transport,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::Settings;
 use crate::service::Shutdown;
-use crate::topics::Topics;
+use crate::topics::{InboundTopic, Topics};
 use backoff::Backoff;
+use session::{Announcements, Session};
 
 /// Largest inbound packet accepted. Commands and trust bundles are a few KiB; anything larger
 /// is refused by rumqttc before it is buffered, which bounds what a hostile broker can make us
@@ -69,7 +72,7 @@ const INBOUND_TURNS: u32 = 8;
 const REQUEST_QUEUE: usize = 512;
 
 /// Where the link is in its life cycle; published through a `watch` channel.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum LinkState {
     /// A TCP/TLS/MQTT connect is in progress.
@@ -82,8 +85,23 @@ pub enum LinkState {
     Stopped,
 }
 
+impl LinkState {
+    /// The state's name, as in status.json's `state`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LinkState::Connecting { .. } => "connecting",
+            LinkState::Connected => "connected",
+            LinkState::WaitingToRetry { .. } => "waiting_to_retry",
+            LinkState::Stopped => "stopped",
+        }
+    }
+}
+
 /// A snapshot of the link for `status`, systemd `STATUS=` lines and health telemetry.
-#[derive(Debug, Clone, Serialize)]
+///
+/// status.json stores it with its keys in alphabetical order ([`crate::status`]), not in the
+/// order of this derive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkStatus {
     #[serde(flatten)]
     pub state: LinkState,
@@ -106,7 +124,17 @@ impl LinkStatus {
 #[derive(Debug, Clone)]
 pub struct Inbound {
     pub topic: String,
+    /// Which of our inbound topics `topic` is, parsed once by the link; `None` for a topic we
+    /// never subscribed to (a broker may still deliver one).
+    pub kind: Option<InboundTopic>,
     pub payload: bytes::Bytes,
+}
+
+impl Inbound {
+    /// Which of our inbound topics the message arrived on.
+    pub fn kind(&self) -> Option<InboundTopic> {
+        self.kind
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,22 +149,19 @@ pub enum LinkError {
 /// queued on ended first (the message may or may not have reached the broker).
 pub type Delivery = oneshot::Receiver<()>;
 
-/// Requests queued in rumqttc's channel, in order, each with the sender of its [`Delivery`].
-/// Shared between publishers and the event loop; only ever locked for a few instructions.
-type Queued = Arc<Mutex<PublishQueue>>;
+/// The delivery bookkeeping, shared between publishers and the event loop; only ever locked for
+/// a few instructions.
+type Shared = Arc<Mutex<Session>>;
 
-#[derive(Default)]
-struct PublishQueue {
-    deliveries: VecDeque<oneshot::Sender<()>>,
-    /// Set when the event loop has stopped: nothing queued from now on would ever leave.
-    closed: bool,
+fn lock(session: &Shared) -> std::sync::MutexGuard<'_, Session> {
+    session.lock().expect("link session lock")
 }
 
 /// A cloneable handle for publishing. Never used from the event-loop task.
 #[derive(Clone)]
 pub struct Publisher {
     client: AsyncClient,
-    queued: Queued,
+    session: Shared,
 }
 
 impl Publisher {
@@ -171,8 +196,8 @@ impl Publisher {
         let (tx, rx) = oneshot::channel();
         // Holding the lock across the non-blocking send makes "recorded" and "in rumqttc's
         // channel" one atomic step with respect to the event loop (see the module docs).
-        let mut queued = self.queued.lock().expect("publish queue lock");
-        if queued.closed {
+        let mut session = lock(&self.session);
+        if session.accepting().is_err() {
             return Err(TryPublish::Closed);
         }
         match self
@@ -180,7 +205,7 @@ impl Publisher {
             .try_publish(topic, QoS::AtLeastOnce, retain, payload)
         {
             Ok(()) => {
-                queued.deliveries.push_back(tx);
+                session.record(tx);
                 Ok(rx)
             }
             Err(rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(p))) => {
@@ -206,8 +231,8 @@ pub struct Link {
     status: watch::Receiver<LinkStatus>,
     inbound: Option<mpsc::Receiver<Inbound>>,
     topics: Topics,
-    driver: JoinHandle<()>,
-    session: JoinHandle<()>,
+    event_loop: JoinHandle<()>,
+    announcer: JoinHandle<()>,
 }
 
 /// The presence message on the retained status topic.
@@ -277,31 +302,28 @@ impl Link {
 
         let b = &settings.broker;
         let broker = format!("{}:{}", b.host, b.port);
-        let (status_tx, status_rx) = watch::channel(LinkStatus {
-            state: LinkState::Connecting { attempt: 1 },
-            broker: broker.clone(),
-            connects: 0,
-            failures: 0,
-            last_error: None,
-            connected_since_unix: None,
-        });
-        let queued: Queued = Arc::default();
+        let session = Session::new(
+            broker.clone(),
+            Backoff::new(b.backoff_min(), b.backoff_max()),
+        );
+        let (status_tx, status_rx) = watch::channel(session.status().clone());
+        let session: Shared = Arc::new(Mutex::new(session));
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-        let driver = tokio::spawn(drive(
+        let event_loop = tokio::spawn(run_event_loop(
             eventloop,
-            Driver {
-                backoff: Backoff::new(b.backoff_min(), b.backoff_max()),
+            EventLoopIo {
                 plaintext: b.allow_insecure_plaintext,
                 broker,
+                topics: topics.clone(),
                 status: status_tx,
-                queued: queued.clone(),
-                awaiting_ack: HashMap::new(),
+                session: session.clone(),
                 inbound: inbound_tx,
+                dropped_inbound: 0,
                 shutdown,
             },
         ));
-        let publisher = Publisher { client, queued };
-        let session = tokio::spawn(session(
+        let publisher = Publisher { client, session };
+        let announcer = tokio::spawn(announce(
             publisher.clone(),
             topics.clone(),
             status_rx.clone(),
@@ -311,8 +333,8 @@ impl Link {
             status: status_rx,
             inbound: Some(inbound_rx),
             topics,
-            driver,
-            session,
+            event_loop,
+            announcer,
         })
     }
 
@@ -336,11 +358,11 @@ impl Link {
     /// Clean shutdown within `budget`: publish a retained `offline`, wait for every in-flight
     /// QoS 1 publish to be acknowledged, send DISCONNECT, and stop the event loop.
     ///
-    /// The caller must already have triggered the shared [`Shutdown`] so the driver stops
+    /// The caller must already have triggered the shared [`Shutdown`] so the event loop stops
     /// reconnecting. Whatever cannot finish within the budget is abandoned: the broker's last
     /// will then reports `offline` for us.
     pub async fn shutdown(mut self, budget: Duration) {
-        self.session.abort();
+        self.announcer.abort();
         let deadline = tokio::time::Instant::now() + budget;
         let connected = matches!(self.status.borrow().state, LinkState::Connected);
         if connected {
@@ -365,107 +387,107 @@ impl Link {
                 Err(_) => tracing::warn!("timed out publishing offline status"),
             }
         }
-        if tokio::time::timeout_at(deadline, &mut self.driver)
+        if tokio::time::timeout_at(deadline, &mut self.event_loop)
             .await
             .is_err()
         {
             tracing::warn!("event loop did not stop in time; abandoning the connection");
-            self.driver.abort();
-            let mut queued = self.publisher.queued.lock().expect("publish queue lock");
-            queued.closed = true;
-            queued.deliveries.clear();
+            self.event_loop.abort();
+            lock(&self.publisher.session).on_stop();
         }
     }
 }
 
-/// State owned by the event-loop task.
-struct Driver {
-    backoff: Backoff,
+/// The event-loop task's handles on the rest of the agent; the bookkeeping is in [`Session`].
+struct EventLoopIo {
     plaintext: bool,
     broker: String,
+    topics: Topics,
     status: watch::Sender<LinkStatus>,
-    queued: Queued,
-    /// Deliveries whose PUBLISH went out, by packet id, waiting for their PUBACK.
-    awaiting_ack: HashMap<u16, oneshot::Sender<()>>,
+    session: Shared,
     inbound: mpsc::Sender<Inbound>,
+    /// Inbound messages dropped on a full queue since start, for the log.
+    dropped_inbound: u64,
     shutdown: Shutdown,
 }
 
-/// The event-loop task. It only polls: see the module docs for why it must never publish.
-async fn drive(mut eventloop: EventLoop, mut d: Driver) {
-    let mut connected = false;
-    let mut dropped_inbound: u64 = 0;
+impl EventLoopIo {
+    /// Runs one [`Session`] method that moves the connection on, then tells the watchers the
+    /// status it leaves (outside the lock: a watcher may hold its borrow while publishing).
+    fn transition<T>(&self, event: impl FnOnce(&mut Session) -> T) -> T {
+        let (out, status) = {
+            let mut session = lock(&self.session);
+            let out = event(&mut session);
+            (out, session.status().clone())
+        };
+        self.status.send_replace(status);
+        out
+    }
+
+    /// Hands an inbound message to the command pipeline, or drops it when the queue stays full.
+    async fn hand_over(&mut self, mut inbound: Inbound) {
+        // rumqttc hands over every packet of a burst it has already read without ever returning
+        // Pending, so on the daemon's single thread the consumer cannot run while a burst is
+        // being handed over: give it a few turns before dropping anything. Bounded, so the event
+        // loop never waits on the consumer (point 2).
+        let mut turns = 0;
+        loop {
+            match self.inbound.try_send(inbound) {
+                Err(mpsc::error::TrySendError::Full(m)) if turns < INBOUND_TURNS => {
+                    inbound = m;
+                    turns += 1;
+                    tokio::task::yield_now().await;
+                }
+                Err(mpsc::error::TrySendError::Full(m)) => {
+                    self.dropped_inbound += 1;
+                    let dropped_inbound = self.dropped_inbound;
+                    tracing::warn!(topic = %m.topic, dropped_inbound, "inbound queue full; message dropped");
+                    return;
+                }
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+    }
+}
+
+/// The event-loop task. It only polls: see the module docs for why it must never publish. Each
+/// event goes to exactly one [`Session`] method; what is left here is logging, sleeping and
+/// handing messages on.
+async fn run_event_loop(mut eventloop: EventLoop, mut io: EventLoopIo) {
     loop {
+        let connected = lock(&io.session).is_connected();
         let polled = if connected {
             // Keep polling through shutdown so the offline message and DISCONNECT go out.
             eventloop.poll().await
         } else {
-            let attempt = d.backoff.attempt() + 1;
-            d.status
-                .send_modify(|s| s.state = LinkState::Connecting { attempt });
-            tracing::info!(broker = %d.broker, attempt, "connecting");
+            let attempt = io.transition(Session::connecting);
+            tracing::info!(broker = %io.broker, attempt, "connecting");
             tokio::select! {
                 polled = eventloop.poll() => polled,
-                _ = d.shutdown.wait() => break,
+                _ = io.shutdown.wait() => break,
             }
         };
         match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                connected = true;
-                // Not a reset: only a connection that lasts counts (see `Backoff`).
-                d.backoff.connected(std::time::Instant::now());
-                if d.plaintext {
-                    tracing::warn!(broker = %d.broker, "connected WITHOUT TLS (allow_insecure_plaintext = true)");
+                io.transition(|s| s.on_connack(std::time::Instant::now(), unix_now()));
+                if io.plaintext {
+                    tracing::warn!(broker = %io.broker, "connected WITHOUT TLS (allow_insecure_plaintext = true)");
                 }
-                tracing::info!(broker = %d.broker, "connected");
-                d.status.send_modify(|s| {
-                    s.state = LinkState::Connected;
-                    s.connects += 1;
-                    s.connected_since_unix = Some(unix_now());
-                });
+                tracing::info!(broker = %io.broker, "connected");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let inbound = Inbound {
+                    kind: io.topics.classify(&p.topic),
                     topic: p.topic,
                     payload: p.payload,
                 };
-                // rumqttc hands over every packet of a burst it has already read without ever
-                // returning Pending, so on the daemon's single thread the consumer cannot run
-                // while a burst is being handed over: give it a few turns before dropping
-                // anything. Bounded, so the event loop never waits on the consumer (point 2).
-                let mut inbound = inbound;
-                let mut turns = 0;
-                loop {
-                    match d.inbound.try_send(inbound) {
-                        Err(mpsc::error::TrySendError::Full(m)) if turns < INBOUND_TURNS => {
-                            inbound = m;
-                            turns += 1;
-                            tokio::task::yield_now().await;
-                        }
-                        Err(mpsc::error::TrySendError::Full(m)) => {
-                            dropped_inbound += 1;
-                            tracing::warn!(topic = %m.topic, dropped_inbound, "inbound queue full; message dropped");
-                            break;
-                        }
-                        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => break,
-                    }
-                }
+                io.hand_over(inbound).await;
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                if let Some(tx) = d
-                    .queued
-                    .lock()
-                    .expect("publish queue lock")
-                    .deliveries
-                    .pop_front()
-                {
-                    d.awaiting_ack.insert(pkid, tx);
-                }
+                lock(&io.session).on_outgoing_publish(pkid);
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                if let Some(tx) = d.awaiting_ack.remove(&ack.pkid) {
-                    let _ = tx.send(());
-                }
+                lock(&io.session).on_puback(ack.pkid);
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 // mosquitto grants a denied subscription with a failure code rather than
@@ -475,50 +497,29 @@ async fn drive(mut eventloop: EventLoop, mut d: Driver) {
                     .iter()
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                 {
-                    tracing::error!(broker = %d.broker, "broker refused a subscription; check its ACL for this device");
+                    tracing::error!(broker = %io.broker, "broker refused a subscription; check its ACL for this device");
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(error) => {
-                connected = false;
-                // With a clean session every queued or unacknowledged publish is gone. Say so to
-                // each waiter (dropping its sender), and empty rumqttc's queue under the same
-                // lock publishers take, so no request can slip in between the two.
-                {
-                    let mut queued = d.queued.lock().expect("publish queue lock");
+                let error = describe(&error);
+                let delay = io.transition(|s| {
+                    // rumqttc's queue is emptied under the lock publishers take, so no request
+                    // can slip in between it and the session failing the recorded ones.
                     eventloop.clean();
                     eventloop.pending.clear();
-                    queued.deliveries.clear();
-                }
-                d.awaiting_ack.clear();
-                let delay = d.backoff.next_delay_after(std::time::Instant::now());
-                let error = describe(&error);
-                tracing::warn!(broker = %d.broker, %error, retry_in_ms = delay.as_millis() as u64, "link down");
-                d.status.send_modify(|s| {
-                    s.state = LinkState::WaitingToRetry {
-                        retry_in_ms: delay.as_millis() as u64,
-                        error: error.clone(),
-                    };
-                    s.failures += 1;
-                    s.last_error = Some(error);
-                    s.connected_since_unix = None;
+                    s.on_connection_lost(std::time::Instant::now(), error.clone())
                 });
+                tracing::warn!(broker = %io.broker, %error, retry_in_ms = delay.as_millis() as u64, "link down");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = d.shutdown.wait() => break,
+                    _ = io.shutdown.wait() => break,
                 }
             }
         }
     }
-    let mut queued = d.queued.lock().expect("publish queue lock");
-    queued.closed = true;
-    queued.deliveries.clear();
-    drop(queued);
-    d.status.send_modify(|s| {
-        s.state = LinkState::Stopped;
-        s.connected_since_unix = None;
-    });
+    io.transition(Session::on_stop);
 }
 
 /// A one-line description of a connection error, with the TLS cause when there is one
@@ -541,15 +542,11 @@ fn describe(error: &ConnectionError) -> String {
 ///
 /// Runs apart from the event loop (see the module docs). If the link drops half-way, rumqttc
 /// discards these requests with the old session and the next CONNACK starts the sequence again.
-async fn session(publisher: Publisher, topics: Topics, mut status: watch::Receiver<LinkStatus>) {
-    let mut served = 0;
+async fn announce(publisher: Publisher, topics: Topics, mut status: watch::Receiver<LinkStatus>) {
+    let mut announcements = Announcements::default();
     loop {
-        let connects = {
-            let s = status.borrow_and_update();
-            (s.state == LinkState::Connected).then_some(s.connects)
-        };
-        if let Some(connects) = connects.filter(|&c| c != served) {
-            served = connects;
+        let due = announcements.due(&status.borrow_and_update());
+        if due {
             for topic in topics.subscriptions() {
                 if publisher
                     .client

@@ -1,0 +1,434 @@
+//! The link's bookkeeping across its connections, apart from any I/O.
+//!
+//! The outbox trusts the link with one promise: a [`Delivery`](super::Delivery) resolves only on
+//! the PUBACK of *its own* PUBLISH, and fails when the connection it was queued on ends. rumqttc
+//! assigns packet ids inside its event loop, out of sight of whoever published, so keeping that
+//! promise takes bookkeeping: the order in which requests entered rumqttc's channel, which packet
+//! id each one went out with, and which are still waiting for an acknowledgement. The same
+//! events also drive the reconnect backoff and the status everyone watches.
+//!
+//! Following rumqttc's own `state.rs`, [`Session`] does no I/O: the event-loop task polls
+//! rumqttc, then calls exactly one method for the event it got, and does what the answer says
+//! (sleep, log, publish the new status). So every guarantee above is a unit test here, with no
+//! broker, no socket and no runtime; the tests over mosquitto (tests/link.rs) only check the
+//! wiring.
+//!
+//! [`Session`] is shared, under one mutex, with the publishers: a publisher records its request
+//! under the same lock in which it hands the request to rumqttc, and the event loop discards
+//! rumqttc's queue under the same lock in which it fails the recorded requests, so no request can
+//! slip in between (see the module docs of [`super`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::backoff::Backoff;
+use super::{LinkState, LinkStatus};
+
+/// The sending half of a [`Delivery`](super::Delivery): sending resolves it, dropping fails it.
+pub(crate) type Resolver = oneshot::Sender<()>;
+
+/// Delivery and connection bookkeeping of one link, from start to stop.
+#[derive(Debug)]
+pub(crate) struct Session {
+    status: LinkStatus,
+    backoff: Backoff,
+    /// Requests in rumqttc's channel, in the order they entered it; not yet sent.
+    recorded: VecDeque<Resolver>,
+    /// Requests whose PUBLISH went out, by packet id, waiting for their PUBACK.
+    in_flight: HashMap<u16, Resolver>,
+    /// Set once the event loop has stopped: nothing recorded from now on would ever leave.
+    stopped: bool,
+}
+
+/// Why a publisher may not record a request.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Stopped;
+
+impl Session {
+    pub(crate) fn new(broker: String, backoff: Backoff) -> Self {
+        Session {
+            status: LinkStatus {
+                state: LinkState::Connecting { attempt: 1 },
+                broker,
+                connects: 0,
+                failures: 0,
+                last_error: None,
+                connected_since_unix: None,
+            },
+            backoff,
+            recorded: VecDeque::new(),
+            in_flight: HashMap::new(),
+            stopped: false,
+        }
+    }
+
+    /// What the link reports about itself: publish it after every connection event.
+    pub(crate) fn status(&self) -> &LinkStatus {
+        &self.status
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.status.state == LinkState::Connected
+    }
+
+    /// Publisher side, before handing a request to rumqttc: whether it could ever leave.
+    pub(crate) fn accepting(&self) -> Result<(), Stopped> {
+        if self.stopped {
+            Err(Stopped)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Publisher side, once rumqttc has taken the request (under the same lock as
+    /// [`Session::accepting`]): it will be the next PUBLISH after those recorded before it.
+    pub(crate) fn record(&mut self, resolver: Resolver) {
+        self.recorded.push_back(resolver);
+    }
+
+    /// A connection attempt is about to start; returns its number (1 for the first, and again
+    /// for the first after a stable connection).
+    pub(crate) fn connecting(&mut self) -> u32 {
+        let attempt = self.backoff.attempt() + 1;
+        self.status.state = LinkState::Connecting { attempt };
+        attempt
+    }
+
+    /// CONNACK at `at` (`unix` on the wall clock). Counting the connect in the status is what
+    /// makes the announcer subscribe and publish the birth again (see [`Announcements`]).
+    pub(crate) fn on_connack(&mut self, at: Instant, unix: u64) {
+        // Not a reset: only a connection that lasts counts (see `Backoff`).
+        self.backoff.connected(at);
+        self.status.state = LinkState::Connected;
+        self.status.connects += 1;
+        self.status.connected_since_unix = Some(unix);
+    }
+
+    /// rumqttc sent a PUBLISH with `pkid`: it is the oldest recorded request.
+    pub(crate) fn on_outgoing_publish(&mut self, pkid: u16) {
+        if let Some(resolver) = self.recorded.pop_front() {
+            self.in_flight.insert(pkid, resolver);
+        }
+    }
+
+    /// A PUBACK for `pkid`: resolves that delivery, and only that one. Returns whether one was
+    /// waiting (a PUBACK for an id we never sent, or already acknowledged, changes nothing).
+    pub(crate) fn on_puback(&mut self, pkid: u16) -> bool {
+        match self.in_flight.remove(&pkid) {
+            Some(resolver) => {
+                let _ = resolver.send(());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The connection failed (or an attempt did) at `at`. With a clean session every recorded or
+    /// unacknowledged publish is gone, so each of their deliveries fails; the caller empties
+    /// rumqttc's queue under the same lock. Returns the delay before the next attempt.
+    pub(crate) fn on_connection_lost(&mut self, at: Instant, error: String) -> Duration {
+        self.fail_outstanding();
+        let delay = self.backoff.next_delay_after(at);
+        self.status.state = LinkState::WaitingToRetry {
+            retry_in_ms: delay.as_millis() as u64,
+            error: error.clone(),
+        };
+        self.status.failures += 1;
+        self.status.last_error = Some(error);
+        self.status.connected_since_unix = None;
+        delay
+    }
+
+    /// The event loop stopped (or was abandoned): every outstanding delivery fails, and so does
+    /// every later publish.
+    pub(crate) fn on_stop(&mut self) {
+        self.stopped = true;
+        self.fail_outstanding();
+        self.status.state = LinkState::Stopped;
+        self.status.connected_since_unix = None;
+    }
+
+    fn fail_outstanding(&mut self) {
+        // Dropping a resolver fails its delivery.
+        self.recorded.clear();
+        self.in_flight.clear();
+    }
+}
+
+/// When the announcer must subscribe and publish the birth: once after every CONNACK.
+///
+/// With a clean session the broker forgets our subscriptions on each new connection, so the
+/// count of connects in the status, not the `Connected` state (which a watcher may see only once
+/// across a quick drop and reconnect), is what says a new session needs them.
+#[derive(Debug, Default)]
+pub(crate) struct Announcements {
+    served: u64,
+}
+
+impl Announcements {
+    /// Whether the connection `status` describes still needs its subscriptions and birth; true
+    /// at most once per connect.
+    pub(crate) fn due(&mut self, status: &LinkStatus) -> bool {
+        let due = status.state == LinkState::Connected && status.connects != self.served;
+        if due {
+            self.served = status.connects;
+        }
+        due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot::error::TryRecvError;
+
+    use super::*;
+    use crate::link::backoff::STABLE_AFTER;
+    use crate::link::Delivery;
+
+    const MIN: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn session() -> Session {
+        Session::new("broker:8883".into(), Backoff::with_seed(MIN, MAX, 11))
+    }
+
+    /// What a publisher does: record a request and keep its delivery.
+    fn publish(s: &mut Session) -> Delivery {
+        let (tx, rx) = oneshot::channel();
+        s.accepting().expect("accepting");
+        s.record(tx);
+        rx
+    }
+
+    fn resolved(d: &mut Delivery) -> bool {
+        d.try_recv().is_ok()
+    }
+
+    fn failed(d: &mut Delivery) -> bool {
+        matches!(d.try_recv(), Err(TryRecvError::Closed))
+    }
+
+    fn pending(d: &mut Delivery) -> bool {
+        matches!(d.try_recv(), Err(TryRecvError::Empty))
+    }
+
+    fn connected() -> Session {
+        let mut s = session();
+        s.connecting();
+        s.on_connack(Instant::now(), 1_700_000_000);
+        s
+    }
+
+    #[test]
+    fn the_nth_publish_resolves_on_its_own_puback() {
+        let mut s = connected();
+        let mut d: Vec<Delivery> = (0..3).map(|_| publish(&mut s)).collect();
+        for pkid in [7, 8, 9] {
+            s.on_outgoing_publish(pkid);
+        }
+        // Acknowledged out of order: each PUBACK resolves the request that went out with its id.
+        assert!(s.on_puback(8));
+        assert!(pending(&mut d[0]) && resolved(&mut d[1]) && pending(&mut d[2]));
+        assert!(s.on_puback(9));
+        assert!(pending(&mut d[0]) && resolved(&mut d[2]));
+        assert!(s.on_puback(7));
+        assert!(resolved(&mut d[0]));
+    }
+
+    #[test]
+    fn a_delivery_stays_pending_until_its_publish_is_acknowledged() {
+        let mut s = connected();
+        let mut first = publish(&mut s);
+        let mut second = publish(&mut s);
+        s.on_outgoing_publish(1);
+        // The second request is still in rumqttc's channel: no PUBACK can be its own yet.
+        assert!(s.on_puback(1));
+        assert!(resolved(&mut first));
+        assert!(!s.on_puback(2), "nothing went out with packet id 2");
+        assert!(pending(&mut second));
+    }
+
+    #[test]
+    fn a_puback_for_an_unknown_packet_id_is_ignored() {
+        let mut s = connected();
+        let mut d = publish(&mut s);
+        s.on_outgoing_publish(4);
+        assert!(!s.on_puback(5));
+        assert!(pending(&mut d));
+        assert!(s.on_puback(4));
+        // A duplicate PUBACK for an id already acknowledged changes nothing either.
+        assert!(!s.on_puback(4));
+        assert!(resolved(&mut d));
+    }
+
+    #[test]
+    fn an_outgoing_publish_nobody_recorded_resolves_nothing() {
+        let mut s = connected();
+        s.on_outgoing_publish(3);
+        assert!(!s.on_puback(3));
+        // A request recorded afterwards pairs with the next PUBLISH, not with the earlier one.
+        let mut d = publish(&mut s);
+        s.on_outgoing_publish(4);
+        assert!(!s.on_puback(3));
+        assert!(s.on_puback(4));
+        assert!(resolved(&mut d));
+    }
+
+    #[test]
+    fn a_lost_connection_fails_every_outstanding_delivery() {
+        let mut s = connected();
+        let mut acked = publish(&mut s);
+        let mut in_flight = publish(&mut s);
+        let mut queued = publish(&mut s);
+        s.on_outgoing_publish(1);
+        s.on_outgoing_publish(2);
+        s.on_puback(1);
+        s.on_connection_lost(Instant::now(), "connection reset".into());
+        assert!(resolved(&mut acked));
+        assert!(failed(&mut in_flight), "sent, never acknowledged");
+        assert!(failed(&mut queued), "still in rumqttc's channel");
+        // A PUBACK arriving late for the old connection's packet id resolves nothing.
+        assert!(!s.on_puback(2));
+    }
+
+    #[test]
+    fn packet_ids_of_a_lost_connection_do_not_resolve_the_next_ones() {
+        let mut s = connected();
+        let mut old = publish(&mut s);
+        s.on_outgoing_publish(1);
+        s.on_connection_lost(Instant::now(), "timeout".into());
+        s.connecting();
+        s.on_connack(Instant::now(), 1_700_000_010);
+        // The new session numbers from 1 again.
+        let mut new = publish(&mut s);
+        s.on_outgoing_publish(1);
+        assert!(failed(&mut old));
+        assert!(pending(&mut new));
+        assert!(s.on_puback(1));
+        assert!(resolved(&mut new));
+    }
+
+    #[test]
+    fn after_the_stop_every_delivery_fails_and_nothing_more_is_accepted() {
+        let mut s = connected();
+        let mut acked = publish(&mut s);
+        let mut in_flight = publish(&mut s);
+        let mut queued = publish(&mut s);
+        s.on_outgoing_publish(1);
+        s.on_outgoing_publish(2);
+        s.on_puback(1);
+        s.on_stop();
+        assert!(resolved(&mut acked));
+        assert!(failed(&mut in_flight) && failed(&mut queued));
+        assert_eq!(s.accepting(), Err(Stopped));
+        assert_eq!(s.status().state, LinkState::Stopped);
+        assert_eq!(s.status().connected_since_unix, None);
+    }
+
+    #[test]
+    fn the_status_counts_connects_and_failures() {
+        let mut s = session();
+        assert_eq!(s.status().state, LinkState::Connecting { attempt: 1 });
+        assert_eq!(s.connecting(), 1);
+        let delay = s.on_connection_lost(Instant::now(), "refused".into());
+        assert_eq!(
+            s.status().state,
+            LinkState::WaitingToRetry {
+                retry_in_ms: delay.as_millis() as u64,
+                error: "refused".into()
+            }
+        );
+        assert!(!s.is_connected());
+        assert_eq!(s.connecting(), 2);
+        assert_eq!(s.status().state, LinkState::Connecting { attempt: 2 });
+        s.on_connack(Instant::now(), 1_700_000_000);
+        assert!(s.is_connected());
+        let st = s.status();
+        assert_eq!((st.connects, st.failures), (1, 1));
+        assert_eq!(st.reconnects(), 0);
+        assert_eq!(st.last_error.as_deref(), Some("refused"));
+        assert_eq!(st.connected_since_unix, Some(1_700_000_000));
+        s.on_connection_lost(Instant::now(), "reset".into());
+        assert_eq!(s.status().connected_since_unix, None);
+        assert_eq!(s.status().last_error.as_deref(), Some("reset"));
+        s.connecting();
+        s.on_connack(Instant::now(), 1_700_000_100);
+        assert_eq!((s.status().connects, s.status().failures), (2, 2));
+        assert_eq!(s.status().reconnects(), 1);
+    }
+
+    #[test]
+    fn every_retry_waits_at_least_the_backoff_floor() {
+        let mut s = session();
+        let t0 = Instant::now();
+        for n in 0..20u64 {
+            s.connecting();
+            let delay = s.on_connection_lost(t0 + Duration::from_secs(n), "down".into());
+            assert!(delay >= MIN && delay <= MAX, "retry {n}: {delay:?}");
+        }
+    }
+
+    #[test]
+    fn a_connection_that_drops_at_once_keeps_counting_attempts() {
+        let mut s = session();
+        let t0 = Instant::now();
+        for n in 1..=6u32 {
+            assert_eq!(s.connecting(), n);
+            let up = t0 + Duration::from_secs(u64::from(n) * 60);
+            s.on_connack(up, 1_700_000_000);
+            s.on_connection_lost(up + Duration::from_millis(50), "packet too large".into());
+        }
+        assert_eq!(s.connecting(), 7);
+    }
+
+    #[test]
+    fn a_connection_up_for_30_s_starts_the_backoff_again_from_the_floor() {
+        let widened = |up_for: Duration| {
+            let mut s = session();
+            let t0 = Instant::now();
+            for _ in 0..8 {
+                s.connecting();
+                s.on_connection_lost(t0, "refused".into());
+            }
+            assert_eq!(s.connecting(), 9);
+            s.on_connack(t0, 1_700_000_000);
+            let delay = s.on_connection_lost(t0 + up_for, "reset".into());
+            (s.connecting(), delay)
+        };
+        assert_eq!(STABLE_AFTER, Duration::from_secs(30));
+        let (attempt, _) = widened(STABLE_AFTER - Duration::from_millis(1));
+        assert_eq!(attempt, 10, "a shorter connection is one more failure");
+        let (attempt, delay) = widened(STABLE_AFTER);
+        assert_eq!(
+            attempt, 2,
+            "a stable connection starts again from the first retry"
+        );
+        assert!(delay >= MIN && delay <= MIN * 2, "{delay:?}");
+    }
+
+    #[test]
+    fn subscriptions_and_birth_follow_every_connack() {
+        let mut s = session();
+        let mut a = Announcements::default();
+        s.connecting();
+        assert!(!a.due(s.status()), "not before the CONNACK");
+        s.on_connack(Instant::now(), 1_700_000_000);
+        assert!(a.due(s.status()));
+        assert!(!a.due(s.status()), "once per connection");
+        s.on_connection_lost(Instant::now(), "reset".into());
+        assert!(!a.due(s.status()));
+        s.connecting();
+        s.on_connack(Instant::now(), 1_700_000_001);
+        assert!(a.due(s.status()), "again after the reconnect");
+        // A watcher that missed the drop in between (it sees only the latest status) still
+        // sees a new connection: the count moved.
+        s.on_connection_lost(Instant::now(), "reset".into());
+        s.connecting();
+        s.on_connack(Instant::now(), 1_700_000_002);
+        assert!(a.due(s.status()));
+        s.on_stop();
+        assert!(!a.due(s.status()));
+    }
+}
