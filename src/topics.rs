@@ -89,7 +89,7 @@ impl Topics {
     }
 
     /// The topic string of one of this device's inbound topics.
-    pub fn inbound(&self, kind: InboundTopic) -> String {
+    pub(crate) fn inbound(&self, kind: InboundTopic) -> String {
         match kind {
             InboundTopic::TrustBundle => Self::trust_bundle(),
             InboundTopic::PairingBinding => self.pairing_binding(),
@@ -99,7 +99,7 @@ impl Topics {
 
     /// Which of this device's inbound topics `topic` is; `None` for anything else (another
     /// device's topics, our own outbound ones, a topic we never subscribed to).
-    pub fn classify(&self, topic: &str) -> Option<InboundTopic> {
+    pub(crate) fn classify(&self, topic: &str) -> Option<InboundTopic> {
         if topic.strip_prefix(ROOT).and_then(|t| t.strip_prefix('/')) == Some("trust/bundle") {
             return Some(InboundTopic::TrustBundle);
         }

@@ -87,7 +87,7 @@ pub enum LinkState {
 
 impl LinkState {
     /// The state's name, as in status.json's `state`.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             LinkState::Connecting { .. } => "connecting",
             LinkState::Connected => "connected",
@@ -128,13 +128,6 @@ pub struct Inbound {
     /// never subscribed to (a broker may still deliver one).
     pub kind: Option<InboundTopic>,
     pub payload: bytes::Bytes,
-}
-
-impl Inbound {
-    /// Which of our inbound topics the message arrived on.
-    pub fn kind(&self) -> Option<InboundTopic> {
-        self.kind
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
