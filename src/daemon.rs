@@ -1,27 +1,20 @@
-//! `texture-agent run`: wires the pieces together and supervises them.
-//!
-//! Only wiring lives here: build each component, connect their channels, spawn them, and then
-//! wait for a termination signal while relaying status to systemd.
+//! `texture-agent run`: the agent (built by the composition root, [`crate::agent`]) plus what
+//! belongs to the host: the control socket, `status.json`, systemd's notifications and
+//! watchdog, and the termination signals.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use crate::auth::{Authorizer, AuthorizerConfig};
+use crate::agent::Agent;
 use crate::config::Settings;
 use crate::control;
-use crate::dispatch::Dispatcher;
-use crate::link::{Link, LinkState, LinkStatus};
-use crate::outbox::Outbox;
-use crate::pairing::PairingState;
+use crate::link::{LinkState, LinkStatus};
 use crate::service::{self, notify_or_log};
 use crate::status::{self, RuntimeStatus};
-use crate::storage;
-use crate::telemetry::Telemetry;
 
-/// How long a graceful shutdown may take in total; systemd's `TimeoutStopSec` must be larger.
-pub const SHUTDOWN_BUDGET: Duration = Duration::from_secs(4);
+pub use crate::agent::SHUTDOWN_BUDGET;
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns `Ok` on a graceful stop.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -35,66 +28,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::warn!(error = %std::io::Error::last_os_error(), "could not make the agent non-dumpable");
     }
     crate::link::tls::install_default_provider();
-    storage::ensure_dir(&settings.state.dir).context("state.dir")?;
-    storage::ensure_dir(&settings.state.runtime_dir).context("state.runtime_dir")?;
-
-    let (authorizer, interrupted) = open_authorizer(&settings)?;
-    let device_key = crate::identity::load_or_create(&settings.state.dir).context("device key")?;
-    let pairing = PairingState::open(
-        &settings.state.dir,
-        settings.device.id.as_str(),
-        settings.pairing.code_ttl_secs,
-    )
-    .context("reading the pairing state")?;
+    let state = crate::agent::AgentState::open(&settings)?;
     let control =
         control::bind(&settings.state.runtime_dir).context("binding the control socket")?;
-
-    let (outbox, recovery) = Outbox::open(
-        &settings.state.dir.join("outbox"),
-        settings.telemetry.outbox_max_bytes,
-    )
-    .context("opening the outbox")?;
-    if recovery.torn_bytes > 0 || recovery.corrupt_records > 0 {
-        tracing::warn!(
-            torn_bytes = recovery.torn_bytes,
-            corrupt_records = recovery.corrupt_records,
-            intact_records = recovery.records,
-            "outbox recovered from an interrupted write"
-        );
-    }
-
     let (trigger, shutdown) = service::shutdown_channel();
-    let mut link = Link::start(&settings, shutdown.clone())?;
-    let (samples_tx, samples_rx) = mpsc::channel(crate::drivers::SAMPLE_QUEUE);
-    let sandbox = crate::drivers::process::DriverSandbox::from_settings(&settings);
-    let (drivers, driver_health, driver_tasks) =
-        crate::drivers::start(&settings.drivers, &sandbox, &samples_tx, &shutdown);
-    drop(samples_tx);
-    let (telemetry, outbox_stats) = Telemetry::new(&settings, &link, outbox, &settings.state.dir);
-    let telemetry = telemetry.with_driver_health(driver_health);
-    let mut telemetry_task = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
-    let inbound = link.take_inbound().expect("inbound taken once");
     let (calls_tx, calls_rx) = mpsc::channel(8);
+    let mut agent = Agent::start(&settings, state, shutdown, calls_rx)?;
     let control_task = tokio::spawn(control::serve(control, calls_tx));
-    let dispatcher = Dispatcher::new(
-        settings.device.id.to_string(),
-        link.topics().clone(),
-        link.publisher(),
-        link.status(),
-        authorizer,
-        pairing,
-        device_key,
-        settings.pairing.qr_uri.clone(),
-        drivers,
-        settings.commands.clone(),
-        &interrupted,
-        shutdown.clone(),
-    );
-    let mut pipeline = tokio::spawn(dispatcher.run(inbound, calls_rx));
 
     let started_at_unix = crate::link::unix_now();
     let device_id = settings.device.id.to_string();
     let runtime_dir = settings.state.runtime_dir.clone();
+    let outbox_stats = agent.outbox_stats();
     let publish_status = |link: &LinkStatus| {
         let snapshot = RuntimeStatus {
             pid: std::process::id(),
@@ -110,7 +55,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
 
     // Configuration and state are loaded: ready, whether or not the network is up.
-    let mut link_status = link.status();
+    let mut link_status = agent.link_status();
     publish_status(&link_status.borrow_and_update());
     notify_or_log("READY=1");
     tracing::info!(device_id = %settings.device.id, "texture-agent started");
@@ -121,10 +66,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::pin!(terminated);
     loop {
         tokio::select! {
-            // A core task that ends on its own is a bug or a broken invariant: exit non-zero
-            // so systemd restarts the agent from its durable state.
-            _ = &mut telemetry_task => anyhow::bail!("the telemetry task stopped unexpectedly"),
-            _ = &mut pipeline => anyhow::bail!("the command dispatcher stopped unexpectedly"),
+            error = agent.failed() => return Err(error),
             signal = &mut terminated => {
                 let signal = signal.context("installing signal handlers")?;
                 tracing::info!(signal, "shutting down");
@@ -141,35 +83,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
 
     notify_or_log("STOPPING=1");
-    // From here a device command still running is cut short, neither answered nor recorded: the
-    // next start reports it `interrupted` (PROTOCOL 4.6). Process drivers get a `cancel` for it
-    // and a moment to exit (15.5) while the outbox is flushed.
     trigger.trigger();
-    let drivers_stopped = async {
-        let deadline = tokio::time::Instant::now() + crate::drivers::STOP_BUDGET;
-        let mut driver_tasks = driver_tasks;
-        for task in &mut driver_tasks {
-            if tokio::time::timeout_at(deadline, task).await.is_err() {
-                tracing::warn!("a driver did not stop in time");
-                break;
-            }
-        }
-        for task in driver_tasks {
-            task.abort();
-        }
-    };
-    // The outbox is made durable before the link goes: nothing appended is lost.
-    let telemetry_stopped = tokio::time::timeout(Duration::from_secs(1), telemetry_task);
-    match tokio::join!(drivers_stopped, telemetry_stopped).1 {
-        Ok(Ok(outbox)) => tracing::info!(depth = outbox.stats().depth, "outbox flushed"),
-        _ => tracing::warn!("telemetry did not stop in time"),
-    }
-    link.shutdown(SHUTDOWN_BUDGET).await;
-    pipeline.abort();
+    let mut last = agent.stop().await;
     control_task.abort();
     let _ = std::fs::remove_file(control::socket_path(&settings.state.runtime_dir));
     // Report "stopped" even if the event loop had to be abandoned mid-state.
-    let mut last = link_status.borrow().clone();
     last.state = LinkState::Stopped;
     last.connected_since_unix = None;
     publish_status(&last);
@@ -191,26 +109,4 @@ fn describe(s: &LinkStatus) -> String {
         ),
         LinkState::Stopped => "stopped".to_string(),
     }
-}
-
-/// Builds the authorizer from the `[trust]` settings; `None` when trust is not configured.
-/// Also returns the ids of commands the last run left unfinished.
-fn open_authorizer(settings: &Settings) -> anyhow::Result<(Option<Authorizer>, Vec<String>)> {
-    let Some(trust) = &settings.trust else {
-        tracing::warn!("no [trust] section: every command will be refused as unverifiable");
-        return Ok((None, Vec::new()));
-    };
-    let root = crate::auth::jws::public_key_from_base64(&trust.root_public_key)
-        .map_err(|problem| anyhow::anyhow!("trust.root_public_key: {problem}"))?;
-    let config = AuthorizerConfig {
-        device_id: settings.device.id.to_string(),
-        workspace_id: settings.device.workspace_id.clone(),
-        root,
-        issuer: trust.issuer.clone(),
-        skew: trust.max_clock_skew_secs,
-        replay_capacity: trust.replay_capacity,
-    };
-    let (authorizer, report) =
-        Authorizer::open(config, &settings.state.dir).context("opening the replay journal")?;
-    Ok((Some(authorizer), report.interrupted))
 }

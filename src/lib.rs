@@ -4,9 +4,11 @@
 //! policy, replay) → [`commands`] → reply via [`link`]. [`pairing`] sits beside `auth` and is
 //! driven from the [`control`] socket. [`platform`] is the platform's signing side, used by
 //! tests and tooling, never by the daemon.
-//! [`daemon`] wires the pieces together; [`service`] speaks to systemd; [`storage`] is the only
-//! way state reaches the disk. docs/PROTOCOL.md is the wire contract.
+//! [`agent`] wires the pieces together (the one composition root, also used by the fleet
+//! bench); [`daemon`] runs it as the host's service; [`service`] speaks to systemd; [`storage`]
+//! is the only way state reaches the disk. docs/PROTOCOL.md is the wire contract.
 
+pub mod agent;
 pub mod auth;
 pub mod cli;
 pub mod commands;

@@ -5,11 +5,12 @@
 //! `#[path = "../benches/support/fleet.rs"] mod fleet;` beside the test harness (`mod common`).
 //! It lives in a subdirectory because Cargo would take any `benches/*.rs` for a bench target.
 //!
-//! **A session** is one gateway wired as `daemon::run` wires it, minus the control socket and
-//! systemd: its own device id, client certificate, state directory (outbox, replay journal,
-//! trust bundle, device key) and configuration loaded with `config::load_from`; `Link::start`;
-//! a `Dispatcher` with its `Authorizer`, so signed commands really execute; and one simulated
-//! battery reporting every second through the real driver → `Telemetry` → outbox → link path.
+//! **A session** is one gateway built by the agent's composition root exactly as `daemon::run`
+//! builds it (`AgentState::open`, `Agent::start`), minus the control socket and systemd: its own
+//! device id, client certificate, state directory (outbox, replay journal, trust bundle, device
+//! key) and configuration loaded with `config::load_from`, so signed commands really execute and
+//! one simulated battery reports every second through the real driver → telemetry → outbox →
+//! link path.
 //!
 //! **The platform** is one MQTT peer with a persistent session: it publishes the retained trust
 //! bundle, receives every session's telemetry and replies, and sends signed `agent:ping`s.
@@ -42,16 +43,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use texture_agent::auth::{Authorizer, AuthorizerConfig};
+use texture_agent::agent::{Agent, AgentState};
 use texture_agent::config::Settings;
 use texture_agent::control::ControlCall;
-use texture_agent::dispatch::Dispatcher;
-use texture_agent::link::{Link, LinkState, LinkStatus};
-use texture_agent::outbox::{Outbox, OutboxStats};
-use texture_agent::pairing::PairingState;
+use texture_agent::link::{LinkState, LinkStatus};
+use texture_agent::outbox::OutboxStats;
 use texture_agent::platform::{ApiKey, PlatformSigner};
 use texture_agent::service::{self, Shutdown};
-use texture_agent::telemetry::Telemetry;
 use texture_agent::topics::Topics;
 
 use crate::common::{AgentConfig, Mosquitto, Pki, PLATFORM_CLIENT};
@@ -450,25 +448,18 @@ fn on_packet(heard: &Mutex<Heard>, client: &AsyncClient, packet: Packet) {
 // ---------------------------------------------------------------------------------------------
 // Sessions.
 
-/// Everything a session needs before it connects: opened the way `daemon::run` opens it.
+/// Everything a session needs before it connects, opened by the agent's own composition root.
 struct Prepared {
     settings: Settings,
-    authorizer: Authorizer,
-    interrupted: Vec<String>,
-    pairing: PairingState,
-    device_key: ed25519_dalek::SigningKey,
-    outbox: Outbox,
+    state: AgentState,
 }
 
 /// A running session.
 struct Session {
     id: String,
-    link: Link,
+    agent: Agent,
     status: watch::Receiver<LinkStatus>,
     outbox: watch::Receiver<OutboxStats>,
-    telemetry: JoinHandle<Outbox>,
-    dispatcher: JoinHandle<()>,
-    drivers: Vec<JoinHandle<()>>,
     /// Kept so the dispatcher's control-call branch stays open, as the control socket keeps it.
     _calls: mpsc::Sender<ControlCall>,
 }
@@ -501,75 +492,20 @@ fn prepare(
     settings.broker.keepalive_secs = cfg.keepalive_secs;
     settings.broker.connect_timeout_secs = cfg.connect_timeout_secs;
 
-    let state = settings.state.dir.clone();
-    texture_agent::storage::ensure_dir(&state).unwrap();
-    let trust = settings.trust.as_ref().expect("[trust] configured");
-    let (authorizer, report) = Authorizer::open(
-        AuthorizerConfig {
-            device_id: id.clone(),
-            workspace_id: settings.device.workspace_id.clone(),
-            root: texture_agent::auth::jws::public_key_from_base64(&trust.root_public_key).unwrap(),
-            issuer: trust.issuer.clone(),
-            skew: trust.max_clock_skew_secs,
-            replay_capacity: trust.replay_capacity,
-        },
-        &state,
-    )
-    .unwrap();
-    let pairing = PairingState::open(&state, &id, settings.pairing.code_ttl_secs).unwrap();
-    let device_key = texture_agent::identity::load_or_create(&state).unwrap();
-    let (outbox, _) =
-        Outbox::open(&state.join("outbox"), settings.telemetry.outbox_max_bytes).unwrap();
-    Prepared {
-        settings,
-        authorizer,
-        interrupted: report.interrupted,
-        pairing,
-        device_key,
-        outbox,
-    }
+    let state = AgentState::open(&settings).expect("session state opens");
+    Prepared { settings, state }
 }
 
-/// Starts one session, wired as `daemon::run` wires the daemon.
+/// Starts one session with `Agent::start`, exactly as `daemon::run` starts the daemon.
 fn start(p: Prepared, shutdown: &Shutdown) -> Session {
-    let settings = p.settings;
-    let mut link = Link::start(&settings, shutdown.clone()).expect("link starts");
-    let (samples_tx, samples_rx) = mpsc::channel(texture_agent::drivers::SAMPLE_QUEUE);
-    let (registry, driver_health, drivers) = texture_agent::drivers::start(
-        &settings.drivers,
-        &texture_agent::drivers::process::DriverSandbox::from_settings(&settings),
-        &samples_tx,
-        shutdown,
-    );
-    drop(samples_tx);
-    let (telemetry, stats_rx) = Telemetry::new(&settings, &link, p.outbox, &settings.state.dir);
-    let telemetry = telemetry.with_driver_health(driver_health);
-    let telemetry = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
-    let inbound = link.take_inbound().expect("inbound taken once");
     let (calls_tx, calls_rx) = mpsc::channel(8);
-    let dispatcher = Dispatcher::new(
-        settings.device.id.to_string(),
-        link.topics().clone(),
-        link.publisher(),
-        link.status(),
-        Some(p.authorizer),
-        p.pairing,
-        p.device_key,
-        settings.pairing.qr_uri.clone(),
-        registry,
-        settings.commands.clone(),
-        &p.interrupted,
-        shutdown.clone(),
-    );
-    let dispatcher = tokio::spawn(dispatcher.run(inbound, calls_rx));
+    let agent =
+        Agent::start(&p.settings, p.state, shutdown.clone(), calls_rx).expect("session starts");
     Session {
-        id: settings.device.id.to_string(),
-        status: link.status(),
-        link,
-        outbox: stats_rx,
-        telemetry,
-        dispatcher,
-        drivers,
+        id: p.settings.device.id.to_string(),
+        status: agent.link_status(),
+        outbox: agent.outbox_stats(),
+        agent,
         _calls: calls_tx,
     }
 }
@@ -918,9 +854,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> FleetReport {
 
     // Stop sampling, let every outbox drain, and check every sequence number off.
     for s in &sessions {
-        for d in &s.drivers {
-            d.abort();
-        }
+        s.agent.halt_drivers();
     }
     // A sample already in a channel is still appended; give it a moment to land.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -975,11 +909,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> FleetReport {
     let mut stopping = tokio::task::JoinSet::new();
     for s in sessions {
         stopping.spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(1), s.telemetry).await;
-            s.link
-                .shutdown(texture_agent::daemon::SHUTDOWN_BUDGET)
-                .await;
-            s.dispatcher.abort();
+            s.agent.stop().await;
         });
     }
     while stopping.join_next().await.is_some() {}
