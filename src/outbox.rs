@@ -47,6 +47,15 @@ pub enum OutboxError {
     Storage(#[from] StorageError),
     #[error("record of {0} bytes exceeds the {MAX_RECORD_BYTES}-byte limit")]
     TooLarge(usize),
+    /// A stored record ends before its header says it does: a torn write.
+    #[error("record cut short")]
+    Torn,
+    /// A stored record's checksum does not match its contents.
+    #[error("record {seq} fails its checksum")]
+    Checksum { seq: u64 },
+    /// Reading a segment failed (the caller knows which).
+    #[error("segment read failed: {0}")]
+    Read(#[source] io::Error),
 }
 
 /// One stored record.
@@ -156,29 +165,33 @@ fn crc(seq: u64, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// Reads the next record from `r`. `Ok(None)` at a clean end; `Err` for a torn or bad record.
-fn read_record(r: &mut impl Read) -> Result<Option<Record>, ()> {
+/// Reads the next record from `r`. `Ok(None)` at a clean end; an error for a torn or bad record
+/// ([`OutboxError::Torn`], [`OutboxError::TooLarge`], [`OutboxError::Checksum`]) or a failed read.
+fn read_record(r: &mut impl Read) -> Result<Option<Record>, OutboxError> {
     let mut header = [0u8; HEADER_BYTES as usize];
     let mut got = 0;
     while got < header.len() {
         match r.read(&mut header[got..]) {
             Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(()),
+            Ok(0) => return Err(OutboxError::Torn),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(()),
+            Err(e) => return Err(OutboxError::Read(e)),
         }
     }
     let len = u32::from_le_bytes(header[0..4].try_into().unwrap()) as usize;
     let sum = u32::from_le_bytes(header[4..8].try_into().unwrap());
     let seq = u64::from_le_bytes(header[8..16].try_into().unwrap());
     if len > MAX_RECORD_BYTES {
-        return Err(());
+        return Err(OutboxError::TooLarge(len));
     }
     let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).map_err(|_| ())?;
+    r.read_exact(&mut payload).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => OutboxError::Torn,
+        _ => OutboxError::Read(e),
+    })?;
     if crc(seq, &payload) != sum {
-        return Err(());
+        return Err(OutboxError::Checksum { seq });
     }
     Ok(Some(Record { seq, payload }))
 }
@@ -218,7 +231,8 @@ impl Outbox {
                         good_bytes += HEADER_BYTES + rec.payload.len() as u64;
                     }
                     Ok(None) => break,
-                    Err(()) => {
+                    // Whatever the defect, the records after it cannot be located.
+                    Err(_) => {
                         if Some(id) == last_id {
                             recovery.torn_bytes = size - good_bytes;
                         } else {
@@ -534,13 +548,14 @@ impl Outbox {
                 let rec = match read_record(&mut reader) {
                     Ok(Some(rec)) => rec,
                     Ok(None) => break,
-                    Err(()) => {
+                    Err(error) => {
                         // Only a damaged file (or a bug) gets here: open() cut torn tails. The
                         // records after this one cannot be located; say so rather than skip
                         // them in silence.
                         tracing::error!(
                             segment = %seg.path.display(),
                             position = pos,
+                            %error,
                             "outbox record unreadable; the rest of this segment is skipped"
                         );
                         break;
@@ -840,6 +855,44 @@ mod tests {
         drop(o);
         let (mut o, _) = Outbox::open(d.path(), 4 << 20).unwrap();
         assert_eq!(drain(&mut o, 650, 100, big), 900);
+    }
+
+    #[test]
+    fn a_damaged_record_is_named_by_what_is_wrong_with_it() {
+        let record = |seq: u64, payload: &[u8]| {
+            let mut r = (payload.len() as u32).to_le_bytes().to_vec();
+            r.extend_from_slice(&crc(seq, payload).to_le_bytes());
+            r.extend_from_slice(&seq.to_le_bytes());
+            r.extend_from_slice(payload);
+            r
+        };
+        let good = record(7, b"{}");
+        assert_eq!(
+            read_record(&mut &good[..]).unwrap(),
+            Some(Record {
+                seq: 7,
+                payload: b"{}".to_vec()
+            })
+        );
+        assert!(matches!(read_record(&mut &[][..]), Ok(None)));
+        for cut in [3, HEADER_BYTES as usize + 1] {
+            assert!(
+                matches!(read_record(&mut &good[..cut]), Err(OutboxError::Torn)),
+                "cut at {cut}"
+            );
+        }
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(matches!(
+            read_record(&mut &flipped[..]),
+            Err(OutboxError::Checksum { seq: 7 })
+        ));
+        let mut huge = good.clone();
+        huge[0..4].copy_from_slice(&(MAX_RECORD_BYTES as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            read_record(&mut &huge[..]),
+            Err(OutboxError::TooLarge(n)) if n == MAX_RECORD_BYTES + 1
+        ));
     }
 
     #[test]

@@ -1,0 +1,279 @@
+//! The telemetry task against a stand-in link: samples in, batches out, acknowledgements back,
+//! with a real outbox in a temporary directory and no broker.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::drivers::sim::SimDevice;
+use crate::outbox::Record;
+use crate::telemetry::model::DeviceType;
+
+const GATEWAY: &str = "gw-test";
+/// Bounds a test that would otherwise hang; never reached when the code is right.
+const GUARD: Duration = Duration::from_secs(10);
+
+/// What the stand-in link does with a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Hands the acknowledgement to the test.
+    Hold,
+    /// Acknowledges at once.
+    Ack,
+    /// Loses it, as a connection that drops does.
+    Lose,
+}
+
+struct Published {
+    mode: Mode,
+    seqs: Vec<u64>,
+    points: Vec<serde_json::Value>,
+    ack: Option<oneshot::Sender<()>>,
+}
+
+#[derive(Clone)]
+struct StandIn {
+    mode: Arc<Mutex<Mode>>,
+    log: mpsc::UnboundedSender<Published>,
+}
+
+impl StandIn {
+    fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+}
+
+impl Publish for StandIn {
+    type Delivery = oneshot::Receiver<()>;
+    type Lost = oneshot::error::RecvError;
+
+    async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<Self::Delivery, LinkClosed> {
+        assert!(topic.ends_with("/telemetry"), "{topic}");
+        let batch: serde_json::Value = serde_json::from_slice(&payload).expect("batch is JSON");
+        assert_eq!(batch["gatewayId"], GATEWAY);
+        let points = batch["points"].as_array().expect("points").clone();
+        let seqs = points.iter().map(|p| p["seq"].as_u64().unwrap()).collect();
+        let mode = *self.mode.lock().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let ack = match mode {
+            Mode::Hold => Some(tx),
+            Mode::Ack => {
+                let _ = tx.send(());
+                None
+            }
+            Mode::Lose => None,
+        };
+        let _ = self.log.send(Published {
+            mode,
+            seqs,
+            points,
+            ack,
+        });
+        Ok(rx)
+    }
+}
+
+fn link_status(state: LinkState) -> LinkStatus {
+    LinkStatus {
+        state,
+        broker: "stand-in".into(),
+        connects: 1,
+        failures: 0,
+        last_error: None,
+        connected_since_unix: None,
+    }
+}
+
+struct Harness {
+    telemetry: Telemetry<StandIn>,
+    link: StandIn,
+    log: mpsc::UnboundedReceiver<Published>,
+    link_status: watch::Sender<LinkStatus>,
+    stats: watch::Receiver<OutboxStats>,
+    dir: tempfile::TempDir,
+}
+
+fn harness(batch_max_points: usize) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let (outbox, _) = Outbox::open(&dir.path().join("outbox"), 1 << 20).unwrap();
+    let (log_tx, log) = mpsc::unbounded_channel();
+    let link = StandIn {
+        mode: Arc::new(Mutex::new(Mode::Hold)),
+        log: log_tx,
+    };
+    let (link_status, link_rx) = watch::channel(link_status(LinkState::Connected));
+    let (stats_tx, stats) = watch::channel(outbox.stats());
+    let telemetry = Telemetry {
+        gateway_id: GATEWAY.into(),
+        topics: Topics::new(&crate::device::DeviceId::parse(GATEWAY).unwrap()),
+        publisher: link.clone(),
+        link: link_rx,
+        outbox,
+        settings: TelemetrySettings {
+            batch_max_points,
+            // Long enough that only full batches are sent within a test.
+            batch_max_ms: 60_000,
+            health_interval_secs: 3_600,
+            ..TelemetrySettings::default()
+        },
+        health: health::HealthProbe {
+            state_dir: dir.path().to_owned(),
+            drivers: Vec::new(),
+        },
+        stats: stats_tx,
+    };
+    Harness {
+        telemetry,
+        link,
+        log,
+        link_status,
+        stats,
+        dir,
+    }
+}
+
+fn sample(i: u64) -> Sample {
+    let mut device = SimDevice::new(DeviceType::Battery, i);
+    Sample {
+        device_id: format!("bat-{i}"),
+        state: device.step(1.0, 43_200).clone(),
+    }
+}
+
+async fn next_publish(log: &mut mpsc::UnboundedReceiver<Published>) -> Published {
+    tokio::time::timeout(GUARD, log.recv())
+        .await
+        .expect("a batch is published")
+        .expect("the task is running")
+}
+
+async fn wait_stats(stats: &mut watch::Receiver<OutboxStats>, f: impl FnMut(&OutboxStats) -> bool) {
+    tokio::time::timeout(GUARD, stats.wait_for(f))
+        .await
+        .expect("the outbox reaches the expected figures")
+        .expect("the task is running");
+}
+
+#[tokio::test]
+async fn samples_are_numbered_sent_as_one_batch_and_acknowledged_in_the_outbox() {
+    let mut h = harness(3);
+    let (samples, rx) = mpsc::channel(8);
+    for i in 1..=3 {
+        samples.send(sample(i)).await.unwrap();
+    }
+    let (trigger, shutdown) = crate::service::shutdown_channel();
+    let task = tokio::spawn(h.telemetry.run(rx, shutdown));
+
+    let batch = next_publish(&mut h.log).await;
+    assert_eq!(batch.seqs, [1, 2, 3]);
+    assert_eq!(batch.points[0]["deviceId"], "bat-1");
+    assert!(batch.points[0]["ts"].is_u64() && batch.points[0]["state"].is_object());
+    assert_eq!(h.stats.borrow().depth, 3, "unacknowledged until its PUBACK");
+    batch.ack.unwrap().send(()).unwrap();
+    wait_stats(&mut h.stats, |s| s.depth == 0).await;
+
+    trigger.trigger();
+    let outbox = task.await.unwrap();
+    assert_eq!((outbox.acked(), outbox.last_seq()), (3, 3));
+}
+
+#[tokio::test]
+async fn points_keep_their_numbers_across_a_link_outage() {
+    let mut h = harness(2);
+    let (samples, rx) = mpsc::channel(8);
+    let (trigger, shutdown) = crate::service::shutdown_channel();
+    let task = tokio::spawn(h.telemetry.run(rx, shutdown));
+    samples.send(sample(1)).await.unwrap();
+    samples.send(sample(2)).await.unwrap();
+    let first = next_publish(&mut h.log).await;
+    assert_eq!(first.seqs, [1, 2]);
+
+    // The connection drops: the batch in flight is lost and every later publish too, until the
+    // link is back. Points keep being numbered meanwhile.
+    h.link.set(Mode::Lose);
+    h.link_status
+        .send_replace(link_status(LinkState::WaitingToRetry {
+            retry_in_ms: 1_000,
+            error: "stand-in outage".into(),
+        }));
+    drop(first.ack);
+    samples.send(sample(3)).await.unwrap();
+    samples.send(sample(4)).await.unwrap();
+    wait_stats(&mut h.stats, |s| s.next_seq == 5).await;
+
+    h.link.set(Mode::Ack);
+    h.link_status
+        .send_replace(link_status(LinkState::Connected));
+    wait_stats(&mut h.stats, |s| s.depth == 0).await;
+    trigger.trigger();
+    let outbox = task.await.unwrap();
+    assert_eq!(outbox.acked(), 4);
+
+    let mut published = vec![first.seqs.clone()];
+    let mut copies: std::collections::BTreeMap<u64, Vec<serde_json::Value>> = Default::default();
+    for (seq, point) in first.seqs.iter().zip(first.points) {
+        copies.entry(*seq).or_default().push(point);
+    }
+    let mut first_after_outage = None;
+    let mut during_outage = 0;
+    while let Ok(p) = h.log.try_recv() {
+        during_outage += usize::from(p.mode == Mode::Lose);
+        if p.mode == Mode::Ack && first_after_outage.is_none() {
+            first_after_outage = Some(p.seqs[0]);
+        }
+        for (seq, point) in p.seqs.iter().zip(p.points) {
+            copies.entry(*seq).or_default().push(point);
+        }
+        published.push(p.seqs);
+    }
+    assert_eq!(
+        during_outage, 0,
+        "sent while the link was down: {published:?}"
+    );
+    assert_eq!(
+        first_after_outage,
+        Some(1),
+        "resumes at the first unacknowledged point: {published:?}"
+    );
+    for seqs in &published {
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{published:?}");
+    }
+    assert_eq!(copies.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4]);
+    for (seq, points) in copies {
+        assert!(
+            points.iter().all(|p| *p == points[0]),
+            "point {seq} changed between sends: {points:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn shutdown_makes_the_outbox_durable_and_keeps_unacknowledged_points() {
+    let mut h = harness(2);
+    let (samples, rx) = mpsc::channel(8);
+    samples.send(sample(1)).await.unwrap();
+    samples.send(sample(2)).await.unwrap();
+    let (trigger, shutdown) = crate::service::shutdown_channel();
+    let task = tokio::spawn(h.telemetry.run(rx, shutdown));
+    let in_flight = next_publish(&mut h.log).await;
+    assert_eq!(in_flight.seqs, [1, 2]);
+
+    trigger.trigger();
+    let outbox = task.await.unwrap();
+    assert_eq!((outbox.acked(), outbox.last_seq()), (0, 2));
+    drop(outbox);
+    assert!(
+        h.log.try_recv().is_err(),
+        "nothing more is published after shutdown"
+    );
+    // The batch that was in flight goes out with the next run.
+    let (mut reopened, _) = Outbox::open(&h.dir.path().join("outbox"), 1 << 20).unwrap();
+    let seqs: Vec<u64> = reopened
+        .read_after(0, 10, 1 << 20)
+        .unwrap()
+        .iter()
+        .map(|r: &Record| r.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2]);
+}
