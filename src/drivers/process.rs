@@ -1342,11 +1342,40 @@ mod tests {
             })),
         };
         let error = supervisor_for(driver).spawn().unwrap_err().to_string();
-        assert!(
-            error.starts_with("driver sandbox: mounting a tmpfs over state.dir"),
-            "{error}"
-        );
         assert!(error.contains("sandbox = false"), "{error}");
+        // Where user namespaces cannot be made at all (user-mode QEMU, whose own threads make
+        // unshare(CLONE_NEWUSER) fail with EINVAL; a kernel with them disabled), the first step
+        // is the one that fails, and it is named; everywhere else it is the mount.
+        let here = DriverSandbox {
+            hidden_dirs: vec![dir.path().to_owned()],
+            hidden_files: vec![],
+        };
+        let probe = ProcessDriver {
+            name: "probe".into(),
+            command: vec!["true".into()],
+            max_line_bytes: 1024,
+            sandbox: Some(Arc::new(here)),
+        };
+        match supervisor_for(probe).spawn() {
+            Ok(mut child) => {
+                child.wait().await.unwrap();
+                assert!(
+                    error.starts_with("driver sandbox: mounting a tmpfs over state.dir"),
+                    "{error}"
+                );
+            }
+            Err(unavailable) => {
+                let unavailable = unavailable.to_string();
+                assert!(
+                    unavailable.starts_with("driver sandbox: unshare(CLONE_NEWUSER|CLONE_NEWNS)"),
+                    "{unavailable}"
+                );
+                assert!(
+                    error.starts_with("driver sandbox: unshare(CLONE_NEWUSER|CLONE_NEWNS)"),
+                    "{error}"
+                );
+            }
+        }
     }
 
     #[tokio::test]
