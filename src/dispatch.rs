@@ -1,19 +1,22 @@
-//! The inbound side of the agent: one task that owns the authorisation and pairing state and
-//! handles, in order, everything that can change it.
+//! The inbound router: one task that owns the authorisation and pairing state and handles, in
+//! order, everything that can change it.
 //!
-//! broker → link → **dispatch** → auth → commands → reply via link.
+//! broker → link → **router** → auth → command runner → drivers; replies go back via the link.
 //!
 //! A single owner means no locks: trust bundles, owner bindings, commands and `pair` requests
-//! from the control socket are serialised through this task's select loop.
+//! from the control socket are serialised through this task's select loop. The router decides
+//! where a message goes ([`route`]) and hands commands on: to auth, then to the
+//! [`Runner`], which owns a device command from its start to its recorded reply. Under a burst
+//! it sheds commands unread instead, so the link's queue never overflows unanswered.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::auth::{Authorization, Authorizer};
-use crate::commands::{CommandSettings, DeviceRun, Plan};
+use crate::commands::runner::{Completion, Journal, Runner};
+use crate::commands::{CommandSettings, Plan};
 use crate::control::{ControlCall, ControlEvent, ControlRequest};
 use crate::drivers::DriverRegistry;
 use crate::link::{Inbound, LinkState, LinkStatus, Publisher};
@@ -34,11 +37,13 @@ const SHED_AT: usize = crate::link::INBOUND_QUEUE / 2;
 /// `retryAfter` of a shed command, seconds.
 const SHED_RETRY_AFTER: u64 = 1;
 
-pub struct Dispatcher {
+/// What the inbound task is built from (the composition root fills it in).
+pub struct DispatcherParts {
     pub device_id: String,
     pub topics: Topics,
     pub publisher: Publisher,
     pub link: watch::Receiver<LinkStatus>,
+    /// `None` without a `[trust]` section: every command is refused.
     pub authorizer: Option<Authorizer>,
     pub pairing: PairingState,
     pub device_key: SigningKey,
@@ -46,19 +51,79 @@ pub struct Dispatcher {
     pub qr_template: String,
     pub registry: DriverRegistry,
     pub command_settings: CommandSettings,
-    /// Clients following the current pairing session. Never awaited: see [`Watcher`].
-    watchers: Vec<Watcher>,
-    /// The command running on each device, with the way to supersede it.
-    running: HashMap<String, Running>,
-    completions_tx: mpsc::Sender<Completion>,
-    completions_rx: Option<mpsc::Receiver<Completion>>,
-    /// Replies to publish once the link is up (interrupted commands found at start).
-    announcements: Vec<Vec<u8>>,
-    /// The pending pairing request, sent again after a reconnect so the platform has it.
-    pairing_request: Option<Vec<u8>>,
+    /// The command ids the replay journal held at start; those left unanswered by the last
+    /// run are reported `interrupted` once the link is up.
+    pub interrupted: Vec<String>,
     /// The agent's stop: from then on a running device command has no outcome to report
     /// (PROTOCOL 4.6).
-    stop: Shutdown,
+    pub stop: Shutdown,
+}
+
+pub struct Dispatcher {
+    device_id: String,
+    topics: Topics,
+    publisher: Publisher,
+    link: watch::Receiver<LinkStatus>,
+    authorizer: Option<Authorizer>,
+    pairing: PairingState,
+    device_key: SigningKey,
+    qr_template: String,
+    registry: DriverRegistry,
+    command_settings: CommandSettings,
+    /// Clients following the current pairing session. Never awaited: see [`Watcher`].
+    watchers: Vec<Watcher>,
+    /// Device commands, from their start to their recorded reply.
+    runner: Runner,
+    /// The pending pairing request, sent again after a reconnect so the platform has it.
+    pairing_request: Option<Vec<u8>>,
+}
+
+/// Where an inbound message goes. Decided from its topic and the queue behind it alone, so the
+/// overload rule is testable without a broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    TrustBundle,
+    Binding,
+    Command,
+    /// A command refused unread: [`SHED_AT`] or more messages wait behind it.
+    Shed,
+    /// A topic the agent does not subscribe to.
+    Ignored,
+}
+
+/// Routes a message on `topic` with `waiting` more messages queued behind it.
+fn route(topics: &Topics, topic: &str, waiting: usize) -> Route {
+    if topic == Topics::trust_bundle() {
+        Route::TrustBundle
+    } else if topic == topics.pairing_binding() {
+        Route::Binding
+    } else if topic != topics.commands() {
+        Route::Ignored
+    } else if waiting >= SHED_AT {
+        Route::Shed
+    } else {
+        Route::Command
+    }
+}
+
+/// The refusal of a command shed unread because `waiting` more messages are queued behind it.
+/// It carries the command's (unverified) id, when well-formed, so the platform can match it and
+/// retry; it is never recorded in the replay journal, so the retry is judged afresh.
+fn shed_reply(payload: &[u8], gateway_id: &str, waiting: usize) -> Reply {
+    let jti = crate::auth::jws::peek_jti(payload, crate::auth::MAX_ATTESTATION_BYTES);
+    tracing::warn!(
+        command_id = jti.as_deref().unwrap_or("?"),
+        waiting,
+        "gateway busy: command shed unread"
+    );
+    Reply::Refused {
+        command_id: jti,
+        device_id: gateway_id.to_owned(),
+        status: ErrorCode::Unavailable.status(),
+        code: ErrorCode::Unavailable,
+        message: format!("gateway busy: {waiting} messages waiting; command not read, retry"),
+        retry_after: Some(SHED_RETRY_AFTER),
+    }
 }
 
 /// A `pair` client. Its events go into a bounded queue that the control socket drains into the
@@ -108,52 +173,25 @@ impl Watcher {
     }
 }
 
-struct Running {
-    command_id: String,
-    cancel: oneshot::Sender<(ErrorCode, String)>,
-}
-
-/// A device command that finished, from its task back to the dispatcher.
-struct Completion {
-    command_id: String,
-    device_id: String,
-    reply: Vec<u8>,
-}
-
 impl Dispatcher {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        device_id: String,
-        topics: Topics,
-        publisher: Publisher,
-        link: watch::Receiver<LinkStatus>,
-        mut authorizer: Option<Authorizer>,
-        pairing: PairingState,
-        device_key: SigningKey,
-        qr_template: String,
-        registry: DriverRegistry,
-        command_settings: CommandSettings,
-        interrupted: &[String],
-        stop: Shutdown,
-    ) -> Dispatcher {
-        let mut announcements = Vec::new();
+    pub fn new(parts: DispatcherParts) -> Dispatcher {
+        let DispatcherParts {
+            device_id,
+            topics,
+            publisher,
+            link,
+            mut authorizer,
+            pairing,
+            device_key,
+            qr_template,
+            registry,
+            command_settings,
+            interrupted,
+            stop,
+        } = parts;
+        let mut runner = Runner::new(stop);
         if let Some(a) = authorizer.as_mut() {
-            let now = a.now();
-            for (id, issued_at, target) in a.interrupted(interrupted) {
-                let reply = crate::commands::interrupted_reply(
-                    &id,
-                    target.as_deref().unwrap_or(&device_id),
-                    issued_at,
-                    now,
-                )
-                .to_bytes();
-                tracing::warn!(command_id = %id, "command interrupted by the last stop; reporting it failed");
-                a.complete(&id, &reply);
-                announcements.push(reply);
-            }
-        }
-        let (completions_tx, completions_rx) = mpsc::channel(64);
-        if let Some(a) = authorizer.as_mut() {
+            runner.report_interrupted(a, &device_id, &interrupted);
             let b = pairing.binding();
             a.set_pairing(b.reference_id.clone(), b.workspace_id.clone());
         }
@@ -169,12 +207,8 @@ impl Dispatcher {
             registry,
             command_settings,
             watchers: Vec::new(),
-            running: HashMap::new(),
-            completions_tx,
-            completions_rx: Some(completions_rx),
-            announcements,
+            runner,
             pairing_request: None,
-            stop,
         }
     }
 
@@ -192,19 +226,15 @@ impl Dispatcher {
         mut calls: mpsc::Receiver<ControlCall>,
     ) {
         let mut waiting = tokio::time::interval(WAITING_EVERY);
-        let mut completions = self.completions_rx.take().expect("run once");
         let mut devices = self.registry.subscribe();
         let mut link = self.link.clone();
         loop {
             tokio::select! {
                 message = inbound.recv() => match message {
-                    Some(m) if inbound.len() >= SHED_AT && m.topic == self.topics.commands() => {
-                        if !self.shed(&m, inbound.len()).await { return }
-                    }
-                    Some(m) => if !self.on_message(m).await { return },
+                    Some(m) => if !self.on_message(m, inbound.len()).await { return },
                     None => return,
                 },
-                Some(done) = completions.recv() => self.on_completion(done).await,
+                done = self.runner.completed() => self.on_completion(done).await,
                 Some(call) = calls.recv() => self.on_call(call).await,
                 _ = waiting.tick(), if !self.watchers.is_empty() => self.on_waiting_tick(),
                 // After every CONNACK (the broker forgot nothing retained, but a restarted one
@@ -217,7 +247,7 @@ impl Dispatcher {
                         if let Some(request) = self.pairing_request.clone().filter(|_| self.pairing.is_pending(self.now())) {
                             let _ = self.publisher.publish(self.topics.pairing_request(), request, false).await;
                         }
-                        for reply in std::mem::take(&mut self.announcements) {
+                        for reply in self.runner.take_interrupted() {
                             let _ = self.publisher.publish(self.topics.replies(), reply, false).await;
                         }
                     }
@@ -240,87 +270,50 @@ impl Dispatcher {
     }
 
     async fn on_completion(&mut self, done: Completion) {
-        if self
-            .running
-            .get(&done.device_id)
-            .is_some_and(|r| r.command_id == done.command_id)
-        {
-            self.running.remove(&done.device_id);
-        }
-        if let Some(a) = self.authorizer.as_mut() {
-            a.complete(&done.command_id, &done.reply);
-        }
+        let journal = self.authorizer.as_mut().map(|a| a as &mut dyn Journal);
+        let reply = self.runner.finish(done, journal);
         let _ = self
             .publisher
-            .publish(self.topics.replies(), done.reply, false)
+            .publish(self.topics.replies(), reply, false)
             .await;
     }
 
-    /// Starts a device command in its own task, superseding whatever that device was running.
-    fn start_on_device(
-        &mut self,
-        claims: Box<crate::auth::claims::AttestationClaims>,
-        run: DeviceRun,
-    ) {
-        let (cancel_tx, cancel_rx) = oneshot::channel();
-        let device_id = run.device_id.clone();
-        if let Some(previous) = self.running.insert(
-            device_id.clone(),
-            Running {
-                command_id: claims.jti.clone(),
-                cancel: cancel_tx,
-            },
-        ) {
-            tracing::info!(command_id = %previous.command_id, superseded_by = %claims.jti, "command superseded");
-            let _ = previous.cancel.send((
-                ErrorCode::Superseded,
-                format!("superseded by command {}", claims.jti),
-            ));
-        }
-        let completions = self.completions_tx.clone();
-        let stop = self.stop.clone();
-        tokio::spawn(async move {
-            let Some(outcome) = crate::commands::run_on_device(&claims, run, cancel_rx, stop).await
-            else {
-                // Neither answered nor recorded: its replay entry stays "seen, no reply", so the
-                // next start reports it `interrupted` (PROTOCOL 4.6).
-                tracing::warn!(command_id = %claims.jti, device_id = %device_id, "agent stopping: command cut short; it is reported interrupted after the restart");
-                return;
-            };
-            let now = crate::link::unix_now();
-            if let Err((code, message)) = &outcome {
-                tracing::warn!(command_id = %claims.jti, ?code, %message, "command failed");
-            } else {
-                tracing::info!(command_id = %claims.jti, device_id = %device_id, "command succeeded");
+    /// Handles `message`, with `waiting` more queued behind it. Returns false when the link is
+    /// gone for good.
+    async fn on_message(&mut self, message: Inbound, waiting: usize) -> bool {
+        let reply = match route(&self.topics, &message.topic, waiting) {
+            Route::TrustBundle => {
+                if let Some(a) = self.authorizer.as_mut() {
+                    let _ = a.offer_trust_bundle(&message.payload);
+                }
+                return true;
             }
-            let reply = crate::commands::reply_for(&claims, &device_id, now, outcome).to_bytes();
-            let _ = completions
-                .send(Completion {
-                    command_id: claims.jti.clone(),
-                    device_id,
-                    reply,
-                })
-                .await;
-        });
+            Route::Binding => {
+                self.on_binding(&message.payload).await;
+                return true;
+            }
+            Route::Ignored => {
+                tracing::debug!(topic = %message.topic, "message on unexpected topic ignored");
+                return true;
+            }
+            // Verifying costs a signature check and a durable replay record each; a burst
+            // larger than the queue would otherwise overflow it and lose commands unanswered.
+            Route::Shed => shed_reply(&message.payload, &self.device_id, waiting).to_bytes(),
+            Route::Command => match self.on_command(&message.payload) {
+                Some(reply) => reply,
+                None => return true,
+            },
+        };
+        self.publisher
+            .publish(self.topics.replies(), reply, false)
+            .await
+            .is_ok()
     }
 
-    /// Returns false when the link is gone for good.
-    async fn on_message(&mut self, message: Inbound) -> bool {
-        if message.topic == Topics::trust_bundle() {
-            if let Some(a) = self.authorizer.as_mut() {
-                let _ = a.offer_trust_bundle(&message.payload);
-            }
-            return true;
-        }
-        if message.topic == self.topics.pairing_binding() {
-            self.on_binding(&message.payload).await;
-            return true;
-        }
-        if message.topic != self.topics.commands() {
-            tracing::debug!(topic = %message.topic, "message on unexpected topic ignored");
-            return true;
-        }
-        let reply = match self.authorizer.as_mut() {
+    /// Authorises a command and hands it on: the reply to publish now, or `None` when there is
+    /// nothing to say yet (a device command started, or a redelivery of one still running).
+    fn on_command(&mut self, payload: &[u8]) -> Option<Vec<u8>> {
+        Some(match self.authorizer.as_mut() {
             None => Reply::refused(
                 None,
                 &self.device_id,
@@ -328,9 +321,9 @@ impl Dispatcher {
                 "no platform trust root is configured; commands cannot be verified",
             )
             .to_bytes(),
-            Some(a) => match a.authorize(&message.payload) {
+            Some(a) => match a.authorize(payload) {
                 Authorization::Reply(reply) => reply,
-                Authorization::InProgress => return true,
+                Authorization::InProgress => return None,
                 Authorization::Execute(claims) => {
                     let now = a.now();
                     match crate::commands::plan(
@@ -353,43 +346,13 @@ impl Dispatcher {
                             reply
                         }
                         Plan::Device(run) => {
-                            self.start_on_device(claims, run);
-                            return true;
+                            self.runner.start(claims, run);
+                            return None;
                         }
                     }
                 }
             },
-        };
-        self.publisher
-            .publish(self.topics.replies(), reply, false)
-            .await
-            .is_ok()
-    }
-
-    /// Refuses a command unread because `waiting` more messages are queued behind it. Verifying
-    /// costs a signature check and a durable replay record each; a burst larger than the queue
-    /// would otherwise overflow it and lose commands without any answer. The refusal carries
-    /// the command's (unverified) id so the platform can match it and retry; it is never
-    /// recorded in the replay journal, so the retry is judged afresh.
-    async fn shed(&mut self, message: &Inbound, waiting: usize) -> bool {
-        let jti = crate::auth::jws::peek_jti(&message.payload, crate::auth::MAX_ATTESTATION_BYTES);
-        tracing::warn!(
-            command_id = jti.as_deref().unwrap_or("?"),
-            waiting,
-            "gateway busy: command shed unread"
-        );
-        let reply = Reply::Refused {
-            command_id: jti,
-            device_id: self.device_id.clone(),
-            status: ErrorCode::Unavailable.status(),
-            code: ErrorCode::Unavailable,
-            message: format!("gateway busy: {waiting} messages waiting; command not read, retry"),
-            retry_after: Some(SHED_RETRY_AFTER),
-        };
-        self.publisher
-            .publish(self.topics.replies(), reply.to_bytes(), false)
-            .await
-            .is_ok()
+        })
     }
 
     /// `agent:unpair` (server keys only, enforced by the policy): forget the owner.
@@ -539,6 +502,65 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn topics() -> Topics {
+        Topics::new(&crate::device::DeviceId::parse("gw-1").unwrap())
+    }
+
+    #[test]
+    fn a_command_behind_sixteen_waiting_messages_is_shed_unread_with_503() {
+        let topics = topics();
+        assert_eq!(SHED_AT, 16);
+        assert_eq!(route(&topics, &topics.commands(), 15), Route::Command);
+        assert_eq!(route(&topics, &topics.commands(), 16), Route::Shed);
+        assert_eq!(route(&topics, &topics.commands(), 31), Route::Shed);
+
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let payload = br#"{"jti":"cmd_01JDX3WQ4E7Z"}"#;
+        let token = crate::auth::jws::sign(
+            &key,
+            Some("k1"),
+            crate::auth::claims::ATTESTATION_TYP,
+            payload,
+        );
+        let reply: serde_json::Value =
+            serde_json::from_slice(&shed_reply(token.as_bytes(), "gw-1", 16).to_bytes()).unwrap();
+        assert_eq!(reply["type"], "command.refused");
+        assert_eq!(
+            reply["commandId"], "cmd_01JDX3WQ4E7Z",
+            "unverified, but well-formed"
+        );
+        assert_eq!(reply["deviceId"], "gw-1");
+        assert_eq!(reply["status"], 503);
+        assert_eq!(reply["code"], "UNAVAILABLE");
+        assert_eq!(reply["retryAfter"], 1);
+        assert_eq!(
+            reply["message"],
+            "gateway busy: 16 messages waiting; command not read, retry"
+        );
+
+        let garbage: serde_json::Value =
+            serde_json::from_slice(&shed_reply(b"not a token", "gw-1", 20).to_bytes()).unwrap();
+        assert_eq!(garbage["commandId"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn only_commands_are_ever_shed() {
+        let topics = topics();
+        assert_eq!(
+            route(&topics, &Topics::trust_bundle(), 31),
+            Route::TrustBundle
+        );
+        assert_eq!(
+            route(&topics, &topics.pairing_binding(), 31),
+            Route::Binding
+        );
+        assert_eq!(route(&topics, &topics.replies(), 31), Route::Ignored);
+        assert_eq!(
+            route(&topics, "texture/v1/devices/gw-2/commands", 0),
+            Route::Ignored
+        );
+    }
 
     fn waiting(n: u64) -> ControlEvent {
         ControlEvent::Waiting {

@@ -26,12 +26,20 @@ pub enum ErrorCode {
     DeviceNotFound,
     /// 409: a newer command for the same device replaced this one while it ran.
     Superseded,
+    /// 409: the device's driver could not take the command: it has 64 commands unanswered or
+    /// is not reading them. A conflict with the driver's state, not a reason to re-send the same
+    /// attestation (its failure is recorded); mint a new command later.
+    DeviceBusy,
     /// 429: the replay table is full of live entries; retry later.
     RateLimited,
     /// 500: the command could not be carried out.
     CommandFailed,
     /// 503: the device cannot take commands right now (say its state volume fails writes).
     Unavailable,
+    /// 503: the device's driver is not running (between restarts, or it cannot be started).
+    /// Sent as `command.failed` without `retryAfter`: the command id is recorded, so only a new
+    /// command can run once the driver is back.
+    DeviceUnavailable,
     /// 504: the driver did not finish the command within its timeout.
     CommandTimeout,
 }
@@ -45,10 +53,10 @@ impl ErrorCode {
             | ErrorCode::AttestationNotYetValid => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::DeviceNotFound => 404,
-            ErrorCode::Superseded => 409,
+            ErrorCode::Superseded | ErrorCode::DeviceBusy => 409,
             ErrorCode::RateLimited => 429,
             ErrorCode::CommandFailed => 500,
-            ErrorCode::Unavailable => 503,
+            ErrorCode::Unavailable | ErrorCode::DeviceUnavailable => 503,
             ErrorCode::CommandTimeout => 504,
         }
     }
@@ -161,5 +169,18 @@ mod tests {
         assert_eq!(v["status"], 403);
         assert_eq!(v["code"], "FORBIDDEN");
         assert_eq!(v["message"], "nope");
+    }
+
+    #[test]
+    fn driver_failure_codes_have_their_documented_names_and_statuses() {
+        for (code, name, status) in [
+            (ErrorCode::DeviceBusy, "DEVICE_BUSY", 409),
+            (ErrorCode::DeviceUnavailable, "DEVICE_UNAVAILABLE", 503),
+            (ErrorCode::CommandFailed, "COMMAND_FAILED", 500),
+            (ErrorCode::CommandTimeout, "COMMAND_TIMEOUT", 504),
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), name);
+            assert_eq!(code.status(), status, "{name}");
+        }
     }
 }

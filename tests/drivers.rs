@@ -72,7 +72,7 @@ impl Harness {
         device_id: &str,
         slug: &str,
         input: serde_json::Value,
-    ) -> oneshot::Receiver<Result<serde_json::Value, String>> {
+    ) -> oneshot::Receiver<Result<serde_json::Value, CommandFailure>> {
         let (done, outcome) = oneshot::channel();
         let command = DriverCommand {
             command_id: command_id.into(),
@@ -230,7 +230,7 @@ async fn driver_dying_mid_command_fails_that_command() {
         .await
         .expect("the command was left hanging after its driver died");
     match answer {
-        Ok(Err(reason)) => assert_eq!(reason, CommandFailure::DriverExited.to_string()),
+        Ok(Err(reason)) => assert_eq!(reason, CommandFailure::DriverExited),
         Err(_dropped) => {}
         Ok(Ok(value)) => panic!("a dead driver's command succeeded: {value}"),
     }
@@ -316,10 +316,7 @@ async fn at_shutdown_the_driver_is_told_to_cancel_and_its_stdin_ends() {
         took < texture_agent::drivers::STOP_GRACE,
         "a driver that exits at the end of its stdin is not held for the grace: {took:?}"
     );
-    assert_eq!(
-        outcome.await,
-        Ok(Err(CommandFailure::ShuttingDown.to_string()))
-    );
+    assert_eq!(outcome.await, Ok(Err(CommandFailure::ShuttingDown)));
 }
 
 /// A driver that does not exit when its stdin ends is killed once the stop grace is over.
@@ -368,6 +365,7 @@ async fn commands_without_a_running_driver_are_refused() {
         .command("c1", "dev-1", "battery:set-reserve", json!({}))
         .await;
     let answer = timeout(PATIENCE, outcome).await.expect("no answer in time");
+    let answer = answer.map(|outcome| outcome.map_err(|failure| failure.to_string()));
     assert_eq!(answer, Ok(Err("driver not running".to_string())));
     assert_eq!(h.stats.spawns.load(Ordering::Relaxed), 0);
     h.stop().await;
@@ -927,10 +925,7 @@ async fn a_driver_whose_sandbox_fails_is_not_run_unconfined() {
         .await
         .unwrap();
     let answer = timeout(PATIENCE, outcome).await.expect("no answer in time");
-    assert_eq!(
-        answer,
-        Ok(Err(CommandFailure::DriverNotRunning.to_string()))
-    );
+    assert_eq!(answer, Ok(Err(CommandFailure::DriverNotRunning)));
     // The command was refused between attempts, so one attempt to start the driver is over.
     assert!(!marker.exists(), "the driver ran without its sandbox");
     assert_eq!(stats.spawns.load(Ordering::Relaxed), 0);

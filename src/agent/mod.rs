@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::auth::{Authorizer, AuthorizerConfig};
 use crate::config::Settings;
 use crate::control::ControlCall;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, DispatcherParts};
 use crate::link::{Link, LinkStatus};
 use crate::outbox::{Outbox, OutboxStats};
 use crate::pairing::PairingState;
@@ -145,20 +145,20 @@ impl Agent {
         let telemetry = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
         // Inbound path: link → dispatch → auth → commands → drivers → reply via link.
         let inbound = link.take_inbound().expect("inbound taken once");
-        let dispatcher = Dispatcher::new(
-            settings.device.id.to_string(),
-            link.topics().clone(),
-            link.publisher(),
-            link.status(),
-            state.authorizer,
-            state.pairing,
-            state.device_key,
-            settings.pairing.qr_uri.clone(),
+        let dispatcher = Dispatcher::new(DispatcherParts {
+            device_id: settings.device.id.to_string(),
+            topics: link.topics().clone(),
+            publisher: link.publisher(),
+            link: link.status(),
+            authorizer: state.authorizer,
+            pairing: state.pairing,
+            device_key: state.device_key,
+            qr_template: settings.pairing.qr_uri.clone(),
             registry,
-            settings.commands.clone(),
-            &state.interrupted,
-            shutdown,
-        );
+            command_settings: settings.commands.clone(),
+            interrupted: state.interrupted,
+            stop: shutdown,
+        });
         let dispatcher = tokio::spawn(dispatcher.run(inbound, calls));
         Ok(Agent {
             link,

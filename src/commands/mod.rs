@@ -1,28 +1,24 @@
-//! Running authorised commands: auth → **commands** → drivers → reply.
+//! Authorised commands: auth → **commands** → drivers → reply.
 //!
 //! [`plan`] turns an authorised attestation into what must happen: an immediate reply (the
 //! agent's own `agent:*` commands, or a validation failure naming the field), unpairing (done by
-//! the dispatcher, which owns the pairing state), or a run on a device's driver. [`run_on_device`]
-//! carries out the last kind with a timeout and a cancellation channel.
-//!
-//! **Concurrency.** At most one command runs per device. A newer command for a device
-//! *supersedes* the running one, which fails with `SUPERSEDED`: that is what peer platforms do,
-//! and it matches intent (the latest instruction wins) without an unbounded queue. Commands for
-//! different devices run in parallel.
+//! the dispatcher, which owns the pairing state), or a run on a device's driver. The
+//! [`runner`] carries out the last kind: one command per device, supersession, the timeout,
+//! the reply and its record in the replay journal, and the interrupted report after a restart.
 
 pub mod catalog;
+pub(crate) mod runner;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::auth::claims::AttestationClaims;
 use crate::drivers::{DriverCommand, DriverRegistry};
 use crate::reply::{rfc3339, ErrorCode, FailedError, Reply};
-use crate::service::Shutdown;
 use catalog::Slug;
 
 /// `[commands]` settings.
@@ -154,61 +150,6 @@ pub fn plan(
     }
 }
 
-/// Runs a planned device command to its end: the driver's answer, the timeout, or a
-/// cancellation (`cancel` carries the reason, e.g. a superseding command's id). Dropping the
-/// driver's answer channel on timeout or cancellation is what tells the driver to cancel.
-///
-/// `None` when the agent began to stop (`stop`) before the command ended. A stop is not an
-/// outcome of the command: whatever the driver does while the agent stops (it is told to
-/// cancel, then stopped) is not reported, so the command's replay entry stays "seen, no reply"
-/// and the next start answers it `interrupted` (PROTOCOL 4.6). The stop is checked first, so a
-/// failure caused by the stop itself (the driver's channel closing as it is stopped) is never
-/// mistaken for the command's outcome.
-pub async fn run_on_device(
-    claims: &AttestationClaims,
-    run: DeviceRun,
-    cancel: oneshot::Receiver<(ErrorCode, String)>,
-    mut stop: Shutdown,
-) -> Option<Result<Value, (ErrorCode, String)>> {
-    let (done, answer) = oneshot::channel();
-    let command = DriverCommand {
-        command_id: claims.jti.clone(),
-        device_id: run.device_id.clone(),
-        slug: claims.command.slug.clone(),
-        input: run.input,
-        done,
-    };
-    let work = async {
-        run.route.send(command).await.map_err(|_| {
-            (
-                ErrorCode::CommandFailed,
-                "driver is not running".to_string(),
-            )
-        })?;
-        match answer.await {
-            Ok(Ok(result)) => Ok(result),
-            Ok(Err(reason)) => Err((ErrorCode::CommandFailed, reason)),
-            Err(_) => Err((
-                ErrorCode::CommandFailed,
-                "driver exited before answering".to_string(),
-            )),
-        }
-    };
-    let outcome = tokio::select! {
-        biased;
-        () = stop.wait() => return None,
-        outcome = work => outcome,
-        _ = tokio::time::sleep(run.timeout) => Err((
-            ErrorCode::CommandTimeout,
-            format!("timed out after {} s; the driver was told to cancel", run.timeout.as_secs()),
-        )),
-        Ok(reason) = cancel => Err(reason),
-    };
-    // An outcome that became ready in the same instant as the stop (the driver's channel closed
-    // because the stop is tearing it down) belongs to the stop, not to the command.
-    (!stop.is_triggered()).then_some(outcome)
-}
-
 /// The reply for a command that ran (or could not), shaped like the platform's
 /// `command.succeeded` / `command.failed` events.
 pub fn reply_for(
@@ -234,21 +175,6 @@ pub fn reply_for(
             executed_at,
             status: code.status(),
             error: FailedError { code, message },
-        },
-    }
-}
-
-/// The reply for a command found interrupted by a restart.
-pub fn interrupted_reply(command_id: &str, device_id: &str, issued_at: u64, now: u64) -> Reply {
-    Reply::Failed {
-        command_id: command_id.to_owned(),
-        device_id: device_id.to_owned(),
-        issued_at: rfc3339(issued_at),
-        executed_at: rfc3339(now),
-        status: ErrorCode::CommandFailed.status(),
-        error: FailedError {
-            code: ErrorCode::CommandFailed,
-            message: "interrupted: the agent stopped while the command was running".into(),
         },
     }
 }

@@ -1,6 +1,6 @@
 //! Drivers: where device state comes from and where commands go.
 //!
-//! drivers → telemetry → outbox → link (state), and dispatch → commands → drivers (commands).
+//! drivers → telemetry → outbox → link (state), and the command runner → drivers (commands).
 //!
 //! Two kinds: [`sim`] devices built into the agent (deterministic given a seed, for the demo
 //! and tests), and external [`process`] drivers that integrators write in any language and that
@@ -42,8 +42,33 @@ pub struct DriverCommand {
     pub device_id: String,
     pub slug: String,
     pub input: serde_json::Map<String, serde_json::Value>,
-    /// `Ok(result)` or `Err(reason)`; dropping it without an answer means the driver died.
-    pub done: oneshot::Sender<Result<serde_json::Value, String>>,
+    /// `Ok(result)` or why it failed; dropping it without an answer means the driver died.
+    pub done: oneshot::Sender<Result<serde_json::Value, CommandFailure>>,
+}
+
+/// Why a driver command failed. Kept typed up to the reply, where the command runner gives each
+/// kind its error code (docs/PROTOCOL.md 4.4): a driver that is busy or not running is told
+/// apart from one that tried and failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandFailure {
+    /// The driver answered the command with failure; its reason, as the driver gave it.
+    #[error("{0}")]
+    Reported(String),
+    /// The driver exited (or closed its stdout) before answering.
+    #[error("driver exited")]
+    DriverExited,
+    /// No driver process is running: it is between restarts or cannot be started.
+    #[error("driver not running")]
+    DriverNotRunning,
+    /// The driver is not reading its stdin, or has 64 commands unanswered.
+    #[error("driver busy")]
+    DriverBusy,
+    /// A command with the same id is already in flight at this driver.
+    #[error("duplicate command id")]
+    DuplicateCommandId,
+    /// The agent is stopping.
+    #[error("agent shutting down")]
+    ShuttingDown,
 }
 
 /// One `[[drivers]]` entry in the configuration.

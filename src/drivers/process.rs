@@ -89,26 +89,8 @@ const STDERR_DRAIN: Duration = Duration::from_secs(1);
 /// Longest parse-error reason logged; serde's messages can quote the offending value.
 const REASON_CHARS: usize = 160;
 
-/// Why the agent failed a command on the driver's behalf. Sent as the `Err` text of
-/// [`DriverCommand::done`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum CommandFailure {
-    /// The driver exited (or closed its stdout) before answering.
-    #[error("driver exited")]
-    DriverExited,
-    /// No driver process is running: it is between restarts or cannot be started.
-    #[error("driver not running")]
-    DriverNotRunning,
-    /// The driver is not reading its stdin, or has [`MAX_IN_FLIGHT`] commands unanswered.
-    #[error("driver busy")]
-    DriverBusy,
-    /// A command with the same id is already in flight at this driver.
-    #[error("duplicate command id")]
-    DuplicateCommandId,
-    /// The agent is stopping.
-    #[error("agent shutting down")]
-    ShuttingDown,
-}
+/// Why the agent failed a command on the driver's behalf (or the driver reported failure).
+pub use super::CommandFailure;
 
 /// Counters for one driver, shared with whoever reports health. Monotonic since the agent
 /// started; read them with `load(Ordering::Relaxed)`.
@@ -566,11 +548,11 @@ unsafe fn write_proc(path: &std::ffi::CStr, data: &[u8]) -> libc::c_int {
 }
 
 /// The answer channel of a command sent to the driver.
-type Answer = oneshot::Sender<Result<Value, String>>;
+type Answer = oneshot::Sender<Result<Value, CommandFailure>>;
 
 fn fail(answer: Answer, failure: CommandFailure) {
     // The caller may have stopped waiting; then there is nobody to tell.
-    let _ = answer.send(Err(failure.to_string()));
+    let _ = answer.send(Err(failure));
 }
 
 /// The supervision loop's state, alive for as long as the driver is configured.
@@ -856,7 +838,7 @@ impl Supervisor {
                 outcome,
             }) => match in_flight.remove(&command_id) {
                 Some(answer) => {
-                    let _ = answer.send(outcome);
+                    let _ = answer.send(outcome.map_err(CommandFailure::Reported));
                 }
                 None => tracing::warn!(
                     driver = %self.driver.name,

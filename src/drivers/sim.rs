@@ -264,7 +264,7 @@ pub async fn run(
             }
             Some(command) = commands.recv() => {
                 let outcome = device.apply(&command.slug, &command.input);
-                let _ = command.done.send(outcome);
+                let _ = command.done.send(outcome.map_err(super::CommandFailure::Reported));
             }
         }
     }
