@@ -23,7 +23,7 @@ use crate::link::{Inbound, LinkState, LinkStatus, Publisher};
 use crate::pairing::PairingState;
 use crate::reply::{ErrorCode, Reply};
 use crate::service::Shutdown;
-use crate::topics::Topics;
+use crate::topics::{InboundTopic, Topics};
 
 /// How often a pairing client is told the session is still waiting.
 const WAITING_EVERY: Duration = Duration::from_secs(5);
@@ -78,8 +78,8 @@ pub struct Dispatcher {
     pairing_request: Option<Vec<u8>>,
 }
 
-/// Where an inbound message goes. Decided from its topic and the queue behind it alone, so the
-/// overload rule is testable without a broker.
+/// Where an inbound message goes. Decided from its topic's kind (parsed once by the link) and
+/// the queue behind it alone, so the overload rule is testable without a broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     TrustBundle,
@@ -91,18 +91,14 @@ enum Route {
     Ignored,
 }
 
-/// Routes a message on `topic` with `waiting` more messages queued behind it.
-fn route(topics: &Topics, topic: &str, waiting: usize) -> Route {
-    if topic == Topics::trust_bundle() {
-        Route::TrustBundle
-    } else if topic == topics.pairing_binding() {
-        Route::Binding
-    } else if topic != topics.commands() {
-        Route::Ignored
-    } else if waiting >= SHED_AT {
-        Route::Shed
-    } else {
-        Route::Command
+/// Routes a message on a topic of `kind` with `waiting` more messages queued behind it.
+fn route(kind: Option<InboundTopic>, waiting: usize) -> Route {
+    match kind {
+        Some(InboundTopic::TrustBundle) => Route::TrustBundle,
+        Some(InboundTopic::PairingBinding) => Route::Binding,
+        Some(InboundTopic::Commands) if waiting >= SHED_AT => Route::Shed,
+        Some(InboundTopic::Commands) => Route::Command,
+        None => Route::Ignored,
     }
 }
 
@@ -281,7 +277,7 @@ impl Dispatcher {
     /// Handles `message`, with `waiting` more queued behind it. Returns false when the link is
     /// gone for good.
     async fn on_message(&mut self, message: Inbound, waiting: usize) -> bool {
-        let reply = match route(&self.topics, &message.topic, waiting) {
+        let reply = match route(message.kind, waiting) {
             Route::TrustBundle => {
                 if let Some(a) = self.authorizer.as_mut() {
                     let _ = a.offer_trust_bundle(&message.payload);
@@ -503,17 +499,13 @@ impl Dispatcher {
 mod tests {
     use super::*;
 
-    fn topics() -> Topics {
-        Topics::new(&crate::device::DeviceId::parse("gw-1").unwrap())
-    }
-
     #[test]
     fn a_command_behind_sixteen_waiting_messages_is_shed_unread_with_503() {
-        let topics = topics();
+        let commands = Some(InboundTopic::Commands);
         assert_eq!(SHED_AT, 16);
-        assert_eq!(route(&topics, &topics.commands(), 15), Route::Command);
-        assert_eq!(route(&topics, &topics.commands(), 16), Route::Shed);
-        assert_eq!(route(&topics, &topics.commands(), 31), Route::Shed);
+        assert_eq!(route(commands, 15), Route::Command);
+        assert_eq!(route(commands, 16), Route::Shed);
+        assert_eq!(route(commands, 31), Route::Shed);
 
         let key = SigningKey::from_bytes(&[7; 32]);
         let payload = br#"{"jti":"cmd_01JDX3WQ4E7Z"}"#;
@@ -546,20 +538,16 @@ mod tests {
 
     #[test]
     fn only_commands_are_ever_shed() {
-        let topics = topics();
+        let full = crate::link::INBOUND_QUEUE - 1;
         assert_eq!(
-            route(&topics, &Topics::trust_bundle(), 31),
+            route(Some(InboundTopic::TrustBundle), full),
             Route::TrustBundle
         );
         assert_eq!(
-            route(&topics, &topics.pairing_binding(), 31),
+            route(Some(InboundTopic::PairingBinding), full),
             Route::Binding
         );
-        assert_eq!(route(&topics, &topics.replies(), 31), Route::Ignored);
-        assert_eq!(
-            route(&topics, "texture/v1/devices/gw-2/commands", 0),
-            Route::Ignored
-        );
+        assert_eq!(route(None, 0), Route::Ignored);
     }
 
     fn waiting(n: u64) -> ControlEvent {
