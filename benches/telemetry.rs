@@ -89,7 +89,13 @@ async fn agent_path(pki: &Pki, port: u16, points: u64) -> (f64, u64, u64, f64) {
         .unwrap();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let (outbox, _) = Outbox::open(dir.path(), settings.telemetry.outbox_max_bytes).unwrap();
-    let (telemetry, mut stats) = Telemetry::new(&settings, &link, outbox, dir.path());
+    let (telemetry, mut stats) = Telemetry::new(
+        settings.device.id.as_str(),
+        &settings.telemetry,
+        &link,
+        outbox,
+        dir.path(),
+    );
     let (tx, rx) = mpsc::channel(texture_agent::drivers::SAMPLE_QUEUE);
     let task = tokio::spawn(telemetry.run(rx, shutdown));
     let states = states();

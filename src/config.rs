@@ -34,7 +34,7 @@ pub struct Settings {
     #[serde(default)]
     pub pairing: PairingSettings,
     #[serde(default)]
-    pub telemetry: crate::telemetry::TelemetrySettings,
+    pub telemetry: crate::telemetry::settings::TelemetrySettings,
     #[serde(default)]
     pub commands: crate::commands::CommandSettings,
     /// The devices behind this gateway, one `[[drivers]]` table each.

@@ -139,8 +139,13 @@ impl Agent {
         let (registry, driver_health, drivers) =
             crate::drivers::start(&settings.drivers, &sandbox, &samples_tx, &shutdown);
         drop(samples_tx);
-        let (telemetry, outbox_stats) =
-            Telemetry::new(settings, &link, state.outbox, &settings.state.dir);
+        let (telemetry, outbox_stats) = Telemetry::new(
+            settings.device.id.as_str(),
+            &settings.telemetry,
+            &link,
+            state.outbox,
+            &settings.state.dir,
+        );
         let telemetry = telemetry.with_driver_health(driver_health);
         let telemetry = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
         // Inbound path: link → dispatch → auth → commands → drivers → reply via link.

@@ -16,7 +16,7 @@
 pub mod health;
 pub mod model;
 mod points;
-mod settings;
+pub mod settings;
 mod uplink;
 
 use std::future::Future;
@@ -83,22 +83,25 @@ pub struct Telemetry<P = Publisher> {
 }
 
 impl Telemetry {
-    /// Wires the telemetry task to `link` as the daemon does, with health figures taken for
-    /// `state_dir`'s filesystem. Also returns the feed of outbox figures.
+    /// Wires the telemetry task of gateway `gateway_id` to `link` as the daemon does, with
+    /// health figures taken for `state_dir`'s filesystem. Also returns the feed of outbox
+    /// figures. It takes its own `[telemetry]` section, not the whole configuration, so that
+    /// `config` (which holds that section's type) and `telemetry` do not import each other.
     pub fn new(
-        settings: &crate::config::Settings,
+        gateway_id: &str,
+        settings: &TelemetrySettings,
         link: &crate::link::Link,
         outbox: Outbox,
         state_dir: &std::path::Path,
     ) -> (Telemetry, watch::Receiver<OutboxStats>) {
         let (stats, stats_rx) = watch::channel(outbox.stats());
         let telemetry = Telemetry {
-            gateway_id: settings.device.id.to_string(),
+            gateway_id: gateway_id.to_owned(),
             topics: link.topics().clone(),
             publisher: link.publisher(),
             link: link.status(),
             outbox,
-            settings: settings.telemetry.clone(),
+            settings: settings.clone(),
             health: health::HealthProbe {
                 state_dir: state_dir.to_owned(),
                 drivers: Vec::new(),
