@@ -424,22 +424,18 @@ impl Authorizer {
         let verdict = decide(token, &ctx, &self.replay);
         // A verified id refused before gets that refusal again, even if pairing or trust changed
         // in between (best effort: the cache may have forgotten it, and then it is judged anew).
-        let earlier_refusal = match &verdict {
+        let verified = match &verdict {
             Verdict::Allow(c)
             | Verdict::Refuse {
                 claims: Some(c), ..
-            } => self.refusals.get(&c.jti).map(<[u8]>::to_vec),
+            } => Some(c),
             _ => None,
         };
-        if let Some(reply) = earlier_refusal {
-            if let Verdict::Allow(c)
-            | Verdict::Refuse {
-                claims: Some(c), ..
-            } = &verdict
-            {
+        if let Some(c) = verified {
+            if let Some(reply) = self.refusals.get(&c.jti) {
                 audit(Some(c), "duplicate", "command id refused before");
+                return Authorization::Reply(reply.to_vec());
             }
-            return Authorization::Reply(reply);
         }
         match verdict {
             Verdict::Allow(claims) => {
