@@ -64,8 +64,14 @@ async fn a_restart_with_the_clock_ahead_does_not_let_the_broker_replay_an_execut
     let signer = PlatformSigner::generate("platform-1");
     let replies = device_topic(GATEWAY, "replies");
     let capabilities = device_topic(GATEWAY, "capabilities");
-    let mut peer =
-        common::platform_peer(&pki, broker.port, &signer, &[&replies, &capabilities]).await;
+    let status = device_topic(GATEWAY, "status");
+    let mut peer = common::platform_peer(
+        &pki,
+        broker.port,
+        &signer,
+        &[&replies, &capabilities, &status],
+    )
+    .await;
     let script = pki.path().join("counting_driver.py");
     std::fs::write(&script, COUNTING_DRIVER).unwrap();
     let driver_log = pki.path().join("commands.log");
@@ -95,8 +101,19 @@ async fn a_restart_with_the_clock_ahead_does_not_let_the_broker_replay_an_execut
     let commands = device_topic(GATEWAY, "commands");
     let is_reply = |m: &common::Seen| m.json()["commandId"] == "cmd-once";
 
+    // The birth of a run whose clock is right. It follows the run's subscriptions on the same
+    // connection, so once the platform sees it, a command published next is delivered.
+    let birth = |m: &common::Seen| {
+        let v = m.json();
+        v["state"] == "online"
+            && v["at"]
+                .as_u64()
+                .is_some_and(|at| at < common::unix_now() + 3_600)
+    };
+
     // 1. The command runs once, with the clock right.
     let agent = Agent::spawn(&config);
+    peer.expect(&status, WAIT, birth).await;
     // The driver's first state line makes the device known (and advertised) before the
     // command arrives.
     peer.expect(&capabilities, WAIT, |m| {
@@ -135,9 +152,11 @@ async fn a_restart_with_the_clock_ahead_does_not_let_the_broker_replay_an_execut
     );
     stop(ahead);
 
-    // 3. The clock is corrected, and 4. the broker redelivers the command.
+    // 3. The clock is corrected, and 4. the broker redelivers the command, after this run's
+    // birth (the births seen so far are the first run's and the run ahead's).
+    peer.forget(&status);
     let agent = Agent::spawn(&config);
-    agent.wait_for_log("connected", WAIT);
+    peer.expect(&status, WAIT, birth).await;
     peer.publish(&commands, token.clone().into_bytes(), false)
         .await;
     let again = peer.expect(&replies, WAIT, is_reply).await;

@@ -610,6 +610,15 @@ impl Peer {
     }
 
     /// Collects everything that arrives on `topic` during `window`.
+    /// Forgets every message on `topic` received so far, so that the next [`Peer::expect`] on
+    /// it sees only later ones.
+    pub fn forget(&mut self, topic: &str) {
+        while let Ok(seen) = self.rx.try_recv() {
+            self.backlog.push_back(seen);
+        }
+        self.backlog.retain(|m| m.topic != topic);
+    }
+
     pub async fn collect(&mut self, topic: &str, window: Duration) -> Vec<Seen> {
         let deadline = tokio::time::Instant::now() + window;
         let (mut out, rest): (Vec<Seen>, Vec<Seen>) =
