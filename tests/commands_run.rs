@@ -112,11 +112,19 @@ impl Bed {
         }
     }
 
-    /// Starts the agent and waits until its retained capabilities list every device.
+    /// Starts the agent and waits for its birth and until its retained capabilities list every
+    /// device.
     async fn start_agent(&mut self) -> Agent {
-        // The retained trust bundle is delivered on subscription, so it is handled before any
-        // command published after the capabilities below arrive.
+        // The birth is published after the subscriptions, on the same connection, so a command
+        // published once it has arrived is delivered (capabilities alone do not prove that: they
+        // may be queued before the subscriptions, and a restart finds the last run's retained).
+        // The retained trust bundle is delivered on subscription, so it is handled first too.
+        let status = device_topic(GATEWAY, "status");
+        self.peer.forget(&status);
         let agent = Agent::spawn(&self.config);
+        self.peer
+            .expect(&status, WAIT, |m| m.json()["state"] == "online")
+            .await;
         let wanted = ["bat-1", "slow-1", "slow-2", "bat-ext-1"];
         self.peer
             .expect(&device_topic(GATEWAY, "capabilities"), WAIT, |m| {
