@@ -16,10 +16,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use criterion::{criterion_group, Criterion};
 use ed25519_dalek::{Signature, VerifyingKey};
-use texture_agent::auth::replay::ReplayWindow;
-use texture_agent::auth::trust::TrustStore;
-use texture_agent::auth::{decide, Context, Verdict};
-use texture_agent::platform::{ApiKey, PlatformSigner};
+use texture_agent::inbound::auth::replay::ReplayWindow;
+use texture_agent::inbound::auth::trust::TrustStore;
+use texture_agent::inbound::auth::{decide, Context, Verdict};
+use texture_agent::sim::platform::{ApiKey, PlatformSigner};
 
 const DEVICE: &str = "gw-bench";
 const WORKSPACE: &str = "ws-bench";
@@ -35,7 +35,8 @@ fn benches(c: &mut Criterion) {
     let signer = PlatformSigner::from_seeds([1; 32], "platform-1", [2; 32]);
     let dir = tempfile::tempdir().unwrap();
     let root: VerifyingKey =
-        texture_agent::auth::jws::public_key_from_base64(&signer.root_public_key()).unwrap();
+        texture_agent::inbound::auth::jws::public_key_from_base64(&signer.root_public_key())
+            .unwrap();
     let mut trust = TrustStore::open(root, &signer.issuer, dir.path());
     trust
         .offer(

@@ -18,8 +18,8 @@
 
 use std::time::{Duration, Instant};
 
-use texture_agent::outbox::{Outbox, HEADER_BYTES};
-use texture_agent::telemetry::model::DeviceType;
+use texture_agent::model::device::DeviceType;
+use texture_agent::telemetry::outbox::{Outbox, HEADER_BYTES};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)

@@ -38,9 +38,9 @@ use common::{device_topic, Agent, AgentConfig, Mosquitto, Pki};
 use texture_agent::config::Settings;
 use texture_agent::drivers::Sample;
 use texture_agent::link::{Link, LinkState};
-use texture_agent::outbox::{Outbox, Record};
-use texture_agent::platform::{ApiKey, PlatformSigner};
-use texture_agent::telemetry::model::{DeviceState, DeviceType};
+use texture_agent::model::device::{DeviceState, DeviceType};
+use texture_agent::sim::platform::{ApiKey, PlatformSigner};
+use texture_agent::telemetry::outbox::{Outbox, Record};
 use texture_agent::telemetry::{batch_message, encode_state, Telemetry};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -80,8 +80,9 @@ fn settings(pki: &Pki, port: u16, device: &str) -> Settings {
 /// Phase 1: points/s through `Telemetry` + outbox + `Link`.
 async fn agent_path(pki: &Pki, port: u16, points: u64) -> (f64, u64, u64, f64) {
     let settings = settings(pki, port, "gw-bench");
-    let (trigger, shutdown) = texture_agent::service::shutdown_channel();
-    let link = Link::start(&settings, shutdown.clone()).unwrap();
+    let (trigger, shutdown) = texture_agent::agent::service::shutdown_channel();
+    let clock = texture_agent::model::clock::Clock::system();
+    let link = Link::start(&settings, shutdown.clone(), clock.clone()).unwrap();
     let mut status = link.status();
     status
         .wait_for(|s| s.state == LinkState::Connected)
@@ -95,6 +96,7 @@ async fn agent_path(pki: &Pki, port: u16, points: u64) -> (f64, u64, u64, f64) {
         &link,
         outbox,
         dir.path(),
+        clock,
     );
     let (tx, rx) = mpsc::channel(texture_agent::drivers::SAMPLE_QUEUE);
     let task = tokio::spawn(telemetry.run(rx, shutdown));
@@ -180,7 +182,7 @@ async fn raw_path(
     let states = states();
     // The points of messages `from..to`, encoded and batched as the agent does.
     let build = move |seqs: std::ops::Range<u64>| -> Vec<u8> {
-        let ts = texture_agent::telemetry::unix_millis();
+        let ts = texture_agent::model::clock::system_millis();
         let records: Vec<Record> = seqs
             .map(|seq| {
                 let (device_id, state) = &states[seq as usize % states.len()];

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::agent::status;
 use crate::config::{self, Settings, DEFAULT_CONFIG_PATH};
-use crate::status;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -133,8 +133,11 @@ fn show_status(path: &std::path::Path) -> ExitCode {
     };
     println!("device:      {}", settings.device.id);
     println!("state dir:   {}", settings.state.dir.display());
-    match crate::pairing::PairingState::open(&settings.state.dir, settings.device.id.as_str(), 600)
-    {
+    match crate::inbound::pairing::PairingState::open(
+        &settings.state.dir,
+        settings.device.id.as_str(),
+        600,
+    ) {
         Ok(p) => {
             let b = p.binding();
             match &b.reference_id {
@@ -142,7 +145,7 @@ fn show_status(path: &std::path::Path) -> ExitCode {
                     "pairing:     paired to {} (binding version {}, issued {})",
                     printable(owner),
                     b.version,
-                    crate::reply::rfc3339(b.issued_at)
+                    crate::inbound::reply::rfc3339(b.issued_at)
                 ),
                 None if b.version > 0 => {
                     println!("pairing:     unpaired (binding version {})", b.version)
@@ -154,15 +157,18 @@ fn show_status(path: &std::path::Path) -> ExitCode {
     }
     match &settings.trust {
         None => println!("trust:       not configured ([trust] section missing)"),
-        Some(t) => match crate::auth::jws::public_key_from_base64(&t.root_public_key) {
+        Some(t) => match crate::inbound::auth::jws::public_key_from_base64(&t.root_public_key) {
             Ok(root) => {
-                let store =
-                    crate::auth::trust::TrustStore::open(root, &t.issuer, &settings.state.dir);
+                let store = crate::inbound::auth::trust::TrustStore::open(
+                    root,
+                    &t.issuer,
+                    &settings.state.dir,
+                );
                 match store.current() {
                     Some(bundle) => println!(
                         "trust:       bundle version {} (expires {}), keys: {}",
                         bundle.version,
-                        crate::reply::rfc3339(bundle.expires_at),
+                        crate::inbound::reply::rfc3339(bundle.expires_at),
                         {
                             let mut kids: Vec<_> = bundle.key_ids().collect();
                             kids.sort();
@@ -205,7 +211,7 @@ fn show_status(path: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn print_outbox(outbox: Option<&crate::outbox::OutboxStats>) {
+fn print_outbox(outbox: Option<&crate::telemetry::outbox::OutboxStats>) {
     if let Some(o) = outbox {
         println!(
             "outbox:      {} points waiting ({} bytes), {} dropped since install, next seq {}",
@@ -249,7 +255,7 @@ fn pair(path: &std::path::Path) -> ExitCode {
     use std::io::{BufRead, BufReader, IsTerminal, Write};
     use std::os::unix::net::UnixStream;
 
-    use crate::control::{socket_path, ControlEvent, ControlRequest};
+    use crate::inbound::pairing::control::{socket_path, ControlEvent, ControlRequest};
 
     let Some(settings) = load_or_report(path) else {
         return ExitCode::FAILURE;
@@ -300,7 +306,10 @@ fn pair(path: &std::path::Path) -> ExitCode {
                     ),
                     Err(error) => println!("(no QR code: {error})"),
                 }
-                println!("The code expires at {}.", crate::reply::rfc3339(expires_at));
+                println!(
+                    "The code expires at {}.",
+                    crate::inbound::reply::rfc3339(expires_at)
+                );
             }
             ControlEvent::Waiting {
                 remaining_secs,
@@ -358,13 +367,13 @@ fn run(path: &std::path::Path) -> ExitCode {
     let Some(settings) = load_or_report(path) else {
         return ExitCode::FAILURE;
     };
-    crate::logging::init(&settings.log);
+    crate::agent::logging::init(&settings.log);
     // One thread: the agent's work is I/O-bound and small, a single thread keeps memory low,
     // and it makes the systemd watchdog meaningful (a wedged thread stops the pings).
     let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
         return ExitCode::FAILURE;
     };
-    match runtime.block_on(crate::daemon::run(settings)) {
+    match runtime.block_on(crate::agent::run::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "texture-agent failed");

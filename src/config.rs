@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::DeviceId;
+use crate::model::gateway::GatewayId;
 
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/texture-agent/agent.toml";
@@ -36,7 +36,7 @@ pub struct Settings {
     #[serde(default)]
     pub telemetry: crate::telemetry::settings::TelemetrySettings,
     #[serde(default)]
-    pub commands: crate::commands::CommandSettings,
+    pub commands: crate::inbound::commands::CommandSettings,
     /// The devices behind this gateway, one `[[drivers]]` table each.
     #[serde(default)]
     pub drivers: Vec<crate::drivers::DriverSettings>,
@@ -106,7 +106,7 @@ fn default_replay_capacity() -> usize {
 pub struct DeviceSettings {
     /// The gateway's id on the platform. It is also the MQTT client id and the name of the
     /// device's topic subtree, so it is restricted to characters that are safe in both.
-    pub id: DeviceId,
+    pub id: GatewayId,
     /// The customer/workspace that owns this device on the platform. Attestations from any
     /// other workspace are refused (403), and so is every command while it is unset.
     #[serde(default)]
@@ -490,7 +490,8 @@ fn validate(s: &Settings, path: &Path) -> Result<(), ConfigError> {
         }
     }
     if let Some(t) = &s.trust {
-        if let Err(problem) = crate::auth::jws::public_key_from_base64(&t.root_public_key) {
+        if let Err(problem) = crate::inbound::auth::jws::public_key_from_base64(&t.root_public_key)
+        {
             return Err(reject(
                 "trust.root_public_key",
                 format!("expected an Ed25519 public key, found {problem}"),
@@ -524,7 +525,7 @@ fn validate(s: &Settings, path: &Path) -> Result<(), ConfigError> {
         ));
     }
     for (slug, secs) in &c.timeouts {
-        if crate::commands::catalog::Slug::parse(slug).is_none() {
+        if crate::inbound::commands::catalog::Slug::parse(slug).is_none() {
             return Err(reject(
                 "commands.timeouts",
                 format!("unknown command slug `{slug}`"),
@@ -612,7 +613,7 @@ fn validate_telemetry(s: &Settings, path: &Path) -> Result<(), ConfigError> {
                 interval_ms,
                 ..
             } => {
-                if let Err(e) = DeviceId::parse(device_id) {
+                if let Err(e) = GatewayId::parse(device_id) {
                     return Err(reject(
                         "drivers.device_id",
                         format!("driver #{}: {e}", i + 1),

@@ -1,34 +1,28 @@
 //! texture-agent: the device-side agent of the Texture energy platform.
 //!
-//! Data path, inbound: [`link`] (MQTT over TLS) → [`dispatch`] → [`auth`] (attestation, trust,
-//! policy, replay) → [`commands`] → reply via [`link`]. [`pairing`] sits beside `auth` and is
-//! driven from the [`control`] socket. [`platform`] is the platform's signing side, used by
-//! tests and tooling, never by the daemon.
-//! [`agent`] wires the pieces together (the one composition root, also used by the fleet
-//! bench); [`daemon`] runs it as the host's service; [`service`] speaks to systemd; [`storage`]
-//! is the only way state reaches the disk. docs/PROTOCOL.md is the wire contract.
+//! The two data paths are the two folders in the middle of the tree:
+//!
+//! ```text
+//! inbound:  link ──► inbound::router ──► inbound::auth ──► inbound::commands ──► drivers
+//!                                                               └── reply ──► link
+//! outbound: drivers ──► telemetry (uplink state machine) ──► telemetry::outbox ──► link
+//! ```
+//!
+//! [`agent`] is the one composition root (`Agent::build`, used by the daemon and the fleet
+//! bench) plus the host glue (service, status, identity, logging). [`model`] is the shared
+//! vocabulary with no I/O; [`storage`] is the only way state reaches the disk; [`config`] loads
+//! and validates the settings. [`sim`] (feature `sim`) is the platform's side: the signer and
+//! the one platform peer used by the simulator, the tests and the benches; never in the gateway
+//! build. docs/PROTOCOL.md is the wire contract.
 
 pub mod agent;
-pub mod auth;
 pub mod cli;
-pub mod commands;
 pub mod config;
-pub mod control;
-pub mod daemon;
-pub mod device;
-pub mod dispatch;
 pub mod drivers;
-pub mod identity;
+pub mod inbound;
 pub mod link;
-pub mod logging;
-pub mod outbox;
-pub mod pairing;
-pub mod platform;
-pub mod reply;
-pub mod service;
+pub mod model;
 #[cfg(feature = "sim")]
 pub mod sim;
-pub mod status;
 pub mod storage;
 pub mod telemetry;
-pub mod topics;

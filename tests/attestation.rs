@@ -1,5 +1,5 @@
 //! Command authorisation seen from outside: the public `Authorizer`, fed real Ed25519
-//! attestations and trust bundles minted by `texture_agent::platform`, the one signing module.
+//! attestations and trust bundles minted by `texture_agent::sim::platform`, the one signing module.
 //!
 //! Every case opens its own authorizer in its own temporary directory, so the replay table and
 //! the time floor of one case never leak into another. The authorizer reads the system clock
@@ -14,18 +14,23 @@ use base64::Engine;
 use ed25519_dalek::{Signer, SigningKey};
 use tempfile::TempDir;
 
-use texture_agent::auth::claims::ATTESTATION_TYP;
-use texture_agent::auth::jws;
-use texture_agent::auth::trust::BundleRejected;
-use texture_agent::auth::{Authorization, Authorizer, AuthorizerConfig};
-use texture_agent::platform::{ApiKey, PlatformSigner, DEFAULT_ISSUER};
-use texture_agent::reply::{rfc3339, Reply};
+use texture_agent::inbound::auth::claims::ATTESTATION_TYP;
+use texture_agent::inbound::auth::jws;
+use texture_agent::inbound::auth::trust::BundleRejected;
+use texture_agent::inbound::auth::{Authorization, Authorizer, AuthorizerConfig, Owner};
+use texture_agent::inbound::reply::{rfc3339, Reply};
+use texture_agent::sim::platform::{ApiKey, PlatformSigner, DEFAULT_ISSUER};
 
 const DEVICE: &str = "gw-0001";
 const OTHER_DEVICE: &str = "gw-0002";
 const WORKSPACE: &str = "ws-acme";
 const OTHER_WORKSPACE: &str = "ws-globex";
 const OWNER: &str = "user-alice";
+/// The pairing state the tests judge commands against unless they say otherwise.
+const PAIRED: Owner<'static> = Owner {
+    reference_id: Some(OWNER),
+    workspace_id: None,
+};
 const OTHER_USER: &str = "user-bob";
 const KID: &str = "platform-2026-01";
 const ROOT_SEED: [u8; 32] = [0x11; 32];
@@ -74,8 +79,7 @@ fn open(dir: &Path, capacity: usize) -> Authorizer {
 /// A fresh state directory and an authorizer in it, paired to `OWNER`, with no bundle yet.
 fn fresh(capacity: usize) -> (TempDir, Authorizer) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut auth = open(dir.path(), capacity);
-    auth.set_owner(Some(OWNER.into()));
+    let auth = open(dir.path(), capacity);
     (dir, auth)
 }
 
@@ -262,11 +266,14 @@ impl Row {
     }
     fn run(self) {
         let (_dir, mut auth) = fresh(CAPACITY);
-        auth.set_owner(self.owner.map(str::to_owned));
         for b in &self.bundles {
             offer_ok(&mut auth, b);
         }
-        let outcome = auth.authorize(&self.token);
+        let owner = Owner {
+            reference_id: self.owner,
+            workspace_id: None,
+        };
+        let outcome = auth.authorize(&self.token, owner);
         match self.expect {
             Expect::Execute(jti) => assert_execute(&outcome, jti),
             Expect::Refused(status, code, id) => {
@@ -414,17 +421,17 @@ fn duplicate_command_id_gets_the_recorded_reply_byte_for_byte() {
     offer_ok(&mut auth, &bundle(&platform(), 1, &[]));
     let token = attest(&platform(), &server_key(), "cmd-dup");
 
-    assert_execute(&auth.authorize(token.as_bytes()), "cmd-dup");
+    assert_execute(&auth.authorize(token.as_bytes(), PAIRED), "cmd-dup");
     // Redelivered while still running: no second execution, and no reply yet.
     assert!(matches!(
-        auth.authorize(token.as_bytes()),
+        auth.authorize(token.as_bytes(), PAIRED),
         Authorization::InProgress
     ));
 
     let reply = success_reply("cmd-dup");
     auth.complete("cmd-dup", &reply);
     for _ in 0..3 {
-        match auth.authorize(token.as_bytes()) {
+        match auth.authorize(token.as_bytes(), PAIRED) {
             Authorization::Reply(bytes) => assert_eq!(bytes, reply, "recorded reply differs"),
             other => panic!(
                 "duplicate not answered from the table: {}",
@@ -437,16 +444,14 @@ fn duplicate_command_id_gets_the_recorded_reply_byte_for_byte() {
 #[test]
 fn refused_command_redelivered_gets_the_same_refusal() {
     let (_dir, mut auth) = fresh(CAPACITY);
-    auth.set_owner(None);
     offer_ok(&mut auth, &bundle(&platform(), 1, &[]));
     let scoped = ApiKey::scoped("sc-alice", WORKSPACE, OWNER);
     let token = attest(&platform(), &scoped, "cmd-refused-once");
 
-    let first = auth.authorize(token.as_bytes());
+    let first = auth.authorize(token.as_bytes(), Owner::UNPAIRED);
     assert_refused(&first, 403, "FORBIDDEN", Some("cmd-refused-once"));
     // Pairing changes in between; the recorded answer stands and nothing runs.
-    auth.set_owner(Some(OWNER.into()));
-    let second = auth.authorize(token.as_bytes());
+    let second = auth.authorize(token.as_bytes(), PAIRED);
     match (&first, &second) {
         (Authorization::Reply(a), Authorization::Reply(b)) => assert_eq!(a, b),
         _ => panic!(
@@ -465,21 +470,24 @@ fn replay_table_persists_across_restarts() {
     {
         let mut auth = open(dir.path(), CAPACITY);
         offer_ok(&mut auth, &bundle(&platform(), 1, &[]));
-        assert_execute(&auth.authorize(token.as_bytes()), "cmd-persist");
+        assert_execute(&auth.authorize(token.as_bytes(), PAIRED), "cmd-persist");
         auth.complete("cmd-persist", &reply);
         // Runs, then the agent stops before the reply is known.
-        assert_execute(&auth.authorize(unfinished.as_bytes()), "cmd-unfinished");
+        assert_execute(
+            &auth.authorize(unfinished.as_bytes(), PAIRED),
+            "cmd-unfinished",
+        );
     }
 
     let (mut auth, report) = Authorizer::open(config(CAPACITY), dir.path()).unwrap();
     assert_eq!(report.damaged_lines, 0);
     assert_eq!(report.interrupted, vec!["cmd-unfinished".to_string()]);
-    match auth.authorize(token.as_bytes()) {
+    match auth.authorize(token.as_bytes(), PAIRED) {
         Authorization::Reply(bytes) => assert_eq!(bytes, reply),
         other => panic!("executed again after a restart: {}", describe(&other)),
     }
     assert!(matches!(
-        auth.authorize(unfinished.as_bytes()),
+        auth.authorize(unfinished.as_bytes(), PAIRED),
         Authorization::InProgress
     ));
 }
@@ -490,18 +498,24 @@ fn full_replay_table_is_429_rate_limited() {
     offer_ok(&mut auth, &bundle(&platform(), 1, &[]));
     for jti in ["cmd-1", "cmd-2"] {
         assert_execute(
-            &auth.authorize(attest(&platform(), &server_key(), jti).as_bytes()),
+            &auth.authorize(attest(&platform(), &server_key(), jti).as_bytes(), PAIRED),
             jti,
         );
         auth.complete(jti, &success_reply(jti));
     }
-    let third = auth.authorize(attest(&platform(), &server_key(), "cmd-3").as_bytes());
+    let third = auth.authorize(
+        attest(&platform(), &server_key(), "cmd-3").as_bytes(),
+        PAIRED,
+    );
     let v = assert_refused(&third, 429, "RATE_LIMITED", Some("cmd-3"));
     let retry = v["retryAfter"].as_u64().expect("retryAfter set");
     assert!((1..=TTL + SKEW).contains(&retry), "retryAfter {retry}");
     // The live entries are not forgotten to make room.
     assert!(matches!(
-        auth.authorize(attest(&platform(), &server_key(), "cmd-1").as_bytes()),
+        auth.authorize(
+            attest(&platform(), &server_key(), "cmd-1").as_bytes(),
+            PAIRED
+        ),
         Authorization::Reply(_)
     ));
 }
@@ -520,13 +534,13 @@ fn refused_future_attestation_does_not_advance_the_clock() {
         now() + 600,
     );
     assert_refused(
-        &auth.authorize(future.as_bytes()),
+        &auth.authorize(future.as_bytes(), PAIRED),
         401,
         "ATTESTATION_NOT_YET_VALID",
         Some("cmd-future"),
     );
     let ordinary = attest(&platform(), &server_key(), "cmd-ordinary");
-    assert_execute(&auth.authorize(ordinary.as_bytes()), "cmd-ordinary");
+    assert_execute(&auth.authorize(ordinary.as_bytes(), PAIRED), "cmd-ordinary");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -561,7 +575,10 @@ fn trust_bundle_rollback_to_lower_or_equal_version_is_rejected() {
     // The stored bundle is untouched: still v5, no revocation in force.
     assert_eq!(auth.trust_bundle().unwrap().version, 5);
     assert_execute(
-        &auth.authorize(attest(&p, &server_key(), "cmd-after-rollback").as_bytes()),
+        &auth.authorize(
+            attest(&p, &server_key(), "cmd-after-rollback").as_bytes(),
+            PAIRED,
+        ),
         "cmd-after-rollback",
     );
 }
@@ -577,7 +594,7 @@ fn expired_trust_bundle_is_rejected() {
     }
     assert!(auth.trust_bundle().is_none());
     assert_refused(
-        &auth.authorize(attest(&p, &server_key(), "cmd-x").as_bytes()),
+        &auth.authorize(attest(&p, &server_key(), "cmd-x").as_bytes(), PAIRED),
         401,
         "UNAUTHENTICATED",
         None,
@@ -594,7 +611,10 @@ fn trust_bundle_signed_by_another_root_is_rejected() {
     }
     assert!(auth.trust_bundle().is_none());
     assert_refused(
-        &auth.authorize(attest(&impostor, &server_key(), "cmd-impostor").as_bytes()),
+        &auth.authorize(
+            attest(&impostor, &server_key(), "cmd-impostor").as_bytes(),
+            PAIRED,
+        ),
         401,
         "UNAUTHENTICATED",
         None,
@@ -614,11 +634,14 @@ fn accepted_trust_bundle_persists_across_reopen() {
     assert_eq!(held.version, 7);
     assert!(held.is_revoked("sk-live-2"));
     assert_execute(
-        &auth.authorize(attest(&p, &server_key(), "cmd-reopened").as_bytes()),
+        &auth.authorize(attest(&p, &server_key(), "cmd-reopened").as_bytes(), PAIRED),
         "cmd-reopened",
     );
     assert_refused(
-        &auth.authorize(attest(&p, &other_server_key(), "cmd-still-revoked").as_bytes()),
+        &auth.authorize(
+            attest(&p, &other_server_key(), "cmd-still-revoked").as_bytes(),
+            PAIRED,
+        ),
         403,
         "FORBIDDEN",
         Some("cmd-still-revoked"),
@@ -638,9 +661,9 @@ fn trust_bundle_expired_while_in_force_is_401() {
     let (_dir, mut auth) = fresh(CAPACITY);
     offer_ok(&mut auth, &p.trust_bundle(1, now(), now() + 10, &[]));
     let soon = attest_at(&p, &server_key(), DEVICE, "cmd-soon", now() + 30);
-    assert_execute(&auth.authorize(soon.as_bytes()), "cmd-soon");
+    assert_execute(&auth.authorize(soon.as_bytes(), PAIRED), "cmd-soon");
     assert_refused(
-        &auth.authorize(attest(&p, &server_key(), "cmd-late").as_bytes()),
+        &auth.authorize(attest(&p, &server_key(), "cmd-late").as_bytes(), PAIRED),
         401,
         "UNAUTHENTICATED",
         None,
@@ -653,7 +676,7 @@ fn key_rotation_with_overlap_then_old_key_dropped() {
     let (_dir, mut auth) = fresh(CAPACITY);
     offer_ok(&mut auth, &bundle(&p, 1, &[]));
     assert_execute(
-        &auth.authorize(attest(&p, &server_key(), "rot-1").as_bytes()),
+        &auth.authorize(attest(&p, &server_key(), "rot-1").as_bytes(), PAIRED),
         "rot-1",
     );
 
@@ -676,20 +699,20 @@ fn key_rotation_with_overlap_then_old_key_dropped() {
     let by_new = attest(&p, &server_key(), "rot-new");
     let by_old = old_key_token("rot-old");
     let by_old_later = old_key_token("rot-old-later");
-    assert_execute(&auth.authorize(by_new.as_bytes()), "rot-new");
-    assert_execute(&auth.authorize(by_old.as_bytes()), "rot-old");
+    assert_execute(&auth.authorize(by_new.as_bytes(), PAIRED), "rot-new");
+    assert_execute(&auth.authorize(by_old.as_bytes(), PAIRED), "rot-old");
 
     // v3 drops the old key: what it signs no longer verifies, the new key still does.
     p.remove_key(KID);
     offer_ok(&mut auth, &bundle(&p, 3, &[]));
     assert_refused(
-        &auth.authorize(by_old_later.as_bytes()),
+        &auth.authorize(by_old_later.as_bytes(), PAIRED),
         401,
         "UNAUTHENTICATED",
         None,
     );
     assert_execute(
-        &auth.authorize(attest(&p, &server_key(), "rot-new-2").as_bytes()),
+        &auth.authorize(attest(&p, &server_key(), "rot-new-2").as_bytes(), PAIRED),
         "rot-new-2",
     );
 }
@@ -757,9 +780,9 @@ fn mutation_property(
         let jti = format!("{label}-{base}");
         let token = attest(&p, &server_key(), &jti);
         for _ in 0..MUTATIONS_PER_BASE {
-            tally.record(auth.authorize(&mutate(&mut rng, &token)));
+            tally.record(auth.authorize(&mutate(&mut rng, &token), PAIRED));
         }
-        assert_execute(&auth.authorize(token.as_bytes()), &jti);
+        assert_execute(&auth.authorize(token.as_bytes(), PAIRED), &jti);
     }
     println!(
         "{label}: {} single-byte mutations tried, {} accepted, {} verified",
@@ -813,16 +836,16 @@ fn a_clock_ahead_does_not_make_an_executed_command_replayable() {
     offer_ok(&mut auth, &bundle(&platform(), 1, &[]));
     // Issued 250 s ago, valid for 300 s: live in platform time for another 50 s + skew.
     let old = attest_at(&platform(), &server_key(), DEVICE, "cmd-old", now() - 250);
-    assert_execute(&auth.authorize(old.as_bytes()), "cmd-old");
+    assert_execute(&auth.authorize(old.as_bytes(), PAIRED), "cmd-old");
     auth.complete("cmd-old", &success_reply("cmd-old"));
     let second = attest(&platform(), &server_key(), "cmd-second");
-    assert_execute(&auth.authorize(second.as_bytes()), "cmd-second");
+    assert_execute(&auth.authorize(second.as_bytes(), PAIRED), "cmd-second");
     auth.complete("cmd-second", &success_reply("cmd-second"));
 
     auth.set_clock(clock_ahead);
     let third = attest(&platform(), &server_key(), "cmd-third");
     assert_refused(
-        &auth.authorize(third.as_bytes()),
+        &auth.authorize(third.as_bytes(), PAIRED),
         429,
         "RATE_LIMITED",
         Some("cmd-third"),
@@ -830,7 +853,7 @@ fn a_clock_ahead_does_not_make_an_executed_command_replayable() {
 
     // The clock is corrected; the broker redelivers the old command: a duplicate.
     auth.set_clock(now);
-    match auth.authorize(old.as_bytes()) {
+    match auth.authorize(old.as_bytes(), PAIRED) {
         Authorization::Reply(bytes) => assert_eq!(bytes, success_reply("cmd-old")),
         other => panic!("executed twice: {}", describe(&other)),
     }
@@ -853,7 +876,7 @@ fn refusals_never_take_replay_capacity_from_commands_that_can_run() {
         let key = &strangers[i % strangers.len()];
         let jti = format!("cmd-stranger-{i}");
         assert_refused(
-            &auth.authorize(attest(&platform(), key, &jti).as_bytes()),
+            &auth.authorize(attest(&platform(), key, &jti).as_bytes(), PAIRED),
             403,
             "FORBIDDEN",
             Some(&jti),
@@ -861,11 +884,17 @@ fn refusals_never_take_replay_capacity_from_commands_that_can_run() {
     }
     let scoped = ApiKey::scoped("sc-alice", WORKSPACE, OWNER);
     assert_execute(
-        &auth.authorize(attest(&platform(), &server_key(), "cmd-owner-server").as_bytes()),
+        &auth.authorize(
+            attest(&platform(), &server_key(), "cmd-owner-server").as_bytes(),
+            PAIRED,
+        ),
         "cmd-owner-server",
     );
     assert_execute(
-        &auth.authorize(attest(&platform(), &scoped, "cmd-owner-scoped").as_bytes()),
+        &auth.authorize(
+            attest(&platform(), &scoped, "cmd-owner-scoped").as_bytes(),
+            PAIRED,
+        ),
         "cmd-owner-scoped",
     );
 }
@@ -882,7 +911,7 @@ fn a_fresh_install_at_1970_refuses_a_long_expired_bundle() {
         auth.offer_trust_bundle(old.as_bytes()),
         Err(BundleRejected::Expired { .. })
     ));
-    assert!(auth.now() >= texture_agent::auth::BUILD_TIME_FLOOR);
+    assert!(auth.now() >= texture_agent::inbound::auth::BUILD_TIME_FLOOR);
     let unpair = attest_slug(
         &platform(),
         &server_key(),
@@ -892,7 +921,7 @@ fn a_fresh_install_at_1970_refuses_a_long_expired_bundle() {
         y2019 + 60,
     );
     assert_refused(
-        &auth.authorize(unpair.as_bytes()),
+        &auth.authorize(unpair.as_bytes(), PAIRED),
         401,
         "UNAUTHENTICATED",
         None,
@@ -949,7 +978,7 @@ fn attest_raw_input(jti: &str, input_json: &str) -> String {
 fn authorize_once(token: &str) -> Authorization {
     let (_dir, mut auth) = fresh(CAPACITY);
     offer_ok(&mut auth, &bundle(&platform(), 1, &[]));
-    auth.authorize(token.as_bytes())
+    auth.authorize(token.as_bytes(), PAIRED)
 }
 
 #[test]

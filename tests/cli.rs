@@ -166,8 +166,8 @@ fn status_without_a_daemon_says_not_running() {
 /// a new bundle must still beat (docs/PROTOCOL.md 6.4).
 #[test]
 fn status_names_a_damaged_trust_bundle_and_the_version_to_beat() {
-    use texture_agent::auth::trust::{TrustStore, BUNDLE_FILE};
-    use texture_agent::platform::PlatformSigner;
+    use texture_agent::inbound::auth::trust::{TrustStore, BUNDLE_FILE};
+    use texture_agent::sim::platform::PlatformSigner;
     let pki = Pki::new();
     let signer = PlatformSigner::generate("k1");
     let mut cfg = AgentConfig::new(&pki, 8883, "gw-cli");
@@ -175,7 +175,8 @@ fn status_names_a_damaged_trust_bundle_and_the_version_to_beat() {
     let config = cfg.write(pki.path());
     let state = cfg.state_dir(pki.path());
     std::fs::create_dir_all(&state).unwrap();
-    let root = texture_agent::auth::jws::public_key_from_base64(&signer.root_public_key()).unwrap();
+    let root = texture_agent::inbound::auth::jws::public_key_from_base64(&signer.root_public_key())
+        .unwrap();
     let now = common::unix_now();
     TrustStore::open(root, &signer.issuer, &state)
         .offer(

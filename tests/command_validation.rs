@@ -3,10 +3,10 @@
 //! agrees, checked by a small hand-written schema evaluator (no schema crate is a dependency).
 
 use serde_json::{json, Map, Value};
-use texture_agent::commands::catalog::{
+use texture_agent::inbound::commands::catalog::{
     available_commands, validate, Slug, ValidationError, PERCENT_STRING_PATTERN,
 };
-use texture_agent::telemetry::model::DeviceType;
+use texture_agent::model::device::DeviceType;
 
 fn object(v: &Value) -> Map<String, Value> {
     v.as_object().cloned().expect("inputs are objects")

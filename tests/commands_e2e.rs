@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki};
-use texture_agent::platform::{ApiKey, PlatformSigner};
-use texture_agent::topics::Topics;
+use texture_agent::link::topics::Topics;
+use texture_agent::sim::platform::{ApiKey, PlatformSigner};
 
 const WAIT: Duration = Duration::from_secs(15);
 const DEVICE: &str = "gw-e2e";

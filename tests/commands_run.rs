@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki};
-use texture_agent::platform::{ApiKey, PlatformSigner};
+use texture_agent::sim::platform::{ApiKey, PlatformSigner};
 
 const GATEWAY: &str = "gw-run";
 const WORKSPACE: &str = "ws-run";
@@ -575,10 +575,10 @@ async fn an_input_that_is_not_an_object_is_401_and_not_recorded() {
                 payload["command"].as_object_mut().unwrap().remove("input");
             }
         }
-        let token = texture_agent::auth::jws::sign(
+        let token = texture_agent::inbound::auth::jws::sign(
             &signing_key,
             Some(KID),
-            texture_agent::auth::claims::ATTESTATION_TYP,
+            texture_agent::inbound::auth::claims::ATTESTATION_TYP,
             &serde_json::to_vec(&payload).unwrap(),
         );
         for _delivery in 0..2 {

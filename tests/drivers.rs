@@ -17,10 +17,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
+use texture_agent::agent::service::{shutdown_channel, ShutdownTrigger};
 use texture_agent::drivers::process::{supervise, CommandFailure, DriverStats};
 use texture_agent::drivers::{DriverCommand, Sample, SAMPLE_QUEUE};
-use texture_agent::service::{shutdown_channel, ShutdownTrigger};
-use texture_agent::telemetry::model::DeviceState;
+use texture_agent::model::device::DeviceState;
 
 /// Generous for a loaded CI machine; a healthy run needs a fraction of it.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -611,7 +611,7 @@ async fn a_hostile_driver_reaches_none_of_the_agents_secrets() {
     let pki = common::Pki::new();
     let broker = common::Mosquitto::start(&pki);
     let telemetry = common::device_topic(GATEWAY, "telemetry");
-    let signer = texture_agent::platform::PlatformSigner::generate("platform-1");
+    let signer = texture_agent::sim::platform::PlatformSigner::generate("platform-1");
     let mut platform = common::platform_peer(&pki, broker.port, &signer, &[&telemetry]).await;
     let mut cfg = common::AgentConfig::new(&pki, broker.port, GATEWAY);
     cfg.trust_root = Some(signer.root_public_key());
@@ -796,7 +796,7 @@ print(s.makefile().readline().strip())
 /// would let them connect. The permissions are opened up here to test the check on its own.
 #[tokio::test]
 async fn the_control_socket_serves_only_root_and_the_agents_user_in_its_namespace() {
-    use texture_agent::control::{self, ControlEvent};
+    use texture_agent::inbound::pairing::control::{self, ControlEvent};
     let dir = tempfile::tempdir().unwrap();
     let runtime = dir.path().join("run");
     std::fs::create_dir(&runtime).unwrap();

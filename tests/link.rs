@@ -250,7 +250,7 @@ async fn acl_makes_a_devices_inbound_topics_read_only_for_it() {
     let inbound = [
         device_topic(device, "commands"),
         device_topic(device, "pairing/binding"),
-        texture_agent::topics::Topics::trust_bundle(),
+        texture_agent::link::topics::Topics::trust_bundle(),
     ];
     let replies = device_topic(device, "replies");
     let mut all: Vec<&str> = inbound.iter().map(String::as_str).collect();
@@ -355,7 +355,7 @@ async fn an_oversized_retained_message_makes_the_backoff_grow_not_a_hot_loop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reads_the_link_from_status_json_while_running_and_after_the_stop() {
     // status.json's `link` is written and read back typed; this is the round trip through the
-    // real daemon and `texture-agent status` (the byte format is pinned in src/status.rs).
+    // real daemon and `texture-agent status` (the byte format is pinned in src/agent/status.rs).
     let pki = Pki::new();
     let broker = Mosquitto::start(&pki);
     let cfg = AgentConfig::new(&pki, broker.port, "gw-status");

@@ -1,5 +1,5 @@
 //! Pairing seen from outside: `PairingState` fed owner bindings minted by
-//! `texture_agent::platform`, verified against a real `TrustStore`.
+//! `texture_agent::sim::platform`, verified against a real `TrustStore`.
 //!
 //! Every case works in its own temporary directory with an explicit clock (`NOW` and offsets), so
 //! nothing depends on the wall clock. Each refusal is checked twice: the specific
@@ -21,14 +21,16 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use tempfile::TempDir;
 
-use texture_agent::auth::claims::{OwnerBindingClaims, ATTESTATION_TYP, OWNER_BINDING_TYP};
-use texture_agent::auth::jws::{self, JwsError};
-use texture_agent::auth::trust::{TrustBundle, TrustStore};
-use texture_agent::pairing::{
+use texture_agent::inbound::auth::claims::{
+    OwnerBindingClaims, ATTESTATION_TYP, OWNER_BINDING_TYP,
+};
+use texture_agent::inbound::auth::jws::{self, JwsError};
+use texture_agent::inbound::auth::trust::{TrustBundle, TrustStore};
+use texture_agent::inbound::pairing::{
     code, Binding, BindingRejected, PairingError, PairingRequest, PairingState,
     ATTEMPT_WINDOW_SECS, BINDING_FILE, MAX_ATTEMPTS, MAX_BINDING_BYTES,
 };
-use texture_agent::platform::{generate_key, PlatformSigner};
+use texture_agent::sim::platform::{generate_key, PlatformSigner};
 
 const DEVICE: &str = "gw-1";
 const OTHER_DEVICE: &str = "gw-2";
@@ -50,7 +52,7 @@ fn root_key(signer: &PlatformSigner) -> VerifyingKey {
 }
 
 fn device_public_key() -> String {
-    texture_agent::identity::public_key(&generate_key())
+    texture_agent::agent::identity::public_key(&generate_key())
 }
 
 /// The binding file's bytes, or `None` if it does not exist.
@@ -202,7 +204,7 @@ impl Fixture {
 /// directory.
 #[track_caller]
 fn assert_no_temporary_files(dir: &Path) {
-    use texture_agent::auth::trust::{BUNDLE_FILE, STATE_FILE};
+    use texture_agent::inbound::auth::trust::{BUNDLE_FILE, STATE_FILE};
     let mut names: Vec<String> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -9,8 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki};
-use texture_agent::pairing::code::commitment;
-use texture_agent::platform::{ApiKey, PlatformSigner};
+use texture_agent::inbound::pairing::code::commitment;
+use texture_agent::sim::platform::{ApiKey, PlatformSigner};
 
 const WAIT: Duration = Duration::from_secs(15);
 const DEVICE: &str = "gw-pair";

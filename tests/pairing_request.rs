@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
-use texture_agent::platform::PlatformSigner;
+use texture_agent::sim::platform::PlatformSigner;
 
 const WAIT: Duration = Duration::from_secs(15);
 const DEVICE: &str = "gw-pair-again";
@@ -24,7 +24,7 @@ async fn the_pending_pairing_request_is_sent_again_after_a_reconnect() {
         Peer::connect_with(&pki, broker.port, PLATFORM_CLIENT, &[&requests], false).await;
     let now = common::unix_now();
     peer.publish(
-        &texture_agent::topics::Topics::trust_bundle(),
+        &texture_agent::link::topics::Topics::trust_bundle(),
         signer.trust_bundle(1, now, now + 3_600, &[]),
         true,
     )

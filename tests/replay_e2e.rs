@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{device_topic, Agent, AgentConfig, Mosquitto, Pki};
-use texture_agent::platform::{ApiKey, PlatformSigner};
+use texture_agent::sim::platform::{ApiKey, PlatformSigner};
 
 const GATEWAY: &str = "gw-clock";
 const WORKSPACE: &str = "ws-clock";
@@ -145,7 +145,7 @@ async fn a_restart_with_the_clock_ahead_does_not_let_the_broker_replay_an_execut
     let started = ahead.wait_for_log("texture-agent started", WAIT);
     // The agent really ran two days ahead (its log is stamped with its own clock).
     let stamped = started["timestamp"].as_str().unwrap_or_default().to_owned();
-    let today = texture_agent::reply::rfc3339(common::unix_now());
+    let today = texture_agent::inbound::reply::rfc3339(common::unix_now());
     assert!(
         stamped.get(..10).is_some() && stamped.get(..10) != today.get(..10),
         "libfaketime did not move the clock: log stamped {stamped:?}, today {today:?}"

@@ -43,14 +43,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use texture_agent::agent::service::{self, Shutdown};
 use texture_agent::agent::{Agent, AgentState};
 use texture_agent::config::Settings;
-use texture_agent::control::ControlCall;
+use texture_agent::inbound::pairing::control::ControlCall;
+use texture_agent::link::topics::Topics;
 use texture_agent::link::{LinkState, LinkStatus};
-use texture_agent::outbox::OutboxStats;
-use texture_agent::platform::{ApiKey, PlatformSigner};
-use texture_agent::service::{self, Shutdown};
-use texture_agent::topics::Topics;
+use texture_agent::sim::platform::{ApiKey, PlatformSigner};
+use texture_agent::telemetry::outbox::OutboxStats;
 
 use crate::common::{AgentConfig, Mosquitto, Pki, PLATFORM_CLIENT};
 

@@ -1,4 +1,4 @@
-//! Fuzzes the command authorisation decision (`texture_agent::auth::decide`).
+//! Fuzzes the command authorisation decision (`texture_agent::inbound::auth::decide`).
 //!
 //! Every input is tried twice:
 //! 1. as raw bytes on the command topic;
@@ -18,11 +18,11 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::json;
-use texture_agent::auth::jws::public_key_from_base64;
-use texture_agent::auth::replay::ReplayWindow;
-use texture_agent::auth::trust::{TrustBundle, TrustStore};
-use texture_agent::auth::{decide, Context, Verdict};
-use texture_agent::platform::{ApiKey, PlatformSigner, DEFAULT_ISSUER};
+use texture_agent::inbound::auth::jws::public_key_from_base64;
+use texture_agent::inbound::auth::replay::ReplayWindow;
+use texture_agent::inbound::auth::trust::{TrustBundle, TrustStore};
+use texture_agent::inbound::auth::{decide, Context, Verdict};
+use texture_agent::sim::platform::{ApiKey, PlatformSigner, DEFAULT_ISSUER};
 
 const NOW: u64 = 1_800_000_000;
 const SKEW: u64 = 60;
@@ -44,8 +44,8 @@ fn fixture() -> &'static Fixture {
         let dir = std::env::temp_dir().join(format!("texture-agent-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("fuzz state dir");
         // A fresh state dir per process: a leftover bundle or journal would change the verdicts.
-        let _ = std::fs::remove_file(dir.join(texture_agent::auth::trust::BUNDLE_FILE));
-        let _ = std::fs::remove_file(dir.join(texture_agent::auth::replay::JOURNAL_FILE));
+        let _ = std::fs::remove_file(dir.join(texture_agent::inbound::auth::trust::BUNDLE_FILE));
+        let _ = std::fs::remove_file(dir.join(texture_agent::inbound::auth::replay::JOURNAL_FILE));
 
         let root = public_key_from_base64(&signer.root_public_key()).expect("root key");
         let mut store = TrustStore::open(root, DEFAULT_ISSUER, &dir);

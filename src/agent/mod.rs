@@ -2,7 +2,7 @@
 //! connects their channels.
 //!
 //! ```text
-//! inbound:  link ──► dispatch ──► auth ──► commands ──► drivers ──► reply via link
+//! inbound:  link ──► router ──► auth ──► commands ──► drivers ──► reply via link
 //! outbound: drivers ──► telemetry ──► outbox ──► link
 //! ```
 //!
@@ -13,20 +13,28 @@
 //! systemd, `status.json`, the control socket), and the fleet bench builds its thousand sessions
 //! with the same two calls, so what it measures is what the daemon runs.
 
+pub mod identity;
+pub mod logging;
+pub mod run;
+pub mod service;
+pub mod status;
+
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::auth::{Authorizer, AuthorizerConfig};
+use crate::agent::service::Shutdown;
 use crate::config::Settings;
-use crate::control::ControlCall;
-use crate::dispatch::{Dispatcher, DispatcherParts};
+use crate::inbound::auth::{Authorizer, AuthorizerConfig};
+use crate::inbound::pairing::control::ControlCall;
+use crate::inbound::pairing::session::PairingSession;
+use crate::inbound::pairing::PairingState;
+use crate::inbound::router::{Router, RouterParts};
 use crate::link::{Link, LinkStatus};
-use crate::outbox::{Outbox, OutboxStats};
-use crate::pairing::PairingState;
-use crate::service::Shutdown;
+use crate::model::clock::Clock;
+use crate::telemetry::outbox::{Outbox, OutboxStats};
 use crate::telemetry::Telemetry;
 
 /// How long a graceful shutdown may take in total; systemd's `TimeoutStopSec` must be larger.
@@ -43,6 +51,8 @@ pub struct AgentState {
     device_key: ed25519_dalek::SigningKey,
     pairing: PairingState,
     outbox: Outbox,
+    /// The one clock; its floor is raised by the authorizer from platform-signed times.
+    clock: Clock,
 }
 
 impl AgentState {
@@ -52,7 +62,7 @@ impl AgentState {
         crate::storage::ensure_dir(&settings.state.runtime_dir).context("state.runtime_dir")?;
         let (authorizer, interrupted) = open_authorizer(settings)?;
         let device_key =
-            crate::identity::load_or_create(&settings.state.dir).context("device key")?;
+            crate::agent::identity::load_or_create(&settings.state.dir).context("device key")?;
         let pairing = PairingState::open(
             &settings.state.dir,
             settings.device.id.as_str(),
@@ -72,13 +82,25 @@ impl AgentState {
                 "outbox recovered from an interrupted write"
             );
         }
+        let clock = authorizer
+            .as_ref()
+            .map(Authorizer::clock)
+            .unwrap_or_default();
         Ok(AgentState {
+            clock,
             authorizer,
             interrupted,
             device_key,
             pairing,
             outbox,
         })
+    }
+}
+
+impl AgentState {
+    /// The agent's one clock (see `model::clock`).
+    pub fn clock(&self) -> Clock {
+        self.clock.clone()
     }
 }
 
@@ -89,7 +111,7 @@ fn open_authorizer(settings: &Settings) -> anyhow::Result<(Option<Authorizer>, V
         tracing::warn!("no [trust] section: every command will be refused as unverifiable");
         return Ok((None, Vec::new()));
     };
-    let root = crate::auth::jws::public_key_from_base64(&trust.root_public_key)
+    let root = crate::inbound::auth::jws::public_key_from_base64(&trust.root_public_key)
         .map_err(|problem| anyhow::anyhow!("trust.root_public_key: {problem}"))?;
     let config = AuthorizerConfig {
         device_id: settings.device.id.to_string(),
@@ -108,7 +130,7 @@ fn open_authorizer(settings: &Settings) -> anyhow::Result<(Option<Authorizer>, V
 pub struct Agent {
     link: Link,
     telemetry: JoinHandle<Outbox>,
-    dispatcher: JoinHandle<()>,
+    router: JoinHandle<()>,
     drivers: Vec<JoinHandle<()>>,
     outbox_stats: watch::Receiver<OutboxStats>,
 }
@@ -124,7 +146,7 @@ impl Agent {
         Agent::start(settings, state, shutdown, calls)
     }
 
-    /// Starts the link, the drivers, telemetry and the dispatcher on the current runtime.
+    /// Starts the link, the drivers, telemetry and the inbound router on the current runtime.
     /// `calls` are the control socket's requests (`pair`); `shutdown` stops every task.
     pub fn start(
         settings: &Settings,
@@ -132,7 +154,7 @@ impl Agent {
         shutdown: Shutdown,
         calls: mpsc::Receiver<ControlCall>,
     ) -> anyhow::Result<Agent> {
-        let mut link = Link::start(settings, shutdown.clone())?;
+        let mut link = Link::start(settings, shutdown.clone(), state.clock.clone())?;
         // Outbound path: drivers → telemetry → outbox → link.
         let (samples_tx, samples_rx) = mpsc::channel(crate::drivers::SAMPLE_QUEUE);
         let sandbox = crate::drivers::process::DriverSandbox::from_settings(settings);
@@ -145,30 +167,37 @@ impl Agent {
             &link,
             state.outbox,
             &settings.state.dir,
+            state.clock.clone(),
         );
         let telemetry = telemetry.with_driver_health(driver_health);
         let telemetry = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
-        // Inbound path: link → dispatch → auth → commands → drivers → reply via link.
+        // Inbound path: link → router → auth → commands → drivers → reply via link.
         let inbound = link.take_inbound().expect("inbound taken once");
-        let dispatcher = Dispatcher::new(DispatcherParts {
-            device_id: settings.device.id.to_string(),
+        let gateway_id = settings.device.id.as_str();
+        let pairing = PairingSession::new(
+            state.pairing,
+            gateway_id,
+            state.device_key,
+            &settings.pairing.qr_uri,
+        );
+        let router = Router::new(RouterParts {
+            gateway_id: gateway_id.to_owned(),
             topics: link.topics().clone(),
             publisher: link.publisher(),
             link: link.status(),
             authorizer: state.authorizer,
-            pairing: state.pairing,
-            device_key: state.device_key,
-            qr_template: settings.pairing.qr_uri.clone(),
+            pairing,
             registry,
             command_settings: settings.commands.clone(),
+            clock: state.clock,
             interrupted: state.interrupted,
             stop: shutdown,
         });
-        let dispatcher = tokio::spawn(dispatcher.run(inbound, calls));
+        let router = tokio::spawn(router.run(inbound, calls));
         Ok(Agent {
             link,
             telemetry,
-            dispatcher,
+            router,
             drivers,
             outbox_stats,
         })
@@ -197,7 +226,7 @@ impl Agent {
     pub async fn failed(&mut self) -> anyhow::Error {
         tokio::select! {
             _ = &mut self.telemetry => anyhow::anyhow!("the telemetry task stopped unexpectedly"),
-            _ = &mut self.dispatcher => anyhow::anyhow!("the command dispatcher stopped unexpectedly"),
+            _ = &mut self.router => anyhow::anyhow!("the inbound router stopped unexpectedly"),
         }
     }
 
@@ -227,7 +256,7 @@ impl Agent {
         }
         let status = self.link.status();
         self.link.shutdown(SHUTDOWN_BUDGET).await;
-        self.dispatcher.abort();
+        self.router.abort();
         let last = status.borrow().clone();
         last
     }

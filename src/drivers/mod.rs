@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::telemetry::model::{DeviceState, DeviceType, DriverHealth};
+use crate::model::device::{DeviceState, DeviceType, DriverHealth};
 
 /// Samples waiting for the telemetry task. Drivers block (back-pressure) when it is full.
 pub const SAMPLE_QUEUE: usize = 256;
@@ -162,7 +162,7 @@ impl DriverRegistry {
     /// another driver already owns (the first driver to report an id keeps it, so a buggy or
     /// hostile driver cannot take over another device's commands).
     fn observe(&self, sample: &Sample, route: &mpsc::Sender<DriverCommand>) -> bool {
-        if crate::device::DeviceId::parse(&sample.device_id).is_err() {
+        if crate::model::gateway::GatewayId::parse(&sample.device_id).is_err() {
             return false;
         }
         let mut inner = self.inner.lock().expect("registry lock");
@@ -254,7 +254,7 @@ pub fn start(
     settings: &[DriverSettings],
     sandbox: &process::DriverSandbox,
     samples: &SampleSender,
-    shutdown: &crate::service::Shutdown,
+    shutdown: &crate::agent::service::Shutdown,
 ) -> (
     DriverRegistry,
     Vec<DriverHealthSource>,

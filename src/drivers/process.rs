@@ -60,9 +60,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant, MissedTickBehavior};
 
 use super::{DriverCommand, DriverSettings, Sample, SampleSender};
-use crate::link::backoff::Backoff;
-use crate::service::Shutdown;
-use crate::telemetry::model::DeviceState;
+use crate::agent::service::Shutdown;
+use crate::model::backoff::Backoff;
+use crate::model::device::DeviceState;
 
 /// First restart delay. Long enough that a driver failing at start-up costs little CPU, short
 /// enough that a one-off crash is barely noticed.
@@ -1306,7 +1306,7 @@ mod tests {
             samples,
             commands,
             commands_open: true,
-            shutdown: crate::service::shutdown_channel().1,
+            shutdown: crate::agent::service::shutdown_channel().1,
             stats: Arc::default(),
         }
     }

@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::telemetry::model::{
+use crate::model::device::{
     BatteryState, ChargerState, ChargingState, DeviceState, DeviceType, FanMode, GridStatus,
     InverterState, Temperature, ThermostatMode, ThermostatState, VehicleState,
 };
@@ -255,7 +255,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let time_of_day = crate::link::unix_now() % 86_400;
+                let time_of_day = crate::model::clock::system_secs() % 86_400;
                 let state = device.step(interval.as_secs_f64(), time_of_day).clone();
                 let sample = super::Sample { device_id: device_id.clone(), state };
                 if samples.send(sample).await.is_err() {

@@ -33,12 +33,12 @@
 //! last will with a retained `offline` for when the link dies, and an explicit `offline` on a
 //! clean shutdown (a clean DISCONNECT suppresses the will).
 
-pub mod backoff;
 mod session;
 pub mod tls;
+pub mod topics;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
@@ -48,10 +48,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::agent::service::Shutdown;
 use crate::config::Settings;
-use crate::service::Shutdown;
-use crate::topics::{InboundTopic, Topics};
-use backoff::Backoff;
+use crate::link::topics::{InboundTopic, Topics};
+use crate::model::backoff::Backoff;
+use crate::model::clock::Clock;
 use session::{Announcements, Session};
 
 /// Largest inbound packet accepted. Commands and trust bundles are a few KiB; anything larger
@@ -60,7 +61,7 @@ use session::{Announcements, Session};
 /// event loop returns an error, so the connection is dropped (docs/PROTOCOL.md 1.3).
 /// Room is left above the largest trust bundle for the topic and packet header, so a bundle
 /// at its size limit never trips this one (which would drop the connection on every connect).
-pub const MAX_INBOUND_PACKET: usize = crate::auth::trust::MAX_BUNDLE_BYTES + 1024;
+pub const MAX_INBOUND_PACKET: usize = crate::inbound::auth::trust::MAX_BUNDLE_BYTES + 1024;
 /// Largest outbound packet (a telemetry batch).
 pub const MAX_OUTBOUND_PACKET: usize = 1024 * 1024;
 /// Inbound messages waiting for the command pipeline. When full, further messages are dropped
@@ -99,7 +100,7 @@ impl LinkState {
 
 /// A snapshot of the link for `status`, systemd `STATUS=` lines and health telemetry.
 ///
-/// status.json stores it with its keys in alphabetical order ([`crate::status`]), not in the
+/// status.json stores it with its keys in alphabetical order ([`crate::agent::status`]), not in the
 /// order of this derive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkStatus {
@@ -226,6 +227,8 @@ pub struct Link {
     topics: Topics,
     event_loop: JoinHandle<()>,
     announcer: JoinHandle<()>,
+    /// Stamps presence messages.
+    clock: Clock,
 }
 
 /// The presence message on the retained status topic.
@@ -248,13 +251,6 @@ fn presence(state: &str, reason: Option<&str>, at: Option<u64>) -> Vec<u8> {
         at,
     })
     .expect("presence serialises")
-}
-
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Builds rumqttc's options from the settings. Fails only on unusable TLS material.
@@ -282,7 +278,7 @@ impl Link {
     ///
     /// Returns immediately: connecting happens in the background, so a gateway that boots
     /// without network still starts (and tells systemd it is ready).
-    pub fn start(settings: &Settings, shutdown: Shutdown) -> Result<Link, LinkError> {
+    pub fn start(settings: &Settings, shutdown: Shutdown, clock: Clock) -> Result<Link, LinkError> {
         let topics = Topics::new(&settings.device.id);
         let options = mqtt_options(settings, &topics)?;
         let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
@@ -313,6 +309,7 @@ impl Link {
                 inbound: inbound_tx,
                 dropped_inbound: 0,
                 shutdown,
+                clock: clock.clone(),
             },
         ));
         let publisher = Publisher { client, session };
@@ -320,6 +317,7 @@ impl Link {
             publisher.clone(),
             topics.clone(),
             status_rx.clone(),
+            clock.clone(),
         ));
         Ok(Link {
             publisher,
@@ -328,6 +326,7 @@ impl Link {
             topics,
             event_loop,
             announcer,
+            clock,
         })
     }
 
@@ -359,7 +358,7 @@ impl Link {
         let deadline = tokio::time::Instant::now() + budget;
         let connected = matches!(self.status.borrow().state, LinkState::Connected);
         if connected {
-            let offline = presence("offline", Some("shutdown"), Some(unix_now()));
+            let offline = presence("offline", Some("shutdown"), Some(self.clock.now()));
             let goodbye = async {
                 let delivery = self
                     .publisher
@@ -402,6 +401,7 @@ struct EventLoopIo {
     /// Inbound messages dropped on a full queue since start, for the log.
     dropped_inbound: u64,
     shutdown: Shutdown,
+    clock: Clock,
 }
 
 impl EventLoopIo {
@@ -462,7 +462,8 @@ async fn run_event_loop(mut eventloop: EventLoop, mut io: EventLoopIo) {
         };
         match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                io.transition(|s| s.on_connack(std::time::Instant::now(), unix_now()));
+                let now = io.clock.now();
+                io.transition(|s| s.on_connack(std::time::Instant::now(), now));
                 if io.plaintext {
                     tracing::warn!(broker = %io.broker, "connected WITHOUT TLS (allow_insecure_plaintext = true)");
                 }
@@ -535,7 +536,12 @@ fn describe(error: &ConnectionError) -> String {
 ///
 /// Runs apart from the event loop (see the module docs). If the link drops half-way, rumqttc
 /// discards these requests with the old session and the next CONNACK starts the sequence again.
-async fn announce(publisher: Publisher, topics: Topics, mut status: watch::Receiver<LinkStatus>) {
+async fn announce(
+    publisher: Publisher,
+    topics: Topics,
+    mut status: watch::Receiver<LinkStatus>,
+    clock: Clock,
+) {
     let mut announcements = Announcements::default();
     loop {
         let due = announcements.due(&status.borrow_and_update());
@@ -551,7 +557,7 @@ async fn announce(publisher: Publisher, topics: Topics, mut status: watch::Recei
                 }
                 tracing::debug!(%topic, "subscribed");
             }
-            let birth = presence("online", None, Some(unix_now()));
+            let birth = presence("online", None, Some(clock.now()));
             if publisher
                 .publish(topics.status(), birth, true)
                 .await

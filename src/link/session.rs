@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::backoff::Backoff;
 use super::{LinkState, LinkStatus};
+use crate::model::backoff::Backoff;
 
 /// The sending half of a [`Delivery`](super::Delivery): sending resolves it, dropping fails it.
 pub(crate) type Resolver = oneshot::Sender<()>;
@@ -184,8 +184,8 @@ mod tests {
     use tokio::sync::oneshot::error::TryRecvError;
 
     use super::*;
-    use crate::link::backoff::STABLE_AFTER;
     use crate::link::Delivery;
+    use crate::model::backoff::STABLE_AFTER;
 
     const MIN: Duration = Duration::from_millis(500);
     const MAX: Duration = Duration::from_secs(30);

@@ -14,7 +14,7 @@ use rumqttc::{AsyncClient, QoS};
 use serde_json::{json, Value};
 
 use super::{CommandRecord, KeyRecord, PlatformState, WORKSPACE};
-use crate::auth::claims::KeyKind;
+use crate::inbound::auth::claims::KeyKind;
 
 #[derive(Clone)]
 struct Api {
@@ -160,9 +160,9 @@ async fn complete_connection(
         let mut binding = None;
         if let Some(code) = body["pairingCode"].as_str() {
             let found = s.pairing_requests.iter().find_map(|(gw, req)| {
-                (crate::pairing::code::commitment(gw, code).as_deref()
+                (crate::inbound::pairing::code::commitment(gw, code).as_deref()
                     == Some(req.code_commitment.as_str())
-                    && req.expires_at > crate::link::unix_now())
+                    && req.expires_at > crate::model::clock::system_secs())
                 .then(|| (gw.clone(), req.code_commitment.clone()))
             });
             let Some((gateway, commitment)) = found else {
@@ -180,7 +180,7 @@ async fn complete_connection(
                 WORKSPACE,
                 &conn.reference_id,
                 version,
-                crate::link::unix_now(),
+                crate::model::clock::system_secs(),
                 &commitment,
             );
             binding = Some((gateway, token));
@@ -190,7 +190,10 @@ async fn complete_connection(
         (binding, redirect, scoped)
     };
     if let Some((gateway, token)) = &binding {
-        let topic = format!("{}/devices/{gateway}/pairing/binding", crate::topics::ROOT);
+        let topic = format!(
+            "{}/devices/{gateway}/pairing/binding",
+            crate::link::topics::ROOT
+        );
         if api
             .mqtt
             .publish(topic, QoS::AtLeastOnce, false, token.as_bytes().to_vec())
@@ -259,7 +262,7 @@ async fn create_command(
         };
         let id = s.next_id("cmd_");
         let api_key = s.api_key(&key);
-        let now = crate::link::unix_now();
+        let now = crate::model::clock::system_secs();
         let claims = if gateway == device_id {
             s.signer
                 .claims(&api_key, &gateway, &id, &slug, input, now, 300)
@@ -273,14 +276,14 @@ async fn create_command(
             status: "pending".into(),
             device_id: device_id.clone(),
             command: slug,
-            created_at: crate::reply::rfc3339(now),
+            created_at: crate::inbound::reply::rfc3339(now),
             result: None,
             error: None,
         };
         s.commands.insert(id, record.clone());
         (gateway, token, record)
     };
-    let topic = format!("{}/devices/{gateway}/commands", crate::topics::ROOT);
+    let topic = format!("{}/devices/{gateway}/commands", crate::link::topics::ROOT);
     if api
         .mqtt
         .publish(topic, QoS::AtLeastOnce, false, token.into_bytes())
@@ -397,7 +400,7 @@ async fn revoke_key(
     if api
         .mqtt
         .publish(
-            crate::topics::Topics::trust_bundle(),
+            crate::link::topics::Topics::trust_bundle(),
             QoS::AtLeastOnce,
             true,
             bundle.into_bytes(),

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use super::http::request;
 use super::{Simulator, WORKSPACE};
-use crate::platform::{ApiKey, PlatformSigner};
+use crate::sim::platform::{ApiKey, PlatformSigner};
 
 const GATEWAY: &str = "gw-demo";
 const BATTERY: &str = "battery-1";
@@ -213,7 +213,7 @@ fn signed(
         id,
         slug,
         input,
-        crate::link::unix_now(),
+        crate::model::clock::system_secs(),
         300,
     );
     s.signer.attest(&claims)
@@ -487,7 +487,7 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
         "cmd_demo_forged",
         "battery:set-reserve",
         json!({"chargePercentage": 1}),
-        crate::link::unix_now(),
+        crate::model::clock::system_secs(),
         300,
     ));
     let r = inject_and_wait(&sim, &forged, None).await?;
@@ -596,7 +596,7 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
         );
         println!("       -H 'Content-Type: application/json' -d '{{\"redirectUrl\":\"https://app.example/done\"}}'");
         println!("\nAgent log: {}", dir.path().join("agent.log").display());
-        let _ = crate::service::termination_signal().await;
+        let _ = crate::agent::service::termination_signal().await;
     }
     Ok(all_ok)
 }

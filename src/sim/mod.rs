@@ -5,7 +5,7 @@
 //! CA; the platform's MQTT side (a client that publishes the signed trust bundle, relays
 //! attestations and records replies, telemetry, capabilities and pairing requests); and a local
 //! HTTP API shaped like the platform's public one ([`api`]). All signing goes through
-//! [`crate::platform`], the same module the tests use.
+//! [`crate::sim::platform`], the same module the tests use.
 //!
 //! The simulator mints an attestation for whatever key calls it, with that key's kind and scope;
 //! like the real platform it refuses obvious misuse at the API (a connect key cannot command), but
@@ -16,6 +16,7 @@ pub mod api;
 pub mod demo;
 pub mod http;
 pub mod pki;
+pub mod platform;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,9 +29,9 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Tr
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::auth::claims::KeyKind;
-use crate::platform::{ApiKey, PlatformSigner};
-use crate::topics::Topics;
+use crate::inbound::auth::claims::KeyKind;
+use crate::link::topics::Topics;
+use crate::sim::platform::{ApiKey, PlatformSigner};
 
 /// The workspace (customer) the simulator's keys belong to.
 pub const WORKSPACE: &str = "ws_demo";
@@ -88,7 +89,7 @@ pub struct PlatformState {
     pub keys: Vec<KeyRecord>,
     pub connections: HashMap<String, Connection>,
     /// Pending pairing requests by gateway id.
-    pub pairing_requests: HashMap<String, crate::pairing::PairingRequest>,
+    pub pairing_requests: HashMap<String, crate::inbound::pairing::PairingRequest>,
     pub binding_versions: HashMap<String, u64>,
     pub commands: HashMap<String, CommandRecord>,
     pub devices: HashMap<String, DeviceRecord>,
@@ -144,7 +145,7 @@ impl PlatformState {
             .filter(|k| k.revoked)
             .map(|k| k.id.clone())
             .collect();
-        let now = crate::link::unix_now();
+        let now = crate::model::clock::system_secs();
         self.signer
             .trust_bundle(self.bundle_version, now, now + 7 * 86_400, &revoked)
     }
@@ -283,7 +284,10 @@ impl Simulator {
     /// Publishes `token` straight onto a gateway's command topic, as a compromised broker (or
     /// anyone with broker access) could, bypassing the API.
     pub async fn inject(&self, gateway_id: &str, token: &str) -> anyhow::Result<()> {
-        let topic = format!("{}/devices/{gateway_id}/commands", crate::topics::ROOT);
+        let topic = format!(
+            "{}/devices/{gateway_id}/commands",
+            crate::link::topics::ROOT
+        );
         self.mqtt
             .publish(topic, QoS::AtLeastOnce, false, token.as_bytes().to_vec())
             .await?;
@@ -369,7 +373,7 @@ async fn connect_platform(
     ] {
         client
             .subscribe(
-                format!("{}/devices/+/{leaf}", crate::topics::ROOT),
+                format!("{}/devices/+/{leaf}", crate::link::topics::ROOT),
                 QoS::AtLeastOnce,
             )
             .await?;
@@ -391,11 +395,11 @@ async fn connect_platform(
 /// Records one device message. Returns `Some(true)` when the trust bundle should be
 /// (re)published, because a gateway just came online.
 fn record(state: &Mutex<PlatformState>, topic: &str, payload: &[u8]) -> Option<bool> {
-    let rest = topic.strip_prefix(&format!("{}/devices/", crate::topics::ROOT))?;
+    let rest = topic.strip_prefix(&format!("{}/devices/", crate::link::topics::ROOT))?;
     let (gateway, leaf) = rest.split_once('/')?;
     let value: Value = serde_json::from_slice(payload).ok()?;
     let mut s = state.lock().expect("state");
-    let now = crate::reply::rfc3339(crate::link::unix_now());
+    let now = crate::inbound::reply::rfc3339(crate::model::clock::system_secs());
     match leaf {
         "status" => {
             let online = value["state"] == "online";
@@ -445,7 +449,9 @@ fn record(state: &Mutex<PlatformState>, topic: &str, payload: &[u8]) -> Option<b
             }
         }
         "pairing/request" => {
-            if let Ok(request) = serde_json::from_value::<crate::pairing::PairingRequest>(value) {
+            if let Ok(request) =
+                serde_json::from_value::<crate::inbound::pairing::PairingRequest>(value)
+            {
                 s.pairing_requests.insert(gateway.to_owned(), request);
             }
         }

@@ -7,9 +7,9 @@
 
 use std::path::PathBuf;
 
-use super::model::GatewayHealth;
 use crate::drivers::DriverHealthSource;
-use crate::outbox::OutboxStats;
+use crate::model::device::GatewayHealth;
+use crate::telemetry::outbox::OutboxStats;
 
 pub struct HealthProbe {
     pub state_dir: PathBuf,

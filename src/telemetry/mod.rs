@@ -14,7 +14,7 @@
 //! [`Publish`], so the task can be tested against a stand-in with no broker.
 
 pub mod health;
-pub mod model;
+pub mod outbox;
 mod points;
 pub mod settings;
 mod uplink;
@@ -25,14 +25,15 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::agent::service::Shutdown;
 use crate::drivers::Sample;
+use crate::link::topics::Topics;
 use crate::link::{LinkState, LinkStatus, Publisher};
-use crate::outbox::{Outbox, OutboxStats};
-use crate::service::Shutdown;
-use crate::topics::Topics;
+use crate::model::clock::Clock;
+use crate::telemetry::outbox::{Outbox, OutboxStats};
 use uplink::{Next, Uplink};
 
-pub use points::{batch_message, encode_state, unix_millis};
+pub use points::{batch_message, encode_state};
 pub use settings::TelemetrySettings;
 
 pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
@@ -80,6 +81,8 @@ pub struct Telemetry<P = Publisher> {
     pub health: health::HealthProbe,
     /// Outbox figures, for `status` and health (refreshed on every change).
     pub stats: watch::Sender<OutboxStats>,
+    /// Stamps every point.
+    pub clock: Clock,
 }
 
 impl Telemetry {
@@ -93,6 +96,7 @@ impl Telemetry {
         link: &crate::link::Link,
         outbox: Outbox,
         state_dir: &std::path::Path,
+        clock: Clock,
     ) -> (Telemetry, watch::Receiver<OutboxStats>) {
         let (stats, stats_rx) = watch::channel(outbox.stats());
         let telemetry = Telemetry {
@@ -107,6 +111,7 @@ impl Telemetry {
                 drivers: Vec::new(),
             },
             stats,
+            clock,
         };
         (telemetry, stats_rx)
     }
@@ -214,7 +219,7 @@ impl<P: Publish> Telemetry<P> {
                 Err(_) => break,
             }
         }
-        let now = unix_millis();
+        let now = self.clock.now_millis();
         // All points serialised into one buffer: one allocation for the lot, not one each.
         let mut buf = Vec::with_capacity(samples.len() * 320);
         let mut ends = Vec::with_capacity(samples.len());
@@ -240,7 +245,7 @@ impl<P: Publish> Telemetry<P> {
         let stats = self.outbox.stats();
         let reconnects = self.link.borrow().reconnects();
         let health = self.health.sample(reconnects, stats);
-        let point = points::encode_health(unix_millis(), &self.gateway_id, &health);
+        let point = points::encode_health(self.clock.now_millis(), &self.gateway_id, &health);
         match self.outbox.append(&point) {
             Ok(_) => self.publish_stats(),
             Err(error) => tracing::error!(%error, "point not stored"),

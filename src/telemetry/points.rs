@@ -7,8 +7,8 @@
 
 use serde::Serialize;
 
-use super::model;
-use crate::outbox::Record;
+use crate::model::device as model;
+use crate::telemetry::outbox::Record;
 
 /// A point as stored in the outbox (the sequence number is the record's, added when sending).
 #[derive(Debug, Serialize)]
@@ -29,13 +29,6 @@ struct StateBody<'a> {
 #[derive(Debug, Serialize)]
 pub(crate) struct HealthBody<'a> {
     pub(crate) health: &'a model::GatewayHealth,
-}
-
-pub fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Appends a device state point as the outbox stores it (`{"ts":…,"deviceId":…,"state":…}`,

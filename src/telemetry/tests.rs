@@ -7,8 +7,8 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::drivers::sim::SimDevice;
-use crate::outbox::Record;
-use crate::telemetry::model::DeviceType;
+use crate::model::device::DeviceType;
+use crate::telemetry::outbox::Record;
 
 const GATEWAY: &str = "gw-test";
 /// Bounds a test that would otherwise hang; never reached when the code is right.
@@ -106,7 +106,7 @@ fn harness(batch_max_points: usize) -> Harness {
     let (stats_tx, stats) = watch::channel(outbox.stats());
     let telemetry = Telemetry {
         gateway_id: GATEWAY.into(),
-        topics: Topics::new(&crate::device::DeviceId::parse(GATEWAY).unwrap()),
+        topics: Topics::new(&crate::model::gateway::GatewayId::parse(GATEWAY).unwrap()),
         publisher: link.clone(),
         link: link_rx,
         outbox,
@@ -122,6 +122,7 @@ fn harness(batch_max_points: usize) -> Harness {
             drivers: Vec::new(),
         },
         stats: stats_tx,
+        clock: crate::model::clock::Clock::system(),
     };
     Harness {
         telemetry,
@@ -162,7 +163,7 @@ async fn samples_are_numbered_sent_as_one_batch_and_acknowledged_in_the_outbox()
     for i in 1..=3 {
         samples.send(sample(i)).await.unwrap();
     }
-    let (trigger, shutdown) = crate::service::shutdown_channel();
+    let (trigger, shutdown) = crate::agent::service::shutdown_channel();
     let task = tokio::spawn(h.telemetry.run(rx, shutdown));
 
     let batch = next_publish(&mut h.log).await;
@@ -182,7 +183,7 @@ async fn samples_are_numbered_sent_as_one_batch_and_acknowledged_in_the_outbox()
 async fn points_keep_their_numbers_across_a_link_outage() {
     let mut h = harness(2);
     let (samples, rx) = mpsc::channel(8);
-    let (trigger, shutdown) = crate::service::shutdown_channel();
+    let (trigger, shutdown) = crate::agent::service::shutdown_channel();
     let task = tokio::spawn(h.telemetry.run(rx, shutdown));
     samples.send(sample(1)).await.unwrap();
     samples.send(sample(2)).await.unwrap();
@@ -254,7 +255,7 @@ async fn shutdown_makes_the_outbox_durable_and_keeps_unacknowledged_points() {
     let (samples, rx) = mpsc::channel(8);
     samples.send(sample(1)).await.unwrap();
     samples.send(sample(2)).await.unwrap();
-    let (trigger, shutdown) = crate::service::shutdown_channel();
+    let (trigger, shutdown) = crate::agent::service::shutdown_channel();
     let task = tokio::spawn(h.telemetry.run(rx, shutdown));
     let in_flight = next_publish(&mut h.log).await;
     assert_eq!(in_flight.seqs, [1, 2]);

@@ -687,13 +687,13 @@ pub fn cpu_seconds(pid: &str) -> f64 {
 pub async fn platform_peer(
     pki: &Pki,
     port: u16,
-    signer: &texture_agent::platform::PlatformSigner,
+    signer: &texture_agent::sim::platform::PlatformSigner,
     subscriptions: &[&str],
 ) -> Peer {
     let peer = Peer::connect(pki, port, PLATFORM_CLIENT, subscriptions).await;
     let now = unix_now();
     peer.publish(
-        &texture_agent::topics::Topics::trust_bundle(),
+        &texture_agent::link::topics::Topics::trust_bundle(),
         signer.trust_bundle(1, now, now + 3_600, &[]),
         true,
     )

@@ -336,7 +336,7 @@ pub fn peek_jti(token: &[u8], max_len: usize) -> Option<String> {
     super::is_valid_command_id(&claims.jti).then_some(claims.jti)
 }
 
-/// Signs `payload` as a compact JWS. The platform's side of [`verify`]; see `crate::platform`.
+/// Signs `payload` as a compact JWS. The platform's side of [`verify`]; see `crate::sim::platform`.
 pub fn sign(key: &SigningKey, kid: Option<&str>, typ: &str, payload: &[u8]) -> String {
     let header = Header {
         alg: ALG.to_string(),

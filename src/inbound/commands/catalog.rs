@@ -32,7 +32,7 @@ use std::fmt;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::telemetry::model::DeviceType;
+use crate::model::device::DeviceType;
 
 /// A command slug, `type:action` as the platform writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -777,7 +777,7 @@ mod tests {
     #[test]
     fn validated_input_drives_the_simulator() {
         use crate::drivers::sim::SimDevice;
-        use crate::telemetry::model::DeviceState;
+        use crate::model::device::DeviceState;
         let v = validate(
             "thermostat:set-operating-mode",
             &input(json!({"operatingMode": "heat", "heatTarget": 71.6, "unit": "F"})),

@@ -1,5 +1,5 @@
 //! The signed payloads, as types shared by the verifier and the platform-side signer
-//! (`crate::platform`), so the two can never drift apart. docs/PROTOCOL.md documents each field.
+//! (`crate::sim::platform`), so the two can never drift apart. docs/PROTOCOL.md documents each field.
 
 use std::fmt;
 

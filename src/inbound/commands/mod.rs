@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::auth::claims::AttestationClaims;
 use crate::drivers::{DriverCommand, DriverRegistry};
-use crate::reply::{rfc3339, ErrorCode, FailedError, Reply};
+use crate::inbound::auth::claims::AttestationClaims;
+use crate::inbound::reply::{rfc3339, ErrorCode, FailedError, Reply};
 use catalog::Slug;
 
 /// `[commands]` settings.

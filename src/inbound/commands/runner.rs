@@ -28,11 +28,12 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{reply_for, DeviceRun};
-use crate::auth::claims::AttestationClaims;
-use crate::auth::Authorizer;
+use crate::agent::service::Shutdown;
 use crate::drivers::{CommandFailure, DriverCommand};
-use crate::reply::{rfc3339, ErrorCode, FailedError, Reply};
-use crate::service::Shutdown;
+use crate::inbound::auth::claims::AttestationClaims;
+use crate::inbound::auth::Authorizer;
+use crate::inbound::reply::{rfc3339, ErrorCode, FailedError, Reply};
+use crate::model::clock::Clock;
 
 /// Completions waiting for the inbound task. A command task waits (it has nothing else to do)
 /// when the queue is full.
@@ -183,10 +184,12 @@ pub(crate) struct Runner {
     interrupted: Vec<Vec<u8>>,
     /// The agent's stop: from then on a running device command has no outcome to report.
     stop: Shutdown,
+    /// Stamps `executedAt`.
+    clock: Clock,
 }
 
 impl Runner {
-    pub(crate) fn new(stop: Shutdown) -> Runner {
+    pub(crate) fn new(stop: Shutdown, clock: Clock) -> Runner {
         let (completions_tx, completions_rx) = mpsc::channel(COMPLETION_QUEUE);
         Runner {
             runs: RunSet::default(),
@@ -194,6 +197,7 @@ impl Runner {
             completions_rx,
             interrupted: Vec::new(),
             stop,
+            clock,
         }
     }
 
@@ -234,6 +238,7 @@ impl Runner {
         }
         let completions = self.completions_tx.clone();
         let stop = self.stop.clone();
+        let clock = self.clock.clone();
         tokio::spawn(async move {
             let Some(outcome) = run_on_device(&claims, run, cancel_rx, stop).await else {
                 // Neither answered nor recorded: its replay entry stays "seen, no reply", so the
@@ -241,7 +246,7 @@ impl Runner {
                 tracing::warn!(command_id = %claims.jti, device_id = %device_id, "agent stopping: command cut short; it is reported interrupted after the restart");
                 return;
             };
-            let reply = device_reply(&claims, &device_id, crate::link::unix_now(), outcome);
+            let reply = device_reply(&claims, &device_id, clock.now(), outcome);
             let _ = completions
                 .send(Completion {
                     command_id: claims.jti.clone(),

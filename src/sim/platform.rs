@@ -7,16 +7,16 @@
 
 use ed25519_dalek::SigningKey;
 
-use crate::auth::claims::{
+use crate::inbound::auth::claims::{
     AttestationClaims, BundleKey, CommandClaim, KeyKind, OwnerBindingClaims, TrustBundleClaims,
     ATTESTATION_TYP, OWNER_BINDING_TYP, TRUST_BUNDLE_TYP,
 };
-use crate::auth::jws;
+use crate::inbound::auth::jws;
 
 /// The default issuer name, matching the daemon's default `trust.issuer`.
 pub const DEFAULT_ISSUER: &str = "texture-platform";
 
-pub use crate::identity::generate_key;
+pub use crate::agent::identity::generate_key;
 
 /// The platform's keys: a root that signs trust bundles, and named keys that sign attestations.
 pub struct PlatformSigner {

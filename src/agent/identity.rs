@@ -56,7 +56,7 @@ pub fn load_or_create(state_dir: &Path) -> Result<SigningKey, IdentityError> {
 
 /// The public half, unpadded base64url.
 pub fn public_key(key: &SigningKey) -> String {
-    crate::auth::jws::public_key_to_base64(&key.verifying_key())
+    crate::inbound::auth::jws::public_key_to_base64(&key.verifying_key())
 }
 
 #[cfg(test)]

@@ -17,7 +17,8 @@ use std::path::Path;
 
 use ed25519_dalek::VerifyingKey;
 
-use crate::reply::{ErrorCode, Reply};
+use crate::inbound::reply::{ErrorCode, Reply};
+use crate::model::clock::Clock;
 use claims::{AttestationClaims, KeyKind, ATTESTATION_TYP};
 use refusals::RefusalCache;
 use replay::{LoadReport, ReplayError, ReplayWindow};
@@ -301,10 +302,35 @@ pub struct Authorizer {
     trust: TrustStore,
     replay: ReplayWindow,
     refusals: RefusalCache,
-    owner: Option<String>,
-    bound_workspace: Option<String>,
-    /// The system clock; replaceable so tests can run a gateway whose clock is wrong.
-    clock: fn() -> u64,
+    /// The agent's one clock. Its floor mirrors the replay journal's, which owns it.
+    clock: Clock,
+}
+
+/// The pairing state as authorisation sees it, borrowed from `pairing::PairingState` (its one
+/// owner) at each decision and never kept, so a command is always judged against the owner in
+/// force when it arrives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Owner<'a> {
+    /// The paired owner's reference id; `None` when unpaired (every scoped key is refused).
+    pub reference_id: Option<&'a str>,
+    /// The workspace the owner binding names, used only when the configuration fixes none.
+    pub workspace_id: Option<&'a str>,
+}
+
+impl<'a> Owner<'a> {
+    /// No owner: only server keys of the configured workspace may command the gateway.
+    pub const UNPAIRED: Owner<'static> = Owner {
+        reference_id: None,
+        workspace_id: None,
+    };
+
+    /// Paired to `reference_id`, with no workspace from the binding.
+    pub fn paired(reference_id: &'a str) -> Owner<'a> {
+        Owner {
+            reference_id: Some(reference_id),
+            workspace_id: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -313,10 +339,6 @@ pub enum AuthorizerError {
     Replay(#[from] crate::storage::StorageError),
     #[error("trust state: {0}")]
     TrustState(crate::storage::StorageError),
-}
-
-pub(crate) fn system_now() -> u64 {
-    crate::link::unix_now()
 }
 
 impl Authorizer {
@@ -343,23 +365,39 @@ impl Authorizer {
                 trust,
                 replay,
                 refusals: RefusalCache::default(),
-                owner: None,
-                bound_workspace: None,
-                clock: system_now,
-            },
+                clock: Clock::system(),
+            }
+            .with_floor_synced(),
             report,
         ))
     }
 
+    /// Mirrors the replay journal's floor into the shared clock, after anything that may
+    /// have raised it.
+    fn with_floor_synced(self) -> Authorizer {
+        self.sync_floor();
+        self
+    }
+
+    fn sync_floor(&self) {
+        self.clock.raise_floor(self.replay.time_floor());
+    }
+
     /// The effective time: the later of the system clock and the time floor (see `replay`).
     pub fn now(&self) -> u64 {
-        (self.clock)().max(self.replay.time_floor())
+        self.clock.now()
+    }
+
+    /// The agent's clock, whose floor this authorizer keeps raised; every other part of the
+    /// agent reads a clone of it.
+    pub fn clock(&self) -> Clock {
+        self.clock.clone()
     }
 
     /// Replaces the system clock (Unix seconds) this authorizer reads, for tests of wrong
     /// clocks. Nothing the replay journal forgets depends on it (see `replay`).
     pub fn set_clock(&mut self, clock: fn() -> u64) {
-        self.clock = clock;
+        self.clock = self.clock.with_source(clock);
     }
 
     /// The time floor: the latest platform-signed time seen (docs/PROTOCOL.md 8).
@@ -369,17 +407,6 @@ impl Authorizer {
 
     pub fn trust_bundle(&self) -> Option<&TrustBundle> {
         self.trust.current()
-    }
-
-    pub fn set_owner(&mut self, owner: Option<String>) {
-        self.owner = owner;
-    }
-
-    /// Applies a pairing state: the owner whose scoped keys match, and the workspace the
-    /// binding names (used only when the configuration does not fix one).
-    pub fn set_pairing(&mut self, owner: Option<String>, workspace: Option<String>) {
-        self.owner = owner;
-        self.bound_workspace = workspace;
     }
 
     pub fn issuer(&self) -> &str {
@@ -396,6 +423,7 @@ impl Authorizer {
         let result = self.trust.offer(bytes, now);
         if let Ok(Some(_)) = result {
             self.replay.raise_floor(self.trust.highest_issued_at());
+            self.sync_floor();
         }
         match &result {
             Ok(Some(version)) => tracing::info!(version, "trust bundle accepted"),
@@ -405,17 +433,20 @@ impl Authorizer {
         result
     }
 
-    /// Decides on an inbound attestation, records it durably when verified, and audits it.
-    pub fn authorize(&mut self, token: &[u8]) -> Authorization {
+    /// Decides on an inbound attestation against the pairing state in force (`owner`),
+    /// records it durably when verified, and audits it.
+    pub fn authorize(&mut self, token: &[u8], owner: Owner<'_>) -> Authorization {
+        let authorization = self.decide_and_record(token, owner);
+        self.sync_floor();
+        authorization
+    }
+
+    fn decide_and_record(&mut self, token: &[u8], owner: Owner<'_>) -> Authorization {
         let now = self.now();
         let ctx = Context {
             device_id: &self.config.device_id,
-            workspace_id: self
-                .config
-                .workspace_id
-                .as_deref()
-                .or(self.bound_workspace.as_deref()),
-            owner: self.owner.as_deref(),
+            workspace_id: self.config.workspace_id.as_deref().or(owner.workspace_id),
+            owner: owner.reference_id,
             trust: self.trust.current(),
             issuer: &self.config.issuer,
             now,

@@ -10,7 +10,7 @@
 //! [`InboundTopic`]), so whatever routes messages matches on a kind instead of comparing strings
 //! it has to rebuild.
 
-use crate::device::DeviceId;
+use crate::model::gateway::GatewayId;
 
 /// Root of every topic. The version segment lets a future wire format live beside this one.
 pub const ROOT: &str = "texture/v1";
@@ -42,7 +42,7 @@ pub struct Topics {
 }
 
 impl Topics {
-    pub fn new(device: &DeviceId) -> Self {
+    pub fn new(device: &GatewayId) -> Self {
         Topics {
             base: format!("{ROOT}/devices/{device}"),
         }
@@ -122,7 +122,7 @@ mod tests {
 
     #[test]
     fn every_device_topic_is_under_its_own_subtree() {
-        let t = Topics::new(&DeviceId::parse("gw-7").unwrap());
+        let t = Topics::new(&GatewayId::parse("gw-7").unwrap());
         for topic in [
             t.status(),
             t.commands(),
@@ -138,7 +138,7 @@ mod tests {
 
     #[test]
     fn each_inbound_topic_is_classified_as_itself() {
-        let t = Topics::new(&DeviceId::parse("gw-7").unwrap());
+        let t = Topics::new(&GatewayId::parse("gw-7").unwrap());
         assert_eq!(
             t.classify("texture/v1/trust/bundle"),
             Some(InboundTopic::TrustBundle)
@@ -158,7 +158,7 @@ mod tests {
 
     #[test]
     fn subscriptions_are_the_inbound_topics_in_their_order() {
-        let t = Topics::new(&DeviceId::parse("gw-7").unwrap());
+        let t = Topics::new(&GatewayId::parse("gw-7").unwrap());
         assert_eq!(
             t.subscriptions(),
             [
@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn outbound_foreign_and_look_alike_topics_are_not_inbound() {
-        let t = Topics::new(&DeviceId::parse("gw-7").unwrap());
+        let t = Topics::new(&GatewayId::parse("gw-7").unwrap());
         for topic in [
             t.status(),
             t.replies(),

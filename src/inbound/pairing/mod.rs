@@ -12,15 +12,17 @@
 //! Every refusal leaves the stored binding exactly as it was.
 
 pub mod code;
+pub mod control;
+pub(crate) mod session;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::claims::{OwnerBindingClaims, OWNER_BINDING_TYP};
-use crate::auth::jws;
-use crate::auth::trust::TrustBundle;
+use crate::inbound::auth::claims::{OwnerBindingClaims, OWNER_BINDING_TYP};
+use crate::inbound::auth::jws;
+use crate::inbound::auth::trust::TrustBundle;
 use crate::storage::{self, StorageError};
 use code::PairingCode;
 

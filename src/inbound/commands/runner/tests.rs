@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use serde_json::json;
 
 use super::*;
-use crate::auth::claims::{CommandClaim, KeyKind};
-use crate::service::{shutdown_channel, ShutdownTrigger};
+use crate::agent::service::{shutdown_channel, ShutdownTrigger};
+use crate::inbound::auth::claims::{CommandClaim, KeyKind};
 
 const ISSUED_AT: u64 = 1_795_786_200;
 const RESTARTED_AT: u64 = 1_795_786_272;
@@ -72,7 +72,7 @@ fn device(device_id: &str, timeout_secs: u64) -> (DeviceRun, mpsc::Receiver<Driv
 
 fn runner() -> (Runner, ShutdownTrigger) {
     let (trigger, stop) = shutdown_channel();
-    (Runner::new(stop), trigger)
+    (Runner::new(stop, Clock::system()), trigger)
 }
 
 fn parse(reply: &[u8]) -> Value {
@@ -223,7 +223,7 @@ fn interrupted_commands_are_reported_once_after_a_restart() {
     let ids: Vec<String> = ["c1", "c2", "c3"].map(String::from).to_vec();
 
     let (trigger, stop) = shutdown_channel();
-    let mut runner = Runner::new(stop.clone());
+    let mut runner = Runner::new(stop.clone(), Clock::system());
     runner.report_interrupted(&mut journal, "gw-1", &ids);
     let published = runner.take_interrupted();
     let replies: Vec<Value> = published.iter().map(|r| parse(r)).collect();
@@ -251,7 +251,7 @@ fn interrupted_commands_are_reported_once_after_a_restart() {
 
     // Recorded, so the start after that has nothing to report.
     drop(trigger);
-    let mut next = Runner::new(stop);
+    let mut next = Runner::new(stop, Clock::system());
     next.report_interrupted(&mut journal, "gw-1", &ids);
     assert!(next.take_interrupted().is_empty());
 }

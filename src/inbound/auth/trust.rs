@@ -347,7 +347,7 @@ impl TrustStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::platform::PlatformSigner;
+    use crate::sim::platform::PlatformSigner;
 
     const NOW: u64 = 1_800_000_000;
 

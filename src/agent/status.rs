@@ -27,7 +27,7 @@ pub struct RuntimeStatus {
     #[serde(serialize_with = "link_in_key_order")]
     pub link: LinkStatus,
     #[serde(default)]
-    pub outbox: Option<crate::outbox::OutboxStats>,
+    pub outbox: Option<crate::telemetry::outbox::OutboxStats>,
 }
 
 /// `link` as status.json holds it: the keys of [`LinkStatus`] and of its state, alphabetically.
@@ -89,7 +89,7 @@ pub fn is_running(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::OutboxStats;
+    use crate::telemetry::outbox::OutboxStats;
 
     fn link(state: LinkState) -> LinkStatus {
         LinkStatus {

@@ -7,12 +7,12 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::mpsc;
 
+use crate::agent::service::{self, notify_or_log};
+use crate::agent::status::{self, RuntimeStatus};
 use crate::agent::Agent;
 use crate::config::Settings;
-use crate::control;
+use crate::inbound::pairing::control;
 use crate::link::{LinkState, LinkStatus};
-use crate::service::{self, notify_or_log};
-use crate::status::{self, RuntimeStatus};
 
 pub use crate::agent::SHUTDOWN_BUDGET;
 
@@ -29,6 +29,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     crate::link::tls::install_default_provider();
     let state = crate::agent::AgentState::open(&settings)?;
+    let started_at_unix = state.clock().now();
     let control =
         control::bind(&settings.state.runtime_dir).context("binding the control socket")?;
     let (trigger, shutdown) = service::shutdown_channel();
@@ -36,7 +37,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut agent = Agent::start(&settings, state, shutdown, calls_rx)?;
     let control_task = tokio::spawn(control::serve(control, calls_tx));
 
-    let started_at_unix = crate::link::unix_now();
     let device_id = settings.device.id.to_string();
     let runtime_dir = settings.state.runtime_dir.clone();
     let outbox_stats = agent.outbox_stats();
