@@ -221,6 +221,81 @@ fn parse_header(json: &[u8]) -> Result<Header, &'static str> {
     })
 }
 
+/// The walk of [`repeated_member_depth`]: visits every value, remembering each object's
+/// member names, and stops at the first repeat.
+struct Scan<'a> {
+    depth: usize,
+    found: &'a Cell<Option<usize>>,
+}
+
+impl<'de> DeserializeSeed<'de> for Scan<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Scan<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i128<E>(self, _: i128) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u128<E>(self, _: u128) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(Scan {
+                depth: self.depth,
+                found: self.found,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let depth = self.depth + 1;
+        let mut names = HashSet::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if !names.insert(name) {
+                self.found.set(Some(depth));
+                return Err(de::Error::custom("repeated member"));
+            }
+            map.next_value_seed(Scan {
+                depth,
+                found: self.found,
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// If `json` is JSON and one of its objects, at any depth, repeats a member name: the depth of
 /// that object (1 for the top level). `None` when no name repeats, and also when `json` is not
 /// JSON at all, which the caller's own parser then refuses with its own reason.
@@ -228,79 +303,6 @@ fn parse_header(json: &[u8]) -> Result<Header, &'static str> {
 /// Names are compared after unescaping, so `"a"` and `"\u0061"` are the same member. The walk
 /// is bounded by serde_json's recursion limit (128 levels).
 pub fn repeated_member_depth(json: &[u8]) -> Option<usize> {
-    struct Scan<'a> {
-        depth: usize,
-        found: &'a Cell<Option<usize>>,
-    }
-
-    impl<'de> DeserializeSeed<'de> for Scan<'_> {
-        type Value = ();
-
-        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_any(self)
-        }
-    }
-
-    impl<'de> Visitor<'de> for Scan<'_> {
-        type Value = ();
-
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("any JSON value")
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-            Ok(())
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-            Ok(())
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-            Ok(())
-        }
-        fn visit_i128<E>(self, _: i128) -> Result<(), E> {
-            Ok(())
-        }
-        fn visit_u128<E>(self, _: u128) -> Result<(), E> {
-            Ok(())
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-            Ok(())
-        }
-        fn visit_str<E>(self, _: &str) -> Result<(), E> {
-            Ok(())
-        }
-        fn visit_unit<E>(self) -> Result<(), E> {
-            Ok(())
-        }
-        fn visit_none<E>(self) -> Result<(), E> {
-            Ok(())
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-            while seq
-                .next_element_seed(Scan {
-                    depth: self.depth,
-                    found: self.found,
-                })?
-                .is_some()
-            {}
-            Ok(())
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-            let depth = self.depth + 1;
-            let mut names = HashSet::new();
-            while let Some(name) = map.next_key::<String>()? {
-                if !names.insert(name) {
-                    self.found.set(Some(depth));
-                    return Err(de::Error::custom("repeated member"));
-                }
-                map.next_value_seed(Scan {
-                    depth,
-                    found: self.found,
-                })?;
-            }
-            Ok(())
-        }
-    }
-
     let found = Cell::new(None);
     let mut de = serde_json::Deserializer::from_slice(json);
     let _ = Scan {

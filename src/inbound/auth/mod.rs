@@ -102,13 +102,6 @@ pub enum Verdict {
     },
 }
 
-fn unauthenticated(reason: &'static str, message: impl Into<String>) -> Verdict {
-    Verdict::Refuse {
-        claims: None,
-        refusal: Refusal::new(ErrorCode::Unauthenticated, reason, message),
-    }
-}
-
 /// Check 16 of the decision order (docs/PROTOCOL.md 7.1): what a command id may look like.
 pub(crate) fn is_valid_command_id(id: &str) -> bool {
     !id.is_empty()
@@ -119,67 +112,16 @@ pub(crate) fn is_valid_command_id(id: &str) -> bool {
 }
 
 /// The authorisation decision. Pure: no I/O, no clock, no randomness.
+///
+/// The checks run in the order of docs/PROTOCOL.md 7.1, one stage per function below; the
+/// first that fails decides the reply and nothing after it is evaluated.
 pub fn decide(token: &[u8], ctx: &Context<'_>, replay: &ReplayWindow) -> Verdict {
-    // 1. Authenticity: only a current platform key's signature counts.
-    let Some(bundle) = ctx.trust else {
-        return unauthenticated(
-            "no-trust-bundle",
-            "no trust bundle received yet; no platform key is trusted",
-        );
+    let (bundle, claims) = match authenticate(token, ctx) {
+        Ok(authenticated) => authenticated,
+        Err(refusal) => return refused_unverified(refusal),
     };
-    if bundle.expires_at <= ctx.now {
-        return unauthenticated(
-            "trust-bundle-expired",
-            "the trust bundle has expired; waiting for a newer one",
-        );
-    }
-    let lookup = |kid: Option<&str>| -> Option<&VerifyingKey> { kid.and_then(|k| bundle.key(k)) };
-    let verified = match jws::verify(token, MAX_ATTESTATION_BYTES, ATTESTATION_TYP, lookup) {
-        Ok(v) => v,
-        Err(e) => {
-            let reason = match e {
-                jws::JwsError::UnknownKey(_) => "unknown-key",
-                jws::JwsError::BadSignature => "bad-signature",
-                jws::JwsError::Algorithm(_) => "algorithm",
-                _ => "malformed",
-            };
-            return unauthenticated(reason, e.to_string());
-        }
-    };
-    let claims: AttestationClaims = match serde_json::from_slice(&verified.payload) {
-        Ok(c) => c,
-        Err(e) => return unauthenticated("malformed", format!("attestation payload: {e}")),
-    };
-    // 2. Well-formedness of what the platform signed.
-    if Some(claims.kid.as_str()) != verified.header.kid.as_deref() {
-        return unauthenticated("malformed", "payload kid differs from header kid");
-    }
-    if claims.iss != ctx.issuer {
-        return unauthenticated(
-            "issuer",
-            format!("issuer {:?} is not {:?}", claims.iss, ctx.issuer),
-        );
-    }
-    if !is_valid_command_id(&claims.jti) {
-        return unauthenticated(
-            "malformed",
-            "jti must be 1-128 characters of [A-Za-z0-9._:-]",
-        );
-    }
-    if claims.exp <= claims.iat || claims.exp - claims.iat > MAX_LIFETIME_SECS {
-        return unauthenticated(
-            "malformed",
-            format!(
-                "validity must be 1..={MAX_LIFETIME_SECS} s (iat {}, exp {})",
-                claims.iat, claims.exp
-            ),
-        );
-    }
-    if (claims.api_key_kind == KeyKind::Scoped) != claims.reference_id.is_some() {
-        return unauthenticated(
-            "malformed",
-            "referenceId must be present exactly for scoped keys",
-        );
+    if let Err(refusal) = well_formed(&claims, ctx.issuer) {
+        return refused_unverified(refusal);
     }
     // 3. Replay: a verified id seen before gets its recorded reply, whatever else is true now.
     if let Some(entry) = replay.get(&claims.jti) {
@@ -188,88 +130,194 @@ pub fn decide(token: &[u8], ctx: &Context<'_>, replay: &ReplayWindow) -> Verdict
             claims: Box::new(claims),
         };
     }
-    let refuse = |claims: AttestationClaims, code, reason, message: String| Verdict::Refuse {
-        claims: Some(Box::new(claims)),
-        refusal: Refusal::new(code, reason, message),
+    let refusal = time_refusal(&claims, ctx)
+        .or_else(|| scope_refusal(&claims, ctx, bundle))
+        .or_else(|| key_refusal(&claims, ctx.owner));
+    match refusal {
+        Some(refusal) => Verdict::Refuse {
+            claims: Some(Box::new(claims)),
+            refusal,
+        },
+        None => Verdict::Allow(Box::new(claims)),
+    }
+}
+
+/// A refusal of a message whose claims are not to be trusted (or were never read).
+fn refused_unverified(refusal: Refusal) -> Verdict {
+    Verdict::Refuse {
+        claims: None,
+        refusal,
+    }
+}
+
+fn unauthenticated(reason: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal::new(ErrorCode::Unauthenticated, reason, message)
+}
+
+/// Stage 1, authenticity: only a current platform key's signature counts, and the payload must name
+/// the key that signed it. Returns the bundle in force and the verified claims.
+fn authenticate<'c>(
+    token: &[u8],
+    ctx: &Context<'c>,
+) -> Result<(&'c TrustBundle, AttestationClaims), Refusal> {
+    let Some(bundle) = ctx.trust else {
+        return Err(unauthenticated(
+            "no-trust-bundle",
+            "no trust bundle received yet; no platform key is trusted",
+        ));
     };
-    // 4. Time, against the later of the system clock and the time floor.
+    if bundle.expires_at <= ctx.now {
+        return Err(unauthenticated(
+            "trust-bundle-expired",
+            "the trust bundle has expired; waiting for a newer one",
+        ));
+    }
+    let lookup = |kid: Option<&str>| -> Option<&VerifyingKey> { kid.and_then(|k| bundle.key(k)) };
+    let verified =
+        jws::verify(token, MAX_ATTESTATION_BYTES, ATTESTATION_TYP, lookup).map_err(|e| {
+            let reason = match e {
+                jws::JwsError::UnknownKey(_) => "unknown-key",
+                jws::JwsError::BadSignature => "bad-signature",
+                jws::JwsError::Algorithm(_) => "algorithm",
+                _ => "malformed",
+            };
+            unauthenticated(reason, e.to_string())
+        })?;
+    let claims: AttestationClaims = serde_json::from_slice(&verified.payload)
+        .map_err(|e| unauthenticated("malformed", format!("attestation payload: {e}")))?;
+    // 2 begins here: the signed kid must be the one the header named.
+    if Some(claims.kid.as_str()) != verified.header.kid.as_deref() {
+        return Err(unauthenticated(
+            "malformed",
+            "payload kid differs from header kid",
+        ));
+    }
+    Ok((bundle, claims))
+}
+
+/// Stage 2, well-formedness of what the platform signed.
+fn well_formed(claims: &AttestationClaims, issuer: &str) -> Result<(), Refusal> {
+    if claims.iss != issuer {
+        return Err(unauthenticated(
+            "issuer",
+            format!("issuer {:?} is not {:?}", claims.iss, issuer),
+        ));
+    }
+    if !is_valid_command_id(&claims.jti) {
+        return Err(unauthenticated(
+            "malformed",
+            "jti must be 1-128 characters of [A-Za-z0-9._:-]",
+        ));
+    }
+    if claims.exp <= claims.iat || claims.exp - claims.iat > MAX_LIFETIME_SECS {
+        return Err(unauthenticated(
+            "malformed",
+            format!(
+                "validity must be 1..={MAX_LIFETIME_SECS} s (iat {}, exp {})",
+                claims.iat, claims.exp
+            ),
+        ));
+    }
+    if (claims.api_key_kind == KeyKind::Scoped) != claims.reference_id.is_some() {
+        return Err(unauthenticated(
+            "malformed",
+            "referenceId must be present exactly for scoped keys",
+        ));
+    }
+    Ok(())
+}
+
+/// Stage 4, time, against the later of the system clock and the time floor.
+fn time_refusal(claims: &AttestationClaims, ctx: &Context<'_>) -> Option<Refusal> {
     if claims.iat > ctx.now.saturating_add(ctx.skew) {
         let message = format!(
             "issued at {} but now is {} (skew {} s)",
             claims.iat, ctx.now, ctx.skew
         );
-        return refuse(
-            claims,
+        return Some(Refusal::new(
             ErrorCode::AttestationNotYetValid,
             "not-yet-valid",
             message,
-        );
+        ));
     }
     if claims.exp.saturating_add(ctx.skew) <= ctx.now {
         let message = format!(
             "expired at {} and now is {} (skew {} s)",
             claims.exp, ctx.now, ctx.skew
         );
-        return refuse(claims, ErrorCode::AttestationExpired, "expired", message);
+        return Some(Refusal::new(
+            ErrorCode::AttestationExpired,
+            "expired",
+            message,
+        ));
     }
-    // 5. Scope.
+    None
+}
+
+/// Stage 5, scope: this device, its workspace, a key the bundle has not revoked.
+fn scope_refusal(
+    claims: &AttestationClaims,
+    ctx: &Context<'_>,
+    bundle: &TrustBundle,
+) -> Option<Refusal> {
     if claims.aud != ctx.device_id {
         let message = format!("attestation is for device {:?}", claims.aud);
-        return refuse(claims, ErrorCode::Forbidden, "wrong-device", message);
+        return Some(Refusal::new(ErrorCode::Forbidden, "wrong-device", message));
     }
     if ctx.workspace_id != Some(claims.workspace_id.as_str()) {
         let message = format!(
             "workspace {:?} does not own this device",
             claims.workspace_id
         );
-        return refuse(claims, ErrorCode::Forbidden, "wrong-workspace", message);
+        return Some(Refusal::new(
+            ErrorCode::Forbidden,
+            "wrong-workspace",
+            message,
+        ));
     }
     if bundle.is_revoked(&claims.api_key_id) {
         let message = format!("API key {:?} is revoked", claims.api_key_id);
-        return refuse(claims, ErrorCode::Forbidden, "revoked-key", message);
+        return Some(Refusal::new(ErrorCode::Forbidden, "revoked-key", message));
     }
-    match claims.api_key_kind {
-        KeyKind::Server
-            if claims.command.slug == SERVER_ONLY_SLUG && !claims.command.input.is_empty() =>
-        {
-            refuse(
-                claims,
-                ErrorCode::ValidationError,
-                "malformed-input",
-                format!("{SERVER_ONLY_SLUG} takes no input"),
-            )
-        }
-        KeyKind::Server => Verdict::Allow(Box::new(claims)),
-        _ if claims.command.slug == SERVER_ONLY_SLUG => refuse(
-            claims,
+    None
+}
+
+/// Stage 6, the key's kind: server keys command everything (and alone may unpair), connect keys
+/// nothing, scoped keys only while their user is the paired owner.
+fn key_refusal(claims: &AttestationClaims, owner: Option<&str>) -> Option<Refusal> {
+    let unpair = claims.command.slug == SERVER_ONLY_SLUG;
+    let (code, reason, message) = match claims.api_key_kind {
+        KeyKind::Server if unpair && !claims.command.input.is_empty() => (
+            ErrorCode::ValidationError,
+            "malformed-input",
+            format!("{SERVER_ONLY_SLUG} takes no input"),
+        ),
+        KeyKind::Server => return None,
+        _ if unpair => (
             ErrorCode::Forbidden,
             "server-key-required",
             format!("{SERVER_ONLY_SLUG} requires a server key"),
         ),
-        KeyKind::Connect => refuse(
-            claims,
+        KeyKind::Connect => (
             ErrorCode::Forbidden,
             "connect-key",
             "connect keys may only create Connect links".into(),
         ),
-        KeyKind::Scoped => match ctx.owner {
-            None => refuse(
-                claims,
+        KeyKind::Scoped => match owner {
+            None => (
                 ErrorCode::Forbidden,
                 "not-paired",
                 "device is not paired; scoped keys cannot command it".into(),
             ),
-            Some(owner) if claims.reference_id.as_deref() == Some(owner) => {
-                Verdict::Allow(Box::new(claims))
-            }
-            Some(_) => refuse(
-                claims,
+            Some(owner) if claims.reference_id.as_deref() == Some(owner) => return None,
+            Some(_) => (
                 ErrorCode::Forbidden,
                 "not-owner",
                 "scoped key belongs to another user".into(),
             ),
         },
-    }
+    };
+    Some(Refusal::new(code, reason, message))
 }
 
 /// What the command pipeline should do with a message.
@@ -469,56 +517,9 @@ impl Authorizer {
             }
         }
         match verdict {
-            Verdict::Allow(claims) => {
-                let forget_after = claims.exp.saturating_add(self.config.skew);
-                let target = claims.command.device_id.as_deref();
-                match self
-                    .replay
-                    .record_for(&claims.jti, target, claims.iat, forget_after, now)
-                {
-                    Ok(()) => {
-                        audit(Some(&claims), "allowed", "authorised");
-                        Authorization::Execute(claims)
-                    }
-                    Err(error) => {
-                        let refusal = match error {
-                            ReplayError::Full {
-                                retry_after_secs, ..
-                            } => Refusal {
-                                code: ErrorCode::RateLimited,
-                                reason: "replay-table-full",
-                                message: error.to_string(),
-                                retry_after: Some(retry_after_secs),
-                            },
-                            // Without a durable record the command could run twice: refuse.
-                            ReplayError::Storage(_) => Refusal::new(
-                                ErrorCode::Unavailable,
-                                "replay-journal-unwritable",
-                                format!("cannot record the command durably: {error}"),
-                            ),
-                        };
-                        audit(Some(&claims), "refused", refusal.reason);
-                        Authorization::Reply(self.refusal_reply(Some(&claims), &refusal))
-                    }
-                }
-            }
+            Verdict::Allow(claims) => self.record_allowed(claims, now),
             Verdict::Refuse { claims, refusal } => {
-                audit(claims.as_deref(), "refused", refusal.reason);
-                tracing::debug!(message = %refusal.message, "refusal detail");
-                let reply = self.refusal_reply(claims.as_deref(), &refusal);
-                // Remember verified refusals addressed to this device, in the evicting cache and
-                // never in the replay journal: callers with no right to command the gateway must
-                // not take capacity from commands that can run. Refusals about time are not
-                // kept: the same attestation may be valid once the clock is right.
-                let device_id = self.config.device_id.as_str();
-                let about_time = matches!(
-                    refusal.code,
-                    ErrorCode::AttestationExpired | ErrorCode::AttestationNotYetValid
-                );
-                if let Some(c) = claims.filter(|c| c.aud == device_id && !about_time) {
-                    self.refusals.insert(&c.jti, reply.clone());
-                }
-                Authorization::Reply(reply)
+                Authorization::Reply(self.remember_refusal(claims, &refusal))
             }
             Verdict::Duplicate {
                 claims,
@@ -531,6 +532,63 @@ impl Authorizer {
                 }
             }
         }
+    }
+
+    /// Records an allowed command durably before it may run; without a durable record it
+    /// could run twice, so a journal that cannot take it refuses it instead.
+    fn record_allowed(&mut self, claims: Box<AttestationClaims>, now: u64) -> Authorization {
+        let forget_after = claims.exp.saturating_add(self.config.skew);
+        let target = claims.command.device_id.as_deref();
+        let error = match self
+            .replay
+            .record_for(&claims.jti, target, claims.iat, forget_after, now)
+        {
+            Ok(()) => {
+                audit(Some(&claims), "allowed", "authorised");
+                return Authorization::Execute(claims);
+            }
+            Err(error) => error,
+        };
+        let refusal = match error {
+            ReplayError::Full {
+                retry_after_secs, ..
+            } => Refusal {
+                code: ErrorCode::RateLimited,
+                reason: "replay-table-full",
+                message: error.to_string(),
+                retry_after: Some(retry_after_secs),
+            },
+            ReplayError::Storage(_) => Refusal::new(
+                ErrorCode::Unavailable,
+                "replay-journal-unwritable",
+                format!("cannot record the command durably: {error}"),
+            ),
+        };
+        audit(Some(&claims), "refused", refusal.reason);
+        Authorization::Reply(self.refusal_reply(Some(&claims), &refusal))
+    }
+
+    /// The reply to a refused command, remembered when it is a verified refusal addressed to
+    /// this device: in the evicting cache and never in the replay journal, so callers with no
+    /// right to command the gateway do not take capacity from commands that can run. Refusals
+    /// about time are not kept: the same attestation may be valid once the clock is right.
+    fn remember_refusal(
+        &mut self,
+        claims: Option<Box<AttestationClaims>>,
+        refusal: &Refusal,
+    ) -> Vec<u8> {
+        audit(claims.as_deref(), "refused", refusal.reason);
+        tracing::debug!(message = %refusal.message, "refusal detail");
+        let reply = self.refusal_reply(claims.as_deref(), refusal);
+        let device_id = self.config.device_id.as_str();
+        let about_time = matches!(
+            refusal.code,
+            ErrorCode::AttestationExpired | ErrorCode::AttestationNotYetValid
+        );
+        if let Some(c) = claims.filter(|c| c.aud == device_id && !about_time) {
+            self.refusals.insert(&c.jti, reply.clone());
+        }
+        reply
     }
 
     /// Commands recorded as accepted but never completed: the agent stopped while they ran.
