@@ -42,8 +42,6 @@ const COMPLETION_QUEUE: usize = 64;
 /// Where replies are recorded durably: the replay journal, behind [`Authorizer`]. A trait so
 /// the runner's guarantees can be tested without a trust root and a journal on disk.
 pub(crate) trait Journal {
-    /// The effective now (docs/PROTOCOL.md 8).
-    fn now(&self) -> u64;
     /// Of `ids`, the commands recorded as seen but never answered, as
     /// `(command id, issued-at, target device)`.
     fn unanswered(&self, ids: &[String]) -> Vec<(String, u64, Option<String>)>;
@@ -52,9 +50,6 @@ pub(crate) trait Journal {
 }
 
 impl Journal for Authorizer {
-    fn now(&self) -> u64 {
-        Authorizer::now(self)
-    }
     fn unanswered(&self, ids: &[String]) -> Vec<(String, u64, Option<String>)> {
         self.interrupted(ids)
     }
@@ -211,7 +206,7 @@ impl Runner {
         gateway_id: &str,
         ids: &[String],
     ) {
-        let now = journal.now();
+        let now = self.clock.now();
         for (id, issued_at, target) in journal.unanswered(ids) {
             let device_id = target.as_deref().unwrap_or(gateway_id);
             let reply = interrupted_reply(&id, device_id, issued_at, now).to_bytes();

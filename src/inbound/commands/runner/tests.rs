@@ -20,10 +20,12 @@ struct FakeJournal {
     replies: BTreeMap<String, Vec<u8>>,
 }
 
+/// The agent's clock after the restart.
+fn restarted_at() -> u64 {
+    RESTARTED_AT
+}
+
 impl Journal for FakeJournal {
-    fn now(&self) -> u64 {
-        RESTARTED_AT
-    }
     fn unanswered(&self, ids: &[String]) -> Vec<(String, u64, Option<String>)> {
         ids.iter()
             .filter(|id| !self.replies.contains_key(*id))
@@ -72,7 +74,10 @@ fn device(device_id: &str, timeout_secs: u64) -> (DeviceRun, mpsc::Receiver<Driv
 
 fn runner() -> (Runner, ShutdownTrigger) {
     let (trigger, stop) = shutdown_channel();
-    (Runner::new(stop, Clock::system()), trigger)
+    (
+        Runner::new(stop, Clock::system().with_source(restarted_at)),
+        trigger,
+    )
 }
 
 fn parse(reply: &[u8]) -> Value {
@@ -223,7 +228,7 @@ fn interrupted_commands_are_reported_once_after_a_restart() {
     let ids: Vec<String> = ["c1", "c2", "c3"].map(String::from).to_vec();
 
     let (trigger, stop) = shutdown_channel();
-    let mut runner = Runner::new(stop.clone(), Clock::system());
+    let mut runner = Runner::new(stop.clone(), Clock::system().with_source(restarted_at));
     runner.report_interrupted(&mut journal, "gw-1", &ids);
     let published = runner.take_interrupted();
     let replies: Vec<Value> = published.iter().map(|r| parse(r)).collect();
@@ -251,7 +256,7 @@ fn interrupted_commands_are_reported_once_after_a_restart() {
 
     // Recorded, so the start after that has nothing to report.
     drop(trigger);
-    let mut next = Runner::new(stop, Clock::system());
+    let mut next = Runner::new(stop, Clock::system().with_source(restarted_at));
     next.report_interrupted(&mut journal, "gw-1", &ids);
     assert!(next.take_interrupted().is_empty());
 }
@@ -310,4 +315,31 @@ fn a_superseded_command_ending_late_leaves_its_successor_in_the_run_set() {
     assert_eq!(runs.running("bat-1"), Some("c2"));
     assert!(runs.finish("bat-1", "c2"));
     assert_eq!(runs.running("bat-1"), None);
+}
+
+fn in_1970() -> u64 {
+    86_400
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_device_command_is_stamped_by_the_agents_clock_never_below_the_time_floor() {
+    // A gateway whose clock reads 1970 but which has seen platform-signed times up to
+    // RESTARTED_AT: executedAt is the floor, as for agent commands, not the raw clock.
+    let clock = Clock::system().with_source(in_1970);
+    clock.raise_floor(RESTARTED_AT);
+    let (trigger, stop) = shutdown_channel();
+    let mut runner = Runner::new(stop, clock);
+    let (run, mut driver) = device("bat-1", 30);
+    runner.start(claims("c1", "bat-1"), run);
+    driver
+        .recv()
+        .await
+        .unwrap()
+        .done
+        .send(Ok(json!({})))
+        .unwrap();
+    let done = runner.completed().await;
+    let reply = parse(&runner.finish(done, None));
+    assert_eq!(reply["executedAt"], "2026-11-27T13:31:12Z");
+    drop(trigger);
 }
