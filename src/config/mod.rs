@@ -7,8 +7,9 @@
 //!
 //! The loaded [`Settings`] are then *validated* (files exist, bounds make sense, TLS is either
 //! configured or explicitly waived) so that `check-config` and `run` reject the same things.
-//! Each section's type, its defaults and its checks share a file named after the section;
-//! `validate` holds the order in which they run, and `redact` keeps secrets out of the dump.
+//! Each section owned here has its type, defaults and checks in a file named after it; the
+//! types of `[telemetry]`, `[commands]` and `[[drivers]]` live with the stages that use them.
+//! `validate` holds the order in which the checks run; `redact` keeps secrets out of the dump.
 
 mod broker;
 mod device;
