@@ -217,6 +217,52 @@ async fn complete_connection(
 }
 
 /// `POST /v1/commands/{type}/{action}` with `{deviceId, input}`.
+/// A command signed for the gateway that has its device, and recorded as pending.
+struct PendingCommand {
+    gateway: String,
+    token: String,
+    record: CommandRecord,
+}
+
+/// Signs the command with the caller's key and records it; `None` when no gateway has the
+/// device. The platform signs for whichever gateway the device is behind, so a command for the
+/// gateway itself carries gateway claims, any other device claims.
+fn sign_and_record(
+    s: &mut PlatformState,
+    key: &KeyRecord,
+    device_id: &str,
+    slug: String,
+    input: Value,
+) -> Option<PendingCommand> {
+    let gateway = s.gateway_of(device_id)?;
+    let id = s.next_id("cmd_");
+    let api_key = s.api_key(key);
+    let now = crate::model::clock::system_secs();
+    let claims = if gateway == device_id {
+        s.signer
+            .claims(&api_key, &gateway, &id, &slug, input, now, 300)
+    } else {
+        s.signer
+            .device_claims(&api_key, &gateway, device_id, &id, &slug, input, now, 300)
+    };
+    let token = s.signer.attest(&claims);
+    let record = CommandRecord {
+        id: id.clone(),
+        status: "pending".into(),
+        device_id: device_id.to_owned(),
+        command: slug,
+        created_at: crate::inbound::reply::rfc3339(now),
+        result: None,
+        error: None,
+    };
+    s.commands.insert(id, record.clone());
+    Some(PendingCommand {
+        gateway,
+        token,
+        record,
+    })
+}
+
 async fn create_command(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -251,37 +297,24 @@ async fn create_command(
         );
     }
     let slug = format!("{kind}:{action}");
-    let (gateway, token, record) = {
-        let mut s = api.state.lock().expect("state");
-        let Some(gateway) = s.gateway_of(&device_id) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "DEVICE_NOT_FOUND",
-                format!("no device {device_id}"),
-            );
-        };
-        let id = s.next_id("cmd_");
-        let api_key = s.api_key(&key);
-        let now = crate::model::clock::system_secs();
-        let claims = if gateway == device_id {
-            s.signer
-                .claims(&api_key, &gateway, &id, &slug, input, now, 300)
-        } else {
-            s.signer
-                .device_claims(&api_key, &gateway, &device_id, &id, &slug, input, now, 300)
-        };
-        let token = s.signer.attest(&claims);
-        let record = CommandRecord {
-            id: id.clone(),
-            status: "pending".into(),
-            device_id: device_id.clone(),
-            command: slug,
-            created_at: crate::inbound::reply::rfc3339(now),
-            result: None,
-            error: None,
-        };
-        s.commands.insert(id, record.clone());
-        (gateway, token, record)
+    let signed = sign_and_record(
+        &mut api.state.lock().expect("state"),
+        &key,
+        &device_id,
+        slug,
+        input,
+    );
+    let Some(PendingCommand {
+        gateway,
+        token,
+        record,
+    }) = signed
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "DEVICE_NOT_FOUND",
+            format!("no device {device_id}"),
+        );
     };
     let topic = format!("{}/devices/{gateway}/commands", crate::link::topics::ROOT);
     if api

@@ -7,7 +7,7 @@
 //! device's topic, so what the table shows is the *device* refusing, not the simulator.
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -80,7 +80,7 @@ async fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> anyhow
     }
 }
 
-fn write_config(sim: &Simulator, dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+fn write_config(sim: &Simulator, dir: &Path) -> anyhow::Result<PathBuf> {
     let device = sim.ca.client(GATEWAY);
     let root = sim.state.lock().expect("state").signer.root_public_key();
     let text = format!(
@@ -229,8 +229,33 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
         tty: std::io::stdout().is_terminal(),
     };
     let dir = tempfile::Builder::new().prefix("texture-demo-").tempdir()?;
+    let sim = start_platform(&say, dir.path()).await?;
+    let agent = start_agent(&say, &sim, dir.path()).await?;
+    let users = pair(&say, &sim, &agent).await?;
+
+    say.step("the tour");
+    let rows = vec![
+        server_key_command(&sim).await?,
+        owner_key_command(&sim, &users.alice).await?,
+        other_users_key(&sim, &users.bob).await?,
+        connect_key(&sim).await?,
+        revoked_server_key(&sim).await?,
+        forged_signature(&sim).await?,
+        replayed_command(&sim, &agent.log).await?,
+        live_telemetry(&sim).await?,
+    ];
+    let all_ok = print_results(&say, &rows);
+
+    if keep_running {
+        print_api_examples(&sim, &agent.log);
+        let _ = crate::agent::service::termination_signal().await;
+    }
+    Ok(all_ok)
+}
+
+async fn start_platform(say: &Narrator, dir: &Path) -> anyhow::Result<Simulator> {
     say.step("starting the simulated platform (MQTT broker with TLS, HTTP API, signing keys)");
-    let sim = Simulator::start(dir.path()).await?;
+    let sim = Simulator::start(dir).await?;
     say.note(&format!(
         "broker  127.0.0.1:{} (TLS, ephemeral CA)",
         sim.broker_port
@@ -238,20 +263,32 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
     say.note(&format!("API     http://{}", sim.api_addr));
     say.note(&format!("server key   {}", sim.server_key.key));
     say.note(&format!("connect key  {}", sim.connect_key.key));
+    Ok(sim)
+}
 
+/// The agent under demonstration: this binary in `run` mode, and what `pair` needs to reach it.
+struct Agent {
+    exe: PathBuf,
+    config: PathBuf,
+    /// Its log (JSON lines), where the replay scene counts the command's executions.
+    log: PathBuf,
+    _process: AgentProcess,
+}
+
+async fn start_agent(say: &Narrator, sim: &Simulator, dir: &Path) -> anyhow::Result<Agent> {
     say.step(&format!(
         "starting texture-agent as gateway {GATEWAY} with a simulated battery and thermostat"
     ));
-    let config = write_config(&sim, dir.path())?;
+    let config = write_config(sim, dir)?;
     let exe = std::env::current_exe()?;
-    let log = std::fs::File::create(dir.path().join("agent.log"))?;
-    let _agent = AgentProcess(
+    let log = dir.join("agent.log");
+    let process = AgentProcess(
         Command::new(&exe)
             .arg("--config")
             .arg(&config)
             .arg("run")
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(std::fs::File::create(&log)?)
             .env_remove("NOTIFY_SOCKET")
             .spawn()
             .context("starting the agent")?,
@@ -268,8 +305,32 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
     })
     .await?;
     say.note("gateway online; devices advertised their commands");
+    Ok(Agent {
+        exe,
+        config,
+        log,
+        _process: process,
+    })
+}
 
+/// The two end users of the tour: the gateway's owner, and someone else of the same customer.
+struct Users {
+    /// Alice's scoped key, as the API takes it.
+    alice: String,
+    /// Bob's scoped key, as the platform signs with it.
+    bob: ApiKey,
+}
+
+async fn pair(say: &Narrator, sim: &Simulator, agent: &Agent) -> anyhow::Result<Users> {
     say.step("pairing through the Connect flow (connect key → link → code entered → scoped key)");
+    let alice = pair_owner(say, sim, agent).await?;
+    say.note("gateway paired to user-alice");
+    let bob = scoped_key_elsewhere(sim).await?;
+    Ok(Users { alice, bob })
+}
+
+/// Alice's Connect flow against `texture-agent pair`; returns her scoped key.
+async fn pair_owner(say: &Narrator, sim: &Simulator, agent: &Agent) -> anyhow::Result<String> {
     let (_, alice_link) = request(
         sim.api_addr,
         "POST",
@@ -278,9 +339,9 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
         Some(&json!({ "redirectUrl": "https://app.example/done", "referenceId": "user-alice" })),
     )
     .await?;
-    let mut pair = Command::new(&exe)
+    let mut pair = Command::new(&agent.exe)
         .arg("--config")
-        .arg(&config)
+        .arg(&agent.config)
         .arg("pair")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -332,8 +393,11 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
     if !paired.0 {
         bail!("texture-agent pair did not complete: {:?}", paired.1);
     }
-    say.note("gateway paired to user-alice");
-    // Another end user of the same customer, with a scoped key but not this gateway.
+    Ok(alice)
+}
+
+/// Another end user of the same customer, with a scoped key but not this gateway.
+async fn scoped_key_elsewhere(sim: &Simulator) -> anyhow::Result<ApiKey> {
     let (_, bob_link) = request(
         sim.api_addr,
         "POST",
@@ -353,64 +417,77 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
         None,
     )
     .await?;
-    let bob_key = {
-        let s = sim.state.lock().expect("state");
-        let record = s
-            .key(bob["scopedKey"].as_str().unwrap_or(""))
-            .context("bob's key")?
-            .clone();
-        s.api_key(&record)
-    };
+    let s = sim.state.lock().expect("state");
+    let record = s
+        .key(bob["scopedKey"].as_str().unwrap_or(""))
+        .context("bob's key")?
+        .clone();
+    Ok(s.api_key(&record))
+}
 
-    say.step("the tour");
-    let mut rows = Vec::new();
+/// A row for a command sent through the API that should succeed.
+fn succeeded(step: &'static str, outcome: &Value) -> Row {
+    Row {
+        step,
+        expected: "success",
+        observed: outcome["status"].as_str().unwrap_or("?").to_string(),
+        ok: outcome["status"] == "success",
+    }
+}
 
+async fn server_key_command(sim: &Simulator) -> anyhow::Result<Row> {
     let r = api_command(
-        &sim,
+        sim,
         &sim.server_key.key,
         BATTERY,
         "battery:set-reserve",
         json!({"chargePercentage": 35}),
     )
     .await?;
-    rows.push(Row {
-        step: "server key: battery:set-reserve 35",
-        expected: "success",
-        observed: r["status"].as_str().unwrap_or("?").to_string(),
-        ok: r["status"] == "success",
-    });
+    Ok(succeeded("server key: battery:set-reserve 35", &r))
+}
 
+async fn owner_key_command(sim: &Simulator, alice: &str) -> anyhow::Result<Row> {
     let r = api_command(
-        &sim,
-        &alice,
+        sim,
+        alice,
         THERMOSTAT,
         "thermostat:set-fan-mode",
         json!({"fanMode": "on"}),
     )
     .await?;
-    rows.push(Row {
-        step: "owner's scoped key: thermostat:set-fan-mode",
-        expected: "success",
-        observed: r["status"].as_str().unwrap_or("?").to_string(),
-        ok: r["status"] == "success",
-    });
+    Ok(succeeded("owner's scoped key: thermostat:set-fan-mode", &r))
+}
 
+/// The status and error code of a device's reply, as the table shows them.
+fn status_and_code(reply: &Value) -> String {
+    format!(
+        "{} {}",
+        reply["status"],
+        reply["code"].as_str().unwrap_or("")
+    )
+}
+
+async fn other_users_key(sim: &Simulator, bob: &ApiKey) -> anyhow::Result<Row> {
     let token = signed(
-        &sim,
-        &bob_key,
+        sim,
+        bob,
         "cmd_demo_bob",
         BATTERY,
         "battery:set-reserve",
         json!({"chargePercentage": 5}),
     );
-    let r = inject_and_wait(&sim, &token, Some("cmd_demo_bob")).await?;
-    rows.push(Row {
+    let r = inject_and_wait(sim, &token, Some("cmd_demo_bob")).await?;
+    Ok(Row {
         step: "another user's scoped key (on MQTT)",
         expected: "403 from the device",
-        observed: format!("{} {}", r["status"], r["code"].as_str().unwrap_or("")),
+        observed: status_and_code(&r),
         ok: refused(&r, 403),
-    });
+    })
+}
 
+/// Refused twice: by the API, and by the device when the platform signs for it anyway.
+async fn connect_key(sim: &Simulator) -> anyhow::Result<Row> {
     let (api_status, _) = request(
         sim.api_addr,
         "POST",
@@ -421,25 +498,24 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
     .await?;
     let connect = ApiKey::connect(&sim.connect_key.id, WORKSPACE);
     let token = signed(
-        &sim,
+        sim,
         &connect,
         "cmd_demo_connect",
         BATTERY,
         "battery:set-reserve",
         json!({"chargePercentage": 5}),
     );
-    let r = inject_and_wait(&sim, &token, Some("cmd_demo_connect")).await?;
-    rows.push(Row {
+    let r = inject_and_wait(sim, &token, Some("cmd_demo_connect")).await?;
+    Ok(Row {
         step: "connect key (API, then signed on MQTT)",
         expected: "403 at the API and 403 from the device",
-        observed: format!(
-            "API {api_status}, device {} {}",
-            r["status"],
-            r["code"].as_str().unwrap_or("")
-        ),
+        observed: format!("API {api_status}, device {}", status_and_code(&r)),
         ok: api_status == 403 && refused(&r, 403),
-    });
+    })
+}
 
+/// A server key made, revoked (which publishes a new trust bundle), then used anyway.
+async fn revoked_server_key(sim: &Simulator) -> anyhow::Result<Row> {
     let (_, new_key) = request(
         sim.api_addr,
         "POST",
@@ -459,25 +535,24 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
     .await?;
     let leaked = ApiKey::server(&leaked_id, WORKSPACE);
     let token = signed(
-        &sim,
+        sim,
         &leaked,
         "cmd_demo_revoked",
         BATTERY,
         "battery:set-reserve",
         json!({"chargePercentage": 5}),
     );
-    let r = inject_and_wait(&sim, &token, Some("cmd_demo_revoked")).await?;
-    rows.push(Row {
+    let r = inject_and_wait(sim, &token, Some("cmd_demo_revoked")).await?;
+    Ok(Row {
         step: "revoked server key (new trust bundle)",
         expected: "refused by the device",
-        observed: format!(
-            "revoke {revoke_status}, device {} {}",
-            r["status"],
-            r["code"].as_str().unwrap_or("")
-        ),
+        observed: format!("revoke {revoke_status}, device {}", status_and_code(&r)),
         ok: revoke_status == 200 && refused(&r, 403),
-    });
+    })
+}
 
+/// Claims for a real key, signed by a platform key the device has never been told about.
+async fn forged_signature(sim: &Simulator) -> anyhow::Result<Row> {
     let forger = PlatformSigner::generate("platform-1");
     let server = ApiKey::server(&sim.server_key.id, WORKSPACE);
     let forged = forger.attest(&forger.device_claims(
@@ -490,25 +565,30 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
         crate::model::clock::system_secs(),
         300,
     ));
-    let r = inject_and_wait(&sim, &forged, None).await?;
-    rows.push(Row {
+    let r = inject_and_wait(sim, &forged, None).await?;
+    Ok(Row {
         step: "forged signature (on MQTT)",
         expected: "401 from the device",
-        observed: format!("{} {}", r["status"], r["code"].as_str().unwrap_or("")),
+        observed: status_and_code(&r),
         ok: refused(&r, 401),
-    });
+    })
+}
 
+/// The same token twice: the second reply is the recorded first one, and the agent's log shows
+/// a single authorised execution.
+async fn replayed_command(sim: &Simulator, log: &Path) -> anyhow::Result<Row> {
+    let server = ApiKey::server(&sim.server_key.id, WORKSPACE);
     let token = signed(
-        &sim,
+        sim,
         &server,
         "cmd_demo_replay",
         BATTERY,
         "battery:set-reserve",
         json!({"chargePercentage": 40}),
     );
-    let first = inject_and_wait(&sim, &token, Some("cmd_demo_replay")).await?;
-    let again = inject_and_wait(&sim, &token, Some("cmd_demo_replay")).await?;
-    let runs = std::fs::read_to_string(dir.path().join("agent.log"))
+    let first = inject_and_wait(sim, &token, Some("cmd_demo_replay")).await?;
+    let again = inject_and_wait(sim, &token, Some("cmd_demo_replay")).await?;
+    let runs = std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
         .filter(|l| {
@@ -516,7 +596,7 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
                 && l.contains("\"decision\":\"allowed\"")
         })
         .count();
-    rows.push(Row {
+    Ok(Row {
         step: "replayed command",
         expected: "same reply, executed once",
         observed: format!(
@@ -525,8 +605,11 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
             again["type"].as_str().unwrap_or("?")
         ),
         ok: first["type"] == "command.succeeded" && first == again && runs == 1,
-    });
+    })
+}
 
+/// The reserve the replayed command set, seen in telemetry and then through the API.
+async fn live_telemetry(sim: &Simulator) -> anyhow::Result<Row> {
     let observed = wait_for("telemetry showing the new reserve", || {
         let s = sim.state.lock().expect("state");
         let reserve = s.devices.get(BATTERY)?.state.as_ref()?["backupReserve"].as_f64()?;
@@ -541,7 +624,7 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
         None,
     )
     .await?;
-    rows.push(Row {
+    Ok(Row {
         step: "live telemetry (GET /v1/devices)",
         expected: "backupReserve 40",
         observed: format!(
@@ -549,14 +632,17 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
             device["state"]["backupReserve"], device["state"]["charge"]
         ),
         ok: observed.is_ok() && device["state"]["backupReserve"] == 40.0,
-    });
+    })
+}
 
+/// Prints the results table and the verdict; returns whether every row is ok.
+fn print_results(say: &Narrator, rows: &[Row]) -> bool {
     println!();
     println!(
         "{:<44} {:<40} {:<40} result",
         "step", "expected", "observed"
     );
-    for r in &rows {
+    for r in rows {
         let mark = match (r.ok, say.tty) {
             (true, true) => "\x1b[32mok\x1b[0m",
             (false, true) => "\x1b[31mFAILED\x1b[0m",
@@ -578,25 +664,23 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
             "demo: some steps did NOT behave as expected"
         }
     );
+    all_ok
+}
 
-    if keep_running {
-        let api = sim.api_addr;
-        let key = &sim.server_key.key;
-        println!("\nEverything stays up. Try the API (Ctrl-C to stop):\n");
-        println!("  curl -s -X POST http://{api}/v1/commands/battery/set-reserve \\");
-        println!("       -H 'Texture-Api-Key: {key}' -H 'Content-Type: application/json' \\");
-        println!(
-            "       -d '{{\"deviceId\":\"{BATTERY}\",\"input\":{{\"chargePercentage\":50}}}}'"
-        );
-        println!("  curl -s http://{api}/v1/commands/<id> -H 'Texture-Api-Key: {key}'");
-        println!("  curl -s http://{api}/v1/devices/{BATTERY} -H 'Texture-Api-Key: {key}'");
-        println!(
-            "  curl -s -X POST http://{api}/v1/connections -H 'Texture-Api-Key: {}' \\",
-            sim.connect_key.key
-        );
-        println!("       -H 'Content-Type: application/json' -d '{{\"redirectUrl\":\"https://app.example/done\"}}'");
-        println!("\nAgent log: {}", dir.path().join("agent.log").display());
-        let _ = crate::agent::service::termination_signal().await;
-    }
-    Ok(all_ok)
+/// For `--keep-running`: what to try against the platform that stays up.
+fn print_api_examples(sim: &Simulator, log: &Path) {
+    let api = sim.api_addr;
+    let key = &sim.server_key.key;
+    println!("\nEverything stays up. Try the API (Ctrl-C to stop):\n");
+    println!("  curl -s -X POST http://{api}/v1/commands/battery/set-reserve \\");
+    println!("       -H 'Texture-Api-Key: {key}' -H 'Content-Type: application/json' \\");
+    println!("       -d '{{\"deviceId\":\"{BATTERY}\",\"input\":{{\"chargePercentage\":50}}}}'");
+    println!("  curl -s http://{api}/v1/commands/<id> -H 'Texture-Api-Key: {key}'");
+    println!("  curl -s http://{api}/v1/devices/{BATTERY} -H 'Texture-Api-Key: {key}'");
+    println!(
+        "  curl -s -X POST http://{api}/v1/connections -H 'Texture-Api-Key: {}' \\",
+        sim.connect_key.key
+    );
+    println!("       -H 'Content-Type: application/json' -d '{{\"redirectUrl\":\"https://app.example/done\"}}'");
+    println!("\nAgent log: {}", log.display());
 }

@@ -1,6 +1,11 @@
 //! The `[telemetry]` section of the configuration.
+//!
+//! It lives with the telemetry task rather than in `config` because its bounds are the task's:
+//! how big a batch may get, how often the outbox is fsynced, how much it may hold.
 
 use serde::{Deserialize, Serialize};
+
+use crate::config::Rejection;
 
 /// `[telemetry]` settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,5 +53,45 @@ impl Default for TelemetrySettings {
             outbox_max_bytes: default_outbox_max_bytes(),
             health_interval_secs: default_health_interval_secs(),
         }
+    }
+}
+
+impl TelemetrySettings {
+    /// Each bound in the order of the fields; the first one out of range is reported.
+    pub(crate) fn validate(&self) -> Result<(), Rejection> {
+        if !(1..=1_000).contains(&self.batch_max_points) {
+            return Err(Rejection::new(
+                "telemetry.batch_max_points",
+                format!("expected 1..=1000, found {}", self.batch_max_points),
+            ));
+        }
+        if !(10..=60_000).contains(&self.batch_max_ms) {
+            return Err(Rejection::new(
+                "telemetry.batch_max_ms",
+                format!("expected 10..=60000, found {}", self.batch_max_ms),
+            ));
+        }
+        if !(10..=60_000).contains(&self.fsync_interval_ms) {
+            return Err(Rejection::new(
+                "telemetry.fsync_interval_ms",
+                format!("expected 10..=60000, found {}", self.fsync_interval_ms),
+            ));
+        }
+        if !(64 * 1024..=1 << 30).contains(&self.outbox_max_bytes) {
+            return Err(Rejection::new(
+                "telemetry.outbox_max_bytes",
+                format!(
+                    "expected 65536..=1073741824, found {}",
+                    self.outbox_max_bytes
+                ),
+            ));
+        }
+        if !(1..=86_400).contains(&self.health_interval_secs) {
+            return Err(Rejection::new(
+                "telemetry.health_interval_secs",
+                format!("expected 1..=86400, found {}", self.health_interval_secs),
+            ));
+        }
+        Ok(())
     }
 }

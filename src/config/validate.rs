@@ -1,0 +1,142 @@
+//! Validation: what the loaded settings must satisfy before `check-config` accepts them or
+//! `run` starts, so that both reject exactly the same things.
+//!
+//! Each section checks itself next to its type (`BrokerSettings::validate`,
+//! `TelemetrySettings::validate`, ...) and [`Settings::validate`] calls them one after the other,
+//! so the first problem found is always the one reported. The driver and command sections are
+//! checked here instead, because their types belong to the stages that use them.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use super::{ConfigError, Settings};
+use crate::drivers::DriverSettings;
+use crate::inbound::commands::catalog::Slug;
+use crate::inbound::commands::CommandSettings;
+use crate::model::gateway::GatewayId;
+
+/// One key with a value that cannot be used, and why. It becomes [`ConfigError::Rejected`]
+/// once the file it came from is known.
+#[derive(Debug)]
+pub(crate) struct Rejection {
+    key: &'static str,
+    problem: String,
+}
+
+impl Rejection {
+    pub(crate) fn new(key: &'static str, problem: impl Into<String>) -> Self {
+        Rejection {
+            key,
+            problem: problem.into(),
+        }
+    }
+
+    pub(crate) fn in_file(self, path: &Path) -> ConfigError {
+        ConfigError::Rejected {
+            key: self.key,
+            path: path.to_owned(),
+            problem: self.problem,
+        }
+    }
+}
+
+impl Settings {
+    /// Every section in a fixed order; the order decides which problem is reported first.
+    pub(crate) fn validate(&self) -> Result<(), Rejection> {
+        self.broker.validate()?;
+        self.device.validate()?;
+        if let Some(trust) = &self.trust {
+            trust.validate()?;
+        }
+        self.telemetry.validate()?;
+        validate_drivers(&self.drivers)?;
+        validate_commands(&self.commands)?;
+        self.pairing.validate()?;
+        self.state.validate()
+    }
+}
+
+/// `[[drivers]]`: each driver usable on its own, and no two answering to the same name.
+fn validate_drivers(drivers: &[DriverSettings]) -> Result<(), Rejection> {
+    let mut names = HashSet::new();
+    for (i, d) in drivers.iter().enumerate() {
+        let n = i + 1;
+        match d {
+            DriverSettings::Simulated {
+                device_id,
+                interval_ms,
+                ..
+            } => {
+                if let Err(e) = GatewayId::parse(device_id) {
+                    return Err(Rejection::new(
+                        "drivers.device_id",
+                        format!("driver #{n}: {e}"),
+                    ));
+                }
+                if *interval_ms < 100 {
+                    return Err(Rejection::new(
+                        "drivers.interval_ms",
+                        format!("driver #{n}: expected at least 100, found {interval_ms}"),
+                    ));
+                }
+                if !names.insert(device_id.clone()) {
+                    return Err(Rejection::new(
+                        "drivers.device_id",
+                        format!("driver #{n}: {device_id:?} is used twice"),
+                    ));
+                }
+            }
+            DriverSettings::Process {
+                name,
+                command,
+                max_line_bytes,
+                ..
+            } => {
+                if command.is_empty() {
+                    return Err(Rejection::new(
+                        "drivers.command",
+                        format!("driver #{n} ({name}): expected a program and its arguments"),
+                    ));
+                }
+                if !(1024..=1 << 20).contains(max_line_bytes) {
+                    return Err(Rejection::new(
+                        "drivers.max_line_bytes",
+                        format!("driver #{n} ({name}): expected 1024..=1048576"),
+                    ));
+                }
+                if !names.insert(name.clone()) {
+                    return Err(Rejection::new(
+                        "drivers.name",
+                        format!("driver #{n}: {name:?} is used twice"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `[commands]`: the default timeout and each per-slug override, for slugs that exist.
+fn validate_commands(commands: &CommandSettings) -> Result<(), Rejection> {
+    if !(1..=3_600).contains(&commands.timeout_secs) {
+        return Err(Rejection::new(
+            "commands.timeout_secs",
+            format!("expected 1..=3600 seconds, found {}", commands.timeout_secs),
+        ));
+    }
+    for (slug, secs) in &commands.timeouts {
+        if Slug::parse(slug).is_none() {
+            return Err(Rejection::new(
+                "commands.timeouts",
+                format!("unknown command slug `{slug}`"),
+            ));
+        }
+        if !(1..=3_600).contains(secs) {
+            return Err(Rejection::new(
+                "commands.timeouts",
+                format!("{slug}: expected 1..=3600 seconds, found {secs}"),
+            ));
+        }
+    }
+    Ok(())
+}
