@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use crate::model::rejection::Rejection;
 pub use broker::BrokerSettings;
 pub use device::DeviceSettings;
 pub use log::{LogFormat, LogLevel, LogSettings};
@@ -31,7 +32,6 @@ pub use pairing::PairingSettings;
 pub use redact::Secret;
 pub use state::StateSettings;
 pub use trust::TrustSettings;
-pub(crate) use validate::Rejection;
 
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/texture-agent/agent.toml";

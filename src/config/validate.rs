@@ -9,28 +9,14 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use super::{ConfigError, Settings};
+use super::{ConfigError, Rejection, Settings};
 use crate::drivers::DriverSettings;
 use crate::inbound::commands::catalog::Slug;
 use crate::inbound::commands::CommandSettings;
 use crate::model::gateway::GatewayId;
 
-/// One key with a value that cannot be used, and why. It becomes [`ConfigError::Rejected`]
-/// once the file it came from is known.
-#[derive(Debug)]
-pub(crate) struct Rejection {
-    key: &'static str,
-    problem: String,
-}
-
+/// Where a [`Rejection`] becomes a [`ConfigError`]: here, once the file it came from is known.
 impl Rejection {
-    pub(crate) fn new(key: &'static str, problem: impl Into<String>) -> Self {
-        Rejection {
-            key,
-            problem: problem.into(),
-        }
-    }
-
     pub(crate) fn in_file(self, path: &Path) -> ConfigError {
         ConfigError::Rejected {
             key: self.key,

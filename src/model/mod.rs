@@ -5,6 +5,7 @@
 //!   inverters, chargers, thermostats, vehicles, meters): their types, states and health.
 //! - [`clock`]: the one wall clock every timestamp the agent signs or reports comes from.
 //! - [`backoff`]: the retry schedule shared by the link's reconnects and driver restarts.
+//! - [`rejection`]: how a settings section names the key it cannot use.
 //!
 //! Nothing here imports another part of the agent, so any module may depend on it without
 //! creating a cycle.
@@ -13,3 +14,4 @@ pub mod backoff;
 pub mod clock;
 pub mod device;
 pub mod gateway;
+pub(crate) mod rejection;

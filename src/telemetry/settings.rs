@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Rejection;
+use crate::model::rejection::Rejection;
 
 /// `[telemetry]` settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
