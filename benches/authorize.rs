@@ -18,7 +18,7 @@ use texture_agent::inbound::auth::replay::ReplayWindow;
 use texture_agent::inbound::auth::trust::TrustStore;
 use texture_agent::inbound::auth::{decide, Context, Verdict};
 use texture_agent::model::clock::system_secs;
-use texture_agent::sim::platform::{ApiKey, PlatformSigner};
+use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
 
 const DEVICE: &str = "gw-bench";
 const WORKSPACE: &str = "ws-bench";
@@ -42,10 +42,12 @@ fn benches(c: &mut Criterion) {
     let key = ApiKey::server("key-server", WORKSPACE);
     let claims = signer.claims(
         &key,
-        DEVICE,
-        "cmd-bench",
-        "battery:set-reserve",
-        serde_json::json!({ "chargePercentage": 40 }),
+        AttestedCommand::new(
+            DEVICE,
+            "cmd-bench",
+            "battery:set-reserve",
+            serde_json::json!({ "chargePercentage": 40 }),
+        ),
         system_secs(),
         300,
     );

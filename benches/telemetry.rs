@@ -37,7 +37,7 @@ use texture_agent::drivers::Sample;
 use texture_agent::link::{Link, LinkState};
 use texture_agent::model::clock::system_secs;
 use texture_agent::model::device::{DeviceState, DeviceType};
-use texture_agent::sim::platform::{ApiKey, PlatformSigner};
+use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
 use texture_agent::telemetry::outbox::{Outbox, Record};
 use texture_agent::telemetry::{batch_message, encode_state, Telemetry};
 use texture_agent_testkit as kit;
@@ -302,16 +302,7 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
         let now = system_secs();
         let t = Instant::now();
         for i in 0..BURST {
-            let claims = signer.device_claims(
-                &key,
-                "gw-cap",
-                "bat-sim",
-                &format!("burst-{i}"),
-                "battery:set-reserve",
-                serde_json::json!({"chargePercentage": 20 + i % 50}),
-                now,
-                300,
-            );
+            let claims = signer.claims(&key, AttestedCommand::new("gw-cap", &format!("burst-{i}"), "battery:set-reserve", serde_json::json!({"chargePercentage": 20 + i % 50})).for_device("bat-sim"), now, 300);
             let token = signer.attest(&claims);
             peer.publish(&device_topic("gw-cap", "commands"), token, false)
                 .await;

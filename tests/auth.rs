@@ -16,7 +16,7 @@ use texture_agent::inbound::auth::trust::BundleRejected;
 use texture_agent::inbound::auth::{Authorization, Authorizer, AuthorizerConfig, Owner};
 use texture_agent::inbound::reply::{rfc3339, Reply};
 use texture_agent::model::clock::system_secs;
-use texture_agent::sim::platform::{ApiKey, PlatformSigner, DEFAULT_ISSUER};
+use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner, DEFAULT_ISSUER};
 use texture_agent_testkit as kit;
 
 use kit::{device_topic, Agent, AgentConfig, Mosquitto, Pki};
@@ -127,7 +127,12 @@ fn attest_slug(
     iat: u64,
 ) -> String {
     let input = serde_json::json!({ "mode": "charge", "powerW": 2500 });
-    p.attest(&p.claims(key, device, jti, slug, input, iat, TTL))
+    p.attest(&p.claims(
+        key,
+        AttestedCommand::new(device, jti, slug, input),
+        iat,
+        TTL,
+    ))
 }
 
 /// An attestation from the platform, for this device, issued now.
@@ -141,10 +146,7 @@ fn hs256_attestation(jti: &str) -> String {
     let p = platform();
     let claims = p.claims(
         &server_key(),
-        DEVICE,
-        jti,
-        "battery.setMode",
-        serde_json::json!({}),
+        AttestedCommand::new(DEVICE, jti, "battery.setMode", serde_json::json!({})),
         system_secs(),
         TTL,
     );
@@ -703,10 +705,7 @@ fn key_rotation_with_overlap_then_old_key_dropped() {
     let old_key_token = |jti: &str| {
         let mut claims = p.claims(
             &server_key(),
-            DEVICE,
-            jti,
-            "battery.setMode",
-            serde_json::json!({}),
+            AttestedCommand::new(DEVICE, jti, "battery.setMode", serde_json::json!({})),
             system_secs(),
             TTL,
         );
@@ -980,10 +979,12 @@ fn attest_raw_input(jti: &str, input_json: &str) -> String {
     let p = platform();
     let claims = p.claims(
         &server_key(),
-        DEVICE,
-        jti,
-        "battery.setMode",
-        serde_json::json!({ "placeholder": 0 }),
+        AttestedCommand::new(
+            DEVICE,
+            jti,
+            "battery.setMode",
+            serde_json::json!({ "placeholder": 0 }),
+        ),
         system_secs(),
         TTL,
     );
@@ -1035,10 +1036,12 @@ fn refusal_of_an_unverified_header_never_repeats_its_text() {
     let p = platform();
     let claims = p.claims(
         &server_key(),
-        DEVICE,
-        "cmd-escape",
-        "battery.setMode",
-        serde_json::json!({}),
+        AttestedCommand::new(
+            DEVICE,
+            "cmd-escape",
+            "battery.setMode",
+            serde_json::json!({}),
+        ),
         system_secs(),
         TTL,
     );
@@ -1147,13 +1150,15 @@ async fn a_restart_with_the_clock_ahead_does_not_let_the_broker_replay_an_execut
     let config = cfg.write(pki.path());
 
     let key = ApiKey::server("key-server", CLOCK_WORKSPACE);
-    let claims = signer.device_claims(
+    let claims = signer.claims(
         &key,
-        GATEWAY,
-        "bat-count",
-        "cmd-once",
-        "battery:set-reserve",
-        serde_json::json!({ "chargePercentage": 30 }),
+        AttestedCommand::new(
+            GATEWAY,
+            "cmd-once",
+            "battery:set-reserve",
+            serde_json::json!({ "chargePercentage": 30 }),
+        )
+        .for_device("bat-count"),
         system_secs(),
         600,
     );

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use texture_agent::link::topics::Topics;
 use texture_agent::model::clock::system_secs;
-use texture_agent::sim::platform::{ApiKey, PlatformSigner};
+use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
 use texture_agent_testkit as kit;
 
 use kit::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki};
@@ -28,10 +28,7 @@ const HOME_WORKSPACE: &str = "ws-home";
 fn ping(signer: &PlatformSigner, key: &ApiKey, id: &str) -> String {
     let claims = signer.claims(
         key,
-        DEVICE,
-        id,
-        "agent:ping",
-        serde_json::json!({}),
+        AttestedCommand::new(DEVICE, id, "agent:ping", serde_json::json!({})),
         system_secs(),
         300,
     );
@@ -330,9 +327,12 @@ impl Bed {
         self.next += 1;
         let id = format!("cmd-{}", self.next);
         let key = ApiKey::server("key-server", WORKSPACE);
-        let claims =
-            self.signer
-                .device_claims(&key, GATEWAY, device, &id, slug, input, system_secs(), 300);
+        let claims = self.signer.claims(
+            &key,
+            AttestedCommand::new(GATEWAY, &id, slug, input).for_device(device),
+            system_secs(),
+            300,
+        );
         (id, self.signer.attest(&claims))
     }
 
@@ -619,12 +619,18 @@ async fn ask(
     let id = format!("cmd-{}", bed.next);
     let key = ApiKey::server("key-server", WORKSPACE);
     let claims = match device {
-        Some(d) => bed
-            .signer
-            .device_claims(&key, GATEWAY, d, &id, slug, input, system_secs(), 300),
-        None => bed
-            .signer
-            .claims(&key, GATEWAY, &id, slug, input, system_secs(), 300),
+        Some(d) => bed.signer.claims(
+            &key,
+            AttestedCommand::new(GATEWAY, &id, slug, input).for_device(d),
+            system_secs(),
+            300,
+        ),
+        None => bed.signer.claims(
+            &key,
+            AttestedCommand::new(GATEWAY, &id, slug, input),
+            system_secs(),
+            300,
+        ),
     };
     let token = bed.signer.attest(&claims);
     bed.publish(&token).await;
@@ -735,10 +741,7 @@ async fn an_input_that_is_not_an_object_is_401_and_not_recorded() {
     let key = ApiKey::server("key-server", WORKSPACE);
     let claims = bed.signer.claims(
         &key,
-        GATEWAY,
-        "cmd-input",
-        "agent:ping",
-        serde_json::json!({}),
+        AttestedCommand::new(GATEWAY, "cmd-input", "agent:ping", serde_json::json!({})),
         system_secs(),
         300,
     );

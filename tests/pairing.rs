@@ -26,7 +26,7 @@ use texture_agent::inbound::pairing::{
     ATTEMPT_WINDOW_SECS, BINDING_FILE, MAX_ATTEMPTS, MAX_BINDING_BYTES,
 };
 use texture_agent::model::clock::system_secs;
-use texture_agent::sim::platform::{generate_key, ApiKey, PlatformSigner};
+use texture_agent::sim::platform::{generate_key, ApiKey, AttestedCommand, PlatformSigner};
 use texture_agent_testkit as kit;
 
 use kit::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
@@ -1146,10 +1146,7 @@ impl Platform {
         let id = format!("cmd-{}", self.next_id);
         let claims = self.signer.claims(
             key,
-            GATEWAY,
-            &id,
-            slug,
-            serde_json::json!({}),
+            AttestedCommand::new(GATEWAY, &id, slug, serde_json::json!({})),
             system_secs(),
             300,
         );
@@ -1483,10 +1480,12 @@ async fn a_pair_client_that_stops_reading_does_not_stop_commands() {
     let server = ApiKey::server("key-server", GATEWAY_WORKSPACE);
     let claims = signer.claims(
         &server,
-        GATEWAY,
-        "cmd-after-flood",
-        "agent:ping",
-        serde_json::json!({}),
+        AttestedCommand::new(
+            GATEWAY,
+            "cmd-after-flood",
+            "agent:ping",
+            serde_json::json!({}),
+        ),
         system_secs(),
         300,
     );

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use super::{CommandRecord, KeyRecord, PlatformState, WORKSPACE};
 use crate::inbound::auth::claims::KeyKind;
+use crate::sim::platform::AttestedCommand;
 
 #[derive(Clone)]
 struct Api {
@@ -264,11 +265,19 @@ async fn create_command(
         let api_key = s.api_key(&key);
         let now = crate::model::clock::system_secs();
         let claims = if gateway == device_id {
-            s.signer
-                .claims(&api_key, &gateway, &id, &slug, input, now, 300)
+            s.signer.claims(
+                &api_key,
+                AttestedCommand::new(&gateway, &id, &slug, input),
+                now,
+                300,
+            )
         } else {
-            s.signer
-                .device_claims(&api_key, &gateway, &device_id, &id, &slug, input, now, 300)
+            s.signer.claims(
+                &api_key,
+                AttestedCommand::new(&gateway, &id, &slug, input).for_device(&device_id),
+                now,
+                300,
+            )
         };
         let token = s.signer.attest(&claims);
         let record = CommandRecord {

@@ -45,7 +45,7 @@ use texture_agent::inbound::pairing::control::ControlCall;
 use texture_agent::link::{LinkState, LinkStatus};
 use texture_agent::model::clock::system_millis;
 use texture_agent::sim::peer::{PeerEvent, PeerOptions, PlatformPeer, Seen};
-use texture_agent::sim::platform::{ApiKey, PlatformSigner};
+use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
 use texture_agent::telemetry::outbox::OutboxStats;
 
 use crate::agent::AgentConfig;
@@ -346,10 +346,7 @@ impl Platform {
         let key = ApiKey::server("key-fleet", WORKSPACE);
         let claims = signer.claims(
             &key,
-            gateway,
-            command_id,
-            "agent:ping",
-            serde_json::json!({}),
+            AttestedCommand::new(gateway, command_id, "agent:ping", serde_json::json!({})),
             now,
             300,
         );
