@@ -252,9 +252,7 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
     .unwrap();
     let port = kit::free_port();
     let signer = PlatformSigner::generate("platform-1");
-    let mut cfg = AgentConfig::new(pki, port, "gw-cap");
-    cfg.trust_root = Some(signer.root_public_key());
-    cfg.workspace_id = Some("ws-cap".into());
+    let mut cfg = AgentConfig::new(pki, port, "gw-cap").trusting(&signer, "ws-cap");
     cfg.extra_toml = format!(
         "[telemetry]\nhealth_interval_secs = 3600\n\n[[drivers]]\nkind = \"process\"\nname = \"firehose\"\ncommand = [\"sh\", \"{}\"]\n\n\
          [[drivers]]\nkind = \"simulated\"\ndevice_id = \"bat-sim\"\ndevice_type = \"battery\"\ninterval_ms = 5000\n",
@@ -302,7 +300,11 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
         let now = system_secs();
         let t = Instant::now();
         for i in 0..BURST {
-            let claims = signer.claims(&key, AttestedCommand::new("gw-cap", &format!("burst-{i}"), "battery:set-reserve", serde_json::json!({"chargePercentage": 20 + i % 50})).for_device("bat-sim"), now, 300);
+            let id = format!("burst-{i}");
+            let input = serde_json::json!({"chargePercentage": 20 + i % 50});
+            let command = AttestedCommand::new("gw-cap", &id, "battery:set-reserve", input)
+                .for_device("bat-sim");
+            let claims = signer.claims(&key, command, now, 300);
             let token = signer.attest(&claims);
             peer.publish(&device_topic("gw-cap", "commands"), token, false)
                 .await;

@@ -19,7 +19,7 @@ use texture_agent::model::clock::system_secs;
 use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner, DEFAULT_ISSUER};
 use texture_agent_testkit as kit;
 
-use kit::{device_topic, Agent, AgentConfig, Mosquitto, Pki};
+use kit::{device_topic, Agent, AgentConfig, Testbed};
 
 /// The agent binary cargo built for these tests.
 const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
@@ -1122,25 +1122,23 @@ fn stop(mut agent: Agent) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_the_clock_ahead_does_not_let_the_broker_replay_an_executed_command() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki);
-    let signer = PlatformSigner::generate("platform-1");
     let replies = device_topic(GATEWAY, "replies");
     let capabilities = device_topic(GATEWAY, "capabilities");
     let status = device_topic(GATEWAY, "status");
-    let mut peer = kit::platform_peer(
-        &pki,
-        broker.port,
-        &signer,
+    let Testbed {
+        pki,
+        broker,
+        signer,
+        mut peer,
+    } = Testbed::start(
+        PlatformSigner::generate("platform-1"),
         &[&replies, &capabilities, &status],
     )
     .await;
     let script = pki.path().join("counting_driver.py");
     std::fs::write(&script, COUNTING_DRIVER).unwrap();
     let driver_log = pki.path().join("commands.log");
-    let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY);
-    cfg.trust_root = Some(signer.root_public_key());
-    cfg.workspace_id = Some(CLOCK_WORKSPACE.into());
+    let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, CLOCK_WORKSPACE);
     cfg.extra_toml = format!(
         "[[drivers]]\nkind = \"process\"\nname = \"counting\"\n\
          command = [\"python3\", \"-u\", \"{}\", \"{}\"]\n",

@@ -11,7 +11,7 @@ use texture_agent::model::clock::system_secs;
 use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
 use texture_agent_testkit as kit;
 
-use kit::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki};
+use kit::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, Testbed};
 
 /// The agent binary cargo built for these tests.
 const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
@@ -52,20 +52,18 @@ async fn send(peer: &mut Peer, token: &str, id: Option<&str>) -> serde_json::Val
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_server_and_owner_attestations_execute_over_a_hostile_broker() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki);
-    let signer = PlatformSigner::generate("platform-1");
-    let mut peer = kit::platform_peer(
-        &pki,
-        broker.port,
-        &signer,
+    let Testbed {
+        pki,
+        broker,
+        signer,
+        mut peer,
+    } = Testbed::start(
+        PlatformSigner::generate("platform-1"),
         &[&device_topic(DEVICE, "replies")],
     )
     .await;
 
-    let mut cfg = AgentConfig::new(&pki, broker.port, DEVICE);
-    cfg.trust_root = Some(signer.root_public_key());
-    cfg.workspace_id = Some(HOME_WORKSPACE.into());
+    let mut cfg = AgentConfig::new(&pki, broker.port, DEVICE).trusting(&signer, HOME_WORKSPACE);
     cfg.owner = Some("user-a".into());
     let agent = Agent::spawn(BIN, &cfg.write(pki.path()));
     agent.wait_for_log("trust bundle accepted", PEER_WAIT);
@@ -247,13 +245,13 @@ struct Bed {
 
 impl Bed {
     async fn new(extra_toml: &str) -> Bed {
-        let pki = Pki::new();
-        let broker = Mosquitto::start(&pki);
-        let signer = PlatformSigner::from_seeds([3; 32], KID, KEY_SEED);
-        let peer = kit::platform_peer(
-            &pki,
-            broker.port,
-            &signer,
+        let Testbed {
+            pki,
+            broker,
+            signer,
+            peer,
+        } = Testbed::start(
+            PlatformSigner::from_seeds([3; 32], KID, KEY_SEED),
             &[
                 &device_topic(GATEWAY, "replies"),
                 &device_topic(GATEWAY, "telemetry"),
@@ -267,9 +265,7 @@ impl Bed {
         let driver_log = pki.path().join("driver.log");
         let example =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/drivers/example-battery.py");
-        let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY);
-        cfg.trust_root = Some(signer.root_public_key());
-        cfg.workspace_id = Some(WORKSPACE.into());
+        let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, WORKSPACE);
         cfg.extra_toml = format!(
             "{extra_toml}\n[telemetry]\nbatch_max_ms = 100\nhealth_interval_secs = 3600\n\n\
              [[drivers]]\nkind = \"simulated\"\ndevice_id = \"bat-1\"\ndevice_type = \"battery\"\ninterval_ms = 200\n\n\

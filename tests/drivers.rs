@@ -610,14 +610,18 @@ fn wait_for_json(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_driver_reaches_none_of_the_agents_secrets() {
     const GATEWAY: &str = "gw-hostile";
-    let pki = kit::Pki::new();
-    let broker = kit::Mosquitto::start(&pki);
     let telemetry = kit::device_topic(GATEWAY, "telemetry");
-    let signer = texture_agent::sim::platform::PlatformSigner::generate("platform-1");
-    let mut platform = kit::platform_peer(&pki, broker.port, &signer, &[&telemetry]).await;
-    let mut cfg = kit::AgentConfig::new(&pki, broker.port, GATEWAY);
-    cfg.trust_root = Some(signer.root_public_key());
-    cfg.workspace_id = Some("ws-hostile".into());
+    let kit::Testbed {
+        pki,
+        broker,
+        signer,
+        peer: mut platform,
+    } = kit::Testbed::start(
+        texture_agent::sim::platform::PlatformSigner::generate("platform-1"),
+        &[&telemetry],
+    )
+    .await;
+    let mut cfg = kit::AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, "ws-hostile");
     cfg.owner = Some("owner-1".into());
     let state_dir = cfg.state_dir(pki.path());
     let runtime_dir = pki.path().join(format!("run-{GATEWAY}"));

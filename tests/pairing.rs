@@ -29,7 +29,7 @@ use texture_agent::model::clock::system_secs;
 use texture_agent::sim::platform::{generate_key, ApiKey, AttestedCommand, PlatformSigner};
 use texture_agent_testkit as kit;
 
-use kit::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
+use kit::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, Testbed, PLATFORM_CLIENT};
 
 /// The agent binary cargo built for these tests.
 const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
@@ -1233,13 +1233,13 @@ impl Platform {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_paired_owners_scoped_keys_run_through_repairing_and_unpairing() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki);
-    let signer = PlatformSigner::generate("platform-1");
-    let peer = kit::platform_peer(
-        &pki,
-        broker.port,
-        &signer,
+    let Testbed {
+        pki,
+        broker,
+        signer,
+        peer,
+    } = Testbed::start(
+        PlatformSigner::generate("platform-1"),
         &[
             &device_topic(GATEWAY, "replies"),
             &device_topic(GATEWAY, "pairing/request"),
@@ -1252,9 +1252,8 @@ async fn only_the_paired_owners_scoped_keys_run_through_repairing_and_unpairing(
         next_id: 0,
     };
 
-    let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY);
-    cfg.trust_root = Some(platform.signer.root_public_key());
-    cfg.workspace_id = Some(GATEWAY_WORKSPACE.into());
+    let cfg =
+        AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&platform.signer, GATEWAY_WORKSPACE);
     let config = cfg.write(pki.path());
     let agent = Agent::spawn(BIN, &config);
     agent.wait_for_log("trust bundle accepted", WAIT);
@@ -1313,19 +1312,17 @@ fn junk_binding_with_escapes() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pair_output_never_carries_escapes_from_a_junk_binding() {
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki);
-    let signer = PlatformSigner::generate("platform-1");
-    let mut peer = kit::platform_peer(
-        &pki,
-        broker.port,
-        &signer,
+    let Testbed {
+        pki,
+        broker,
+        signer,
+        mut peer,
+    } = Testbed::start(
+        PlatformSigner::generate("platform-1"),
         &[&device_topic(GATEWAY, "pairing/request")],
     )
     .await;
-    let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY);
-    cfg.trust_root = Some(signer.root_public_key());
-    cfg.workspace_id = Some(GATEWAY_WORKSPACE.into());
+    let cfg = AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, GATEWAY_WORKSPACE);
     let config = cfg.write(pki.path());
     let agent = Agent::spawn(BIN, &config);
     agent.wait_for_log("trust bundle accepted", WAIT);
@@ -1443,14 +1440,14 @@ fn junk_binding_of(len: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pair_client_that_stops_reading_does_not_stop_commands() {
     use std::io::Write;
-    let pki = Pki::new();
-    let broker = Mosquitto::start(&pki);
-    let signer = PlatformSigner::generate("platform-1");
     let replies = device_topic(GATEWAY, "replies");
-    let mut peer = kit::platform_peer(&pki, broker.port, &signer, &[&replies]).await;
-    let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY);
-    cfg.trust_root = Some(signer.root_public_key());
-    cfg.workspace_id = Some(GATEWAY_WORKSPACE.into());
+    let Testbed {
+        pki,
+        broker,
+        signer,
+        mut peer,
+    } = Testbed::start(PlatformSigner::generate("platform-1"), &[&replies]).await;
+    let cfg = AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, GATEWAY_WORKSPACE);
     let config = cfg.write(pki.path());
     let agent = Agent::spawn(BIN, &config);
     agent.wait_for_log("trust bundle accepted", WAIT);

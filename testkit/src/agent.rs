@@ -12,6 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use texture_agent::sim::platform::PlatformSigner;
+
 use crate::pki::{CertFiles, Pki, BROKER_NAME};
 
 /// What goes into the agent's TOML configuration for a test.
@@ -52,6 +54,15 @@ impl AgentConfig {
             workspace_id: None,
             owner: None,
             extra_toml: String::new(),
+        }
+    }
+
+    /// `self` pinning `signer`'s root key, in `workspace`.
+    pub fn trusting(self, signer: &PlatformSigner, workspace: &str) -> AgentConfig {
+        AgentConfig {
+            trust_root: Some(signer.root_public_key()),
+            workspace_id: Some(workspace.to_owned()),
+            ..self
         }
     }
 

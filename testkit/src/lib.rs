@@ -27,5 +27,5 @@ pub mod schema;
 pub use agent::{agent_binary, agent_command, agent_process, Agent, AgentConfig};
 pub use mosquitto::{free_port, Mosquitto, PLATFORM_CLIENT};
 pub use pki::{Ca, CertFiles, Pki, BROKER_NAME};
-pub use platform::{device_topic, platform_peer, Peer, Seen};
+pub use platform::{device_topic, platform_peer, Peer, Seen, Testbed};
 pub use procfs::{cpu_seconds, proc_status_kib};

@@ -8,7 +8,7 @@ use texture_agent::model::clock::system_secs;
 use texture_agent::sim::peer::{Inbox, PeerOptions, PlatformPeer};
 use texture_agent::sim::platform::PlatformSigner;
 
-use crate::mosquitto::PLATFORM_CLIENT;
+use crate::mosquitto::{Mosquitto, PLATFORM_CLIENT};
 use crate::pki::Pki;
 
 pub use texture_agent::sim::peer::Seen;
@@ -101,4 +101,28 @@ pub async fn platform_peer(
     )
     .await;
     peer
+}
+
+/// What most end-to-end tests start from: a PKI, a private mosquitto, and the platform on it
+/// (`signer`'s trust bundle published, a peer subscribed to the test's topics). Tests take it
+/// apart: `let Testbed { pki, broker, signer, mut peer } = Testbed::start(..).await;`.
+pub struct Testbed {
+    pub pki: Pki,
+    pub broker: Mosquitto,
+    pub signer: PlatformSigner,
+    pub peer: Peer,
+}
+
+impl Testbed {
+    pub async fn start(signer: PlatformSigner, subscriptions: &[&str]) -> Testbed {
+        let pki = Pki::new();
+        let broker = Mosquitto::start(&pki);
+        let peer = platform_peer(&pki, broker.port, &signer, subscriptions).await;
+        Testbed {
+            pki,
+            broker,
+            signer,
+            peer,
+        }
+    }
 }
