@@ -6,7 +6,7 @@
 //! | [`pki`] | a CA made at test time, and the broker's certificate |
 //! | [`mosquitto`] | a private mosquitto per test, mutual TLS and a per-device ACL |
 //! | [`agent`] | the agent binary as a child process, its configuration and its JSON log |
-//! | [`platform`] | the MQTT peer that plays the platform (the simulator's own peer) |
+//! | [`platform`] | the MQTT peer that plays the platform (the simulator's own peer), and the [`Testbed`] most end-to-end tests start from |
 //! | [`schema`], [`regex`] | a small JSON Schema evaluator for the catalog's schemas |
 //! | [`procfs`] | RSS and CPU time of a process, from /proc |
 //! | [`fleet`] | a fleet of in-process agent sessions against one broker |
