@@ -10,8 +10,6 @@
 //!
 //! Prints the decide / verify_strict ratio at the end (goal: at most 1.5).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use criterion::{criterion_group, Criterion};
@@ -19,17 +17,11 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use texture_agent::inbound::auth::replay::ReplayWindow;
 use texture_agent::inbound::auth::trust::TrustStore;
 use texture_agent::inbound::auth::{decide, Context, Verdict};
-use texture_agent::sim::platform::{ApiKey, PlatformSigner};
+use texture_agent::model::clock::system_secs;
+use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
 
 const DEVICE: &str = "gw-bench";
 const WORKSPACE: &str = "ws-bench";
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 fn benches(c: &mut Criterion) {
     let signer = PlatformSigner::from_seeds([1; 32], "platform-1", [2; 32]);
@@ -40,19 +32,23 @@ fn benches(c: &mut Criterion) {
     let mut trust = TrustStore::open(root, &signer.issuer, dir.path());
     trust
         .offer(
-            signer.trust_bundle(1, now(), now() + 3_600, &[]).as_bytes(),
-            now(),
+            signer
+                .trust_bundle(1, system_secs(), system_secs() + 3_600, &[])
+                .as_bytes(),
+            system_secs(),
         )
         .unwrap();
-    let (mut replay, _) = ReplayWindow::open(dir.path(), 1_000_000, now()).unwrap();
+    let (mut replay, _) = ReplayWindow::open(dir.path(), 1_000_000, system_secs()).unwrap();
     let key = ApiKey::server("key-server", WORKSPACE);
     let claims = signer.claims(
         &key,
-        DEVICE,
-        "cmd-bench",
-        "battery:set-reserve",
-        serde_json::json!({ "chargePercentage": 40 }),
-        now(),
+        AttestedCommand::new(
+            DEVICE,
+            "cmd-bench",
+            "battery:set-reserve",
+            serde_json::json!({ "chargePercentage": 40 }),
+        ),
+        system_secs(),
         300,
     );
     let token = signer.attest(&claims);
@@ -62,7 +58,7 @@ fn benches(c: &mut Criterion) {
         owner: None,
         trust: trust.current(),
         issuer: &signer.issuer,
-        now: now(),
+        now: system_secs(),
         skew: 60,
     };
     assert!(matches!(
@@ -90,7 +86,12 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             n += 1;
             replay
-                .record(&format!("cmd-{n}"), now(), now() + 360, now())
+                .record(
+                    &format!("cmd-{n}"),
+                    system_secs(),
+                    system_secs() + 360,
+                    system_secs(),
+                )
                 .unwrap();
         })
     });

@@ -4,15 +4,12 @@
 //!     cargo bench --bench fleet                      # 1000 sessions
 //!     FLEET_SIZE=100 FLEET_STEADY_SECS=5 cargo bench --bench fleet
 //!
-//! Every `FLEET_*` knob is listed on `FleetConfig` in benches/support/fleet.rs, which also
+//! Every `FLEET_*` knob is listed on `FleetConfig` in testkit/src/fleet.rs, which also
 //! explains the scenario. Prints a table and writes the figures as JSON to
 //! `target/fleet-summary.json` (or `FLEET_JSON`) for comparison between versions.
 //! docs/PERFORMANCE.md has recorded results.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "support/fleet.rs"]
-mod fleet;
+use texture_agent_testkit::fleet;
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {

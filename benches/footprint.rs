@@ -13,15 +13,16 @@
 //!
 //! Prints one figure per line; see docs/PERFORMANCE.md for recorded results.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::time::{Duration, Instant};
 
 use std::os::unix::net::UnixDatagram;
 use std::process::Stdio;
 
-use common::{AgentConfig, Mosquitto, Pki};
+use kit::{AgentConfig, Mosquitto, Pki};
+use texture_agent_testkit as kit;
+
+/// The agent binary cargo built for these tests.
+const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -59,7 +60,7 @@ fn main() {
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
     let started = Instant::now();
-    let mut child = common::agent_process()
+    let mut child = kit::agent_process(BIN)
         .arg("--config")
         .arg(&config)
         .arg("run")
@@ -85,15 +86,15 @@ fn main() {
     }
     let (ready, connected) = (ready.expect("READY=1 before connected"), connected.unwrap());
     let pid = child.id();
-    let cpu_at_connect = common::cpu_seconds(&pid.to_string());
+    let cpu_at_connect = kit::cpu_seconds(&pid.to_string());
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
     let idle = t0.elapsed();
-    let binary = std::fs::metadata(common::agent_binary()).unwrap().len();
+    let binary = std::fs::metadata(kit::agent_binary(BIN)).unwrap().len();
 
     println!(
         "binary                 {} ({:.2} MiB)",
-        common::agent_binary(),
+        kit::agent_binary(BIN),
         binary as f64 / 1048576.0
     );
     println!("simulated_devices      {drivers} (every 5 s)");
@@ -109,18 +110,15 @@ fn main() {
         ("rss_anon_kib", "RssAnon:"),
         ("threads", "Threads:"),
     ] {
-        println!(
-            "{name:<22} {}",
-            common::proc_status_kib(&pid.to_string(), key)
-        );
+        println!("{name:<22} {}", kit::proc_status_kib(&pid.to_string(), key));
     }
     println!(
         "cpu_s_total            {:.2}",
-        common::cpu_seconds(&pid.to_string())
+        kit::cpu_seconds(&pid.to_string())
     );
     println!(
         "cpu_s_idle_window      {:.2}",
-        common::cpu_seconds(&pid.to_string()) - cpu_at_connect
+        kit::cpu_seconds(&pid.to_string()) - cpu_at_connect
     );
     if std::env::var("FOOTPRINT_SMAPS").is_ok_and(|v| v == "1") {
         print_smaps(pid);

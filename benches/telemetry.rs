@@ -24,9 +24,6 @@
 //!    the rate the binary delivers while the driver keeps pushing is measured by a subscriber.
 //!    `TELEMETRY_BINARY=0` skips this part; `TELEMETRY_RAW=0` stops after phase 1 (profiling).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::time::{Duration, Instant};
 
 use rumqttc::{
@@ -34,14 +31,19 @@ use rumqttc::{
 };
 use tokio::sync::mpsc;
 
-use common::{device_topic, Agent, AgentConfig, Mosquitto, Pki};
+use kit::{device_topic, Agent, AgentConfig, Mosquitto, Pki};
 use texture_agent::config::Settings;
 use texture_agent::drivers::Sample;
 use texture_agent::link::{Link, LinkState};
+use texture_agent::model::clock::system_secs;
 use texture_agent::model::device::{DeviceState, DeviceType};
-use texture_agent::sim::platform::{ApiKey, PlatformSigner};
+use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
 use texture_agent::telemetry::outbox::{Outbox, Record};
 use texture_agent::telemetry::{batch_message, encode_state, Telemetry};
+use texture_agent_testkit as kit;
+
+/// The agent binary cargo built for these benches.
+const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -144,7 +146,7 @@ fn median(mut runs: Vec<(f64, f64)>) -> (f64, f64) {
 
 /// CPU seconds this process has used (all threads; the runtime has one).
 fn own_cpu() -> f64 {
-    common::cpu_seconds(&std::process::id().to_string())
+    kit::cpu_seconds(&std::process::id().to_string())
 }
 
 /// Phase 2: the same points through a bare rumqttc client, `per_message` points per PUBLISH.
@@ -248,11 +250,9 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
         format!("line='{line}'\nwhile :; do printf '%s\\n' \"$line\"; done\n"),
     )
     .unwrap();
-    let port = common::free_port();
+    let port = kit::free_port();
     let signer = PlatformSigner::generate("platform-1");
-    let mut cfg = AgentConfig::new(pki, port, "gw-cap");
-    cfg.trust_root = Some(signer.root_public_key());
-    cfg.workspace_id = Some("ws-cap".into());
+    let mut cfg = AgentConfig::new(pki, port, "gw-cap").trusting(&signer, "ws-cap");
     cfg.extra_toml = format!(
         "[telemetry]\nhealth_interval_secs = 3600\n\n[[drivers]]\nkind = \"process\"\nname = \"firehose\"\ncommand = [\"sh\", \"{}\"]\n\n\
          [[drivers]]\nkind = \"simulated\"\ndevice_id = \"bat-sim\"\ndevice_type = \"battery\"\ninterval_ms = 5000\n",
@@ -264,7 +264,7 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
         .replace("level = \"debug\"", "level = \"info\"");
     std::fs::write(&config, text).unwrap();
 
-    let agent = Agent::spawn(&config);
+    let agent = Agent::spawn(BIN, &config);
     agent.wait_for_log(
         "outbox full: oldest points dropped",
         Duration::from_secs(120),
@@ -278,9 +278,9 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
     );
     println!(
         "  rss {} KiB, peak rss (VmHWM) {} KiB, anonymous {} KiB",
-        common::proc_status_kib(&pid.to_string(), "VmRSS:"),
-        common::proc_status_kib(&pid.to_string(), "VmHWM:"),
-        common::proc_status_kib(&pid.to_string(), "RssAnon:")
+        kit::proc_status_kib(&pid.to_string(), "VmRSS:"),
+        kit::proc_status_kib(&pid.to_string(), "VmHWM:"),
+        kit::proc_status_kib(&pid.to_string(), "RssAnon:")
     );
 
     let broker = Mosquitto::start_on(pki, port);
@@ -289,7 +289,7 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
     let status = device_topic("gw-cap", "status");
     let received = runtime.block_on(async {
         let mut peer =
-            common::platform_peer(pki, broker.port, &signer, &[&topic, &replies, &status]).await;
+            kit::platform_peer(pki, broker.port, &signer, &[&topic, &replies, &status]).await;
         // The burst: as soon as the agent is back online, with its outbox at the cap and the
         // driver still pushing, 1000 signed commands at once.
         peer.expect(&status, Duration::from_secs(60), |m| {
@@ -297,19 +297,14 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
         })
         .await;
         let key = ApiKey::server("key-server", "ws-cap");
-        let now = common::unix_now();
+        let now = system_secs();
         let t = Instant::now();
         for i in 0..BURST {
-            let claims = signer.device_claims(
-                &key,
-                "gw-cap",
-                "bat-sim",
-                &format!("burst-{i}"),
-                "battery:set-reserve",
-                serde_json::json!({"chargePercentage": 20 + i % 50}),
-                now,
-                300,
-            );
+            let id = format!("burst-{i}");
+            let input = serde_json::json!({"chargePercentage": 20 + i % 50});
+            let command = AttestedCommand::new("gw-cap", &id, "battery:set-reserve", input)
+                .for_device("bat-sim");
+            let claims = signer.claims(&key, command, now, 300);
             let token = signer.attest(&claims);
             peer.publish(&device_topic("gw-cap", "commands"), token, false)
                 .await;
@@ -340,14 +335,14 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
         );
         println!(
             "  {total} replies {answered:?}; {dropped} dropped unanswered at the inbound queue; peak rss (VmHWM) {} KiB",
-            common::proc_status_kib(&pid.to_string(), "VmHWM:")
+            kit::proc_status_kib(&pid.to_string(), "VmHWM:")
         );
         // Let it connect and work through the full outbox first.
         peer.collect(&topic, Duration::from_secs(3)).await;
-        let (cpu, t) = (common::cpu_seconds(&pid.to_string()), Instant::now());
+        let (cpu, t) = (kit::cpu_seconds(&pid.to_string()), Instant::now());
         let batches = peer.collect(&topic, Duration::from_secs(5)).await;
         let (cpu, window) = (
-            common::cpu_seconds(&pid.to_string()) - cpu,
+            kit::cpu_seconds(&pid.to_string()) - cpu,
             t.elapsed().as_secs_f64(),
         );
         let points: usize = batches
@@ -360,8 +355,8 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
         "binary, connected, driver pushing: {:.0} points/s delivered, {:.0} % CPU ({} threads); peak rss {} KiB",
         received.0,
         received.1 * 100.0,
-        common::proc_status_kib(&pid.to_string(), "Threads:"),
-        common::proc_status_kib(&pid.to_string(), "VmHWM:")
+        kit::proc_status_kib(&pid.to_string(), "Threads:"),
+        kit::proc_status_kib(&pid.to_string(), "VmHWM:")
     );
     drop(agent);
 }
@@ -396,7 +391,7 @@ fn main() {
         last_agent = (dropped, peak_bytes);
         if hwm == 0 {
             // Before the prebuilt messages (tens of MiB) inflate it.
-            hwm = common::proc_status_kib(&std::process::id().to_string(), "VmHWM:");
+            hwm = kit::proc_status_kib(&std::process::id().to_string(), "VmHWM:");
         }
         if env_or("TELEMETRY_RAW", 1) == 0 {
             // For profiling the agent path alone.

@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
 
 missing=()
 [ -x /usr/sbin/mosquitto ] || [ -x /usr/bin/mosquitto ] || missing+=(mosquitto)
-# libfaketime: tests/replay_e2e.rs runs the agent with its clock ahead.
+# libfaketime: tests/auth.rs runs the agent with its clock ahead (the replay journal case).
 compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || missing+=(faketime)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"

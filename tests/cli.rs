@@ -1,11 +1,14 @@
 //! The command line: `check-config` rejects each kind of bad configuration with a precise
 //! message, and `version`/`status` work without a daemon.
 
-mod common;
-
 use std::path::Path;
 
-use common::{agent_command, AgentConfig, Pki};
+use kit::{agent_command, AgentConfig, Pki};
+use texture_agent::model::clock::system_secs;
+use texture_agent_testkit as kit;
+
+/// The agent binary cargo built for these tests.
+const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
 
 fn write(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
     let p = dir.join(name);
@@ -15,7 +18,7 @@ fn write(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
 
 /// Runs `check-config` and returns (success, stderr).
 fn check(config: &Path) -> (bool, String) {
-    let out = agent_command(config, &["check-config"]);
+    let out = agent_command(BIN, config, &["check-config"]);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -30,7 +33,7 @@ fn valid_config(pki: &Pki) -> std::path::PathBuf {
 fn check_config_accepts_valid_file_and_redacts_the_key_path() {
     let pki = Pki::new();
     let config = valid_config(&pki);
-    let out = agent_command(&config, &["check-config"]);
+    let out = agent_command(BIN, &config, &["check-config"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -128,7 +131,7 @@ fn check_config_rejects_ca_file_without_certificates() {
 #[test]
 fn environment_override_is_validated_too() {
     let pki = Pki::new();
-    let out = common::agent_process()
+    let out = kit::agent_process(BIN)
         .arg("--config")
         .arg(valid_config(&pki))
         .arg("check-config")
@@ -142,7 +145,7 @@ fn environment_override_is_validated_too() {
 
 #[test]
 fn version_prints_the_crate_version() {
-    let out = agent_command(Path::new("/nonexistent"), &["version"]);
+    let out = agent_command(BIN, Path::new("/nonexistent"), &["version"]);
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -153,7 +156,7 @@ fn version_prints_the_crate_version() {
 #[test]
 fn status_without_a_daemon_says_not_running() {
     let pki = Pki::new();
-    let out = agent_command(&valid_config(&pki), &["status"]);
+    let out = agent_command(BIN, &valid_config(&pki), &["status"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(
@@ -177,7 +180,7 @@ fn status_names_a_damaged_trust_bundle_and_the_version_to_beat() {
     std::fs::create_dir_all(&state).unwrap();
     let root = texture_agent::inbound::auth::jws::public_key_from_base64(&signer.root_public_key())
         .unwrap();
-    let now = common::unix_now();
+    let now = system_secs();
     TrustStore::open(root, &signer.issuer, &state)
         .offer(
             signer.trust_bundle(4, now, now + 3_600, &[]).as_bytes(),
@@ -186,7 +189,7 @@ fn status_names_a_damaged_trust_bundle_and_the_version_to_beat() {
         .unwrap();
     std::fs::write(state.join(BUNDLE_FILE), "garbage").unwrap();
 
-    let out = agent_command(&config, &["status"]);
+    let out = agent_command(BIN, &config, &["status"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(

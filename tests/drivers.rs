@@ -5,8 +5,6 @@
 //! so a regression fails the test instead of hanging it. Most drive a supervisor in-process;
 //! the last runs the agent binary against mosquitto to check what the platform sees.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,6 +19,10 @@ use texture_agent::agent::service::{shutdown_channel, ShutdownTrigger};
 use texture_agent::drivers::process::{supervise, CommandFailure, DriverStats};
 use texture_agent::drivers::{DriverCommand, Sample, SAMPLE_QUEUE};
 use texture_agent::model::device::DeviceState;
+use texture_agent_testkit as kit;
+
+/// The agent binary cargo built for these tests.
+const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
 
 /// Generous for a loaded CI machine; a healthy run needs a fraction of it.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -382,13 +384,13 @@ fn driver_health<'a>(health: &'a serde_json::Value, name: &str) -> Option<&'a se
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_driver_counters_reach_the_platform_in_the_health_point() {
     const GATEWAY: &str = "gw-drivers";
-    let pki = common::Pki::new();
-    let broker = common::Mosquitto::start(&pki);
-    let telemetry = common::device_topic(GATEWAY, "telemetry");
+    let pki = kit::Pki::new();
+    let broker = kit::Mosquitto::start(&pki);
+    let telemetry = kit::device_topic(GATEWAY, "telemetry");
     let mut platform =
-        common::Peer::connect(&pki, broker.port, common::PLATFORM_CLIENT, &[&telemetry]).await;
+        kit::Peer::connect(&pki, broker.port, kit::PLATFORM_CLIENT, &[&telemetry]).await;
     let bad = bad_driver(pki.path());
-    let mut cfg = common::AgentConfig::new(&pki, broker.port, GATEWAY);
+    let mut cfg = kit::AgentConfig::new(&pki, broker.port, GATEWAY);
     // A simulated driver beside the bad one: it must not be listed in the health point.
     cfg.extra_toml = format!(
         "[telemetry]\nbatch_max_ms = 50\nhealth_interval_secs = 1\n\n\
@@ -397,7 +399,7 @@ async fn bad_driver_counters_reach_the_platform_in_the_health_point() {
          [[drivers]]\nkind = \"simulated\"\ndevice_id = \"sim-1\"\ndevice_type = \"battery\"\n",
         bad.display()
     );
-    let agent = common::Agent::spawn(&cfg.write(pki.path()));
+    let agent = kit::Agent::spawn(BIN, &cfg.write(pki.path()));
 
     // Health points come every second; the counters grow with each run of the driver, so wait
     // for the first point that shows a restart and both kinds of skipped line.
@@ -608,14 +610,18 @@ fn wait_for_json(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_driver_reaches_none_of_the_agents_secrets() {
     const GATEWAY: &str = "gw-hostile";
-    let pki = common::Pki::new();
-    let broker = common::Mosquitto::start(&pki);
-    let telemetry = common::device_topic(GATEWAY, "telemetry");
-    let signer = texture_agent::sim::platform::PlatformSigner::generate("platform-1");
-    let mut platform = common::platform_peer(&pki, broker.port, &signer, &[&telemetry]).await;
-    let mut cfg = common::AgentConfig::new(&pki, broker.port, GATEWAY);
-    cfg.trust_root = Some(signer.root_public_key());
-    cfg.workspace_id = Some("ws-hostile".into());
+    let telemetry = kit::device_topic(GATEWAY, "telemetry");
+    let kit::Testbed {
+        pki,
+        broker,
+        signer,
+        peer: mut platform,
+    } = kit::Testbed::start(
+        texture_agent::sim::platform::PlatformSigner::generate("platform-1"),
+        &[&telemetry],
+    )
+    .await;
+    let mut cfg = kit::AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, "ws-hostile");
     cfg.owner = Some("owner-1".into());
     let state_dir = cfg.state_dir(pki.path());
     let runtime_dir = pki.path().join(format!("run-{GATEWAY}"));
@@ -646,7 +652,7 @@ async fn a_hostile_driver_reaches_none_of_the_agents_secrets() {
     let (confined, confined_toml) = driver("confined", true, "attack");
     let (control, control_toml) = driver("control", false, "control");
     cfg.extra_toml = format!("[telemetry]\nbatch_max_ms = 50\n\n{confined_toml}{control_toml}");
-    let agent = common::Agent::spawn(&cfg.write(pki.path()));
+    let agent = kit::Agent::spawn(BIN, &cfg.write(pki.path()));
 
     // Every secret the attacks aim at exists, and its path is the one the driver was given.
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -1,13 +1,9 @@
 //! A small fleet in one process against one broker with mutual TLS: every gateway connects,
 //! reports, answers a signed ping, comes back by itself after the broker is killed and loses no
 //! telemetry point on the way. benches/fleet.rs runs the same scenario with 1000 gateways and
-//! reports figures; the scenario itself lives in benches/support/fleet.rs.
+//! reports figures; the scenario itself lives in testkit/src/fleet.rs.
 
-mod common;
-#[path = "../benches/support/fleet.rs"]
-mod fleet;
-
-use fleet::FleetConfig;
+use texture_agent_testkit::fleet::{self, FleetConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_survives_a_broker_kill_without_losing_a_point() {

@@ -1,15 +1,17 @@
 //! The MQTT-over-TLS link against a real mosquitto with mutual TLS and a per-device ACL.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{device_topic, Agent, AgentConfig, Ca, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
+use kit::{device_topic, Agent, AgentConfig, Ca, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
+use texture_agent_testkit as kit;
+
+/// The agent binary cargo built for these tests.
+const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
 
 const CONNECT: Duration = Duration::from_secs(15);
 
 fn agent_for(pki: &Pki, cfg: &AgentConfig) -> Agent {
-    Agent::spawn(&cfg.write(pki.path()))
+    Agent::spawn(BIN, &cfg.write(pki.path()))
 }
 
 /// Asserts the agent never logged "connected" and its reconnect attempts respect the backoff
@@ -116,7 +118,7 @@ async fn untrusted_client_certificate_fails_cleanly_with_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_tight_loop_while_broker_is_down() {
     let pki = Pki::new();
-    let cfg = AgentConfig::new(&pki, common::free_port(), "gw-down");
+    let cfg = AgentConfig::new(&pki, kit::free_port(), "gw-down");
     let agent = agent_for(&pki, &cfg);
     agent.wait_for_log("link down", CONNECT);
     std::thread::sleep(Duration::from_secs(3));
@@ -360,10 +362,10 @@ async fn status_reads_the_link_from_status_json_while_running_and_after_the_stop
     let broker = Mosquitto::start(&pki);
     let cfg = AgentConfig::new(&pki, broker.port, "gw-status");
     let config = cfg.write(pki.path());
-    let mut agent = Agent::spawn(&config);
+    let mut agent = Agent::spawn(BIN, &config);
     agent.wait_for_log("connected", CONNECT);
     let status = |config: &std::path::Path| {
-        let out = common::agent_command(config, &["status"]);
+        let out = kit::agent_command(BIN, config, &["status"]);
         assert!(out.status.success(), "{out:?}");
         String::from_utf8(out.stdout).unwrap()
     };

@@ -1,13 +1,15 @@
 //! systemd integration seen from outside: READY=1 without waiting for the network, STATUS=
 //! lines, and watchdog pings that stop when the process stops making progress.
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{AgentConfig, Pki};
+use kit::{AgentConfig, Pki};
+use texture_agent_testkit as kit;
+
+/// The agent binary cargo built for these tests.
+const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
 
 /// Reads datagrams from the notify socket until `until` returns true or `timeout` passes.
 fn read_until(
@@ -40,10 +42,10 @@ fn read_until(
 fn ready_status_and_watchdog_follow_the_notify_protocol() {
     let pki = Pki::new();
     // Nothing listens on this port: READY=1 must not wait for the network.
-    let config = AgentConfig::new(&pki, common::free_port(), "gw-notify").write(pki.path());
+    let config = AgentConfig::new(&pki, kit::free_port(), "gw-notify").write(pki.path());
     let socket_path = pki.path().join("notify.sock");
     let sock = UnixDatagram::bind(&socket_path).unwrap();
-    let mut child = common::agent_process()
+    let mut child = kit::agent_process(BIN)
         .arg("--config")
         .arg(&config)
         .arg("run")

@@ -1,12 +1,14 @@
 //! Telemetry end to end against mosquitto with TLS: nothing is lost across broker outages,
 //! agent kills, a full outbox or a torn outbox file, and the order is kept.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
+use kit::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
+use texture_agent_testkit as kit;
+
+/// The agent binary cargo built for these tests.
+const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
 
 const DEVICE: &str = "gw-tel";
 const WAIT: Duration = Duration::from_secs(20);
@@ -93,7 +95,7 @@ impl Received {
 
 /// The outbox's next sequence number as `status` reports it after the agent stopped.
 fn next_seq(config: &std::path::Path) -> u64 {
-    let out = common::agent_command(config, &["status"]);
+    let out = kit::agent_command(BIN, config, &["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
@@ -129,7 +131,7 @@ async fn every_point_arrives_in_order_across_a_twenty_second_broker_outage() {
     let mut cfg = AgentConfig::new(&pki, broker.port, DEVICE);
     cfg.extra_toml = hundred_points_per_second();
     let config = cfg.write(pki.path());
-    let agent = Agent::spawn(&config);
+    let agent = Agent::spawn(BIN, &config);
     let mut got = Received::default();
     got.drain(&mut peer, Duration::from_secs(3)).await;
     assert!(
@@ -146,7 +148,7 @@ async fn every_point_arrives_in_order_across_a_twenty_second_broker_outage() {
 
     // Whatever was still queued goes out with the next start.
     let last = next_seq(&config) - 1;
-    let _drain = Agent::spawn(&drain_config(&pki, broker.port));
+    let _drain = Agent::spawn(BIN, &drain_config(&pki, broker.port));
     got.drain_until_complete(&mut peer, 1, last).await;
     assert!(
         last > 2_000,
@@ -167,7 +169,7 @@ async fn no_gaps_after_five_sigkills_mid_stream() {
     let config = cfg.write(pki.path());
     let mut got = Received::default();
     for round in 0..5 {
-        let agent = Agent::spawn(&config);
+        let agent = Agent::spawn(BIN, &config);
         agent.wait_for_log("connected", WAIT);
         got.drain(&mut peer, Duration::from_millis(1_200 + 300 * round))
             .await;
@@ -175,7 +177,7 @@ async fn no_gaps_after_five_sigkills_mid_stream() {
         drop(agent);
     }
     let last = next_seq(&config) - 1;
-    let _drain = Agent::spawn(&drain_config(&pki, broker.port));
+    let _drain = Agent::spawn(BIN, &drain_config(&pki, broker.port));
     got.drain_until_complete(&mut peer, 1, last).await;
     eprintln!(
         "kills: {last} points, {} duplicates after 5 SIGKILLs",
@@ -187,12 +189,12 @@ async fn no_gaps_after_five_sigkills_mid_stream() {
 async fn a_full_outbox_drops_exactly_the_oldest_points_and_reports_them() {
     let pki = Pki::new();
     // No broker yet: everything stays in the 64 KiB outbox, and the oldest must go.
-    let port = common::free_port();
+    let port = kit::free_port();
     let mut cfg = AgentConfig::new(&pki, port, DEVICE);
     cfg.extra_toml = hundred_points_per_second()
         .replace("[telemetry]\n", "[telemetry]\noutbox_max_bytes = 65536\n");
     let config = cfg.write(pki.path());
-    let agent = Agent::spawn(&config);
+    let agent = Agent::spawn(BIN, &config);
     let deadline = Instant::now() + WAIT;
     while agent
         .logs_with_message("outbox full: oldest points dropped")
@@ -207,7 +209,7 @@ async fn a_full_outbox_drops_exactly_the_oldest_points_and_reports_them() {
         std::thread::sleep(Duration::from_millis(100));
     }
     stop(agent);
-    let out = common::agent_command(&config, &["status"]);
+    let out = kit::agent_command(BIN, &config, &["status"]);
     let status = String::from_utf8_lossy(&out.stdout).into_owned();
     let dropped: u64 = status
         .split(" dropped since install")
@@ -221,7 +223,7 @@ async fn a_full_outbox_drops_exactly_the_oldest_points_and_reports_them() {
     let broker = Mosquitto::start_on(&pki, port);
     let telemetry = device_topic(DEVICE, "telemetry");
     let mut peer = Peer::connect(&pki, broker.port, PLATFORM_CLIENT, &[&telemetry]).await;
-    let _drain = Agent::spawn(&drain_config(&pki, port));
+    let _drain = Agent::spawn(BIN, &drain_config(&pki, port));
     let mut got = Received::default();
     got.drain_until_complete(&mut peer, dropped + 1, last).await;
     // Exactly the oldest were dropped: nothing at or below the dropped count ever arrives.
@@ -240,11 +242,11 @@ async fn a_full_outbox_drops_exactly_the_oldest_points_and_reports_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_outbox_tail_keeps_every_intact_record() {
     let pki = Pki::new();
-    let port = common::free_port();
+    let port = kit::free_port();
     let mut cfg = AgentConfig::new(&pki, port, DEVICE);
     cfg.extra_toml = hundred_points_per_second();
     let config = cfg.write(pki.path());
-    let agent = Agent::spawn(&config);
+    let agent = Agent::spawn(BIN, &config);
     std::thread::sleep(Duration::from_secs(2));
     stop(agent);
     let last = next_seq(&config) - 1;
@@ -270,7 +272,7 @@ async fn a_torn_outbox_tail_keeps_every_intact_record() {
     let broker = Mosquitto::start_on(&pki, port);
     let telemetry = device_topic(DEVICE, "telemetry");
     let mut peer = Peer::connect(&pki, broker.port, PLATFORM_CLIENT, &[&telemetry]).await;
-    let drain = Agent::spawn(&drain_config(&pki, port));
+    let drain = Agent::spawn(BIN, &drain_config(&pki, port));
     let recovered = drain.wait_for_log("outbox recovered from an interrupted write", WAIT);
     assert!(recovered["torn_bytes"].as_u64().unwrap() > 0);
     let mut got = Received::default();

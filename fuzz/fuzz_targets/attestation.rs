@@ -22,7 +22,7 @@ use texture_agent::inbound::auth::jws::public_key_from_base64;
 use texture_agent::inbound::auth::replay::ReplayWindow;
 use texture_agent::inbound::auth::trust::{TrustBundle, TrustStore};
 use texture_agent::inbound::auth::{decide, Context, Verdict};
-use texture_agent::sim::platform::{ApiKey, PlatformSigner, DEFAULT_ISSUER};
+use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner, DEFAULT_ISSUER};
 
 const NOW: u64 = 1_800_000_000;
 const SKEW: u64 = 60;
@@ -58,7 +58,12 @@ fn fixture() -> &'static Fixture {
 
         let server = ApiKey::server("key-server", WORKSPACE);
         let ping = |key: &ApiKey, device: &str, jti: &str, iat: u64, ttl: u64| {
-            signer.claims(key, device, jti, "agent:ping", json!({}), iat, ttl)
+            signer.claims(
+                key,
+                AttestedCommand::new(device, jti, "agent:ping", json!({})),
+                iat,
+                ttl,
+            )
         };
         let scoped = |user: &str| ApiKey::scoped("key-scoped", WORKSPACE, user);
         let connect = ApiKey::connect("key-connect", WORKSPACE);
@@ -80,10 +85,12 @@ fn fixture() -> &'static Fixture {
             ping(&server, DEVICE, "c-seen", t0, 300),
             signer.claims(
                 &server,
-                DEVICE,
-                "c-input",
-                "vendor:set-power",
-                json!({"watts": 1500, "nested": {"a": [1, 2, 3]}}),
+                AttestedCommand::new(
+                    DEVICE,
+                    "c-input",
+                    "vendor:set-power",
+                    json!({"watts": 1500, "nested": {"a": [1, 2, 3]}}),
+                ),
                 t0,
                 300,
             ),

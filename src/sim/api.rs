@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use super::{CommandRecord, KeyRecord, PlatformState, WORKSPACE};
 use crate::inbound::auth::claims::KeyKind;
+use crate::sim::platform::AttestedCommand;
 
 #[derive(Clone)]
 struct Api {
@@ -238,13 +239,13 @@ fn sign_and_record(
     let id = s.next_id("cmd_");
     let api_key = s.api_key(key);
     let now = crate::model::clock::system_secs();
-    let claims = if gateway == device_id {
-        s.signer
-            .claims(&api_key, &gateway, &id, &slug, input, now, 300)
+    let command = AttestedCommand::new(&gateway, &id, &slug, input);
+    let command = if gateway == device_id {
+        command
     } else {
-        s.signer
-            .device_claims(&api_key, &gateway, device_id, &id, &slug, input, now, 300)
+        command.for_device(device_id)
     };
+    let claims = s.signer.claims(&api_key, command, now, 300);
     let token = s.signer.attest(&claims);
     let record = CommandRecord {
         id: id.clone(),

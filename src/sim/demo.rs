@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use super::http::request;
 use super::{Simulator, WORKSPACE};
-use crate::sim::platform::{ApiKey, PlatformSigner};
+use crate::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
 
 const GATEWAY: &str = "gw-demo";
 const BATTERY: &str = "battery-1";
@@ -206,13 +206,9 @@ fn signed(
     input: Value,
 ) -> String {
     let s = sim.state.lock().expect("state");
-    let claims = s.signer.device_claims(
+    let claims = s.signer.claims(
         key,
-        GATEWAY,
-        device,
-        id,
-        slug,
-        input,
+        AttestedCommand::new(GATEWAY, id, slug, input).for_device(device),
         crate::model::clock::system_secs(),
         300,
     );
@@ -555,16 +551,20 @@ async fn revoked_server_key(sim: &Simulator) -> anyhow::Result<Row> {
 async fn forged_signature(sim: &Simulator) -> anyhow::Result<Row> {
     let forger = PlatformSigner::generate("platform-1");
     let server = ApiKey::server(&sim.server_key.id, WORKSPACE);
-    let forged = forger.attest(&forger.device_claims(
-        &server,
-        GATEWAY,
-        BATTERY,
-        "cmd_demo_forged",
-        "battery:set-reserve",
-        json!({"chargePercentage": 1}),
-        crate::model::clock::system_secs(),
-        300,
-    ));
+    let forged = forger.attest(
+        &forger.claims(
+            &server,
+            AttestedCommand::new(
+                GATEWAY,
+                "cmd_demo_forged",
+                "battery:set-reserve",
+                json!({"chargePercentage": 1}),
+            )
+            .for_device(BATTERY),
+            crate::model::clock::system_secs(),
+            300,
+        ),
+    );
     let r = inject_and_wait(sim, &forged, None).await?;
     Ok(Row {
         step: "forged signature (on MQTT)",

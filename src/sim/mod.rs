@@ -2,9 +2,9 @@
 //! of the gateway build.
 //!
 //! It runs, in one process: an MQTT broker (rumqttd) serving TLS on loopback with an ephemeral
-//! CA; the platform's MQTT side (a client that publishes the signed trust bundle, relays
-//! attestations and records replies, telemetry, capabilities and pairing requests); and a local
-//! HTTP API shaped like the platform's public one ([`api`]). All signing goes through
+//! CA; the platform's MQTT side (a [`peer::PlatformPeer`] that publishes the signed trust bundle,
+//! relays attestations and records replies, telemetry, capabilities and pairing requests); and a
+//! local HTTP API shaped like the platform's public one ([`api`]). All signing goes through
 //! [`crate::sim::platform`], the same module the tests use.
 //!
 //! The simulator mints an attestation for whatever key calls it, with that key's kind and scope;
@@ -15,6 +15,7 @@
 pub mod api;
 pub mod demo;
 pub mod http;
+pub mod peer;
 pub mod pki;
 pub mod platform;
 
@@ -25,12 +26,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{AsyncClient, QoS};
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::inbound::auth::claims::KeyKind;
 use crate::link::topics::Topics;
+use crate::sim::peer::{PeerOptions, PlatformPeer};
 use crate::sim::platform::{ApiKey, PlatformSigner};
 
 /// The workspace (customer) the simulator's keys belong to.
@@ -178,6 +180,8 @@ pub struct Simulator {
     pub ca: pki::Ca,
     pub state: Arc<Mutex<PlatformState>>,
     pub mqtt: AsyncClient,
+    /// The platform's MQTT peer (`mqtt` is its client); dropping the simulator disconnects it.
+    pub peer: PlatformPeer,
     /// The keys made at start-up: `server`, `connect`.
     pub server_key: KeyRecord,
     pub connect_key: KeyRecord,
@@ -267,7 +271,8 @@ impl Simulator {
         let connect_key = state.add_key(KeyKind::Connect, None);
         let state = Arc::new(Mutex::new(state));
 
-        let mqtt = connect_platform(&ca, broker_port, state.clone()).await?;
+        let peer = connect_platform(&ca, broker_port, state.clone()).await?;
+        let mqtt = peer.client().clone();
         let api_addr = api::serve(state.clone(), mqtt.clone()).await?;
         Ok(Simulator {
             dir: dir.to_owned(),
@@ -276,6 +281,7 @@ impl Simulator {
             ca,
             state,
             mqtt,
+            peer,
             server_key,
             connect_key,
         })
@@ -317,53 +323,13 @@ async fn connect_platform(
     ca: &pki::Ca,
     port: u16,
     state: Arc<Mutex<PlatformState>>,
-) -> anyhow::Result<AsyncClient> {
-    let files = ca.client(PLATFORM_CLIENT);
-    let broker = crate::config::BrokerSettings {
-        host: "127.0.0.1".into(),
+) -> anyhow::Result<PlatformPeer> {
+    let mut options = PeerOptions::new(
+        PLATFORM_CLIENT,
         port,
-        tls_server_name: Some("localhost".into()),
-        ca_file: Some(ca.cert_path()),
-        client_cert_file: Some(files.cert),
-        client_key_file: Some(crate::config::Secret::new(files.key)),
-        alpn: vec![],
-        keepalive_secs: 30,
-        connect_timeout_secs: 5,
-        backoff_min_ms: 200,
-        backoff_max_ms: 1_000,
-        allow_insecure_plaintext: false,
-    };
-    let tls = crate::link::tls::client_config(&broker)?;
-    let mut options = MqttOptions::new(PLATFORM_CLIENT, "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(30));
-    options.set_max_packet_size(4 << 20, 4 << 20);
-    options.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
-    let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
-    let mut connected_tx = Some(connected_tx);
-    let (inbox_tx, mut inbox_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<u8>)>();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    if let Some(tx) = connected_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = inbox_tx.send((p.topic, p.payload.to_vec()));
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "simulated platform's MQTT connection failed");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), connected_rx)
-        .await
-        .context("connecting the platform client")??;
+        &ca.cert_path(),
+        ca.client(PLATFORM_CLIENT),
+    );
     for leaf in [
         "status",
         "replies",
@@ -371,25 +337,23 @@ async fn connect_platform(
         "capabilities",
         "pairing/request",
     ] {
-        client
-            .subscribe(
-                format!("{}/devices/+/{leaf}", crate::link::topics::ROOT),
-                QoS::AtLeastOnce,
-            )
-            .await?;
+        options = options.subscribe(format!("{}/devices/+/{leaf}", crate::link::topics::ROOT));
     }
+    let (peer, mut inbox) = PlatformPeer::connect_inbox(options)
+        .await
+        .context("connecting the platform client")?;
     // The platform side handles device messages in its own task, never in the polling one.
-    let publisher = client.clone();
+    let publisher = peer.client().clone();
     let recorder = state.clone();
     tokio::spawn(async move {
-        while let Some((topic, payload)) = inbox_rx.recv().await {
-            if record(&recorder, &topic, &payload) == Some(true) {
+        while let Some(seen) = inbox.recv().await {
+            if record(&recorder, &seen.topic, &seen.payload) == Some(true) {
                 let _ = publish_bundle(&publisher, &recorder).await;
             }
         }
     });
-    publish_bundle(&client, &state).await?;
-    Ok(client)
+    publish_bundle(peer.client(), &state).await?;
+    Ok(peer)
 }
 
 /// Records one device message. Returns `Some(true)` when the trust bundle should be

@@ -62,6 +62,45 @@ impl ApiKey {
     }
 }
 
+/// The command an attestation authorises: `command_id` (the JWS `jti`) running `slug` with
+/// `input` on `gateway` (the `aud`) or, with [`AttestedCommand::for_device`], on a device behind
+/// it (`command.deviceId`).
+#[derive(Debug, Clone)]
+pub struct AttestedCommand<'a> {
+    pub gateway: &'a str,
+    pub device: Option<&'a str>,
+    pub command_id: &'a str,
+    pub slug: &'a str,
+    /// Anything but a JSON object is sent as `{}`.
+    pub input: serde_json::Value,
+}
+
+impl<'a> AttestedCommand<'a> {
+    /// A command for the gateway itself.
+    pub fn new(
+        gateway: &'a str,
+        command_id: &'a str,
+        slug: &'a str,
+        input: serde_json::Value,
+    ) -> AttestedCommand<'a> {
+        AttestedCommand {
+            gateway,
+            device: None,
+            command_id,
+            slug,
+            input,
+        }
+    }
+
+    /// The same command for `device`, a device behind the gateway.
+    pub fn for_device(self, device: &'a str) -> AttestedCommand<'a> {
+        AttestedCommand {
+            device: Some(device),
+            ..self
+        }
+    }
+}
+
 impl PlatformSigner {
     /// New random root and one signing key named `kid`.
     pub fn generate(kid: &str) -> PlatformSigner {
@@ -140,23 +179,19 @@ impl PlatformSigner {
         )
     }
 
-    /// The claims of an attestation for `command` on `device`, valid for `ttl` seconds from `iat`.
-    #[allow(clippy::too_many_arguments)]
+    /// The claims of an attestation for `command`, valid for `ttl` seconds from `iat`.
     pub fn claims(
         &self,
         key: &ApiKey,
-        device: &str,
-        command_id: &str,
-        slug: &str,
-        input: serde_json::Value,
+        command: AttestedCommand<'_>,
         iat: u64,
         ttl: u64,
     ) -> AttestationClaims {
         AttestationClaims {
             iss: self.issuer.clone(),
             kid: self.current_kid().to_owned(),
-            aud: device.into(),
-            jti: command_id.into(),
+            aud: command.gateway.into(),
+            jti: command.command_id.into(),
             iat,
             exp: iat + ttl,
             api_key_id: key.id.clone(),
@@ -164,32 +199,14 @@ impl PlatformSigner {
             workspace_id: key.workspace_id.clone(),
             reference_id: key.reference_id.clone(),
             command: CommandClaim {
-                device_id: None,
-                slug: slug.into(),
-                input: match input {
+                device_id: command.device.map(Into::into),
+                slug: command.slug.into(),
+                input: match command.input {
                     serde_json::Value::Object(map) => map,
                     _ => serde_json::Map::new(),
                 },
             },
         }
-    }
-
-    /// Like [`PlatformSigner::claims`], for a command to `target`, a device behind `gateway`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn device_claims(
-        &self,
-        key: &ApiKey,
-        gateway: &str,
-        target: &str,
-        command_id: &str,
-        slug: &str,
-        input: serde_json::Value,
-        iat: u64,
-        ttl: u64,
-    ) -> AttestationClaims {
-        let mut claims = self.claims(key, gateway, command_id, slug, input, iat, ttl);
-        claims.command.device_id = Some(target.into());
-        claims
     }
 
     /// Signs attestation claims with the key their `kid` names.

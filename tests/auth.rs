@@ -1,13 +1,9 @@
-//! Command authorisation seen from outside: the public `Authorizer`, fed real Ed25519
-//! attestations and trust bundles minted by `texture_agent::sim::platform`, the one signing module.
-//!
-//! Every case opens its own authorizer in its own temporary directory, so the replay table and
-//! the time floor of one case never leak into another. The authorizer reads the system clock
-//! itself, so attestations are minted against the same clock (`now()`); every margin used below
-//! is tens of seconds, far more than a test takes.
+//! Command authorisation: the decision table of the public `Authorizer` fed real Ed25519
+//! attestations and trust bundles (replay, expiry, revocation, key rotation, mutation
+//! properties), and the replay journal end to end against an agent whose clock runs ahead.
 
-use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -19,7 +15,23 @@ use texture_agent::inbound::auth::jws;
 use texture_agent::inbound::auth::trust::BundleRejected;
 use texture_agent::inbound::auth::{Authorization, Authorizer, AuthorizerConfig, Owner};
 use texture_agent::inbound::reply::{rfc3339, Reply};
-use texture_agent::sim::platform::{ApiKey, PlatformSigner, DEFAULT_ISSUER};
+use texture_agent::model::clock::system_secs;
+use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner, DEFAULT_ISSUER};
+use texture_agent_testkit as kit;
+
+use kit::{device_topic, Agent, AgentConfig, Testbed};
+
+/// The agent binary cargo built for these tests.
+const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
+
+// ---------------------------------------------------------------------------------------------
+// Command authorisation seen from outside: the public `Authorizer`, fed real Ed25519
+// attestations and trust bundles minted by `texture_agent::sim::platform`, the one signing module.
+//
+// Every case opens its own authorizer in its own temporary directory, so the replay table and
+// the time floor of one case never leak into another. The authorizer reads the system clock
+// itself, so attestations are minted against the same clock (`system_secs()`); every margin
+// used below is tens of seconds, far more than a test takes.
 
 const DEVICE: &str = "gw-0001";
 const OTHER_DEVICE: &str = "gw-0002";
@@ -45,14 +57,6 @@ const CAPACITY: usize = 64;
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// The system clock in Unix seconds, the same clock `Authorizer::now()` reads.
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
-}
 
 /// The platform the device is pinned to: deterministic root and signing key.
 fn platform() -> PlatformSigner {
@@ -86,7 +90,12 @@ fn fresh(capacity: usize) -> (TempDir, Authorizer) {
 /// A trust bundle valid from now for a day, listing every current key of `p`.
 fn bundle(p: &PlatformSigner, version: u64, revoked: &[&str]) -> String {
     let revoked: Vec<String> = revoked.iter().map(|s| s.to_string()).collect();
-    p.trust_bundle(version, now(), now() + BUNDLE_LIFETIME, &revoked)
+    p.trust_bundle(
+        version,
+        system_secs(),
+        system_secs() + BUNDLE_LIFETIME,
+        &revoked,
+    )
 }
 
 fn offer_ok(auth: &mut Authorizer, bundle: &str) {
@@ -118,12 +127,17 @@ fn attest_slug(
     iat: u64,
 ) -> String {
     let input = serde_json::json!({ "mode": "charge", "powerW": 2500 });
-    p.attest(&p.claims(key, device, jti, slug, input, iat, TTL))
+    p.attest(&p.claims(
+        key,
+        AttestedCommand::new(device, jti, slug, input),
+        iat,
+        TTL,
+    ))
 }
 
 /// An attestation from the platform, for this device, issued now.
 fn attest(p: &PlatformSigner, key: &ApiKey, jti: &str) -> String {
-    attest_at(p, key, DEVICE, jti, now())
+    attest_at(p, key, DEVICE, jti, system_secs())
 }
 
 /// A valid attestation's claims JSON under a header with `alg: HS256`, correctly signed
@@ -132,11 +146,8 @@ fn hs256_attestation(jti: &str) -> String {
     let p = platform();
     let claims = p.claims(
         &server_key(),
-        DEVICE,
-        jti,
-        "battery.setMode",
-        serde_json::json!({}),
-        now(),
+        AttestedCommand::new(DEVICE, jti, "battery.setMode", serde_json::json!({})),
+        system_secs(),
         TTL,
     );
     let header = format!(r#"{{"alg":"HS256","kid":"{KID}","typ":"{ATTESTATION_TYP}"}}"#);
@@ -179,8 +190,8 @@ fn success_reply(jti: &str) -> Vec<u8> {
     Reply::Succeeded {
         command_id: jti.into(),
         device_id: DEVICE.into(),
-        issued_at: rfc3339(now()),
-        executed_at: rfc3339(now()),
+        issued_at: rfc3339(system_secs()),
+        executed_at: rfc3339(system_secs()),
         status: 200,
         result: serde_json::json!({ "mode": "charge" }),
     }
@@ -334,7 +345,7 @@ decision_table! {
             .bundles(vec![]);
     attestation_moved_to_another_command_is_401 => {
         let p = platform();
-        let iat = now();
+        let iat = system_secs();
         let original = attest_slug(&p, &server_key(), DEVICE, "cmd-a", "battery.setMode", iat);
         let other = attest_slug(&p, &server_key(), DEVICE, "cmd-b", "ev.startCharging", iat);
         Row::new(with_payload(&original, &payload_of(&other)), unauthenticated())
@@ -343,7 +354,7 @@ decision_table! {
     // Verified but not authorised for this device: 403, the id echoed.
     audience_of_another_device_is_403 =>
         Row::new(
-            attest_at(&platform(), &server_key(), OTHER_DEVICE, "cmd-aud", now()),
+            attest_at(&platform(), &server_key(), OTHER_DEVICE, "cmd-aud", system_secs()),
             forbidden("cmd-aud"),
         );
     workspace_not_this_devices_is_403 =>
@@ -396,17 +407,17 @@ decision_table! {
     // Time: skew 60 s, ttl 300 s.
     expired_attestation_is_401_attestation_expired =>
         Row::new(
-            attest_at(&platform(), &server_key(), DEVICE, "cmd-expired", now() - 1_000),
+            attest_at(&platform(), &server_key(), DEVICE, "cmd-expired", system_secs() - 1_000),
             Expect::Refused(401, "ATTESTATION_EXPIRED", Some("cmd-expired")),
         );
     attestation_issued_beyond_skew_is_401_not_yet_valid =>
         Row::new(
-            attest_at(&platform(), &server_key(), DEVICE, "cmd-future", now() + 600),
+            attest_at(&platform(), &server_key(), DEVICE, "cmd-future", system_secs() + 600),
             Expect::Refused(401, "ATTESTATION_NOT_YET_VALID", Some("cmd-future")),
         );
     attestation_issued_within_skew_executes =>
         Row::new(
-            attest_at(&platform(), &server_key(), DEVICE, "cmd-soon", now() + 30),
+            attest_at(&platform(), &server_key(), DEVICE, "cmd-soon", system_secs() + 30),
             Expect::Execute("cmd-soon"),
         );
 }
@@ -531,7 +542,7 @@ fn refused_future_attestation_does_not_advance_the_clock() {
         &server_key(),
         DEVICE,
         "cmd-future",
-        now() + 600,
+        system_secs() + 600,
     );
     assert_refused(
         &auth.authorize(future.as_bytes(), PAIRED),
@@ -587,7 +598,12 @@ fn trust_bundle_rollback_to_lower_or_equal_version_is_rejected() {
 fn expired_trust_bundle_is_rejected() {
     let p = platform();
     let (_dir, mut auth) = fresh(CAPACITY);
-    let expired = p.trust_bundle(1, now() - 2 * BUNDLE_LIFETIME, now() - 1, &[]);
+    let expired = p.trust_bundle(
+        1,
+        system_secs() - 2 * BUNDLE_LIFETIME,
+        system_secs() - 1,
+        &[],
+    );
     match auth.offer_trust_bundle(expired.as_bytes()) {
         Err(BundleRejected::Expired { .. }) => {}
         other => panic!("expired bundle not rejected: {other:?}"),
@@ -659,8 +675,11 @@ fn accepted_trust_bundle_persists_across_reopen() {
 fn trust_bundle_expired_while_in_force_is_401() {
     let p = platform();
     let (_dir, mut auth) = fresh(CAPACITY);
-    offer_ok(&mut auth, &p.trust_bundle(1, now(), now() + 10, &[]));
-    let soon = attest_at(&p, &server_key(), DEVICE, "cmd-soon", now() + 30);
+    offer_ok(
+        &mut auth,
+        &p.trust_bundle(1, system_secs(), system_secs() + 10, &[]),
+    );
+    let soon = attest_at(&p, &server_key(), DEVICE, "cmd-soon", system_secs() + 30);
     assert_execute(&auth.authorize(soon.as_bytes(), PAIRED), "cmd-soon");
     assert_refused(
         &auth.authorize(attest(&p, &server_key(), "cmd-late").as_bytes(), PAIRED),
@@ -686,11 +705,8 @@ fn key_rotation_with_overlap_then_old_key_dropped() {
     let old_key_token = |jti: &str| {
         let mut claims = p.claims(
             &server_key(),
-            DEVICE,
-            jti,
-            "battery.setMode",
-            serde_json::json!({}),
-            now(),
+            AttestedCommand::new(DEVICE, jti, "battery.setMode", serde_json::json!({})),
+            system_secs(),
             TTL,
         );
         claims.kid = KID.into();
@@ -819,7 +835,7 @@ fn no_single_byte_mutation_of_the_payload_is_accepted() {
 /// A system clock 200 s ahead: a bad RTC, a modem giving local time as UTC, fake NTP. Less
 /// than an attestation's lifetime, so commands signed now still run.
 fn clock_ahead() -> u64 {
-    now() + 200
+    system_secs() + 200
 }
 
 /// A gateway without a real-time clock, booted at the start of 1970.
@@ -835,7 +851,13 @@ fn a_clock_ahead_does_not_make_an_executed_command_replayable() {
     let (_dir, mut auth) = fresh(2);
     offer_ok(&mut auth, &bundle(&platform(), 1, &[]));
     // Issued 250 s ago, valid for 300 s: live in platform time for another 50 s + skew.
-    let old = attest_at(&platform(), &server_key(), DEVICE, "cmd-old", now() - 250);
+    let old = attest_at(
+        &platform(),
+        &server_key(),
+        DEVICE,
+        "cmd-old",
+        system_secs() - 250,
+    );
     assert_execute(&auth.authorize(old.as_bytes(), PAIRED), "cmd-old");
     auth.complete("cmd-old", &success_reply("cmd-old"));
     let second = attest(&platform(), &server_key(), "cmd-second");
@@ -852,7 +874,7 @@ fn a_clock_ahead_does_not_make_an_executed_command_replayable() {
     );
 
     // The clock is corrected; the broker redelivers the old command: a duplicate.
-    auth.set_clock(now);
+    auth.set_clock(system_secs);
     match auth.authorize(old.as_bytes(), PAIRED) {
         Authorization::Reply(bytes) => assert_eq!(bytes, success_reply("cmd-old")),
         other => panic!("executed twice: {}", describe(&other)),
@@ -933,7 +955,7 @@ fn a_fresh_install_at_1970_refuses_a_long_expired_bundle() {
 #[test]
 fn an_accepted_bundle_raises_the_time_floor_for_good() {
     let dir = tempfile::tempdir().unwrap();
-    let issued = now() - 30;
+    let issued = system_secs() - 30;
     {
         let mut auth = open(dir.path(), CAPACITY);
         auth.set_clock(clock_at_1970);
@@ -957,11 +979,13 @@ fn attest_raw_input(jti: &str, input_json: &str) -> String {
     let p = platform();
     let claims = p.claims(
         &server_key(),
-        DEVICE,
-        jti,
-        "battery.setMode",
-        serde_json::json!({ "placeholder": 0 }),
-        now(),
+        AttestedCommand::new(
+            DEVICE,
+            jti,
+            "battery.setMode",
+            serde_json::json!({ "placeholder": 0 }),
+        ),
+        system_secs(),
         TTL,
     );
     let text = serde_json::to_string(&claims).unwrap();
@@ -1012,11 +1036,13 @@ fn refusal_of_an_unverified_header_never_repeats_its_text() {
     let p = platform();
     let claims = p.claims(
         &server_key(),
-        DEVICE,
-        "cmd-escape",
-        "battery.setMode",
-        serde_json::json!({}),
-        now(),
+        AttestedCommand::new(
+            DEVICE,
+            "cmd-escape",
+            "battery.setMode",
+            serde_json::json!({}),
+        ),
+        system_secs(),
         TTL,
     );
     let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
@@ -1040,4 +1066,173 @@ fn refusal_of_an_unverified_header_never_repeats_its_text() {
             "{header}: {message:?}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The replay journal against a wrong clock, end to end: the real binary, a private mosquitto,
+// and libfaketime moving the agent's clock (Debian's `faketime` package; scripts/test.sh
+// installs it).
+//
+// The attack (issue 13, item 1): the broker keeps a command the gateway ran; the gateway
+// restarts while its clock runs ahead (a power blip with a bad RTC, a modem giving local time
+// as UTC, fake NTP); the clock is corrected; the broker redelivers the command while its
+// attestation is still live. An agent that pruned its journal against the clock at start-up
+// lost the entry for good, and ran the command a second time.
+
+const GATEWAY: &str = "gw-clock";
+const CLOCK_WORKSPACE: &str = "ws-clock";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A driver for one battery that answers every command at once and appends each command it
+/// receives to the file named by its first argument.
+const COUNTING_DRIVER: &str = r#"
+import json, sys
+log = open(sys.argv[1], "a")
+state = {"type": "battery", "charge": 5000.0, "chargePercentage": 40.0, "chargingState": "idle",
+         "chargeRate": 0.0, "backupReserve": 20, "gridStatus": "idle", "gridPower": 0.0,
+         "strategy": "test"}
+def emit(obj):
+    sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
+emit({"type": "state", "deviceId": "bat-count", "state": state})
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg["type"] != "command": continue
+    log.write(msg["commandId"] + "\n"); log.flush()
+    emit({"type": "result", "commandId": msg["commandId"], "ok": True, "result": {}})
+"#;
+
+/// libfaketime's preload library, where Debian puts it.
+fn libfaketime() -> PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketime.so.1"))
+        .chain([PathBuf::from("/usr/lib/faketime/libfaketime.so.1")])
+        .find(|p| p.exists());
+    found.expect(
+        "libfaketime.so.1 not found: install Debian's faketime package (scripts/test.sh does)",
+    )
+}
+
+fn stop(mut agent: Agent) {
+    agent.signal("TERM");
+    assert!(agent.wait_exit(WAIT).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_the_clock_ahead_does_not_let_the_broker_replay_an_executed_command() {
+    let replies = device_topic(GATEWAY, "replies");
+    let capabilities = device_topic(GATEWAY, "capabilities");
+    let status = device_topic(GATEWAY, "status");
+    let Testbed {
+        pki,
+        broker,
+        signer,
+        mut peer,
+    } = Testbed::start(
+        PlatformSigner::generate("platform-1"),
+        &[&replies, &capabilities, &status],
+    )
+    .await;
+    let script = pki.path().join("counting_driver.py");
+    std::fs::write(&script, COUNTING_DRIVER).unwrap();
+    let driver_log = pki.path().join("commands.log");
+    let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, CLOCK_WORKSPACE);
+    cfg.extra_toml = format!(
+        "[[drivers]]\nkind = \"process\"\nname = \"counting\"\n\
+         command = [\"python3\", \"-u\", \"{}\", \"{}\"]\n",
+        script.display(),
+        driver_log.display()
+    );
+    let config = cfg.write(pki.path());
+
+    let key = ApiKey::server("key-server", CLOCK_WORKSPACE);
+    let claims = signer.claims(
+        &key,
+        AttestedCommand::new(
+            GATEWAY,
+            "cmd-once",
+            "battery:set-reserve",
+            serde_json::json!({ "chargePercentage": 30 }),
+        )
+        .for_device("bat-count"),
+        system_secs(),
+        600,
+    );
+    let token = signer.attest(&claims);
+    let commands = device_topic(GATEWAY, "commands");
+    let is_reply = |m: &kit::Seen| m.json()["commandId"] == "cmd-once";
+
+    // The birth of a run whose clock is right. It follows the run's subscriptions on the same
+    // connection, so once the platform sees it, a command published next is delivered.
+    let birth = |m: &kit::Seen| {
+        let v = m.json();
+        v["state"] == "online"
+            && v["at"]
+                .as_u64()
+                .is_some_and(|at| at < system_secs() + 3_600)
+    };
+
+    // 1. The command runs once, with the clock right.
+    let agent = Agent::spawn(BIN, &config);
+    peer.expect(&status, WAIT, birth).await;
+    // The driver's first state line makes the device known (and advertised) before the
+    // command arrives.
+    peer.expect(&capabilities, WAIT, |m| {
+        m.json()["devices"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|x| x["deviceId"] == "bat-count"))
+    })
+    .await;
+    peer.publish(&commands, token.clone().into_bytes(), false)
+        .await;
+    let first = peer.expect(&replies, WAIT, is_reply).await;
+    assert_eq!(
+        first.json()["type"],
+        "command.succeeded",
+        "{}",
+        first.json()
+    );
+    stop(agent);
+
+    // 2. A restart with the clock two days ahead.
+    let ahead = Agent::spawn_with_env(
+        BIN,
+        &config,
+        &[
+            ("LD_PRELOAD", libfaketime().to_str().unwrap()),
+            ("FAKETIME", "+2d"),
+            ("DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    let started = ahead.wait_for_log("texture-agent started", WAIT);
+    // The agent really ran two days ahead (its log is stamped with its own clock).
+    let stamped = started["timestamp"].as_str().unwrap_or_default().to_owned();
+    let today = texture_agent::inbound::reply::rfc3339(system_secs());
+    assert!(
+        stamped.get(..10).is_some() && stamped.get(..10) != today.get(..10),
+        "libfaketime did not move the clock: log stamped {stamped:?}, today {today:?}"
+    );
+    stop(ahead);
+
+    // 3. The clock is corrected, and 4. the broker redelivers the command, after this run's
+    // birth (the births seen so far are the first run's and the run ahead's).
+    peer.forget(&status);
+    let agent = Agent::spawn(BIN, &config);
+    peer.expect(&status, WAIT, birth).await;
+    peer.publish(&commands, token.clone().into_bytes(), false)
+        .await;
+    let again = peer.expect(&replies, WAIT, is_reply).await;
+    assert_eq!(
+        again.payload, first.payload,
+        "the redelivery must get the original reply byte for byte"
+    );
+    let runs = std::fs::read_to_string(&driver_log).unwrap();
+    assert_eq!(
+        runs.lines().filter(|l| *l == "cmd-once").count(),
+        1,
+        "the driver saw the command more than once:\n{runs}"
+    );
+    stop(agent);
 }

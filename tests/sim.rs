@@ -1,8 +1,17 @@
-//! The simulated platform's HTTP API, called over HTTP for each key kind and each error code.
+//! The simulated platform: its HTTP API called for each key kind and each error code, and
+//! `texture-agent demo` end to end (the simulator, a real agent process, pairing, the tour).
 
 use serde_json::json;
+
 use texture_agent::sim::http::request;
 use texture_agent::sim::Simulator;
+use texture_agent_testkit as kit;
+
+/// The agent binary cargo built for these tests.
+const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
+
+// ---------------------------------------------------------------------------------------------
+// The simulated platform's HTTP API, called over HTTP for each key kind and each error code.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_answers_each_key_kind_with_the_platforms_error_shape() {
@@ -184,4 +193,42 @@ async fn api_answers_each_key_kind_with_the_platforms_error_shape() {
         (status, body["code"].as_str()),
         (401, Some("UNAUTHENTICATED"))
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// `texture-agent demo` end to end: the simulated platform, a real agent process, pairing and
+// the full tour, checked through its exit code and its results table.
+
+#[test]
+fn demo_runs_every_step_and_exits_zero() {
+    let out = kit::agent_process(BIN)
+        .arg("demo")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("INVOCATION_ID")
+        .env_remove("JOURNAL_STREAM")
+        .output()
+        .expect("run texture-agent demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    for step in [
+        "server key: battery:set-reserve 35",
+        "owner's scoped key: thermostat:set-fan-mode",
+        "another user's scoped key (on MQTT)",
+        "connect key (API, then signed on MQTT)",
+        "revoked server key (new trust bundle)",
+        "forged signature (on MQTT)",
+        "replayed command",
+        "live telemetry (GET /v1/devices)",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(step))
+            .unwrap_or_else(|| panic!("no row for {step:?}:\n{stdout}"));
+        assert!(line.trim_end().ends_with(" ok"), "{line}");
+    }
+    assert!(!stdout.contains("FAILED"));
+    assert!(stdout.contains("demo: every step behaved as expected"));
+    // Not a terminal: plain text, no colour codes.
+    assert!(!stdout.contains('\x1b'), "escape codes in non-TTY output");
 }

@@ -1,14 +1,196 @@
-//! Command execution end to end over mosquitto with TLS: authorised commands reach the right
-//! driver, change the device, show in telemetry and are reported; timeouts, restarts,
-//! concurrency, superseding and duplicates behave as docs/PROTOCOL.md says.
-
-mod common;
+//! Commands end to end over mosquitto with mutual TLS: which attestations execute when a
+//! peer with full broker access publishes them (forged and replayed ones included); and how an
+//! authorised command runs: the right driver, the device's new state in telemetry, the reply,
+//! timeouts, interruption by a stop or a kill, superseding, duplicates and bursts.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki};
-use texture_agent::sim::platform::{ApiKey, PlatformSigner};
+use texture_agent::link::topics::Topics;
+use texture_agent::model::clock::system_secs;
+use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
+use texture_agent_testkit as kit;
+
+use kit::{device_topic, Agent, AgentConfig, Mosquitto, Peer, Pki, Testbed};
+
+/// The agent binary cargo built for these tests.
+const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
+
+// ---------------------------------------------------------------------------------------------
+// End to end over mosquitto with mutual TLS: a peer with full broker access (as a compromised
+// broker would have) publishes attestations for every kind of key, forged and replayed ones
+// included, straight onto the device's command topic. Only the allowed ones execute.
+
+const PEER_WAIT: Duration = Duration::from_secs(15);
+const DEVICE: &str = "gw-e2e";
+const HOME_WORKSPACE: &str = "ws-home";
+
+fn ping(signer: &PlatformSigner, key: &ApiKey, id: &str) -> String {
+    let claims = signer.claims(
+        key,
+        AttestedCommand::new(DEVICE, id, "agent:ping", serde_json::json!({})),
+        system_secs(),
+        300,
+    );
+    signer.attest(&claims)
+}
+
+/// Publishes `token` and returns the next reply whose commandId is `id` (or null for `None`).
+async fn send(peer: &mut Peer, token: &str, id: Option<&str>) -> serde_json::Value {
+    let replies = device_topic(DEVICE, "replies");
+    peer.publish(
+        &device_topic(DEVICE, "commands"),
+        token.as_bytes().to_vec(),
+        false,
+    )
+    .await;
+    let expected = id.map_or(serde_json::Value::Null, serde_json::Value::from);
+    peer.expect(&replies, PEER_WAIT, |m| m.json()["commandId"] == expected)
+        .await
+        .json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_server_and_owner_attestations_execute_over_a_hostile_broker() {
+    let Testbed {
+        pki,
+        broker,
+        signer,
+        mut peer,
+    } = Testbed::start(
+        PlatformSigner::generate("platform-1"),
+        &[&device_topic(DEVICE, "replies")],
+    )
+    .await;
+
+    let mut cfg = AgentConfig::new(&pki, broker.port, DEVICE).trusting(&signer, HOME_WORKSPACE);
+    cfg.owner = Some("user-a".into());
+    let agent = Agent::spawn(BIN, &cfg.write(pki.path()));
+    agent.wait_for_log("trust bundle accepted", PEER_WAIT);
+
+    let server = ApiKey::server("key-server", HOME_WORKSPACE);
+    let owner = ApiKey::scoped("key-scoped-a", HOME_WORKSPACE, "user-a");
+    let stranger = ApiKey::scoped("key-scoped-b", HOME_WORKSPACE, "user-b");
+    let connect = ApiKey::connect("key-connect", HOME_WORKSPACE);
+
+    let r = send(
+        &mut peer,
+        &ping(&signer, &server, "cmd-server"),
+        Some("cmd-server"),
+    )
+    .await;
+    assert_eq!(r["type"], "command.succeeded", "{r}");
+    assert_eq!(r["result"]["pong"], true);
+
+    let r = send(
+        &mut peer,
+        &ping(&signer, &owner, "cmd-owner"),
+        Some("cmd-owner"),
+    )
+    .await;
+    assert_eq!(r["type"], "command.succeeded", "{r}");
+
+    let r = send(
+        &mut peer,
+        &ping(&signer, &stranger, "cmd-stranger"),
+        Some("cmd-stranger"),
+    )
+    .await;
+    assert_eq!(
+        (r["status"].as_u64(), r["code"].as_str()),
+        (Some(403), Some("FORBIDDEN")),
+        "{r}"
+    );
+
+    let r = send(
+        &mut peer,
+        &ping(&signer, &connect, "cmd-connect"),
+        Some("cmd-connect"),
+    )
+    .await;
+    assert_eq!(r["status"], 403, "{r}");
+
+    // A forger with broker access but not the platform's key: same kid, own key.
+    let forger = PlatformSigner::generate("platform-1");
+    let r = send(&mut peer, &ping(&forger, &server, "cmd-forged"), None).await;
+    assert_eq!(
+        (r["status"].as_u64(), r["code"].as_str()),
+        (Some(401), Some("UNAUTHENTICATED")),
+        "{r}"
+    );
+
+    // A replay gets the recorded reply again and does not run again.
+    let token = ping(&signer, &server, "cmd-server");
+    let again = send(&mut peer, &token, Some("cmd-server")).await;
+    assert_eq!(again["type"], "command.succeeded");
+    let decisions = |decision: &str| {
+        agent
+            .logs_with_message("command decision")
+            .into_iter()
+            .filter(|l| l["command_id"] == "cmd-server" && l["decision"] == decision)
+            .count()
+    };
+    assert_eq!(decisions("allowed"), 1, "{}", agent.log_dump());
+    assert_eq!(decisions("duplicate"), 1, "{}", agent.log_dump());
+
+    // Revoking one key leaves the others working.
+    let revoked = ApiKey::server("key-leaked", HOME_WORKSPACE);
+    peer.publish(
+        &Topics::trust_bundle(),
+        signer.trust_bundle(
+            2,
+            system_secs(),
+            system_secs() + 3_600,
+            &["key-leaked".into()],
+        ),
+        true,
+    )
+    .await;
+    let deadline = std::time::Instant::now() + PEER_WAIT;
+    while agent.logs_with_message("trust bundle accepted").len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bundle v2 not accepted:\n{}",
+            agent.log_dump()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = send(
+        &mut peer,
+        &ping(&signer, &revoked, "cmd-revoked"),
+        Some("cmd-revoked"),
+    )
+    .await;
+    assert_eq!(r["status"], 403, "{r}");
+    assert!(r["message"].as_str().unwrap().contains("revoked"), "{r}");
+    let r = send(
+        &mut peer,
+        &ping(&signer, &server, "cmd-after-revoke"),
+        Some("cmd-after-revoke"),
+    )
+    .await;
+    assert_eq!(r["type"], "command.succeeded", "{r}");
+
+    // An old bundle replayed by the broker does not undo the revocation.
+    peer.publish(
+        &Topics::trust_bundle(),
+        signer.trust_bundle(1, system_secs(), system_secs() + 3_600, &[]),
+        true,
+    )
+    .await;
+    let r = send(
+        &mut peer,
+        &ping(&signer, &revoked, "cmd-revoked-2"),
+        Some("cmd-revoked-2"),
+    )
+    .await;
+    assert_eq!(r["status"], 403, "{r}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command execution end to end over mosquitto with TLS: authorised commands reach the right
+// driver, change the device, show in telemetry and are reported; timeouts, restarts,
+// concurrency, superseding and duplicates behave as docs/PROTOCOL.md says.
 
 const GATEWAY: &str = "gw-run";
 const WORKSPACE: &str = "ws-run";
@@ -16,10 +198,6 @@ const WAIT: Duration = Duration::from_secs(20);
 /// The platform signing key, known so a test can sign payloads the signer's types cannot hold.
 const KID: &str = "platform-1";
 const KEY_SEED: [u8; 32] = [7; 32];
-
-fn now() -> u64 {
-    common::unix_now()
-}
 
 /// A driver for two batteries, `slow-1` and `slow-2`. `set-reserve` answers at once, except
 /// chargePercentage 11 (never answers) and 22 (answers after 1.5 s). Every command and cancel it
@@ -67,13 +245,13 @@ struct Bed {
 
 impl Bed {
     async fn new(extra_toml: &str) -> Bed {
-        let pki = Pki::new();
-        let broker = Mosquitto::start(&pki);
-        let signer = PlatformSigner::from_seeds([3; 32], KID, KEY_SEED);
-        let peer = common::platform_peer(
-            &pki,
-            broker.port,
-            &signer,
+        let Testbed {
+            pki,
+            broker,
+            signer,
+            peer,
+        } = Testbed::start(
+            PlatformSigner::from_seeds([3; 32], KID, KEY_SEED),
             &[
                 &device_topic(GATEWAY, "replies"),
                 &device_topic(GATEWAY, "telemetry"),
@@ -87,9 +265,7 @@ impl Bed {
         let driver_log = pki.path().join("driver.log");
         let example =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/drivers/example-battery.py");
-        let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY);
-        cfg.trust_root = Some(signer.root_public_key());
-        cfg.workspace_id = Some(WORKSPACE.into());
+        let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, WORKSPACE);
         cfg.extra_toml = format!(
             "{extra_toml}\n[telemetry]\nbatch_max_ms = 100\nhealth_interval_secs = 3600\n\n\
              [[drivers]]\nkind = \"simulated\"\ndevice_id = \"bat-1\"\ndevice_type = \"battery\"\ninterval_ms = 200\n\n\
@@ -121,7 +297,7 @@ impl Bed {
         // The retained trust bundle is delivered on subscription, so it is handled first too.
         let status = device_topic(GATEWAY, "status");
         self.peer.forget(&status);
-        let agent = Agent::spawn(&self.config);
+        let agent = Agent::spawn(BIN, &self.config);
         self.peer
             .expect(&status, WAIT, |m| m.json()["state"] == "online")
             .await;
@@ -147,9 +323,12 @@ impl Bed {
         self.next += 1;
         let id = format!("cmd-{}", self.next);
         let key = ApiKey::server("key-server", WORKSPACE);
-        let claims = self
-            .signer
-            .device_claims(&key, GATEWAY, device, &id, slug, input, now(), 300);
+        let claims = self.signer.claims(
+            &key,
+            AttestedCommand::new(GATEWAY, &id, slug, input).for_device(device),
+            system_secs(),
+            300,
+        );
         (id, self.signer.attest(&claims))
     }
 
@@ -436,12 +615,18 @@ async fn ask(
     let id = format!("cmd-{}", bed.next);
     let key = ApiKey::server("key-server", WORKSPACE);
     let claims = match device {
-        Some(d) => bed
-            .signer
-            .device_claims(&key, GATEWAY, d, &id, slug, input, now(), 300),
-        None => bed
-            .signer
-            .claims(&key, GATEWAY, &id, slug, input, now(), 300),
+        Some(d) => bed.signer.claims(
+            &key,
+            AttestedCommand::new(GATEWAY, &id, slug, input).for_device(d),
+            system_secs(),
+            300,
+        ),
+        None => bed.signer.claims(
+            &key,
+            AttestedCommand::new(GATEWAY, &id, slug, input),
+            system_secs(),
+            300,
+        ),
     };
     let token = bed.signer.attest(&claims);
     bed.publish(&token).await;
@@ -552,11 +737,8 @@ async fn an_input_that_is_not_an_object_is_401_and_not_recorded() {
     let key = ApiKey::server("key-server", WORKSPACE);
     let claims = bed.signer.claims(
         &key,
-        GATEWAY,
-        "cmd-input",
-        "agent:ping",
-        serde_json::json!({}),
-        now(),
+        AttestedCommand::new(GATEWAY, "cmd-input", "agent:ping", serde_json::json!({})),
+        system_secs(),
         300,
     );
     let good = serde_json::to_value(&claims).unwrap();

@@ -1,9 +1,7 @@
 //! A fleet of agent sessions in one process, against one mosquitto with mutual TLS.
 //!
 //! Shared by `benches/fleet.rs` (1000 sessions, prints figures and writes JSON) and
-//! `tests/fleet.rs` (50 sessions, asserts only). Both include it with
-//! `#[path = "../benches/support/fleet.rs"] mod fleet;` beside the test harness (`mod common`).
-//! It lives in a subdirectory because Cargo would take any `benches/*.rs` for a bench target.
+//! `tests/fleet.rs` (50 sessions, asserts only).
 //!
 //! **A session** is one gateway built by the agent's composition root exactly as `daemon::run`
 //! builds it (`AgentState::open`, `Agent::start`), minus the control socket and systemd: its own
@@ -12,7 +10,8 @@
 //! one simulated battery reports every second through the real driver → telemetry → outbox →
 //! link path.
 //!
-//! **The platform** is one MQTT peer with a persistent session: it publishes the retained trust
+//! **The platform** is one MQTT peer with a persistent session (the simulator's
+//! [`PlatformPeer`], counting in its event-loop handler): it publishes the retained trust
 //! bundle, receives every session's telemetry and replies, and sends signed `agent:ping`s.
 //!
 //! **The run**: (1) every session starts at once and the fleet connects; (2) steady state at one
@@ -31,28 +30,29 @@
 //! The `LinkStatus` watch channels cannot count attempts: they keep only the latest state, and a
 //! refused attempt on loopback lasts microseconds. They are used to check the end state.
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
 use texture_agent::agent::service::{self, Shutdown};
 use texture_agent::agent::{Agent, AgentState};
 use texture_agent::config::Settings;
 use texture_agent::inbound::pairing::control::ControlCall;
-use texture_agent::link::topics::Topics;
 use texture_agent::link::{LinkState, LinkStatus};
-use texture_agent::sim::platform::{ApiKey, PlatformSigner};
+use texture_agent::model::clock::system_millis;
+use texture_agent::sim::peer::{PeerEvent, PeerOptions, PlatformPeer, Seen};
+use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
 use texture_agent::telemetry::outbox::OutboxStats;
 
-use crate::common::{AgentConfig, Mosquitto, Pki, PLATFORM_CLIENT};
+use crate::agent::AgentConfig;
+use crate::mosquitto::{Mosquitto, PLATFORM_CLIENT};
+use crate::pki::Pki;
+use crate::platform::device_topic;
+use crate::procfs::{cpu_seconds, proc_status_kib};
 
 const WORKSPACE: &str = "ws-fleet";
 
@@ -194,6 +194,10 @@ impl tracing::Subscriber for RecorderSubscriber {
         event.record(&mut message);
         let message = message.0.unwrap_or_default();
         let metadata = event.metadata();
+        // The platform peer's own events are the test set-up's, not the agent's.
+        if metadata.target().starts_with("texture_agent::sim") {
+            return;
+        }
         if metadata.target() == "texture_agent::link" {
             let kind = match message.as_str() {
                 "connecting" => Some(LinkEvent::Connecting),
@@ -288,21 +292,13 @@ struct Heard {
     pings_sent: HashMap<String, Instant>,
     replies: HashMap<String, (Duration, bool)>,
     connacks: u32,
-    subacks: u32,
     pubacks: u32,
 }
 
-struct PlatformPeer {
-    client: AsyncClient,
+/// The platform: a [`PlatformPeer`] whose handler counts what it hears.
+struct Platform {
+    peer: PlatformPeer,
     heard: Arc<Mutex<Heard>>,
-    task: JoinHandle<()>,
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 /// The TLS settings of an agent configuration for `device_id`, built the agent's way.
@@ -311,43 +307,26 @@ fn settings_for(cfg: &AgentConfig, dir: &Path) -> Settings {
     texture_agent::config::load_from(&path, std::iter::empty()).expect("fleet configuration")
 }
 
-impl PlatformPeer {
+impl Platform {
     /// Connects with a persistent session and subscribes to every gateway's telemetry and
     /// replies; returns once the subscription is acknowledged.
-    async fn connect(pki: &Pki, port: u16) -> PlatformPeer {
-        let settings = settings_for(&AgentConfig::new(pki, port, PLATFORM_CLIENT), pki.path());
-        let tls = texture_agent::link::tls::client_config(&settings.broker).unwrap();
-        let mut options = MqttOptions::new(PLATFORM_CLIENT, "127.0.0.1", port);
-        options
-            .set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(false)
-            .set_max_packet_size(4 << 20, 4 << 20)
-            .set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
-        let (client, mut eventloop) = AsyncClient::new(options, 4096);
-        // A platform backend sends commands without Nagle's delay; without this the round trip
-        // would measure the peer's socket (40 ms delayed-ACK stalls), not the agent.
-        let mut net = eventloop.network_options();
-        net.set_tcp_nodelay(true);
-        eventloop.set_network_options(net);
+    async fn connect(pki: &Pki, port: u16) -> Platform {
+        let mut options = PeerOptions::new(
+            PLATFORM_CLIENT,
+            port,
+            &pki.ca.cert_path(),
+            pki.ca.client(PLATFORM_CLIENT),
+        )
+        .subscribe("texture/v1/devices/+/telemetry")
+        .subscribe("texture/v1/devices/+/replies");
+        options.clean_session = false;
+        options.queue = 4096;
         let heard = Arc::new(Mutex::new(Heard::default()));
-        let (h, c) = (heard.clone(), client.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(rumqttc::Event::Incoming(packet)) => on_packet(&h, &c, packet),
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
-        let peer = PlatformPeer {
-            client,
-            heard,
-            task,
-        };
-        peer.wait_until(Duration::from_secs(10), |h| h.subacks >= 1)
-            .await;
-        peer
+        let h = heard.clone();
+        let peer = PlatformPeer::connect(options, move |event| on_event(&h, event))
+            .await
+            .expect("platform peer connects");
+        Platform { peer, heard }
     }
 
     async fn wait_until(&self, timeout: Duration, done: impl Fn(&Heard) -> bool) -> bool {
@@ -363,14 +342,11 @@ impl PlatformPeer {
 
     /// Sends a signed `agent:ping` to `gateway`, noting when.
     async fn ping(&self, signer: &PlatformSigner, gateway: &str, command_id: &str) {
-        let now = unix_millis() / 1000;
+        let now = system_millis() / 1000;
         let key = ApiKey::server("key-fleet", WORKSPACE);
         let claims = signer.claims(
             &key,
-            gateway,
-            command_id,
-            "agent:ping",
-            serde_json::json!({}),
+            AttestedCommand::new(gateway, command_id, "agent:ping", serde_json::json!({})),
             now,
             300,
         );
@@ -380,60 +356,21 @@ impl PlatformPeer {
             .unwrap()
             .pings_sent
             .insert(command_id.to_owned(), Instant::now());
-        self.client
-            .publish(
-                crate::common::device_topic(gateway, "commands"),
-                QoS::AtLeastOnce,
-                false,
-                token,
-            )
+        self.peer
+            .publish(device_topic(gateway, "commands"), token, false)
             .await
             .unwrap();
     }
 }
 
-impl Drop for PlatformPeer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// Runs in the peer's event-loop task, so it never awaits the client (see `link`'s module docs).
-fn on_packet(heard: &Mutex<Heard>, client: &AsyncClient, packet: Packet) {
+fn on_event(heard: &Mutex<Heard>, event: PeerEvent) {
     let mut h = heard.lock().unwrap();
-    match packet {
-        Packet::ConnAck(ack) => {
-            h.connacks += 1;
-            // A restored session still has its subscriptions; a new one needs them again.
-            if !ack.session_present {
-                for leaf in ["telemetry", "replies"] {
-                    let filter = format!("texture/v1/devices/+/{leaf}");
-                    client.try_subscribe(filter, QoS::AtLeastOnce).unwrap();
-                }
-            }
-        }
-        Packet::SubAck(_) => h.subacks += 1,
-        Packet::PubAck(_) => h.pubacks += 1,
-        Packet::Publish(p) if p.topic.ends_with("/telemetry") => {
-            let batch: BatchMeta = serde_json::from_slice(&p.payload).expect("telemetry batch");
-            let now = unix_millis();
-            let measuring = h.measuring;
-            let mut latencies = Vec::new();
-            let seqs = h.seqs.entry(batch.gateway_id).or_default();
-            for point in &batch.points {
-                let seq = point.seq as usize;
-                if seqs.len() <= seq {
-                    seqs.resize(seq + 1, 0);
-                }
-                seqs[seq] += 1;
-                if measuring {
-                    latencies.push(now.saturating_sub(point.ts) as f64);
-                }
-            }
-            h.points += batch.points.len() as u64;
-            h.latency_ms.extend(latencies);
-        }
-        Packet::Publish(p) if p.topic.ends_with("/replies") => {
+    match event {
+        PeerEvent::Connected { .. } => h.connacks += 1,
+        PeerEvent::Acknowledged => h.pubacks += 1,
+        PeerEvent::Message(p) if p.topic.ends_with("/telemetry") => on_telemetry(&mut h, &p),
+        PeerEvent::Message(p) if p.topic.ends_with("/replies") => {
             let reply: ReplyMeta = serde_json::from_slice(&p.payload).expect("reply");
             let Some(id) = reply.command_id else { return };
             if let Some(sent) = h.pings_sent.get(&id).copied() {
@@ -441,8 +378,28 @@ fn on_packet(heard: &Mutex<Heard>, client: &AsyncClient, packet: Packet) {
                 h.replies.entry(id).or_insert((sent.elapsed(), ok));
             }
         }
-        _ => {}
+        PeerEvent::Subscribed | PeerEvent::Message(_) => {}
     }
+}
+
+fn on_telemetry(h: &mut Heard, p: &Seen) {
+    let batch: BatchMeta = serde_json::from_slice(&p.payload).expect("telemetry batch");
+    let now = system_millis();
+    let measuring = h.measuring;
+    let mut latencies = Vec::new();
+    let seqs = h.seqs.entry(batch.gateway_id).or_default();
+    for point in &batch.points {
+        let seq = point.seq as usize;
+        if seqs.len() <= seq {
+            seqs.resize(seq + 1, 0);
+        }
+        seqs[seq] += 1;
+        if measuring {
+            latencies.push(now.saturating_sub(point.ts) as f64);
+        }
+    }
+    h.points += batch.points.len() as u64;
+    h.latency_ms.extend(latencies);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -704,7 +661,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> FleetReport {
     let mut report = FleetReport {
         agent_version: env!("CARGO_PKG_VERSION").into(),
         git_commit: git_commit(),
-        unix_time: unix_millis() / 1000,
+        unix_time: system_millis() / 1000,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         config: Some(cfg.clone()),
         ..FleetReport::default()
@@ -714,15 +671,10 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> FleetReport {
     let pki = Pki::new();
     let mut broker = Mosquitto::start_with(&pki, true);
     let signer = PlatformSigner::generate("platform-fleet");
-    let peer = PlatformPeer::connect(&pki, broker.port).await;
-    let now = unix_millis() / 1000;
-    peer.client
-        .publish(
-            Topics::trust_bundle(),
-            QoS::AtLeastOnce,
-            true,
-            signer.trust_bundle(1, now, now + 86_400, &[]),
-        )
+    let peer = Platform::connect(&pki, broker.port).await;
+    let now = system_millis() / 1000;
+    peer.peer
+        .publish_trust_bundle(signer.trust_bundle(1, now, now + 86_400, &[]))
         .await
         .unwrap();
     assert!(
@@ -781,7 +733,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> FleetReport {
         h.measuring = true;
         h.points
     };
-    let cpu_before = crate::common::cpu_seconds("self");
+    let cpu_before = cpu_seconds("self");
     let t_steady = Instant::now();
     let pings = cfg.pings.min(n);
     for k in 0..pings {
@@ -792,7 +744,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> FleetReport {
     }
     tokio::time::sleep_until((t_steady + steady).into()).await;
     let window = t_steady.elapsed().as_secs_f64();
-    let cpu = crate::common::cpu_seconds("self") - cpu_before;
+    let cpu = cpu_seconds("self") - cpu_before;
     peer.wait_until(Duration::from_secs(10), |h| h.replies.len() >= pings)
         .await;
     {
@@ -811,7 +763,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> FleetReport {
             pings_failed: h.replies.values().filter(|(_, ok)| !ok).count(),
             telemetry_latency_ms: Spread::of(std::mem::take(&mut h.latency_ms)),
             process_cpu_pct: cpu / window * 100.0,
-            process_rss_kib: crate::common::proc_status_kib("self", "VmRSS:"),
+            process_rss_kib: proc_status_kib("self", "VmRSS:"),
         };
     }
     progress(&format!(
@@ -914,7 +866,7 @@ pub async fn run(cfg: FleetConfig, progress: impl Fn(&str)) -> FleetReport {
     }
     while stopping.join_next().await.is_some() {}
     report.shutdown_ms = t_stop.elapsed().as_secs_f64() * 1000.0;
-    report.process_peak_rss_kib = crate::common::proc_status_kib("self", "VmHWM:");
+    report.process_peak_rss_kib = proc_status_kib("self", "VmHWM:");
     report.log_events = rec
         .counts
         .lock()
