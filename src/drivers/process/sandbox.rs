@@ -205,26 +205,31 @@ impl Confinement {
             report,
         })
     }
+
+    /// Names `step` as the one that failed, on `report`, and returns the OS error it failed
+    /// with (read first: the write may change `errno`). In the child: no allocation.
+    fn fail(&self, step: Step) -> io::Error {
+        let error = io::Error::last_os_error();
+        let byte = step as u8;
+        // SAFETY: write(2) on a pipe we own, from a valid one-byte buffer.
+        unsafe { libc::write(self.report, (&byte as *const u8).cast(), 1) };
+        error
+    }
+
+    /// A system call's `result`: `-1` fails `step` ([`Confinement::fail`]). In the child.
+    fn check(&self, result: libc::c_int, step: Step) -> io::Result<()> {
+        if result == -1 {
+            Err(self.fail(step))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// Runs in the forked child, between `fork` and `exec`: async-signal-safe system calls only.
 /// On failure it writes the failing [`Step`] to `report` and returns the OS error, which std
 /// hands to the parent as the spawn's error.
 fn confine(c: &Confinement) -> io::Result<()> {
-    let fail = |step: Step| -> io::Error {
-        let error = io::Error::last_os_error();
-        let byte = step as u8;
-        // SAFETY: write(2) on a pipe we own, from a valid one-byte buffer.
-        unsafe { libc::write(c.report, (&byte as *const u8).cast(), 1) };
-        error
-    };
-    let check = |result: libc::c_int, step: Step| -> io::Result<()> {
-        if result == -1 {
-            Err(fail(step))
-        } else {
-            Ok(())
-        }
-    };
     // SAFETY: every call below is a raw system call on buffers built before the fork, each
     // NUL-terminated where the kernel expects a C string.
     unsafe {
@@ -233,83 +238,103 @@ fn confine(c: &Confinement) -> io::Result<()> {
         // child holds a copy of the agent's memory until exec, but dumpable only lets processes
         // of the agent's uid, in the agent's user namespace, reach it: those can read the state
         // directory directly anyway.
-        check(
+        c.check(
             libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0),
             Step::Dumpable,
         )?;
-        enter_user_namespace(c, Step::UnshareOuter, &fail)?;
-        check(
-            libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ),
-            Step::MakePrivate,
-        )?;
-        let locked = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY;
-        for dir in &c.hidden_dirs {
-            check(
-                libc::mount(
-                    c"texture-driver-sandbox".as_ptr(),
-                    dir.as_ptr(),
-                    c"tmpfs".as_ptr(),
-                    locked,
-                    c"mode=0755,size=4k,nr_inodes=1".as_ptr().cast(),
-                ),
-                Step::HideDir,
-            )?;
-        }
-        for file in &c.hidden_files {
-            check(
-                libc::mount(
-                    c"/dev/null".as_ptr(),
-                    file.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                ),
-                Step::HideFile,
-            )?;
-            // A bind mount takes its flags only from a remount.
-            check(
-                libc::mount(
-                    std::ptr::null(),
-                    file.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REMOUNT | libc::MS_BIND | locked,
-                    std::ptr::null(),
-                ),
-                Step::HideFile,
-            )?;
-        }
+        enter_user_namespace(c, Step::UnshareOuter)?;
+        hide_paths(c)?;
         // The nested namespace: the mounts above now belong to a more privileged mount
         // namespace than the one the driver runs in, so the kernel locks them.
-        enter_user_namespace(c, Step::UnshareInner, &fail)?;
-        // A working directory inside a hidden directory would still reach what lies under the
-        // mount; entering it again by name goes through the mounts.
-        let entered = match &c.cwd {
-            Some(cwd) => libc::chdir(cwd.as_ptr()) == 0,
-            None => false,
-        };
-        if !entered {
-            check(libc::chdir(c"/".as_ptr()), Step::Chdir)?;
-        }
-        check(
+        enter_user_namespace(c, Step::UnshareInner)?;
+        reenter_working_dir(c)?;
+        c.check(
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
             Step::NoNewPrivs,
         )?;
         // Set after the namespaces: a change of credentials clears it.
-        check(
+        c.check(
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0),
             Step::DeathSignal,
         )?;
         if libc::getppid() != c.parent {
             // Already orphaned: the death signal will never come.
             *libc::__errno_location() = libc::ESRCH;
-            return Err(fail(Step::ParentGone));
+            return Err(c.fail(Step::ParentGone));
         }
+    }
+    Ok(())
+}
+
+/// Makes `/` private in the driver's mount namespace, then covers each hidden directory with
+/// an empty read-only tmpfs and each hidden file with a read-only `/dev/null`. In the child.
+///
+/// # Safety
+/// Only between fork and exec, as [`confine`].
+unsafe fn hide_paths(c: &Confinement) -> io::Result<()> {
+    c.check(
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ),
+        Step::MakePrivate,
+    )?;
+    let locked = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY;
+    for dir in &c.hidden_dirs {
+        c.check(
+            libc::mount(
+                c"texture-driver-sandbox".as_ptr(),
+                dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                locked,
+                c"mode=0755,size=4k,nr_inodes=1".as_ptr().cast(),
+            ),
+            Step::HideDir,
+        )?;
+    }
+    for file in &c.hidden_files {
+        c.check(
+            libc::mount(
+                c"/dev/null".as_ptr(),
+                file.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ),
+            Step::HideFile,
+        )?;
+        // A bind mount takes its flags only from a remount.
+        c.check(
+            libc::mount(
+                std::ptr::null(),
+                file.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT | libc::MS_BIND | locked,
+                std::ptr::null(),
+            ),
+            Step::HideFile,
+        )?;
+    }
+    Ok(())
+}
+
+/// Enters the agent's working directory again by name, or `/` when that fails. In the child.
+///
+/// A working directory inside a hidden directory would still reach what lies under the mount;
+/// entering it again by name goes through the mounts.
+///
+/// # Safety
+/// Only between fork and exec, as [`confine`].
+unsafe fn reenter_working_dir(c: &Confinement) -> io::Result<()> {
+    let entered = match &c.cwd {
+        Some(cwd) => libc::chdir(cwd.as_ptr()) == 0,
+        None => false,
+    };
+    if !entered {
+        c.check(libc::chdir(c"/".as_ptr()), Step::Chdir)?;
     }
     Ok(())
 }
@@ -351,26 +376,22 @@ pub(super) fn spawn_confined(command: &mut Command, sandbox: &DriverSandbox) -> 
 ///
 /// # Safety
 /// Only between fork and exec, as [`confine`].
-unsafe fn enter_user_namespace(
-    c: &Confinement,
-    step: Step,
-    fail: &dyn Fn(Step) -> io::Error,
-) -> io::Result<()> {
+unsafe fn enter_user_namespace(c: &Confinement, step: Step) -> io::Result<()> {
     if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) == -1 {
-        return Err(fail(step));
+        return Err(c.fail(step));
     }
     // setgroups must be denied before an unprivileged process may write gid_map; kernels
     // before 3.19 have no such file.
     if write_proc(c"/proc/self/setgroups", b"deny") == -1
         && *libc::__errno_location() != libc::ENOENT
     {
-        return Err(fail(Step::Setgroups));
+        return Err(c.fail(Step::Setgroups));
     }
     if write_proc(c"/proc/self/uid_map", &c.uid_map) == -1 {
-        return Err(fail(Step::UidMap));
+        return Err(c.fail(Step::UidMap));
     }
     if write_proc(c"/proc/self/gid_map", &c.gid_map) == -1 {
-        return Err(fail(Step::GidMap));
+        return Err(c.fail(Step::GidMap));
     }
     Ok(())
 }

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStderr, ChildStdin, Command};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant, MissedTickBehavior};
 
 use super::in_flight::{cancel_abandoned, fail, send_command, Answer};
@@ -67,6 +68,18 @@ enum Event {
     Stdout(io::Result<ReadLine>),
     Command(Option<DriverCommand>),
     Sweep,
+}
+
+/// The pipes of one running child, and the tasks that serve its stdin and stderr.
+struct ChildPipes {
+    /// The driver's stdout, read by the supervisor itself.
+    stdout: LineReader<BufReader<ChildStdout>>,
+    /// Lines queued for the driver's stdin.
+    to_driver: mpsc::Sender<Vec<u8>>,
+    /// Writes `to_driver`'s lines to the driver's stdin.
+    writer: JoinHandle<()>,
+    /// Copies the driver's stderr to the log.
+    stderr: JoinHandle<()>,
 }
 
 /// How one run of the child ended.
@@ -172,92 +185,149 @@ impl Supervisor {
     /// every line the driver wrote before dying is still read (a last state, a last result), and
     /// a driver that closes stdout but lingers is useless and gets killed.
     async fn run_child(&mut self, mut child: Child) -> Ended {
-        let (Some(stdin), Some(stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
+        let Some(mut pipes) = self.attach(&mut child) else {
             // Unreachable with the piped Stdio above; fail the run rather than panic.
             let _ = child.kill().await;
             return Ended::Exited("stdio not captured".into());
+        };
+        let mut in_flight: HashMap<String, Answer> = HashMap::new();
+        if self.serve(&mut pipes, &mut in_flight).await.is_break() {
+            self.stop_for_shutdown(child, pipes, in_flight).await;
+            return Ended::Shutdown;
+        }
+        self.reap_exited(child, pipes, in_flight).await
+    }
+
+    /// Takes the child's pipes and starts the tasks that write its stdin and log its stderr.
+    /// `None` if a pipe is missing.
+    fn attach(&self, child: &mut Child) -> Option<ChildPipes> {
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return None;
         };
         // stdin gets its own task so a driver that stops reading its stdin blocks only that
         // task, never the reading of its stdout. Commands reach it through a bounded queue.
         let (to_driver, queue) = mpsc::channel(STDIN_QUEUE);
         let writer = tokio::spawn(write_to_driver(stdin, queue));
-        let mut stderr_task = tokio::spawn(forward_stderr(self.driver.name.clone(), stderr));
-        let mut stdout = LineReader::new(BufReader::new(stdout), self.driver.max_line_bytes);
-        let mut in_flight: HashMap<String, Answer> = HashMap::new();
+        let stderr = tokio::spawn(forward_stderr(self.driver.name.clone(), stderr));
+        let stdout = LineReader::new(BufReader::new(stdout), self.driver.max_line_bytes);
+        Some(ChildPipes {
+            stdout,
+            to_driver,
+            writer,
+            stderr,
+        })
+    }
+
+    /// Serves the running child: its stdout lines, the commands routed to it and the sweep of
+    /// abandoned ones. Continues when its stdout ends (or fails); breaks when shutdown begins.
+    async fn serve(
+        &mut self,
+        pipes: &mut ChildPipes,
+        in_flight: &mut HashMap<String, Answer>,
+    ) -> ControlFlow<()> {
         let mut sweep = tokio::time::interval(CANCEL_SWEEP);
         sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
-
-        let shutting_down = loop {
+        loop {
             let event = tokio::select! {
                 _ = self.shutdown.wait() => Event::Shutdown,
-                read = stdout.next_line() => Event::Stdout(read),
+                read = pipes.stdout.next_line() => Event::Stdout(read),
                 command = self.commands.recv(), if self.commands_open => Event::Command(command),
                 _ = sweep.tick() => Event::Sweep,
             };
             match event {
-                Event::Shutdown => break true,
+                Event::Shutdown => return ControlFlow::Break(()),
                 Event::Stdout(Ok(ReadLine::Complete)) => {
                     if self
-                        .handle_line(stdout.line(), &mut in_flight)
+                        .handle_line(pipes.stdout.line(), in_flight)
                         .await
                         .is_break()
                     {
-                        break true;
+                        return ControlFlow::Break(());
                     }
                 }
-                Event::Stdout(Ok(ReadLine::Oversized { len })) => {
-                    bump(&self.stats.oversized_lines);
-                    tracing::warn!(
-                        driver = %self.driver.name,
-                        line_bytes = len,
-                        max_line_bytes = self.driver.max_line_bytes,
-                        "skipping oversized driver line"
-                    );
-                }
-                Event::Stdout(Ok(ReadLine::Eof)) => break false,
+                Event::Stdout(Ok(ReadLine::Oversized { len })) => self.skip_oversized(len),
+                Event::Stdout(Ok(ReadLine::Eof)) => return ControlFlow::Continue(()),
                 Event::Stdout(Err(error)) => {
                     tracing::warn!(driver = %self.driver.name, %error, "driver stdout unreadable");
-                    break false;
+                    return ControlFlow::Continue(());
                 }
-                Event::Command(Some(command)) => send_command(command, &to_driver, &mut in_flight),
+                Event::Command(Some(command)) => send_command(command, &pipes.to_driver, in_flight),
                 Event::Command(None) => self.commands_open = false,
-                Event::Sweep => cancel_abandoned(&mut in_flight, &to_driver),
+                Event::Sweep => cancel_abandoned(in_flight, &pipes.to_driver),
             }
-        };
-
-        if shutting_down {
-            // The agent is stopping (PROTOCOL 15.5): a `cancel` for each command in flight, then
-            // the end of stdin, then until the grace runs out to exit on its own; then SIGKILL.
-            let deadline = Instant::now() + crate::drivers::STOP_GRACE;
-            for (command_id, answer) in in_flight.drain() {
-                let cancel = encode(&ToDriver::Cancel {
-                    command_id: &command_id,
-                });
-                let _ = tokio::time::timeout_at(deadline, to_driver.send(cancel)).await;
-                fail(answer, CommandFailure::ShuttingDown);
-            }
-            // The writer ends once the queue is written, and closes the driver's stdin as it does.
-            drop(to_driver);
-            let mut writer = writer;
-            if tokio::time::timeout_at(deadline, &mut writer)
-                .await
-                .is_err()
-            {
-                writer.abort();
-            }
-            stderr_task.abort();
-            if tokio::time::timeout_at(deadline, child.wait())
-                .await
-                .is_err()
-            {
-                if let Err(error) = child.kill().await {
-                    tracing::warn!(driver = %self.driver.name, %error, "could not kill driver");
-                }
-            }
-            return Ended::Shutdown;
         }
+    }
+
+    /// Counts and logs a stdout line longer than `max_line_bytes`, which was skipped.
+    fn skip_oversized(&self, len: usize) {
+        bump(&self.stats.oversized_lines);
+        tracing::warn!(
+            driver = %self.driver.name,
+            line_bytes = len,
+            max_line_bytes = self.driver.max_line_bytes,
+            "skipping oversized driver line"
+        );
+    }
+
+    /// Stops a child that is still running because the agent is stopping (PROTOCOL 15.5): a
+    /// `cancel` for each command in flight, then the end of stdin, then until the grace runs
+    /// out to exit on its own; then SIGKILL.
+    async fn stop_for_shutdown(
+        &self,
+        mut child: Child,
+        pipes: ChildPipes,
+        mut in_flight: HashMap<String, Answer>,
+    ) {
+        // The stdout reader stays open until the child is gone, as the rest of `pipes` does.
+        let ChildPipes {
+            to_driver,
+            mut writer,
+            stderr,
+            ..
+        } = pipes;
+        let deadline = Instant::now() + crate::drivers::STOP_GRACE;
+        for (command_id, answer) in in_flight.drain() {
+            let cancel = encode(&ToDriver::Cancel {
+                command_id: &command_id,
+            });
+            let _ = tokio::time::timeout_at(deadline, to_driver.send(cancel)).await;
+            fail(answer, CommandFailure::ShuttingDown);
+        }
+        // The writer ends once the queue is written, and closes the driver's stdin as it does.
+        drop(to_driver);
+        if tokio::time::timeout_at(deadline, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+        stderr.abort();
+        if tokio::time::timeout_at(deadline, child.wait())
+            .await
+            .is_err()
+        {
+            if let Err(error) = child.kill().await {
+                tracing::warn!(driver = %self.driver.name, %error, "could not kill driver");
+            }
+        }
+    }
+
+    /// Ends the run of a child whose stdout closed: fails what it still owed, waits for it to
+    /// exit (killing it after [`EXIT_GRACE`]) and for its last stderr lines.
+    async fn reap_exited(
+        &self,
+        mut child: Child,
+        pipes: ChildPipes,
+        mut in_flight: HashMap<String, Answer>,
+    ) -> Ended {
+        // The stdout reader and the stdin queue stay open until the child is reaped.
+        let ChildPipes {
+            writer,
+            stderr: mut stderr_task,
+            ..
+        } = pipes;
         writer.abort();
 
         // Nobody is left to answer these; tell their callers now rather than at their deadline.
