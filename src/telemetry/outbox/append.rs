@@ -9,7 +9,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
-use super::record::{crc, HEADER_BYTES, MAX_RECORD_BYTES};
+use super::record::{self, HEADER_BYTES, MAX_RECORD_BYTES};
 use super::segment::{segment_path, Segment};
 use super::{Cached, Cursor, Outbox, OutboxError, Record, TAIL_BYTES};
 use crate::storage::StorageError;
@@ -37,68 +37,25 @@ impl Outbox {
         let mut buf = Vec::with_capacity(total.min(self.segment_bytes as usize));
         // Unacknowledged bytes including `buf`; recomputed only when a segment is dropped.
         let mut unacked = self.unacked().1;
-        // Room in the in-memory tail for this call's records. The tail must stay one contiguous
-        // run, so it takes records only if it ends just before them, and only until the first
-        // that does not fit. When it is full (the link is down or slow) nothing is copied at
-        // all: no allocation churn during an outage, and the reader meets the tail again once
-        // it has caught up.
-        let mut tail_room = if self
-            .tail
-            .back()
-            .is_none_or(|last| last.record.seq + 1 == self.meta.next_seq)
-        {
-            TAIL_BYTES - self.tail_bytes
-        } else {
-            0
-        };
+        let mut tail_room = self.tail_room();
         let mut cached = Vec::new();
         for payload in payloads {
             let payload = payload.as_ref();
             let size = HEADER_BYTES + payload.len() as u64;
-            // `unacked > 0`: with nothing left to drop a record larger than the whole cap is
-            // kept rather than looping forever.
-            while unacked > 0 && unacked + size > self.max_bytes {
-                self.write_head(&mut buf)?;
-                self.drop_oldest_segment()?;
-                unacked = self.unacked().1;
-            }
-            let needs_new = self
-                .segments
-                .back()
-                .is_none_or(|s| s.bytes + buf.len() as u64 + size > self.segment_bytes)
-                || self.head.is_none();
-            if needs_new {
-                self.write_head(&mut buf)?;
-                self.start_segment()?;
-            }
-            let seq = self.meta.next_seq;
-            buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&crc(seq, payload).to_le_bytes());
-            buf.extend_from_slice(&seq.to_le_bytes());
-            buf.extend_from_slice(payload);
-            self.meta.next_seq = seq + 1;
-            let seg = self.segments.back_mut().expect("a head segment");
+            self.make_room(&mut buf, size, &mut unacked)?;
+            let end = self.buffer_record(&mut buf, payload)?;
             if payload.len() <= tail_room {
                 tail_room -= payload.len();
                 cached.push(Cached {
                     record: Record {
-                        seq,
+                        seq: end.seq,
                         payload: payload.to_vec(),
                     },
-                    end: Cursor {
-                        seq,
-                        id: seg.id,
-                        offset: seg.bytes + buf.len() as u64,
-                    },
+                    end,
                 });
             } else {
                 tail_room = 0;
             }
-            if seg.records == 0 {
-                seg.first_seq = seq;
-            }
-            seg.last_seq = seq;
-            seg.records += 1;
             unacked += size;
         }
         self.write_head(&mut buf)?;
@@ -106,6 +63,72 @@ impl Outbox {
         self.tail_bytes += cached.iter().map(|c| c.record.payload.len()).sum::<usize>();
         self.tail.extend(cached);
         Ok(self.meta.next_seq - 1)
+    }
+
+    /// Room in the in-memory tail for the records of one append call.
+    ///
+    /// The tail must stay one contiguous run, so it takes records only if it ends just before
+    /// them, and only until the first that does not fit. When it is full (the link is down or
+    /// slow) nothing is copied at all: no allocation churn during an outage, and the reader
+    /// meets the tail again once it has caught up.
+    fn tail_room(&self) -> usize {
+        if self
+            .tail
+            .back()
+            .is_none_or(|last| last.record.seq + 1 == self.meta.next_seq)
+        {
+            TAIL_BYTES - self.tail_bytes
+        } else {
+            0
+        }
+    }
+
+    /// Drops the oldest segments until a record of `size` more bytes fits under the cap,
+    /// writing `buf` out first. `unacked` counts the unacknowledged bytes, `buf` included.
+    fn make_room(
+        &mut self,
+        buf: &mut Vec<u8>,
+        size: u64,
+        unacked: &mut u64,
+    ) -> Result<(), OutboxError> {
+        // `unacked > 0`: with nothing left to drop a record larger than the whole cap is
+        // kept rather than looping forever.
+        while *unacked > 0 && *unacked + size > self.max_bytes {
+            self.write_head(buf)?;
+            self.drop_oldest_segment()?;
+            *unacked = self.unacked().1;
+        }
+        Ok(())
+    }
+
+    /// Gives `payload` the next sequence number and adds it to `buf`, counted in the head
+    /// segment (started first if the record would not fit in the current one). Returns the
+    /// cursor just after the record.
+    fn buffer_record(&mut self, buf: &mut Vec<u8>, payload: &[u8]) -> Result<Cursor, OutboxError> {
+        let size = HEADER_BYTES + payload.len() as u64;
+        let needs_new = self
+            .segments
+            .back()
+            .is_none_or(|s| s.bytes + buf.len() as u64 + size > self.segment_bytes)
+            || self.head.is_none();
+        if needs_new {
+            self.write_head(buf)?;
+            self.start_segment()?;
+        }
+        let seq = self.meta.next_seq;
+        record::encode(buf, seq, payload);
+        self.meta.next_seq = seq + 1;
+        let seg = self.segments.back_mut().expect("a head segment");
+        if seg.records == 0 {
+            seg.first_seq = seq;
+        }
+        seg.last_seq = seq;
+        seg.records += 1;
+        Ok(Cursor {
+            seq,
+            id: seg.id,
+            offset: seg.bytes + buf.len() as u64,
+        })
     }
 
     /// Writes the pending bytes of the head segment (records already counted in it).

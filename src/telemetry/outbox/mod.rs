@@ -22,9 +22,9 @@
 //! `dropped` count, and the loss is reported in gateway health, never silent.
 //!
 //! **Where things are.** This file holds the types and the bookkeeping that ties them together
-//! (opening and recovery, statistics, acknowledgement, sync); the record framing is in
-//! `record`, a segment file in `segment`, the append path in `append` and the read path (the
-//! in-memory tail, then the segment files) in `read`.
+//! (opening, statistics, acknowledgement, sync); the record framing is in `record`, a segment
+//! and its recovery after a crash in `segment`, the append path in `append` and the read path
+//! (the in-memory tail, then the segment files) in `read`.
 
 mod append;
 mod read;
@@ -34,14 +34,13 @@ mod segment;
 mod tests;
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader};
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::storage::{self, StorageError};
-use record::read_record;
 pub use record::{HEADER_BYTES, MAX_RECORD_BYTES};
 use segment::{segment_path, Segment};
 
@@ -156,71 +155,16 @@ impl Outbox {
     /// Opens (or creates) the outbox in `dir`, recovering from a torn tail.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<(Outbox, Recovery), OutboxError> {
         storage::ensure_dir(dir)?;
-        let io_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StorageError::Io { path, source }
-        };
         let meta: Meta = storage::read_json(&dir.join(META_FILE))?.unwrap_or_default();
-        let mut ids: Vec<u64> = fs::read_dir(dir)
-            .map_err(io_err(dir))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
-            .collect();
-        ids.sort_unstable();
+        let ids = segment_ids(dir)?;
         let mut recovery = Recovery::default();
         let mut segments = VecDeque::new();
         let last_id = ids.last().copied();
         for id in ids {
-            let path = segment_path(dir, id);
-            let file = File::open(&path).map_err(io_err(&path))?;
-            let size = file.metadata().map_err(io_err(&path))?.len();
-            let mut reader = BufReader::new(file);
-            let (mut first, mut last, mut records, mut good_bytes) = (0, 0, 0, 0u64);
-            loop {
-                match read_record(&mut reader) {
-                    Ok(Some(rec)) => {
-                        if records == 0 {
-                            first = rec.seq;
-                        }
-                        last = rec.seq;
-                        records += 1;
-                        good_bytes += HEADER_BYTES + rec.payload.len() as u64;
-                    }
-                    Ok(None) => break,
-                    // Whatever the defect, the records after it cannot be located.
-                    Err(_) => {
-                        if Some(id) == last_id {
-                            recovery.torn_bytes = size - good_bytes;
-                        } else {
-                            // Records after a bad one in an older segment cannot be located
-                            // reliably; count what the sequence numbers say was lost later.
-                            recovery.corrupt_records += 1;
-                        }
-                        break;
-                    }
-                }
+            let is_last = Some(id) == last_id;
+            if let Some(segment) = Segment::recover(dir, id, is_last, &mut recovery)? {
+                segments.push_back(segment);
             }
-            if Some(id) == last_id && good_bytes < size {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io_err(&path))?;
-                f.set_len(good_bytes).map_err(io_err(&path))?;
-                f.sync_all().map_err(io_err(&path))?;
-            }
-            recovery.records += records;
-            if records == 0 {
-                let _ = fs::remove_file(&path);
-                continue;
-            }
-            segments.push_back(Segment {
-                id,
-                path,
-                first_seq: first,
-                last_seq: last,
-                records,
-                bytes: good_bytes,
-            });
         }
         let next_segment_id = segments.back().map_or(1, |s: &Segment| s.id + 1);
         let next_seq = segments
@@ -349,4 +293,15 @@ impl Outbox {
             self.segments.pop_front();
         }
     }
+}
+
+/// The ids of the segment files in `dir`, oldest first.
+fn segment_ids(dir: &Path) -> Result<Vec<u64>, OutboxError> {
+    let mut ids: Vec<u64> = fs::read_dir(dir)
+        .map_err(storage::io_err(dir))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
 }

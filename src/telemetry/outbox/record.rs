@@ -13,8 +13,16 @@ pub const HEADER_BYTES: u64 = 16;
 /// Largest payload accepted (a single sample is a few hundred bytes).
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
 
+/// Appends the record `seq` with `payload` to `buf`, framed as [`read_record`] reads it.
+pub(super) fn encode(buf: &mut Vec<u8>, seq: u64, payload: &[u8]) {
+    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&crc(seq, payload).to_le_bytes());
+    buf.extend_from_slice(&seq.to_le_bytes());
+    buf.extend_from_slice(payload);
+}
+
 /// The checksum of record `seq`: CRC-32 of its number (little-endian) and then its payload.
-pub(super) fn crc(seq: u64, payload: &[u8]) -> u32 {
+fn crc(seq: u64, payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&seq.to_le_bytes());
     h.update(payload);
@@ -92,5 +100,22 @@ mod tests {
             read_record(&mut &huge[..]),
             Err(OutboxError::TooLarge(n)) if n == MAX_RECORD_BYTES + 1
         ));
+    }
+
+    #[test]
+    fn encoded_records_read_back_in_order() {
+        let mut buf = Vec::new();
+        encode(&mut buf, 7, b"{}");
+        encode(&mut buf, 8, b"");
+        assert_eq!(buf.len() as u64, 2 * HEADER_BYTES + 2);
+        let mut r = &buf[..];
+        for (seq, payload) in [(7, &b"{}"[..]), (8, &b""[..])] {
+            let record = Record {
+                seq,
+                payload: payload.to_vec(),
+            };
+            assert_eq!(read_record(&mut r).unwrap(), Some(record));
+        }
+        assert!(matches!(read_record(&mut r), Ok(None)));
     }
 }
