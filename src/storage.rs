@@ -24,7 +24,8 @@ pub enum StorageError {
     },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
+/// Wraps an I/O error on `path` as [`StorageError::Io`], for `map_err`.
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
     move |source| StorageError::Io {
         path: path.to_owned(),
         source,

@@ -95,82 +95,11 @@ impl SimDevice {
     pub fn step(&mut self, dt: f64, time_of_day: u64) -> &DeviceState {
         let noise = self.rng.f64() - 0.5;
         match &mut self.state {
-            DeviceState::Battery(b) => {
-                // Household load minus solar decides the rate; the battery covers the difference
-                // down to its reserve and soaks up surplus up to full.
-                let load = 600.0 + 400.0 * noise;
-                let wanted = load - solar_curve(time_of_day);
-                let floor = BATTERY_CAPACITY_WH * b.backup_reserve / 100.0;
-                let empty = wanted > 0.0 && b.charge <= floor;
-                let full = wanted < 0.0 && b.charge >= BATTERY_CAPACITY_WH;
-                let rate = if empty || full {
-                    0.0
-                } else {
-                    wanted.clamp(-5_000.0, 5_000.0)
-                };
-                b.charge = (b.charge - rate * dt / 3_600.0).clamp(0.0, BATTERY_CAPACITY_WH);
-                b.charge_rate = round(rate, 0.1);
-                b.charge = round(b.charge, 0.1);
-                b.charge_percentage = round(100.0 * b.charge / BATTERY_CAPACITY_WH, 0.1);
-                b.charging_state = match rate {
-                    r if r > 1.0 => ChargingState::Discharging,
-                    r if r < -1.0 => ChargingState::Charging,
-                    _ => ChargingState::Idle,
-                };
-                b.grid_power = round(wanted - rate, 0.1);
-                b.grid_status = grid_status(b.grid_power);
-            }
-            DeviceState::Inverter(i) => {
-                let power = (solar_curve(time_of_day) * (1.0 + 0.1 * noise)).max(0.0);
-                i.power = round(power, 0.1);
-                i.grid_power = round(700.0 - power, 0.1);
-                i.grid_status = grid_status(i.grid_power);
-            }
-            DeviceState::Charger(c) => {
-                let charging = c.is_plugged_in && c.charging_state == ChargingState::Charging;
-                c.charger_voltage = round(230.0 + 4.0 * noise, 0.1);
-                c.charger_current = if charging {
-                    round(CHARGER_POWER_W / c.charger_voltage, 0.01)
-                } else {
-                    0.0
-                };
-                c.charger_wattage = round(c.charger_voltage * c.charger_current, 0.1);
-            }
-            DeviceState::Thermostat(t) => {
-                let target = match t.operating_mode {
-                    ThermostatMode::Off => 15.0,
-                    ThermostatMode::Heat => t.heat_target.value,
-                    ThermostatMode::Cool => t.cool_target.value,
-                    ThermostatMode::Auto | ThermostatMode::Eco => t
-                        .ambient_temperature
-                        .value
-                        .clamp(t.heat_target.value, t.cool_target.value),
-                };
-                let drift = (target - t.ambient_temperature.value) * (dt / 600.0).min(1.0);
-                t.ambient_temperature.value =
-                    round(t.ambient_temperature.value + drift + 0.05 * noise, 0.01);
-            }
-            DeviceState::Vehicle(v) => {
-                let charging = v.is_plugged_in
-                    && v.charging_state == ChargingState::Charging
-                    && v.charge_percentage < v.charge_limit;
-                if !charging && v.charging_state == ChargingState::Charging {
-                    v.charging_state = ChargingState::Idle;
-                }
-                v.charger_voltage = round(230.0 + 4.0 * noise, 0.1);
-                v.charger_current = if charging {
-                    round(CHARGER_POWER_W / v.charger_voltage, 0.01)
-                } else {
-                    0.0
-                };
-                v.charger_wattage = round(v.charger_voltage * v.charger_current, 0.1);
-                // A 75 kWh pack: percentage gained = energy / capacity.
-                v.charge_percentage = round(
-                    (v.charge_percentage + v.charger_wattage * dt / 3_600.0 / 750.0).min(100.0),
-                    0.01,
-                );
-                v.range = round(v.charge_percentage * 4.0, 0.1);
-            }
+            DeviceState::Battery(b) => step_battery(b, dt, time_of_day, noise),
+            DeviceState::Inverter(i) => step_inverter(i, time_of_day, noise),
+            DeviceState::Charger(c) => step_charger(c, noise),
+            DeviceState::Thermostat(t) => step_thermostat(t, dt, noise),
+            DeviceState::Vehicle(v) => step_vehicle(v, dt, noise),
         }
         &self.state
     }
@@ -230,6 +159,91 @@ impl SimDevice {
         }
         Ok(serde_json::to_value(&self.state).unwrap_or_default())
     }
+}
+
+/// Household load minus solar decides the rate; the battery covers the difference down to its
+/// reserve and soaks up surplus up to full.
+fn step_battery(b: &mut BatteryState, dt: f64, time_of_day: u64, noise: f64) {
+    let load = 600.0 + 400.0 * noise;
+    let wanted = load - solar_curve(time_of_day);
+    let floor = BATTERY_CAPACITY_WH * b.backup_reserve / 100.0;
+    let empty = wanted > 0.0 && b.charge <= floor;
+    let full = wanted < 0.0 && b.charge >= BATTERY_CAPACITY_WH;
+    let rate = if empty || full {
+        0.0
+    } else {
+        wanted.clamp(-5_000.0, 5_000.0)
+    };
+    b.charge = (b.charge - rate * dt / 3_600.0).clamp(0.0, BATTERY_CAPACITY_WH);
+    b.charge_rate = round(rate, 0.1);
+    b.charge = round(b.charge, 0.1);
+    b.charge_percentage = round(100.0 * b.charge / BATTERY_CAPACITY_WH, 0.1);
+    b.charging_state = match rate {
+        r if r > 1.0 => ChargingState::Discharging,
+        r if r < -1.0 => ChargingState::Charging,
+        _ => ChargingState::Idle,
+    };
+    b.grid_power = round(wanted - rate, 0.1);
+    b.grid_status = grid_status(b.grid_power);
+}
+
+/// The solar curve with a little noise, against a 700 W house load: any surplus is exported.
+fn step_inverter(i: &mut InverterState, time_of_day: u64, noise: f64) {
+    let power = (solar_curve(time_of_day) * (1.0 + 0.1 * noise)).max(0.0);
+    i.power = round(power, 0.1);
+    i.grid_power = round(700.0 - power, 0.1);
+    i.grid_status = grid_status(i.grid_power);
+}
+
+/// A noisy mains voltage, and [`CHARGER_POWER_W`] drawn while plugged in and charging.
+fn step_charger(c: &mut ChargerState, noise: f64) {
+    let charging = c.is_plugged_in && c.charging_state == ChargingState::Charging;
+    c.charger_voltage = round(230.0 + 4.0 * noise, 0.1);
+    c.charger_current = if charging {
+        round(CHARGER_POWER_W / c.charger_voltage, 0.01)
+    } else {
+        0.0
+    };
+    c.charger_wattage = round(c.charger_voltage * c.charger_current, 0.1);
+}
+
+/// The room drifts towards the target its mode sets, fully within ten minutes.
+fn step_thermostat(t: &mut ThermostatState, dt: f64, noise: f64) {
+    let target = match t.operating_mode {
+        ThermostatMode::Off => 15.0,
+        ThermostatMode::Heat => t.heat_target.value,
+        ThermostatMode::Cool => t.cool_target.value,
+        ThermostatMode::Auto | ThermostatMode::Eco => t
+            .ambient_temperature
+            .value
+            .clamp(t.heat_target.value, t.cool_target.value),
+    };
+    let drift = (target - t.ambient_temperature.value) * (dt / 600.0).min(1.0);
+    t.ambient_temperature.value = round(t.ambient_temperature.value + drift + 0.05 * noise, 0.01);
+}
+
+/// Charges like [`step_charger`] while plugged in and below its charge limit; reaching the
+/// limit (or unplugging) ends the charging.
+fn step_vehicle(v: &mut VehicleState, dt: f64, noise: f64) {
+    let charging = v.is_plugged_in
+        && v.charging_state == ChargingState::Charging
+        && v.charge_percentage < v.charge_limit;
+    if !charging && v.charging_state == ChargingState::Charging {
+        v.charging_state = ChargingState::Idle;
+    }
+    v.charger_voltage = round(230.0 + 4.0 * noise, 0.1);
+    v.charger_current = if charging {
+        round(CHARGER_POWER_W / v.charger_voltage, 0.01)
+    } else {
+        0.0
+    };
+    v.charger_wattage = round(v.charger_voltage * v.charger_current, 0.1);
+    // A 75 kWh pack: percentage gained = energy / capacity.
+    v.charge_percentage = round(
+        (v.charge_percentage + v.charger_wattage * dt / 3_600.0 / 750.0).min(100.0),
+        0.01,
+    );
+    v.range = round(v.charge_percentage * 4.0, 0.1);
 }
 
 fn grid_status(grid_power: f64) -> GridStatus {
