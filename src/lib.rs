@@ -14,6 +14,12 @@
 //! and validates the settings. [`sim`] (feature `sim`) is the platform's side: the signer and
 //! the one platform peer used by the simulator, the tests and the benches; never in the gateway
 //! build. docs/PROTOCOL.md is the wire contract.
+//!
+//! **The surface.** The binary (`src/main.rs`), the integration tests, the `testkit` crate, the
+//! benches and the fuzz target are the only users outside this crate. A module is `pub` here,
+//! or in its parent, only when one of them needs it; everything else (the router, the runner,
+//! the pairing session, storage, the daemon's host glue, status, logging, health, backoff, the
+//! simulator's API and demo) is `pub(crate)`, so the compiler reports what nothing uses.
 
 pub mod agent;
 pub mod cli;
@@ -24,5 +30,5 @@ pub mod link;
 pub mod model;
 #[cfg(feature = "sim")]
 pub mod sim;
-pub mod storage;
+pub(crate) mod storage;
 pub mod telemetry;

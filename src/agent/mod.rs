@@ -14,10 +14,10 @@
 //! with the same two calls, so what it measures is what the daemon runs.
 
 pub mod identity;
-pub mod logging;
-pub mod run;
+pub(crate) mod logging;
+pub(crate) mod run;
 pub mod service;
-pub mod status;
+pub(crate) mod status;
 
 use std::time::Duration;
 

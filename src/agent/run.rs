@@ -14,8 +14,6 @@ use crate::config::Settings;
 use crate::inbound::pairing::control;
 use crate::link::{LinkState, LinkStatus};
 
-pub use crate::agent::SHUTDOWN_BUDGET;
-
 /// Runs the daemon until SIGTERM/SIGINT. Returns `Ok` on a graceful stop.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Before any secret is loaded: a non-dumpable process cannot be ptraced, and its

@@ -34,8 +34,9 @@ impl Backoff {
         Self::with_rng(min, max, fastrand::Rng::new())
     }
 
-    /// A deterministic sequence, for tests and simulations.
-    pub fn with_seed(min: Duration, max: Duration, seed: u64) -> Self {
+    /// A deterministic sequence, for tests.
+    #[cfg(test)]
+    pub(crate) fn with_seed(min: Duration, max: Duration, seed: u64) -> Self {
         Self::with_rng(min, max, fastrand::Rng::with_seed(seed))
     }
 

@@ -10,8 +10,8 @@
 //! Nothing here imports another part of the agent, so any module may depend on it without
 //! creating a cycle.
 
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod clock;
 pub mod device;
-pub mod gateway;
+pub(crate) mod gateway;
 pub(crate) mod rejection;

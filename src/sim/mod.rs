@@ -12,8 +12,8 @@
 //! the **device** is the gatekeeper, and the demo proves it by publishing validly signed
 //! attestations for the wrong keys straight onto the device's topic.
 
-pub mod api;
-pub mod demo;
+pub(crate) mod api;
+pub(crate) mod demo;
 pub mod http;
 pub mod peer;
 pub mod pki;

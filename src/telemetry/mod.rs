@@ -13,10 +13,10 @@
 //! between it, the sample channel, the outbox and the link. The link is reached through
 //! [`Publish`], so the task can be tested against a stand-in with no broker.
 
-pub mod health;
+pub(crate) mod health;
 pub mod outbox;
 mod points;
-pub mod settings;
+pub(crate) mod settings;
 mod uplink;
 
 use std::future::Future;

@@ -9,7 +9,7 @@
 
 pub mod claims;
 pub mod jws;
-pub mod refusals;
+pub(crate) mod refusals;
 pub mod replay;
 pub mod trust;
 

@@ -24,12 +24,9 @@ impl RefusalCache {
         self.replies.get(command_id).map(Vec::as_slice)
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.replies.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.replies.is_empty()
     }
 
     /// Remembers the reply refusing `command_id`, evicting the oldest refusal when full.
