@@ -9,7 +9,7 @@
 //! [`AgentState::open`] reads everything durable (trust store and replay journal, device key,
 //! pairing state, outbox) and fails with a message naming what could not be opened;
 //! [`Agent::start`] spawns the tasks on the current runtime; [`Agent::stop`] takes them down in
-//! the order that loses nothing. `daemon::run` adds only what belongs to the host (signals,
+//! the order that loses nothing. `agent::run` adds only what belongs to the host (signals,
 //! systemd, `status.json`, the control socket), and the fleet bench builds its thousand sessions
 //! with the same two calls, so what it measures is what the daemon runs.
 

@@ -69,7 +69,7 @@ pub enum Reply {
     #[serde(rename = "command.refused", rename_all = "camelCase")]
     Refused {
         /// `null` when the attestation did not verify: an unverified id is not worth echoing.
-        /// The one exception is a command shed unread under overload (`dispatch`), which echoes
+        /// The one exception is a command shed unread under overload (`inbound::router`), which echoes
         /// the well-formed id it peeked so the platform can match the "busy, retry" answer.
         command_id: Option<String>,
         device_id: String,

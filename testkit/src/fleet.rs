@@ -3,7 +3,7 @@
 //! Shared by `benches/fleet.rs` (1000 sessions, prints figures and writes JSON) and
 //! `tests/fleet.rs` (50 sessions, asserts only).
 //!
-//! **A session** is one gateway built by the agent's composition root exactly as `daemon::run`
+//! **A session** is one gateway built by the agent's composition root exactly as `agent::run`
 //! builds it (`AgentState::open`, `Agent::start`), minus the control socket and systemd: its own
 //! device id, client certificate, state directory (outbox, replay journal, trust bundle, device
 //! key) and configuration loaded with `config::load_from`, so signed commands really execute and
@@ -417,7 +417,7 @@ struct Session {
     agent: Agent,
     status: watch::Receiver<LinkStatus>,
     outbox: watch::Receiver<OutboxStats>,
-    /// Kept so the dispatcher's control-call branch stays open, as the control socket keeps it.
+    /// Kept so the router's control-call branch stays open, as the control socket keeps it.
     _calls: mpsc::Sender<ControlCall>,
 }
 
@@ -453,7 +453,7 @@ fn prepare(
     Prepared { settings, state }
 }
 
-/// Starts one session with `Agent::start`, exactly as `daemon::run` starts the daemon.
+/// Starts one session with `Agent::start`, exactly as `agent::run` starts the daemon.
 fn start(p: Prepared, shutdown: &Shutdown) -> Session {
     let (calls_tx, calls_rx) = mpsc::channel(8);
     let agent =

@@ -233,7 +233,7 @@ fn confine(c: &Confinement) -> io::Result<()> {
     // SAFETY: every call below is a raw system call on buffers built before the fork, each
     // NUL-terminated where the kernel expects a C string.
     unsafe {
-        // The agent makes itself non-dumpable (daemon::run), and a non-dumpable process's
+        // The agent makes itself non-dumpable (agent::run), and a non-dumpable process's
         // /proc/self files belong to root, so this child could not write its own uid_map. The
         // child holds a copy of the agent's memory until exec, but dumpable only lets processes
         // of the agent's uid, in the agent's user namespace, reach it: those can read the state

@@ -1,9 +1,9 @@
 //! Authorised commands: auth → **commands** → drivers → reply.
 //!
 //! [`plan`] turns an authorised attestation into what must happen: an immediate reply (the
-//! agent's own `agent:*` commands, or a validation failure naming the field), unpairing (done by
-//! the dispatcher, which owns the pairing state), or a run on a device's driver. The
-//! [`runner`] carries out the last kind: one command per device, supersession, the timeout,
+//! agent's own `agent:*` commands, or a validation failure naming the field), unpairing (done
+//! by the inbound router, whose pairing session owns the pairing state), or a run on a device's
+//! driver. The [`runner`] carries out the last kind: one command per device, supersession, the timeout,
 //! the reply and its record in the replay journal, and the interrupted report after a restart.
 
 pub mod catalog;
@@ -57,7 +57,7 @@ impl CommandSettings {
 pub enum Plan {
     /// Answer now.
     Reply(Reply),
-    /// `agent:unpair`: the dispatcher clears the owner binding.
+    /// `agent:unpair`: the router clears the owner binding.
     Unpair,
     /// Run on the driver behind `device_id`.
     Device(DeviceRun),

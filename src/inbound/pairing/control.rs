@@ -93,7 +93,7 @@ const ACCEPT_RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between failed accepts.
 const ACCEPT_RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Accepts clients forever, forwarding each admitted client's request to the dispatcher.
+/// Accepts clients forever, forwarding each admitted client's request to the inbound router.
 ///
 /// A failing `accept` (out of file descriptors, typically) is retried after a delay that
 /// doubles up to [`ACCEPT_RETRY_MAX`], rather than at once: the error would otherwise repeat
