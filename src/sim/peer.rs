@@ -102,30 +102,9 @@ impl PlatformPeer {
     /// any, the connection). `on_event` runs in the event-loop task for every packet.
     pub async fn connect(
         options: PeerOptions,
-        mut on_event: impl FnMut(PeerEvent) + Send + 'static,
+        on_event: impl FnMut(PeerEvent) + Send + 'static,
     ) -> anyhow::Result<PlatformPeer> {
-        let broker = crate::config::BrokerSettings {
-            host: "127.0.0.1".into(),
-            port: options.port,
-            tls_server_name: Some("localhost".into()),
-            ca_file: Some(options.ca_file.clone()),
-            client_cert_file: Some(options.client.cert.clone()),
-            client_key_file: Some(crate::config::Secret::new(options.client.key.clone())),
-            alpn: vec![],
-            keepalive_secs: options.keep_alive.as_secs(),
-            connect_timeout_secs: 5,
-            backoff_min_ms: 200,
-            backoff_max_ms: 1_000,
-            allow_insecure_plaintext: false,
-        };
-        crate::link::tls::install_default_provider();
-        let tls = crate::link::tls::client_config(&broker)?;
-        let mut mqtt = MqttOptions::new(options.client_id.clone(), "127.0.0.1", options.port);
-        mqtt.set_keep_alive(options.keep_alive)
-            .set_clean_session(options.clean_session)
-            .set_max_packet_size(4 << 20, 4 << 20)
-            .set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
-        let (client, mut eventloop) = AsyncClient::new(mqtt, options.queue);
+        let (client, mut eventloop) = AsyncClient::new(mqtt_options(&options)?, options.queue);
         // A platform backend sends without Nagle's delay; with it a command's round trip would
         // measure the peer's socket (40 ms delayed-ACK stalls), not the gateway.
         let mut net = eventloop.network_options();
@@ -133,55 +112,13 @@ impl PlatformPeer {
         eventloop.set_network_options(net);
 
         let (ready_tx, ready_rx) = oneshot::channel();
-        let mut ready_tx = Some(ready_tx);
-        let subscriptions = options.subscriptions;
-        let subscriber = client.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let packet = match eventloop.poll().await {
-                    Ok(Event::Incoming(packet)) => packet,
-                    Ok(Event::Outgoing(_)) => continue,
-                    Err(error) => {
-                        tracing::warn!(%error, "platform peer's MQTT connection failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let event = match packet {
-                    Packet::ConnAck(ack) => {
-                        if ack.session_present || subscriptions.is_empty() {
-                            if let Some(tx) = ready_tx.take() {
-                                let _ = tx.send(());
-                            }
-                        } else {
-                            let filters = subscriptions.iter().map(|f| {
-                                rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)
-                            });
-                            if let Err(error) = subscriber.try_subscribe_many(filters) {
-                                tracing::warn!(%error, "platform peer could not subscribe");
-                            }
-                        }
-                        PeerEvent::Connected {
-                            session_present: ack.session_present,
-                        }
-                    }
-                    Packet::SubAck(_) => {
-                        if let Some(tx) = ready_tx.take() {
-                            let _ = tx.send(());
-                        }
-                        PeerEvent::Subscribed
-                    }
-                    Packet::PubAck(_) => PeerEvent::Acknowledged,
-                    Packet::Publish(p) => PeerEvent::Message(Seen {
-                        topic: p.topic,
-                        payload: p.payload.to_vec(),
-                        retain: p.retain,
-                    }),
-                    _ => continue,
-                };
-                on_event(event);
-            }
-        });
+        let task = tokio::spawn(pump(
+            eventloop,
+            client.clone(),
+            options.subscriptions,
+            ready_tx,
+            on_event,
+        ));
         let peer = PlatformPeer { client, task };
         tokio::time::timeout(Duration::from_secs(10), ready_rx)
             .await
@@ -222,6 +159,92 @@ impl PlatformPeer {
     pub async fn publish_trust_bundle(&self, bundle: String) -> anyhow::Result<()> {
         self.publish(crate::link::topics::Topics::trust_bundle(), bundle, true)
             .await
+    }
+}
+
+/// The peer's MQTT options: mutual TLS to the broker on 127.0.0.1, as the platform's backend
+/// would connect, with the agent's own TLS configuration code.
+fn mqtt_options(options: &PeerOptions) -> anyhow::Result<MqttOptions> {
+    let broker = crate::config::BrokerSettings {
+        host: "127.0.0.1".into(),
+        port: options.port,
+        tls_server_name: Some("localhost".into()),
+        ca_file: Some(options.ca_file.clone()),
+        client_cert_file: Some(options.client.cert.clone()),
+        client_key_file: Some(crate::config::Secret::new(options.client.key.clone())),
+        alpn: vec![],
+        keepalive_secs: options.keep_alive.as_secs(),
+        connect_timeout_secs: 5,
+        backoff_min_ms: 200,
+        backoff_max_ms: 1_000,
+        allow_insecure_plaintext: false,
+    };
+    crate::link::tls::install_default_provider();
+    let tls = crate::link::tls::client_config(&broker)?;
+    let mut mqtt = MqttOptions::new(options.client_id.clone(), "127.0.0.1", options.port);
+    mqtt.set_keep_alive(options.keep_alive)
+        .set_clean_session(options.clean_session)
+        .set_max_packet_size(4 << 20, 4 << 20)
+        .set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
+    Ok(mqtt)
+}
+
+/// The peer's event-loop task: polls for ever (retrying a lost connection after 100 ms),
+/// subscribes after every CONNACK that did not restore a session, signals `ready` once the
+/// broker has acknowledged the subscriptions (or, without any, the connection), and hands
+/// every packet of interest to `on_event`.
+async fn pump(
+    mut eventloop: rumqttc::EventLoop,
+    subscriber: AsyncClient,
+    subscriptions: Vec<String>,
+    ready: oneshot::Sender<()>,
+    mut on_event: impl FnMut(PeerEvent) + Send + 'static,
+) {
+    let mut ready = Some(ready);
+    let mut signal_ready = move || {
+        if let Some(tx) = ready.take() {
+            let _ = tx.send(());
+        }
+    };
+    loop {
+        let packet = match eventloop.poll().await {
+            Ok(Event::Incoming(packet)) => packet,
+            Ok(Event::Outgoing(_)) => continue,
+            Err(error) => {
+                tracing::warn!(%error, "platform peer's MQTT connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let event = match packet {
+            Packet::ConnAck(ack) => {
+                if ack.session_present || subscriptions.is_empty() {
+                    signal_ready();
+                } else {
+                    let filters = subscriptions
+                        .iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                    if let Err(error) = subscriber.try_subscribe_many(filters) {
+                        tracing::warn!(%error, "platform peer could not subscribe");
+                    }
+                }
+                PeerEvent::Connected {
+                    session_present: ack.session_present,
+                }
+            }
+            Packet::SubAck(_) => {
+                signal_ready();
+                PeerEvent::Subscribed
+            }
+            Packet::PubAck(_) => PeerEvent::Acknowledged,
+            Packet::Publish(p) => PeerEvent::Message(Seen {
+                topic: p.topic,
+                payload: p.payload.to_vec(),
+                retain: p.retain,
+            }),
+            _ => continue,
+        };
+        on_event(event);
     }
 }
 
