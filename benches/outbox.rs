@@ -30,7 +30,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// A point as `Telemetry` stores it: `{"ts":..,"deviceId":..,"state":{...}}`.
 fn stored_point(i: u64) -> Vec<u8> {
-    let mut device = texture_agent::drivers::sim::SimDevice::new(DeviceType::Battery, i);
+    let mut device = texture_agent::drivers::simulated::SimDevice::new(DeviceType::Battery, i);
     let state = device.step(5.0, 43_200).clone();
     let mut point = Vec::new();
     texture_agent::telemetry::encode_state(1_800_000_000_000 + i, "bat-1", &state, &mut point);

@@ -62,7 +62,7 @@ fn states() -> Vec<(String, DeviceState)> {
     ];
     (0..64u64)
         .map(|i| {
-            let mut d = texture_agent::drivers::sim::SimDevice::new(kinds[i as usize % 4], i);
+            let mut d = texture_agent::drivers::simulated::SimDevice::new(kinds[i as usize % 4], i);
             (format!("dev-{}", i % 4), d.step(5.0, 43_200 + i).clone())
         })
         .collect()

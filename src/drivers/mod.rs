@@ -7,7 +7,7 @@
 //! speak JSON lines over stdin/stdout (docs/PROTOCOL.md, "Driver protocol").
 
 pub mod process;
-pub mod sim;
+pub mod simulated;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -280,7 +280,7 @@ pub fn start(
                 interval_ms,
                 seed,
             } => {
-                let device = sim::run(
+                let device = simulated::run(
                     device_id.clone(),
                     *device_type,
                     std::time::Duration::from_millis(*interval_ms),

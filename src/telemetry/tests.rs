@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::drivers::sim::SimDevice;
+use crate::drivers::simulated::SimDevice;
 use crate::model::device::DeviceType;
 use crate::telemetry::outbox::Record;
 

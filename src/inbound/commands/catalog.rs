@@ -1,6 +1,6 @@
 //! The platform's public command set, typed: every slug the agent knows, what each one takes,
 //! and the validator that turns a signed command's raw `input` into the normalised input the
-//! drivers consume (`drivers::sim::SimDevice::apply` trusts it and does not check again).
+//! drivers consume (`drivers::simulated::SimDevice::apply` trusts it and does not check again).
 //!
 //! Each slug's input is described once, as a table of [`Field`]s. Both [`validate`] and
 //! [`Slug::input_schema`] read that table, so the JSON Schema shown to the platform in
@@ -776,7 +776,7 @@ mod tests {
 
     #[test]
     fn validated_input_drives_the_simulator() {
-        use crate::drivers::sim::SimDevice;
+        use crate::drivers::simulated::SimDevice;
         use crate::model::device::DeviceState;
         let v = validate(
             "thermostat:set-operating-mode",
