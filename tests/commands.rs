@@ -960,3 +960,81 @@ async fn a_burst_of_commands_is_answered_in_full() {
     );
     println!("{kinds:?}");
 }
+
+/// The safety envelope's `[[limits]]` for the test bed's devices, and a simulated vehicle and
+/// thermostat to carry two of them (PROTOCOL 4.7).
+const LIMITS: &str = "[[drivers]]\nkind = \"simulated\"\ndevice_id = \"car-1\"\ndevice_type = \"vehicle\"\ninterval_ms = 200\n\n\
+[[drivers]]\nkind = \"simulated\"\ndevice_id = \"th-1\"\ndevice_type = \"thermostat\"\ninterval_ms = 200\n\n\
+[[limits]]\ndevice_id = \"bat-1\"\ndevice_type = \"battery\"\nmin_backup_reserve = 20\n\n\
+[[limits]]\ndevice_id = \"slow-1\"\ndevice_type = \"battery\"\nmin_backup_reserve = 30\n\n\
+[[limits]]\ndevice_id = \"car-1\"\ndevice_type = \"vehicle\"\nmax_charge_limit = 90\n\n\
+[[limits]]\ndevice_id = \"th-1\"\ndevice_type = \"thermostat\"\nmax_target_c = 26\n";
+
+/// PROTOCOL 4.7: a command beyond an installer limit fails `422 LIMIT_EXCEEDED`, naming the
+/// limit, and never reaches its driver (simulated or process); one at the limit runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_beyond_the_installers_limits_fail_422_and_never_reach_the_device() {
+    let mut bed = Bed::new(LIMITS).await;
+    let _agent = bed.start_agent().await;
+    bed.peer
+        .expect(&device_topic(GATEWAY, "capabilities"), WAIT, |m| {
+            let text = String::from_utf8_lossy(&m.payload).into_owned();
+            text.contains("\"car-1\"") && text.contains("\"th-1\"")
+        })
+        .await;
+    let cases = [
+        (
+            "bat-1",
+            "battery:set-reserve",
+            serde_json::json!({"chargePercentage": 5}),
+            serde_json::json!({"chargePercentage": 20}),
+            "chargePercentage: 5 % is below the installer limit min_backup_reserve = 20 % for bat-1",
+        ),
+        (
+            "slow-1",
+            "battery:set-reserve",
+            serde_json::json!({"chargePercentage": 29}),
+            serde_json::json!({"chargePercentage": 30}),
+            "chargePercentage: 29 % is below the installer limit min_backup_reserve = 30 % for slow-1",
+        ),
+        (
+            "car-1",
+            "vehicle:set-charge-limit",
+            serde_json::json!({"chargeLimit": 95}),
+            serde_json::json!({"chargeLimit": "90"}),
+            "chargeLimit: 95 % is above the installer limit max_charge_limit = 90 % for car-1",
+        ),
+        (
+            "th-1",
+            "thermostat:set-operating-mode",
+            // 86 °F is 30 °C.
+            serde_json::json!({"operatingMode": "heat", "heatTarget": 86, "unit": "F"}),
+            serde_json::json!({"operatingMode": "heat", "heatTarget": 26}),
+            "heatTarget: 30 °C is above the installer limit max_target_c = 26 °C for th-1",
+        ),
+    ];
+    for (device, slug, outside, inside, message) in cases {
+        let refused = ask(&mut bed, Some(device), slug, outside).await;
+        assert_eq!(refused["type"], "command.failed", "{refused}");
+        assert_eq!(refused["status"], 422, "{refused}");
+        assert_eq!(refused["error"]["code"], "LIMIT_EXCEEDED", "{refused}");
+        assert_eq!(refused["error"]["message"], message, "{refused}");
+        assert_eq!(refused["deviceId"], device);
+        let ran = ask(&mut bed, Some(device), slug, inside).await;
+        assert_eq!(ran["type"], "command.succeeded", "{device}: {ran}");
+    }
+    // The process driver saw the command at its limit and never the one beyond it.
+    let log = bed.driver_log();
+    assert!(log.contains("\"chargePercentage\": 30"), "{log}");
+    assert!(!log.contains("\"chargePercentage\": 29"), "{log}");
+    // Nor did the simulated battery: its reserve is the one at the limit.
+    let state = ask(&mut bed, None, "agent:get-state", serde_json::json!({})).await;
+    let battery = state["result"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["deviceId"] == "bat-1")
+        .unwrap()
+        .clone();
+    assert_eq!(battery["state"]["backupReserve"], 20.0, "{battery}");
+}

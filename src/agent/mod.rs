@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use crate::agent::service::Shutdown;
 use crate::config::Settings;
 use crate::inbound::auth::{Authorizer, AuthorizerConfig};
+use crate::inbound::envelope::Envelope;
 use crate::inbound::pairing::control::ControlCall;
 use crate::inbound::pairing::session::PairingSession;
 use crate::inbound::pairing::PairingState;
@@ -189,6 +190,7 @@ impl Agent {
             pairing,
             registry,
             command_settings: settings.commands.clone(),
+            envelope: Envelope::new(&settings.limits),
             clock: state.clock,
             interrupted: state.interrupted,
             stop: shutdown,

@@ -57,6 +57,9 @@ pub struct Settings {
     /// The devices behind this gateway, one `[[drivers]]` table each.
     #[serde(default)]
     pub drivers: Vec<crate::drivers::DriverSettings>,
+    /// The installer's limits (the safety envelope), one `[[limits]]` table per device.
+    #[serde(default)]
+    pub limits: Vec<crate::inbound::envelope::DeviceLimits>,
     #[serde(default)]
     pub state: StateSettings,
     #[serde(default)]

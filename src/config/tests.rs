@@ -111,3 +111,83 @@ fn backoff_floor_prevents_tight_loops() {
         .to_string();
     assert!(e.contains("broker.backoff_min_ms"), "{e}");
 }
+
+fn with_battery(dir: &Path, limits: &str) -> PathBuf {
+    let body = minimal(dir)
+        + "[[drivers]]\nkind = \"simulated\"\ndevice_id = \"bat-1\"\ndevice_type = \"battery\"\n"
+        + limits;
+    write(dir, &body)
+}
+
+#[test]
+fn installer_limits_load_with_whole_numbers_and_fractions() {
+    let d = tempfile::tempdir().unwrap();
+    let p = with_battery(
+        d.path(),
+        "[[limits]]\ndevice_id = \"bat-1\"\ndevice_type = \"battery\"\nmin_backup_reserve = 20\n\
+         min_operating_reserve = 10.5\nmax_operating_reserve = 90\n",
+    );
+    let s = load_from(&p, []).unwrap();
+    assert_eq!(s.limits.len(), 1);
+    assert_eq!(s.limits[0].min_backup_reserve, Some(20.0));
+    assert_eq!(s.limits[0].min_operating_reserve, Some(10.5));
+    assert_eq!(s.limits[0].max_operating_reserve, Some(90.0));
+}
+
+#[test]
+fn bad_installer_limits_are_refused_at_load_naming_the_entry() {
+    let d = tempfile::tempdir().unwrap();
+    let refused = |limits: &str| {
+        load_from(&with_battery(d.path(), limits), [])
+            .unwrap_err()
+            .to_string()
+    };
+    let entry = "[[limits]]\ndevice_id = \"bat-1\"\ndevice_type = \"battery\"\n";
+    let e = refused(&format!(
+        "{entry}min_operating_reserve = 80\nmax_operating_reserve = 30\n"
+    ));
+    assert!(
+        e.contains(
+            "limits #1 (bat-1): min_operating_reserve (80) is above max_operating_reserve (30)"
+        ),
+        "{e}"
+    );
+    let e = refused(&format!("{entry}min_backup_reserve = -5\n"));
+    assert!(
+        e.contains("min_backup_reserve must be from 0 to 100, found -5"),
+        "{e}"
+    );
+    let e = refused(&format!("{entry}max_current_a = 32\n"));
+    assert!(
+        e.contains("max_current_a"),
+        "an unknown limit is named: {e}"
+    );
+    let e = refused(
+        "[[limits]]\ndevice_id = \"bat-9\"\ndevice_type = \"battery\"\nmin_backup_reserve = 20\n",
+    );
+    assert!(
+        e.contains("limits #1: no device \"bat-9\" behind this gateway"),
+        "{e}"
+    );
+    let e = refused(
+        "[[limits]]\ndevice_id = \"bat-1\"\ndevice_type = \"vehicle\"\nmin_charge_limit = 20\n",
+    );
+    assert!(
+        e.contains("limits #1 (bat-1): expected battery, the type [[drivers]] simulates under that id, found vehicle"),
+        "{e}"
+    );
+    let e = refused(&format!(
+        "{entry}min_backup_reserve = 20\n{entry}min_backup_reserve = 30\n"
+    ));
+    assert!(e.contains("limits #2: \"bat-1\" has limits already"), "{e}");
+}
+
+#[test]
+fn limits_for_a_device_a_process_driver_may_report_are_accepted() {
+    let d = tempfile::tempdir().unwrap();
+    let body = minimal(d.path())
+        + "[[drivers]]\nkind = \"process\"\nname = \"modbus\"\ncommand = [\"/usr/bin/true\"]\n\
+           [[limits]]\ndevice_id = \"car-1\"\ndevice_type = \"vehicle\"\nmax_charge_limit = 90\n";
+    let s = load_from(&write(d.path(), &body), []).unwrap();
+    assert_eq!(s.limits[0].max_charge_limit, Some(90.0));
+}

@@ -13,6 +13,7 @@ use super::{ConfigError, Rejection, Settings};
 use crate::drivers::DriverSettings;
 use crate::inbound::commands::catalog::Slug;
 use crate::inbound::commands::CommandSettings;
+use crate::inbound::envelope::{type_name, DeviceLimits};
 use crate::model::gateway::GatewayId;
 
 /// Where a [`Rejection`] becomes a [`ConfigError`]: here, once the file it came from is known.
@@ -36,6 +37,7 @@ impl Settings {
         }
         self.telemetry.validate()?;
         validate_drivers(&self.drivers)?;
+        validate_limits(&self.limits, &self.drivers)?;
         validate_commands(&self.commands)?;
         self.pairing.validate()?;
         self.state.validate()
@@ -96,6 +98,63 @@ fn validate_drivers(drivers: &[DriverSettings]) -> Result<(), Rejection> {
                         format!("driver #{n}: {name:?} is used twice"),
                     ));
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `[[limits]]`: each entry on its own ([`DeviceLimits::validate`]), one entry per device, and
+/// every entry for a device this gateway can have: a simulated device of the same type, or any
+/// device when a process driver (whose devices are only known once it reports them) is
+/// configured.
+fn validate_limits(limits: &[DeviceLimits], drivers: &[DriverSettings]) -> Result<(), Rejection> {
+    let simulated = |id: &str| {
+        drivers.iter().find_map(|d| match d {
+            DriverSettings::Simulated {
+                device_id,
+                device_type,
+                ..
+            } if device_id == id => Some(*device_type),
+            _ => None,
+        })
+    };
+    let any_process = drivers
+        .iter()
+        .any(|d| matches!(d, DriverSettings::Process { .. }));
+    let mut seen = HashSet::new();
+    for (i, l) in limits.iter().enumerate() {
+        let n = i + 1;
+        l.validate(n)?;
+        let id = &l.device_id;
+        if !seen.insert(id.as_str()) {
+            return Err(Rejection::new(
+                "limits.device_id",
+                format!("limits #{n}: {id:?} has limits already; give each device one entry"),
+            ));
+        }
+        match simulated(id) {
+            Some(t) if t != l.device_type => {
+                return Err(Rejection::new(
+                    "limits.device_type",
+                    format!(
+                        "limits #{n} ({id}): expected {}, the type [[drivers]] simulates under \
+                         that id, found {}",
+                        type_name(t),
+                        type_name(l.device_type)
+                    ),
+                ))
+            }
+            Some(_) => {}
+            None if any_process => {}
+            None => {
+                return Err(Rejection::new(
+                    "limits.device_id",
+                    format!(
+                        "limits #{n}: no device {id:?} behind this gateway: no simulated driver \
+                         has that id and no process driver is configured"
+                    ),
+                ))
             }
         }
     }

@@ -26,6 +26,9 @@ pub enum ErrorCode {
     DeviceNotFound,
     /// 409: a newer command for the same device replaced this one while it ran.
     Superseded,
+    /// 422: valid, but it would take the device outside the installer's limits on this gateway
+    /// (the safety envelope, docs/PROTOCOL.md 4.7); it never reached the device.
+    LimitExceeded,
     /// 409: the device's driver could not take the command: it has 64 commands unanswered or
     /// is not reading them. A conflict with the driver's state, not a reason to re-send the same
     /// attestation (its failure is recorded); mint a new command later.
@@ -54,6 +57,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::DeviceNotFound => 404,
             ErrorCode::Superseded | ErrorCode::DeviceBusy => 409,
+            ErrorCode::LimitExceeded => 422,
             ErrorCode::RateLimited => 429,
             ErrorCode::CommandFailed => 500,
             ErrorCode::Unavailable | ErrorCode::DeviceUnavailable => 503,
@@ -178,6 +182,7 @@ mod tests {
             (ErrorCode::DeviceUnavailable, "DEVICE_UNAVAILABLE", 503),
             (ErrorCode::CommandFailed, "COMMAND_FAILED", 500),
             (ErrorCode::CommandTimeout, "COMMAND_TIMEOUT", 504),
+            (ErrorCode::LimitExceeded, "LIMIT_EXCEEDED", 422),
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), name);
             assert_eq!(code.status(), status, "{name}");

@@ -16,7 +16,8 @@ use crate::drivers::DriverRegistry;
 use crate::inbound::auth::claims::AttestationClaims;
 use crate::inbound::auth::{Authorization, Authorizer};
 use crate::inbound::commands::runner::{Completion, Journal, Runner};
-use crate::inbound::commands::{CommandSettings, Plan};
+use crate::inbound::commands::{CommandSettings, DeviceRun, Plan};
+use crate::inbound::envelope::Envelope;
 use crate::inbound::pairing::control::{ControlCall, ControlEvent, ControlRequest};
 use crate::inbound::pairing::session::{PairingSession, WAITING_EVERY};
 use crate::inbound::reply::{ErrorCode, Reply};
@@ -43,6 +44,8 @@ pub(crate) struct RouterParts {
     pub pairing: PairingSession,
     pub registry: DriverRegistry,
     pub command_settings: CommandSettings,
+    /// The installer's limits, checked before any device command reaches its driver.
+    pub envelope: Envelope,
     /// The agent's one clock (its floor kept by the authorizer).
     pub clock: Clock,
     /// The command ids the replay journal held at start; those left unanswered by the last
@@ -63,6 +66,7 @@ pub(crate) struct Router {
     pairing: PairingSession,
     registry: DriverRegistry,
     command_settings: CommandSettings,
+    envelope: Envelope,
     clock: Clock,
     /// Device commands, from their start to their recorded reply.
     runner: Runner,
@@ -124,6 +128,7 @@ impl Router {
             pairing,
             registry,
             command_settings,
+            envelope,
             clock,
             interrupted,
             stop,
@@ -141,6 +146,7 @@ impl Router {
             pairing,
             registry,
             command_settings,
+            envelope,
             clock,
             runner,
         }
@@ -281,15 +287,46 @@ impl Router {
         ) {
             Plan::Reply(reply) => reply.to_bytes(),
             Plan::Unpair => self.unpair(&claims, now).to_bytes(),
-            Plan::Device(run) => {
-                self.runner.start(claims, run);
-                return None;
-            }
+            Plan::Device(run) => match self.envelope_refusal(&claims, &run, now) {
+                Some(refusal) => refusal.to_bytes(),
+                None => {
+                    self.runner.start(claims, run);
+                    return None;
+                }
+            },
         };
         if let Some(a) = self.authorizer.as_mut() {
             a.complete(&claims.jti, &reply);
         }
         Some(reply)
+    }
+
+    /// The reply refusing a device command outside the safety envelope, or `None` when it may
+    /// run.
+    fn envelope_refusal(
+        &self,
+        claims: &AttestationClaims,
+        run: &DeviceRun,
+        now: u64,
+    ) -> Option<Reply> {
+        let exceeded = self
+            .envelope
+            .check(&run.device_id, run.device_type, run.slug, &run.input)
+            .err()?;
+        let message = exceeded.message(&run.device_id);
+        tracing::warn!(
+            command_id = %claims.jti,
+            device_id = %run.device_id,
+            slug = run.slug.as_str(),
+            %message,
+            "command outside the safety envelope refused"
+        );
+        Some(crate::inbound::commands::reply_for(
+            claims,
+            &run.device_id,
+            now,
+            Err((ErrorCode::LimitExceeded, message)),
+        ))
     }
 
     /// `agent:unpair` (server keys only, enforced by the policy): forget the owner.

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use crate::drivers::{DriverCommand, DriverRegistry};
 use crate::inbound::auth::claims::AttestationClaims;
 use crate::inbound::reply::{rfc3339, ErrorCode, FailedError, Reply};
+use crate::model::device::DeviceType;
 use catalog::Slug;
 
 /// `[commands]` settings.
@@ -66,6 +67,9 @@ pub enum Plan {
 #[derive(Debug)]
 pub struct DeviceRun {
     pub device_id: String,
+    /// The device's type, as its driver reports it.
+    pub device_type: DeviceType,
+    pub slug: Slug,
     pub route: mpsc::Sender<DriverCommand>,
     pub timeout: Duration,
     /// The input as validated and normalised by the catalog (e.g. °F converted to °C).
@@ -142,6 +146,8 @@ pub fn plan(
             }
             Plan::Device(DeviceRun {
                 device_id: device_id.to_owned(),
+                device_type,
+                slug,
                 route,
                 timeout: settings.timeout(slug.as_str()),
                 input: validated.input,

@@ -65,6 +65,8 @@ fn device(device_id: &str, timeout_secs: u64) -> (DeviceRun, mpsc::Receiver<Driv
     let (route, driver) = mpsc::channel(8);
     let run = DeviceRun {
         device_id: device_id.into(),
+        device_type: crate::model::device::DeviceType::Battery,
+        slug: crate::inbound::commands::catalog::Slug::BatterySetReserve,
         route,
         timeout: Duration::from_secs(timeout_secs),
         input: serde_json::Map::new(),
