@@ -200,3 +200,33 @@ fn status_names_a_damaged_trust_bundle_and_the_version_to_beat() {
         "{stdout}"
     );
 }
+
+/// `status` shows the installer's limits in force, one device per line, and says when there are
+/// none (README, "Safety envelope").
+#[test]
+fn status_shows_the_installers_limits() {
+    let pki = Pki::new();
+    let out = agent_command(BIN, &valid_config(&pki), &["status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("limits:      none (devices are bounded only by the command set's ranges)"),
+        "{stdout}"
+    );
+
+    let mut cfg = AgentConfig::new(&pki, 8883, "gw-cli");
+    cfg.extra_toml = "[[drivers]]\nkind = \"simulated\"\ndevice_id = \"bat-1\"\ndevice_type = \"battery\"\n\n\
+        [[drivers]]\nkind = \"simulated\"\ndevice_id = \"car-1\"\ndevice_type = \"vehicle\"\n\n\
+        [[limits]]\ndevice_id = \"bat-1\"\ndevice_type = \"battery\"\nmin_backup_reserve = 20\n\n\
+        [[limits]]\ndevice_id = \"car-1\"\ndevice_type = \"vehicle\"\nmin_charge_limit = 50\nmax_charge_limit = 90\n"
+        .into();
+    let out = agent_command(BIN, &cfg.write(pki.path()), &["status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(
+            "limits:      bat-1 (battery): min_backup_reserve 20 % [installer]\n             \
+             car-1 (vehicle): min_charge_limit 50 %, max_charge_limit 90 % [installer]\n"
+        ),
+        "{stdout}"
+    );
+}

@@ -24,7 +24,21 @@ pub(crate) fn show_status(path: &Path) -> ExitCode {
         None => println!("trust:       not configured ([trust] section missing)"),
         Some(trust) => print_trust(trust, &settings.state.dir),
     }
+    print_limits(&settings);
     print_daemon(&settings.state.runtime_dir)
+}
+
+/// The safety envelope in force: the installer's `[[limits]]`, from the configuration.
+fn print_limits(settings: &Settings) {
+    match settings.limits.as_slice() {
+        [] => println!("limits:      none (devices are bounded only by the command set's ranges)"),
+        [first, rest @ ..] => {
+            println!("limits:      {}", printable(&first.describe()));
+            for l in rest {
+                println!("             {}", printable(&l.describe()));
+            }
+        }
+    }
 }
 
 fn print_pairing(settings: &Settings) {

@@ -108,6 +108,23 @@ impl DeviceLimits {
         ]
     }
 
+    /// One line for `texture-agent status`: the device, its type, and each limit set, with its
+    /// unit and source.
+    pub(crate) fn describe(&self) -> String {
+        let unit = |key: &str| if key.ends_with("_c") { " °C" } else { " %" };
+        let set: Vec<String> = self
+            .values()
+            .into_iter()
+            .filter_map(|(key, value)| Some(format!("{key} {}{}", value?, unit(key))))
+            .collect();
+        format!(
+            "{} ({}): {} [installer]",
+            self.device_id,
+            type_name(self.device_type),
+            set.join(", ")
+        )
+    }
+
     /// Checks entry number `n` (1-based, as an installer counts them) on its own: a device id of
     /// the right grammar, only limits that apply to its type, each a finite number in its range,
     /// at least one of them, and no minimum above its maximum.
@@ -597,6 +614,19 @@ mod tests {
     fn rejected(l: DeviceLimits) -> String {
         let r = l.validate(2).unwrap_err();
         format!("{}: {}", r.key, r.problem)
+    }
+
+    #[test]
+    fn status_describes_each_limit_set_with_its_unit_and_source() {
+        let l = DeviceLimits {
+            min_target_c: Some(16.5),
+            max_target_c: Some(26.0),
+            ..limits("th-1", DeviceType::Thermostat)
+        };
+        assert_eq!(
+            l.describe(),
+            "th-1 (thermostat): min_target_c 16.5 °C, max_target_c 26 °C [installer]"
+        );
     }
 
     #[test]
