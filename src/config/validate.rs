@@ -13,7 +13,7 @@ use super::{ConfigError, Rejection, Settings};
 use crate::drivers::DriverSettings;
 use crate::inbound::commands::catalog::Slug;
 use crate::inbound::commands::CommandSettings;
-use crate::inbound::envelope::{type_name, DeviceLimits};
+use crate::inbound::envelope::DeviceLimits;
 use crate::model::gateway::GatewayId;
 
 /// Where a [`Rejection`] becomes a [`ConfigError`]: here, once the file it came from is known.
@@ -140,8 +140,8 @@ fn validate_limits(limits: &[DeviceLimits], drivers: &[DriverSettings]) -> Resul
                     format!(
                         "limits #{n} ({id}): expected {}, the type [[drivers]] simulates under \
                          that id, found {}",
-                        type_name(t),
-                        type_name(l.device_type)
+                        t.as_str(),
+                        l.device_type.as_str()
                     ),
                 ))
             }

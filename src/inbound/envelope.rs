@@ -84,18 +84,18 @@ fn keys_of(device_type: DeviceType) -> &'static [(&'static str, f64, f64)] {
     }
 }
 
-pub(crate) fn type_name(device_type: DeviceType) -> &'static str {
-    match device_type {
-        DeviceType::Battery => "battery",
-        DeviceType::Charger => "charger",
-        DeviceType::Inverter => "inverter",
-        DeviceType::Thermostat => "thermostat",
-        DeviceType::Vehicle => "vehicle",
+/// A limit key's unit, as messages show it: `_c` keys are °C, every other one is a percentage.
+fn unit(key: &str) -> &'static str {
+    if key.ends_with("_c") {
+        " °C"
+    } else {
+        " %"
     }
 }
 
 impl DeviceLimits {
-    /// Every limit with its key, set or not, in the order of [`keys_of`] for any type.
+    /// Every limit with its key, set or not, in the order of [`keys_of`] for any type. A `min_`
+    /// key is a lower bound, a `max_` key an upper one; `min_X` and `max_X` are a pair.
     fn values(&self) -> [(&'static str, Option<f64>); 7] {
         [
             ("min_backup_reserve", self.min_backup_reserve),
@@ -111,7 +111,6 @@ impl DeviceLimits {
     /// One line for `texture-agent status`: the device, its type, and each limit set, with its
     /// unit and source.
     pub(crate) fn describe(&self) -> String {
-        let unit = |key: &str| if key.ends_with("_c") { " °C" } else { " %" };
         let set: Vec<String> = self
             .values()
             .into_iter()
@@ -120,7 +119,7 @@ impl DeviceLimits {
         format!(
             "{} ({}): {} [installer]",
             self.device_id,
-            type_name(self.device_type),
+            self.device_type.as_str(),
             set.join(", ")
         )
     }
@@ -132,7 +131,7 @@ impl DeviceLimits {
         let id = &self.device_id;
         crate::model::gateway::GatewayId::parse(id)
             .map_err(|e| Rejection::new("limits.device_id", format!("limits #{n}: {e}")))?;
-        let kind = type_name(self.device_type);
+        let kind = self.device_type.as_str();
         let allowed = keys_of(self.device_type);
         if allowed.is_empty() {
             return Err(Rejection::new(
@@ -167,27 +166,15 @@ impl DeviceLimits {
                 format!("limits #{n} ({id}): no limit given for this {kind}"),
             ));
         }
-        for (lo_key, lo, hi_key, hi) in [
-            (
-                "min_operating_reserve",
-                self.min_operating_reserve,
-                "max_operating_reserve",
-                self.max_operating_reserve,
-            ),
-            (
-                "min_charge_limit",
-                self.min_charge_limit,
-                "max_charge_limit",
-                self.max_charge_limit,
-            ),
-            (
-                "min_target_c",
-                self.min_target_c,
-                "max_target_c",
-                self.max_target_c,
-            ),
-        ] {
-            if let (Some(lo), Some(hi)) = (lo, hi) {
+        let values = self.values();
+        for (lo_key, lo) in values {
+            let Some(bound) = lo_key.strip_prefix("min_") else {
+                continue;
+            };
+            let hi = values
+                .iter()
+                .find(|(k, _)| k.strip_prefix("max_") == Some(bound));
+            if let (Some(lo), Some(&(hi_key, Some(hi)))) = (lo, hi) {
                 if lo > hi {
                     return Err(Rejection::new(
                         "limits",
@@ -225,7 +212,6 @@ pub(crate) enum LimitExceeded {
         /// The limit's configuration key, e.g. `min_backup_reserve`.
         limit: &'static str,
         bound: f64,
-        unit: &'static str,
         source: Source,
     },
     /// The device reports another type than its `[[limits]]` entry says.
@@ -244,9 +230,9 @@ impl LimitExceeded {
                 value,
                 limit,
                 bound,
-                unit,
                 source,
             } => {
+                let unit = unit(limit);
                 let side = if limit.starts_with("min_") {
                     "below"
                 } else {
@@ -263,8 +249,8 @@ impl LimitExceeded {
             } => format!(
                 "{device_id}: its installer limits are for a {}, but it reports as a {}; \
                  no command runs until the configuration matches",
-                type_name(*configured),
-                type_name(*reported)
+                configured.as_str(),
+                reported.as_str()
             ),
         }
     }
@@ -305,105 +291,48 @@ impl Envelope {
                 reported: device_type,
             });
         }
-        let rules: &[(&'static str, Option<f64>, &'static str, bool, &'static str)] = match slug {
-            Slug::BatterySetReserve => &[(
-                "chargePercentage",
-                limits.min_backup_reserve,
-                "min_backup_reserve",
-                true,
-                " %",
-            )],
+        // (input member, the limit key bounding it); `min_` keys bound from below.
+        let rules: &[(&'static str, &'static str)] = match slug {
+            Slug::BatterySetReserve => &[("chargePercentage", "min_backup_reserve")],
             Slug::BatterySetOperatingMode => &[
-                (
-                    "minimumBatteryReserve",
-                    limits.min_operating_reserve,
-                    "min_operating_reserve",
-                    true,
-                    " %",
-                ),
-                (
-                    "minimumBatteryReserve",
-                    limits.max_operating_reserve,
-                    "max_operating_reserve",
-                    false,
-                    " %",
-                ),
-                (
-                    "maximumBatteryReserve",
-                    limits.min_operating_reserve,
-                    "min_operating_reserve",
-                    true,
-                    " %",
-                ),
-                (
-                    "maximumBatteryReserve",
-                    limits.max_operating_reserve,
-                    "max_operating_reserve",
-                    false,
-                    " %",
-                ),
+                ("minimumBatteryReserve", "min_operating_reserve"),
+                ("minimumBatteryReserve", "max_operating_reserve"),
+                ("maximumBatteryReserve", "min_operating_reserve"),
+                ("maximumBatteryReserve", "max_operating_reserve"),
             ],
             Slug::VehicleSetChargeLimit => &[
-                (
-                    "chargeLimit",
-                    limits.min_charge_limit,
-                    "min_charge_limit",
-                    true,
-                    " %",
-                ),
-                (
-                    "chargeLimit",
-                    limits.max_charge_limit,
-                    "max_charge_limit",
-                    false,
-                    " %",
-                ),
+                ("chargeLimit", "min_charge_limit"),
+                ("chargeLimit", "max_charge_limit"),
             ],
             Slug::ThermostatSetOperatingMode => &[
-                (
-                    "heatTarget",
-                    limits.min_target_c,
-                    "min_target_c",
-                    true,
-                    " °C",
-                ),
-                (
-                    "heatTarget",
-                    limits.max_target_c,
-                    "max_target_c",
-                    false,
-                    " °C",
-                ),
-                (
-                    "coolTarget",
-                    limits.min_target_c,
-                    "min_target_c",
-                    true,
-                    " °C",
-                ),
-                (
-                    "coolTarget",
-                    limits.max_target_c,
-                    "max_target_c",
-                    false,
-                    " °C",
-                ),
+                ("heatTarget", "min_target_c"),
+                ("heatTarget", "max_target_c"),
+                ("coolTarget", "min_target_c"),
+                ("coolTarget", "max_target_c"),
             ],
             _ => &[],
         };
-        for &(member, bound, limit, is_min, unit) in rules {
+        let values = limits.values();
+        for &(member, limit) in rules {
+            let bound = values
+                .iter()
+                .find(|(k, _)| *k == limit)
+                .and_then(|(_, v)| *v);
             let (Some(bound), Some(value)) = (bound, input.get(member).and_then(Value::as_f64))
             else {
                 continue;
             };
-            let outside = if is_min { value < bound } else { value > bound };
+            let outside = if limit.starts_with("min_") {
+                value < bound
+            } else {
+                value > bound
+            };
             if outside {
                 return Err(LimitExceeded::Beyond {
                     member,
                     value,
                     limit,
                     bound,
-                    unit,
                     source: Source::Installer,
                 });
             }

@@ -17,6 +17,19 @@ pub enum DeviceType {
     Vehicle,
 }
 
+impl DeviceType {
+    /// The type's name, as the configuration and the wire spell it (`"battery"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceType::Battery => "battery",
+            DeviceType::Charger => "charger",
+            DeviceType::Inverter => "inverter",
+            DeviceType::Thermostat => "thermostat",
+            DeviceType::Vehicle => "vehicle",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChargingState {
@@ -245,5 +258,18 @@ mod tests {
     fn temperatures_carry_their_unit() {
         let v = serde_json::to_value(Temperature::celsius(21.5)).unwrap();
         assert_eq!(v, serde_json::json!({"value": 21.5, "unit": "C"}));
+    }
+
+    #[test]
+    fn a_device_types_name_is_its_wire_spelling() {
+        for t in [
+            DeviceType::Battery,
+            DeviceType::Charger,
+            DeviceType::Inverter,
+            DeviceType::Thermostat,
+            DeviceType::Vehicle,
+        ] {
+            assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
+        }
     }
 }
