@@ -59,7 +59,7 @@ pub struct Settings {
     pub drivers: Vec<crate::drivers::DriverSettings>,
     /// The installer's limits (the safety envelope), one `[[limits]]` table per device.
     #[serde(default)]
-    pub limits: Vec<crate::inbound::envelope::DeviceLimits>,
+    pub limits: Vec<crate::inbound::safety::DeviceLimits>,
     #[serde(default)]
     pub state: StateSettings,
     #[serde(default)]

@@ -13,7 +13,7 @@ use super::{ConfigError, Rejection, Settings};
 use crate::drivers::DriverSettings;
 use crate::inbound::commands::catalog::Slug;
 use crate::inbound::commands::CommandSettings;
-use crate::inbound::envelope::DeviceLimits;
+use crate::inbound::safety::DeviceLimits;
 use crate::model::gateway::GatewayId;
 
 /// Where a [`Rejection`] becomes a [`ConfigError`]: here, once the file it came from is known.

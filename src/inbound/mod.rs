@@ -1,7 +1,7 @@
 //! Data path 1, inbound: what the platform sends the gateway, and the answers it gets.
 //!
 //! ```text
-//! link ──► router ──► auth ──► commands::plan ──► envelope ──► commands::runner ──► drivers
+//! link ──► router ──► auth ──► commands::plan ──► safety ──► commands::runner ──► drivers
 //!            │                       │                    │
 //!            └─► pairing             └─ reply ────────────┴──► link (replies topic)
 //! ```
@@ -13,13 +13,13 @@
 //!   the owner binding that authorisation reads.
 //! - [`commands`]: what a command does (catalog, agent commands, the runner that owns a device
 //!   command from its start to its recorded reply).
-//! - [`envelope`]: the installer's limits, checked after a device command is planned and
-//!   before the runner hands it to a driver.
+//! - [`safety`]: the safety envelope: the installer's limits, checked after a device command is
+//!   planned and before the runner hands it to a driver.
 //! - [`reply`]: the reply shapes and error codes every stage answers with.
 
 pub mod auth;
 pub mod commands;
-pub(crate) mod envelope;
 pub mod pairing;
 pub mod reply;
 pub(crate) mod router;
+pub(crate) mod safety;

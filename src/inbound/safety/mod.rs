@@ -1,0 +1,18 @@
+//! The safety envelope: limits no command can cross (docs/PROTOCOL.md 4.7).
+//!
+//! Authorisation decides *who* may command a device; the envelope bounds *what* a command may do
+//! to it. A genuine, correctly signed command that would set a home battery's backup reserve to
+//! 0 % the night before a storm is refused here, whoever signed it.
+//!
+//! The check runs after a command's input has been validated and normalised by the catalog and
+//! its device found, and before the runner hands it to any driver, so every driver kind
+//! (simulated, process, and the protocol drivers to come) sits behind the same check.
+//!
+//! - [`limits`]: the installer's `[[limits]]` entries and their validation.
+//! - [`envelope`]: the pure check of a planned command against the limits in force.
+
+pub(crate) mod envelope;
+pub(crate) mod limits;
+
+pub(crate) use envelope::Envelope;
+pub(crate) use limits::DeviceLimits;
