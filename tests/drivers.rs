@@ -81,6 +81,7 @@ impl Harness {
             device_id: device_id.into(),
             slug: slug.into(),
             input: input.as_object().expect("input is an object").clone(),
+            safety: Default::default(),
             done,
         };
         timeout(PATIENCE, self.commands.send(command))
@@ -926,6 +927,7 @@ async fn a_driver_whose_sandbox_fails_is_not_run_unconfined() {
             device_id: "dev-1".into(),
             slug: "battery:set-reserve".into(),
             input: serde_json::Map::new(),
+            safety: Default::default(),
             done,
         })
         .await

@@ -32,7 +32,7 @@ use crate::inbound::pairing::control::ControlCall;
 use crate::inbound::pairing::session::PairingSession;
 use crate::inbound::pairing::PairingState;
 use crate::inbound::router::{Router, RouterParts};
-use crate::inbound::safety::Envelope;
+use crate::inbound::safety::{Safety, SafetyState};
 use crate::link::{Link, LinkStatus};
 use crate::model::clock::Clock;
 use crate::telemetry::outbox::{Outbox, OutboxStats};
@@ -52,6 +52,8 @@ pub struct AgentState {
     device_key: ed25519_dalek::SigningKey,
     pairing: PairingState,
     outbox: Outbox,
+    /// Holds and fail-safe as the last run left them.
+    safety: SafetyState,
     /// The one clock; its floor is raised by the authorizer from platform-signed times.
     clock: Clock,
 }
@@ -83,6 +85,8 @@ impl AgentState {
                 "outbox recovered from an interrupted write"
             );
         }
+        let safety = SafetyState::open(&settings.state.dir)
+            .context("reading the holds and fail-safe state")?;
         let clock = authorizer
             .as_ref()
             .map(Authorizer::clock)
@@ -94,6 +98,7 @@ impl AgentState {
             device_key,
             pairing,
             outbox,
+            safety,
         })
     }
 }
@@ -170,7 +175,10 @@ impl Agent {
             &settings.state.dir,
             state.clock.clone(),
         );
-        let telemetry = telemetry.with_driver_health(driver_health);
+        let (safety_tx, safety_rx) = mpsc::channel(crate::inbound::safety::EVENT_QUEUE);
+        let telemetry = telemetry
+            .with_driver_health(driver_health)
+            .with_safety_events(safety_rx);
         let telemetry = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
         // Inbound path: link → router → auth → commands → drivers → reply via link.
         let inbound = link.take_inbound().expect("inbound taken once");
@@ -190,7 +198,14 @@ impl Agent {
             pairing,
             registry,
             command_settings: settings.commands.clone(),
-            envelope: Envelope::new(&settings.limits),
+            safety: Safety::new(
+                &settings.limits,
+                &settings.safety,
+                state.safety,
+                safety_tx,
+                settings.commands.clone(),
+                state.clock.now(),
+            ),
             clock: state.clock,
             interrupted: state.interrupted,
             stop: shutdown,

@@ -25,6 +25,7 @@ pub(crate) fn show_status(path: &Path) -> ExitCode {
         Some(trust) => print_trust(trust, &settings.state.dir),
     }
     print_limits(&settings);
+    print_safety(&settings);
     print_daemon(&settings.state.runtime_dir)
 }
 
@@ -38,6 +39,40 @@ fn print_limits(settings: &Settings) {
                 println!("             {}", printable(&l.describe()));
             }
         }
+    }
+}
+
+/// Holds and fail-safe, as the daemon last stored them (`safety-state.json`): so they show
+/// while the daemon is stopped too, which is when an installer asks what a device will do.
+fn print_safety(settings: &Settings) {
+    let window = settings.safety.failsafe_after_secs;
+    println!("safety:      fail-safe after {window} s without the platform");
+    let state = match crate::inbound::safety::SafetyState::open(&settings.state.dir) {
+        Ok(state) => state,
+        Err(error) => {
+            return println!("             unreadable: {}", printable(&error.to_string()));
+        }
+    };
+    let devices = state.devices();
+    if devices.is_empty() {
+        return println!("             no hold running, no device in fail-safe");
+    }
+    for (device_id, saved) in devices {
+        let mut parts = Vec::new();
+        if let Some(until) = saved.hold_until {
+            parts.push(format!(
+                "hold until {} (then its default control)",
+                rfc3339(until)
+            ));
+        }
+        if saved.failsafe {
+            parts.push("in fail-safe until the platform commands it again".to_owned());
+        }
+        println!(
+            "             {}: {}",
+            printable(device_id),
+            parts.join("; ")
+        );
     }
 }
 

@@ -60,6 +60,9 @@ pub struct Settings {
     /// The installer's limits (the safety envelope), one `[[limits]]` table per device.
     #[serde(default)]
     pub limits: Vec<crate::inbound::safety::DeviceLimits>,
+    /// Holds and fail-safe (`[safety]`).
+    #[serde(default)]
+    pub safety: crate::inbound::safety::SafetySettings,
     #[serde(default)]
     pub state: StateSettings,
     #[serde(default)]

@@ -38,6 +38,7 @@ impl Settings {
         self.telemetry.validate()?;
         validate_drivers(&self.drivers)?;
         validate_limits(&self.limits, &self.drivers)?;
+        self.safety.validate()?;
         validate_commands(&self.commands)?;
         self.pairing.validate()?;
         self.state.validate()
@@ -126,6 +127,7 @@ fn validate_limits(limits: &[DeviceLimits], drivers: &[DriverSettings]) -> Resul
     for (i, l) in limits.iter().enumerate() {
         let n = i + 1;
         l.validate(n)?;
+        crate::inbound::safety::controls::validate_controls(l, n)?;
         let id = &l.device_id;
         if !seen.insert(id.as_str()) {
             return Err(Rejection::new(

@@ -42,6 +42,9 @@ pub struct DriverCommand {
     pub device_id: String,
     pub slug: String,
     pub input: serde_json::Map<String, serde_json::Value>,
+    /// The device's hold and fail-safe control, for a driver that can program a hardware
+    /// revert timer (PROTOCOL 15.3).
+    pub safety: crate::model::safety::DriverSafety,
     /// `Ok(result)` or why it failed; dropping it without an answer means the driver died.
     pub done: oneshot::Sender<Result<serde_json::Value, CommandFailure>>,
 }

@@ -15,12 +15,13 @@ use crate::agent::service::Shutdown;
 use crate::drivers::DriverRegistry;
 use crate::inbound::auth::claims::AttestationClaims;
 use crate::inbound::auth::{Authorization, Authorizer};
-use crate::inbound::commands::runner::{Completion, Journal, Runner};
-use crate::inbound::commands::{CommandSettings, DeviceRun, Plan};
+use crate::inbound::commands::runner::{Completion, Finished, Journal, Runner};
+use crate::inbound::commands::{CommandSettings, Plan};
 use crate::inbound::pairing::control::{ControlCall, ControlEvent, ControlRequest};
 use crate::inbound::pairing::session::{PairingSession, WAITING_EVERY};
 use crate::inbound::reply::{ErrorCode, Reply};
-use crate::inbound::safety::Envelope;
+use crate::inbound::safety::controls::CONTROL_PERIOD;
+use crate::inbound::safety::Safety;
 use crate::link::topics::{InboundTopic, Topics};
 use crate::link::{Inbound, LinkState, LinkStatus, Publisher};
 use crate::model::clock::Clock;
@@ -44,8 +45,9 @@ pub(crate) struct RouterParts {
     pub pairing: PairingSession,
     pub registry: DriverRegistry,
     pub command_settings: CommandSettings,
-    /// The installer's limits, checked before any device command reaches its driver.
-    pub envelope: Envelope,
+    /// The safety stage: limits checked before any device command reaches its driver, holds
+    /// and fail-safe.
+    pub safety: Safety,
     /// The agent's one clock (its floor kept by the authorizer).
     pub clock: Clock,
     /// The command ids the replay journal held at start; those left unanswered by the last
@@ -66,7 +68,7 @@ pub(crate) struct Router {
     pairing: PairingSession,
     registry: DriverRegistry,
     command_settings: CommandSettings,
-    envelope: Envelope,
+    safety: Safety,
     clock: Clock,
     /// Device commands, from their start to their recorded reply.
     runner: Runner,
@@ -128,7 +130,7 @@ impl Router {
             pairing,
             registry,
             command_settings,
-            envelope,
+            safety,
             clock,
             interrupted,
             stop,
@@ -146,7 +148,7 @@ impl Router {
             pairing,
             registry,
             command_settings,
-            envelope,
+            safety,
             clock,
             runner,
         }
@@ -159,6 +161,8 @@ impl Router {
         mut calls: mpsc::Receiver<ControlCall>,
     ) {
         let mut waiting = tokio::time::interval(WAITING_EVERY);
+        let mut control = tokio::time::interval(CONTROL_PERIOD);
+        control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut devices = self.registry.subscribe();
         let mut link = self.link.clone();
         loop {
@@ -173,9 +177,11 @@ impl Router {
                     let link = self.link.borrow().state.name();
                     self.pairing.tick(self.clock.now(), link);
                 }
+                _ = control.tick() => self.on_control_tick(),
                 changed = link.changed() => {
                     if changed.is_err() { return }
                     let connected = matches!(link.borrow_and_update().state, LinkState::Connected);
+                    self.safety.on_link(connected, self.clock.now());
                     if connected {
                         self.on_connected().await;
                     }
@@ -217,8 +223,35 @@ impl Router {
 
     async fn on_completion(&mut self, done: Completion) {
         let journal = self.authorizer.as_mut().map(|a| a as &mut dyn Journal);
-        let reply = self.runner.finish(done, journal);
-        self.publish(self.topics.replies(), reply).await;
+        match self.runner.finish(done, journal) {
+            Finished::Reply {
+                device_id,
+                command_id,
+                reply,
+                succeeded,
+            } => {
+                self.safety
+                    .on_platform_result(&device_id, &command_id, succeeded);
+                self.publish(self.topics.replies(), reply).await;
+            }
+            Finished::Safety {
+                device_id,
+                action_id,
+                outcome,
+            } => {
+                let now = self.clock.now();
+                self.safety
+                    .on_control_done(&device_id, &action_id, outcome, now);
+            }
+        }
+    }
+
+    /// Once per control period: lapsed holds and fail-safe, run through the runner like any
+    /// device command.
+    fn on_control_tick(&mut self) {
+        for run in self.safety.due(&self.registry, self.clock.now()) {
+            self.runner.start_local(run);
+        }
     }
 
     /// Handles `message`, with `waiting` more queued behind it. Returns false when the link is
@@ -287,11 +320,14 @@ impl Router {
         ) {
             Plan::Reply(reply) => reply.to_bytes(),
             Plan::Unpair => self.unpair(&claims, now).to_bytes(),
-            Plan::Device(run) => match self.envelope_refusal(&claims, &run, now) {
-                Some(refusal) => refusal.to_bytes(),
-                None => {
-                    self.runner.start(claims, run);
+            Plan::Device(run) => match self.safety.admit(&claims.jti, &run, now) {
+                Ok(safety) => {
+                    self.runner.start(claims, run, safety);
                     return None;
+                }
+                Err(refusal) => {
+                    crate::inbound::commands::reply_for(&claims, &run.device_id, now, Err(refusal))
+                        .to_bytes()
                 }
             },
         };
@@ -299,34 +335,6 @@ impl Router {
             a.complete(&claims.jti, &reply);
         }
         Some(reply)
-    }
-
-    /// The reply refusing a device command outside the safety envelope, or `None` when it may
-    /// run.
-    fn envelope_refusal(
-        &self,
-        claims: &AttestationClaims,
-        run: &DeviceRun,
-        now: u64,
-    ) -> Option<Reply> {
-        let exceeded = self
-            .envelope
-            .check(&run.device_id, run.device_type, run.slug, &run.input)
-            .err()?;
-        let message = exceeded.message(&run.device_id);
-        tracing::warn!(
-            command_id = %claims.jti,
-            device_id = %run.device_id,
-            slug = run.slug.as_str(),
-            %message,
-            "command outside the safety envelope refused"
-        );
-        Some(crate::inbound::commands::reply_for(
-            claims,
-            &run.device_id,
-            now,
-            Err((ErrorCode::LimitExceeded, message)),
-        ))
     }
 
     /// `agent:unpair` (server keys only, enforced by the policy): forget the owner.

@@ -15,3 +15,4 @@ pub mod clock;
 pub mod device;
 pub(crate) mod gateway;
 pub(crate) mod rejection;
+pub mod safety;

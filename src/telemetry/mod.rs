@@ -83,6 +83,8 @@ pub struct Telemetry<P = Publisher> {
     pub stats: watch::Sender<OutboxStats>,
     /// Stamps every point.
     pub clock: Clock,
+    /// The safety stage's audit events, stored as `safety` points (PROTOCOL 14.6).
+    pub safety_events: Option<mpsc::Receiver<crate::model::safety::SafetyPoint>>,
 }
 
 impl Telemetry {
@@ -112,6 +114,7 @@ impl Telemetry {
             },
             stats,
             clock,
+            safety_events: None,
         };
         (telemetry, stats_rx)
     }
@@ -126,6 +129,15 @@ impl<P: Publish> Telemetry<P> {
     /// [`Telemetry::new`], so that callers without process drivers (the benches) need not care.
     pub fn with_driver_health(mut self, drivers: Vec<crate::drivers::DriverHealthSource>) -> Self {
         self.health.drivers = drivers;
+        self
+    }
+
+    /// Stores the safety stage's `events` as points, in order with the samples.
+    pub(crate) fn with_safety_events(
+        mut self,
+        events: mpsc::Receiver<crate::model::safety::SafetyPoint>,
+    ) -> Self {
+        self.safety_events = Some(events);
         self
     }
 
@@ -149,6 +161,7 @@ impl<P: Publish> Telemetry<P> {
         // With no drivers configured the channel is closed from the start; the outbox still
         // has to be drained.
         let mut samples_open = true;
+        let mut safety_events = self.safety_events.take();
         loop {
             // The link's state is read afresh every turn, not only when its watch is polled: the
             // link reports a lost connection and fails its deliveries in one step, and a rewind
@@ -194,6 +207,13 @@ impl<P: Publish> Telemetry<P> {
                 _ = async { tokio::time::sleep_until(timer.expect("guarded")).await }, if timer.is_some() => {
                     uplink.batch_timer_fired(Instant::now());
                 }
+                point = async { safety_events.as_mut().expect("guarded").recv().await }, if safety_events.is_some() => match point {
+                    Some(point) => {
+                        self.append_safety(&point);
+                        uplink.appended(self.outbox.last_seq(), Instant::now());
+                    }
+                    None => safety_events = None,
+                },
                 sample = samples.recv(), if samples_open => match sample {
                     Some(sample) => {
                         self.append_states(sample, &mut samples);
@@ -249,6 +269,14 @@ impl<P: Publish> Telemetry<P> {
         match self.outbox.append(&point) {
             Ok(_) => self.publish_stats(),
             Err(error) => tracing::error!(%error, "point not stored"),
+        }
+    }
+
+    fn append_safety(&mut self, point: &crate::model::safety::SafetyPoint) {
+        let stored = points::encode_safety(self.clock.now_millis(), point);
+        match self.outbox.append(&stored) {
+            Ok(_) => self.publish_stats(),
+            Err(error) => tracing::error!(%error, "safety point not stored"),
         }
     }
 

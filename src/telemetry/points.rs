@@ -52,6 +52,23 @@ pub(crate) fn encode_health(ts: u64, gateway_id: &str, health: &model::GatewayHe
     serde_json::to_vec(&point).expect("points serialise")
 }
 
+#[derive(Debug, Serialize)]
+struct SafetyBody<'a> {
+    safety: &'a crate::model::safety::SafetyEvent,
+}
+
+/// A safety event point as the outbox stores it (`{"ts":…,"deviceId":…,"safety":…}`).
+pub(crate) fn encode_safety(ts: u64, point: &crate::model::safety::SafetyPoint) -> Vec<u8> {
+    let point = StoredPoint {
+        ts,
+        device_id: &point.device_id,
+        body: SafetyBody {
+            safety: &point.event,
+        },
+    };
+    serde_json::to_vec(&point).expect("points serialise")
+}
+
 /// `{"gatewayId": "...", "points": [{"seq": N, ...stored point...}, ...]}`.
 ///
 /// Stored points are JSON objects; the sequence number is spliced in front rather than parsing

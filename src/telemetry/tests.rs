@@ -123,6 +123,7 @@ fn harness(batch_max_points: usize) -> Harness {
         },
         stats: stats_tx,
         clock: crate::model::clock::Clock::system(),
+        safety_events: None,
     };
     Harness {
         telemetry,

@@ -42,6 +42,8 @@ pub(super) fn send_command(
         device_id: &command.device_id,
         slug: &command.slug,
         input: &command.input,
+        hold: command.safety.hold.as_ref(),
+        failsafe: command.safety.failsafe.as_ref(),
     });
     // try_send: a full queue means the driver is not reading its stdin, and a closed one that
     // it closed stdin; either way waiting would only stall the driver's stdout.

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::drivers::Sample;
 use crate::model::device::DeviceState;
+use crate::model::safety::{Failsafe, Hold};
 
 /// Agent → driver messages, as they appear on the driver's stdin.
 #[derive(Debug, Serialize)]
@@ -22,6 +23,12 @@ pub(super) enum ToDriver<'a> {
         device_id: &'a str,
         slug: &'a str,
         input: &'a Map<String, Value>,
+        /// The setpoint's hold, when the command carries one (PROTOCOL 15.3).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hold: Option<&'a Hold>,
+        /// The device's fail-safe control, when it has one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        failsafe: Option<&'a Failsafe>,
     },
     Cancel {
         command_id: &'a str,
@@ -205,6 +212,8 @@ mod tests {
             device_id: "bat-1",
             slug: "battery:set-reserve",
             input: &input,
+            hold: None,
+            failsafe: None,
         });
         assert_eq!(line.last(), Some(&b'\n'));
         let v: Value = serde_json::from_slice(&line).unwrap();
@@ -216,5 +225,44 @@ mod tests {
         let cancel: Value =
             serde_json::from_slice(&encode(&ToDriver::Cancel { command_id: "c1" })).unwrap();
         assert_eq!(cancel, json!({"type": "cancel", "commandId": "c1"}));
+    }
+
+    #[test]
+    fn a_command_tells_the_driver_its_hold_and_failsafe_control_for_a_hardware_revert_timer() {
+        use crate::model::safety::Control;
+        let input = json!({"chargePercentage": 42}).as_object().unwrap().clone();
+        let control = |pct: u64| Control {
+            command: "battery:set-reserve".into(),
+            input: json!({"chargePercentage": pct})
+                .as_object()
+                .unwrap()
+                .clone(),
+        };
+        let hold = Hold {
+            until: 1_795_786_500,
+            then: control(30),
+        };
+        let failsafe = Failsafe {
+            after_secs: 900,
+            control: control(50),
+        };
+        let line = encode(&ToDriver::Command {
+            command_id: "c1",
+            device_id: "bat-1",
+            slug: "battery:set-reserve",
+            input: &input,
+            hold: Some(&hold),
+            failsafe: Some(&failsafe),
+        });
+        assert_eq!(
+            std::str::from_utf8(&line).unwrap(),
+            concat!(
+                r#"{"type":"command","commandId":"c1","deviceId":"bat-1","slug":"battery:set-reserve","#,
+                r#""input":{"chargePercentage":42},"#,
+                r#""hold":{"until":1795786500,"then":{"command":"battery:set-reserve","input":{"chargePercentage":30}}},"#,
+                r#""failsafe":{"afterSecs":900,"control":{"command":"battery:set-reserve","input":{"chargePercentage":50}}}}"#,
+                "\n"
+            )
+        );
     }
 }

@@ -74,6 +74,8 @@ pub struct DeviceRun {
     pub timeout: Duration,
     /// The input as validated and normalised by the catalog (e.g. °F converted to °C).
     pub input: serde_json::Map<String, Value>,
+    /// The command's `holdSecs`, taken out of its input.
+    pub hold_secs: Option<u64>,
 }
 
 /// Decides what to do with an authorised command (validated against the platform's command
@@ -151,6 +153,7 @@ pub fn plan(
                 route,
                 timeout: settings.timeout(slug.as_str()),
                 input: validated.input,
+                hold_secs: None,
             })
         }
     }

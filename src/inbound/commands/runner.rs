@@ -34,6 +34,7 @@ use crate::inbound::auth::claims::AttestationClaims;
 use crate::inbound::auth::Authorizer;
 use crate::inbound::reply::{rfc3339, ErrorCode, FailedError, Reply};
 use crate::model::clock::Clock;
+use crate::model::safety::DriverSafety;
 
 /// Completions waiting for the inbound task. A command task waits (it has nothing else to do)
 /// when the queue is full.
@@ -167,7 +168,48 @@ impl<H> RunSet<H> {
 pub(crate) struct Completion {
     command_id: String,
     device_id: String,
-    reply: Vec<u8>,
+    ended: Ended,
+}
+
+/// How a device command ended, by where it came from.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// A platform command: its reply, to record and publish.
+    Platform { reply: Vec<u8>, succeeded: bool },
+    /// A control the agent ran on its own (a lapsed hold, fail-safe): the outcome, for the
+    /// safety controls. It has no reply: nobody asked for it.
+    Safety(Result<(), RunFailure>),
+}
+
+/// What the router learns when a device command ends.
+#[derive(Debug)]
+pub(crate) enum Finished {
+    /// A platform command's reply, recorded in the journal and to be published now.
+    Reply {
+        device_id: String,
+        command_id: String,
+        reply: Vec<u8>,
+        succeeded: bool,
+    },
+    /// A safety control's outcome.
+    Safety {
+        device_id: String,
+        action_id: String,
+        outcome: Result<(), RunFailure>,
+    },
+}
+
+/// A control the agent runs on a device on its own (see `inbound::safety::controls`).
+#[derive(Debug)]
+pub(crate) struct LocalRun {
+    /// The action id, the command id its driver sees.
+    pub(crate) id: String,
+    pub(crate) device_id: String,
+    pub(crate) slug: String,
+    pub(crate) input: serde_json::Map<String, Value>,
+    pub(crate) route: mpsc::Sender<DriverCommand>,
+    pub(crate) timeout: Duration,
+    pub(crate) safety: DriverSafety,
 }
 
 /// Runs device commands: the run set, the command tasks and the replies they end with.
@@ -222,34 +264,90 @@ impl Runner {
     }
 
     /// Starts a device command in its own task, superseding whatever that device was running.
-    pub(crate) fn start(&mut self, claims: Box<AttestationClaims>, run: DeviceRun) {
-        let (cancel_tx, cancel_rx) = oneshot::channel();
+    /// `safety` is what its driver is told about the device's hold and fail-safe control.
+    pub(crate) fn start(
+        &mut self,
+        claims: Box<AttestationClaims>,
+        run: DeviceRun,
+        safety: DriverSafety,
+    ) {
         let device_id = run.device_id.clone();
-        if let Some((previous, cancel)) = self.runs.start(&device_id, &claims.jti, cancel_tx) {
-            tracing::info!(command_id = %previous, superseded_by = %claims.jti, "command superseded");
-            let _ = cancel.send(RunFailure::Superseded {
-                by: claims.jti.clone(),
-            });
-        }
+        let cancel_rx = self.supersede(&device_id, &claims.jti);
         let completions = self.completions_tx.clone();
         let stop = self.stop.clone();
         let clock = self.clock.clone();
         tokio::spawn(async move {
-            let Some(outcome) = run_on_device(&claims, run, cancel_rx, stop).await else {
+            let command = DriverCommand {
+                command_id: claims.jti.clone(),
+                device_id: device_id.clone(),
+                slug: claims.command.slug.clone(),
+                input: run.input,
+                safety,
+                done: oneshot::channel().0,
+            };
+            let Some(outcome) =
+                run_on_device(command, &run.route, run.timeout, cancel_rx, stop).await
+            else {
                 // Neither answered nor recorded: its replay entry stays "seen, no reply", so the
                 // next start reports it `interrupted` (PROTOCOL 4.6).
                 tracing::warn!(command_id = %claims.jti, device_id = %device_id, "agent stopping: command cut short; it is reported interrupted after the restart");
                 return;
             };
+            let succeeded = outcome.is_ok();
             let reply = device_reply(&claims, &device_id, clock.now(), outcome);
             let _ = completions
                 .send(Completion {
                     command_id: claims.jti.clone(),
                     device_id,
-                    reply,
+                    ended: Ended::Platform { reply, succeeded },
                 })
                 .await;
         });
+    }
+
+    /// Starts a safety control on its device, like a platform command: it supersedes whatever
+    /// the device was running, and a newer platform command supersedes it.
+    pub(crate) fn start_local(&mut self, run: LocalRun) {
+        let cancel_rx = self.supersede(&run.device_id, &run.id);
+        let completions = self.completions_tx.clone();
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let command = DriverCommand {
+                command_id: run.id.clone(),
+                device_id: run.device_id.clone(),
+                slug: run.slug,
+                input: run.input,
+                safety: run.safety,
+                done: oneshot::channel().0,
+            };
+            // At a stop the control is simply not finished: the state that asked for it is
+            // persisted, and the next start asks again.
+            let Some(outcome) =
+                run_on_device(command, &run.route, run.timeout, cancel_rx, stop).await
+            else {
+                return;
+            };
+            let _ = completions
+                .send(Completion {
+                    command_id: run.id,
+                    device_id: run.device_id,
+                    ended: Ended::Safety(outcome.map(|_| ())),
+                })
+                .await;
+        });
+    }
+
+    /// Registers `command_id` as `device_id`'s running command, superseding the previous one;
+    /// returns the channel on which the new one may itself be cancelled.
+    fn supersede(&mut self, device_id: &str, command_id: &str) -> oneshot::Receiver<RunFailure> {
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        if let Some((previous, cancel)) = self.runs.start(device_id, command_id, cancel_tx) {
+            tracing::info!(command_id = %previous, superseded_by = %command_id, "command superseded");
+            let _ = cancel.send(RunFailure::Superseded {
+                by: command_id.to_owned(),
+            });
+        }
+        cancel_rx
     }
 
     /// The next command to end. Pending for ever while none runs (the runner keeps a sender).
@@ -260,19 +358,33 @@ impl Runner {
             .expect("the runner holds a sender")
     }
 
-    /// Ends `done`'s run and records its reply in `journal`, then returns the reply to publish:
-    /// a reply is never published before it is recorded, so a redelivery racing the publish
-    /// gets the same bytes.
+    /// Ends `done`'s run. A platform command's reply is recorded in `journal` before it is
+    /// returned for publishing: a reply is never published before it is recorded, so a
+    /// redelivery racing the publish gets the same bytes.
     pub(crate) fn finish(
         &mut self,
         done: Completion,
         journal: Option<&mut dyn Journal>,
-    ) -> Vec<u8> {
+    ) -> Finished {
         self.runs.finish(&done.device_id, &done.command_id);
-        if let Some(journal) = journal {
-            journal.record_reply(&done.command_id, &done.reply);
+        match done.ended {
+            Ended::Platform { reply, succeeded } => {
+                if let Some(journal) = journal {
+                    journal.record_reply(&done.command_id, &reply);
+                }
+                Finished::Reply {
+                    device_id: done.device_id,
+                    command_id: done.command_id,
+                    reply,
+                    succeeded,
+                }
+            }
+            Ended::Safety(outcome) => Finished::Safety {
+                device_id: done.device_id,
+                action_id: done.command_id,
+                outcome,
+            },
         }
-        done.reply
     }
 }
 
@@ -308,21 +420,16 @@ fn device_reply(
 /// failure caused by the stop itself (the driver's channel closing as it is stopped) is never
 /// mistaken for the command's outcome.
 pub(crate) async fn run_on_device(
-    claims: &AttestationClaims,
-    run: DeviceRun,
+    mut command: DriverCommand,
+    route: &mpsc::Sender<DriverCommand>,
+    timeout: Duration,
     cancel: oneshot::Receiver<RunFailure>,
     mut stop: Shutdown,
 ) -> Option<Result<Value, RunFailure>> {
     let (done, answer) = oneshot::channel();
-    let command = DriverCommand {
-        command_id: claims.jti.clone(),
-        device_id: run.device_id.clone(),
-        slug: claims.command.slug.clone(),
-        input: run.input,
-        done,
-    };
+    command.done = done;
     let work = async {
-        run.route
+        route
             .send(command)
             .await
             .map_err(|_| RunFailure::RouteClosed)?;
@@ -335,7 +442,7 @@ pub(crate) async fn run_on_device(
         biased;
         () = stop.wait() => return None,
         outcome = work => outcome,
-        _ = tokio::time::sleep(run.timeout) => Err(RunFailure::TimedOut(run.timeout)),
+        _ = tokio::time::sleep(timeout) => Err(RunFailure::TimedOut(timeout)),
         Ok(reason) = cancel => Err(reason),
     };
     // An outcome that became ready in the same instant as the stop (the driver's channel closed

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::device::DeviceType;
 use crate::model::rejection::Rejection;
+use crate::model::safety::Control;
 
 /// Thermostat targets an installer may allow, °C: the catalog's own range (4.3).
 const TARGET_C: (f64, f64) = (5.0, 35.0);
@@ -25,6 +26,15 @@ pub struct DeviceLimits {
     /// What the device must be. A device reporting another type gets no command at all: the
     /// installer's limits were written for other equipment.
     pub device_type: DeviceType,
+    /// The control the device returns to when a command's `holdSecs` lapse (and in fail-safe,
+    /// unless `failsafe_control` is set). Without it, commands to the device cannot hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_control: Option<Control>,
+    /// The control the device goes to when the link has been down for
+    /// `safety.failsafe_after_secs`. Without it (and without `default_control`) the device
+    /// stays as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failsafe_control: Option<Control>,
     /// battery: the lowest backup reserve `battery:set-reserve` may set, %.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_backup_reserve: Option<f64>,
@@ -83,6 +93,8 @@ impl DeviceLimits {
         DeviceLimits {
             device_id: device_id.to_owned(),
             device_type,
+            default_control: None,
+            failsafe_control: None,
             min_backup_reserve: None,
             min_operating_reserve: None,
             max_operating_reserve: None,
@@ -159,10 +171,10 @@ impl DeviceLimits {
                 ));
             }
         }
-        if !any {
+        if !any && self.default_control.is_none() && self.failsafe_control.is_none() {
             return Err(Rejection::new(
                 "limits",
-                format!("limits #{n} ({id}): no limit given for this {kind}"),
+                format!("limits #{n} ({id}): no limit or control given for this {kind}"),
             ));
         }
         let values = self.values();
@@ -247,7 +259,7 @@ mod tests {
         );
         assert_eq!(
             rejected(bat()),
-            "limits: limits #2 (bat-1): no limit given for this battery"
+            "limits: limits #2 (bat-1): no limit or control given for this battery"
         );
         assert_eq!(
             rejected(DeviceLimits {

@@ -10,9 +10,268 @@
 //!
 //! - [`limits`]: the installer's `[[limits]]` entries and their validation.
 //! - [`envelope`]: the pure check of a planned command against the limits in force.
+//! - [`controls`]: holds and fail-safe, the state machine that puts a device back under a safe
+//!   control when a hold lapses or the platform is out of reach.
 
+pub(crate) mod controls;
 pub(crate) mod envelope;
 pub(crate) mod limits;
 
+pub use controls::SafetySettings;
+
 pub(crate) use envelope::Envelope;
 pub(crate) use limits::DeviceLimits;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::drivers::DriverRegistry;
+use crate::inbound::commands::runner::{LocalRun, RunFailure};
+use crate::inbound::commands::{CommandSettings, DeviceRun};
+use crate::inbound::reply::ErrorCode;
+use crate::model::safety::{DriverSafety, SafetyEvent, SafetyPoint};
+use crate::storage::{self, StorageError};
+use controls::{Action, Controls, Persisted};
+
+/// The holds and fail-safe state, in `state.dir`.
+pub const SAFETY_STATE_FILE: &str = "safety-state.json";
+
+/// Safety events waiting for telemetry. Events are rare (a refusal, a lapse, an outage), so a
+/// full queue means telemetry is stuck; the event is then logged, not queued.
+pub(crate) const EVENT_QUEUE: usize = 256;
+
+/// The safety stage, owned by the inbound router: the envelope in force, the holds and
+/// fail-safe state machine, and where their events and durable state go.
+pub(crate) struct Safety {
+    envelope: Envelope,
+    controls: Controls,
+    state_path: PathBuf,
+    events: mpsc::Sender<SafetyPoint>,
+    /// How long a control may run at its driver: as long as the same platform command.
+    command_settings: CommandSettings,
+}
+
+/// What [`Safety::open`] reads from `state.dir`.
+pub(crate) struct SafetyState {
+    persisted: Persisted,
+    state_path: PathBuf,
+}
+
+impl SafetyState {
+    /// Reads the holds and fail-safe state left by the last run (none on a first start).
+    pub(crate) fn open(state_dir: &Path) -> Result<SafetyState, StorageError> {
+        let state_path = state_dir.join(SAFETY_STATE_FILE);
+        let persisted = storage::read_json(&state_path)?.unwrap_or_default();
+        Ok(SafetyState {
+            persisted,
+            state_path,
+        })
+    }
+}
+
+impl SafetyState {
+    /// Per device, what the last run stored: a hold deadline, fail-safe.
+    pub(crate) fn devices(&self) -> &std::collections::BTreeMap<String, controls::PersistedDevice> {
+        &self.persisted.devices
+    }
+}
+
+impl Safety {
+    /// The stage for the installer's `limits` and `[safety]` settings, resuming `state`, at
+    /// `now` (the link not up yet).
+    pub(crate) fn new(
+        limits: &[DeviceLimits],
+        settings: &SafetySettings,
+        state: SafetyState,
+        events: mpsc::Sender<SafetyPoint>,
+        command_settings: CommandSettings,
+        now: u64,
+    ) -> Safety {
+        Safety {
+            envelope: Envelope::new(limits),
+            controls: Controls::new(limits, settings, state.persisted, now),
+            state_path: state.state_path,
+            events,
+            command_settings,
+        }
+    }
+
+    /// Admits a planned platform command (`command_id`) at `now`: inside the envelope, a hold
+    /// only where there is a default control to return to, and the hold durably recorded
+    /// before the command goes anywhere. Returns what its driver is told about the device's
+    /// controls, or the refusal (code and message).
+    pub(crate) fn admit(
+        &mut self,
+        command_id: &str,
+        run: &DeviceRun,
+        now: u64,
+    ) -> Result<DriverSafety, (ErrorCode, String)> {
+        let device_id = &run.device_id;
+        if let Err(exceeded) = self
+            .envelope
+            .check(device_id, run.device_type, run.slug, &run.input)
+        {
+            let message = exceeded.message(device_id);
+            self.emit(
+                device_id,
+                SafetyEvent::CommandRefused {
+                    command_id: command_id.to_owned(),
+                    slug: run.slug.as_str().to_owned(),
+                    message: message.clone(),
+                },
+            );
+            return Err((ErrorCode::LimitExceeded, message));
+        }
+        if run.hold_secs.is_some() {
+            self.controls
+                .check_hold(device_id)
+                .map_err(|e| (ErrorCode::ValidationError, e.to_string()))?;
+        }
+        self.controls
+            .on_dispatch(device_id, command_id, run.hold_secs, now);
+        self.persist().map_err(|e| {
+            (
+                ErrorCode::CommandFailed,
+                format!("could not store the hold deadline: {e}"),
+            )
+        })?;
+        Ok(self.controls.driver_safety(device_id, run.hold_secs, now))
+    }
+
+    /// A platform command ended on `device_id`; a success may end the device's fail-safe.
+    pub(crate) fn on_platform_result(&mut self, device_id: &str, command_id: &str, ok: bool) {
+        if !ok {
+            return;
+        }
+        if let Some(event) = self.controls.on_platform_success(device_id, command_id) {
+            self.emit(device_id, event);
+            self.persist_or_log();
+        }
+    }
+
+    /// The link came up or went down at `now`.
+    pub(crate) fn on_link(&mut self, connected: bool, now: u64) {
+        self.controls.on_link(connected, now);
+    }
+
+    /// Once per control period: the controls to run now, each ready for the runner. A control
+    /// for a device no driver has reported yet fails and is tried again.
+    pub(crate) fn due(&mut self, registry: &DriverRegistry, now: u64) -> Vec<LocalRun> {
+        let (actions, events) = self.controls.due(now);
+        for (device_id, event) in events {
+            self.emit(&device_id, event);
+        }
+        let mut runs = Vec::new();
+        for action in actions {
+            match registry.route(&action.device_id) {
+                Some((route, _)) => runs.push(self.local_run(action, route, now)),
+                None => {
+                    let outcome = Err("no driver has reported the device yet".to_owned());
+                    self.on_action_outcome(&action.device_id, &action.id, outcome, now);
+                }
+            }
+        }
+        self.persist_or_log();
+        runs
+    }
+
+    fn local_run(
+        &self,
+        action: Action,
+        route: mpsc::Sender<crate::drivers::DriverCommand>,
+        now: u64,
+    ) -> LocalRun {
+        tracing::info!(
+            safety_event = "control-started",
+            device_id = %action.device_id,
+            reason = action.reason.as_str(),
+            command = %action.control.command,
+            "applying the device's {} control",
+            match action.reason {
+                crate::model::safety::ControlReason::HoldExpired => "default",
+                crate::model::safety::ControlReason::Failsafe => "fail-safe",
+            }
+        );
+        LocalRun {
+            safety: self.controls.driver_safety(&action.device_id, None, now),
+            timeout: self.command_settings.timeout(&action.control.command),
+            id: action.id,
+            device_id: action.device_id,
+            slug: action.control.command,
+            input: action.control.input,
+            route,
+        }
+    }
+
+    /// A control started by [`Safety::due`] ended.
+    pub(crate) fn on_control_done(
+        &mut self,
+        device_id: &str,
+        action_id: &str,
+        outcome: Result<(), RunFailure>,
+        now: u64,
+    ) {
+        let outcome = outcome.map_err(|f| f.code_and_message().1);
+        self.on_action_outcome(device_id, action_id, outcome, now);
+        self.persist_or_log();
+    }
+
+    fn on_action_outcome(
+        &mut self,
+        device_id: &str,
+        action_id: &str,
+        outcome: Result<(), String>,
+        now: u64,
+    ) {
+        if let Some(event) = self
+            .controls
+            .on_action_done(device_id, action_id, outcome, now)
+        {
+            self.emit(device_id, event);
+        }
+    }
+
+    /// Logs `event` with structured fields (journald keeps each as a field: `SAFETY_EVENT`,
+    /// `DEVICE_ID`, ...) and queues it for telemetry as a `safety` point.
+    fn emit(&self, device_id: &str, event: SafetyEvent) {
+        let detail = serde_json::to_value(&event).unwrap_or(Value::Null);
+        tracing::warn!(
+            safety_event = event.name(),
+            device_id,
+            detail = %detail,
+            "safety: {}",
+            event.name()
+        );
+        let point = SafetyPoint {
+            device_id: device_id.to_owned(),
+            event,
+        };
+        if self.events.try_send(point).is_err() {
+            tracing::error!(
+                device_id,
+                "safety event not queued for telemetry: queue full or closed"
+            );
+        }
+    }
+
+    /// Writes the holds and fail-safe state if it changed.
+    fn persist(&mut self) -> Result<(), StorageError> {
+        if self.controls.take_dirty() {
+            if let Err(e) = storage::write_json(&self.state_path, &self.controls.persisted(), 0o600)
+            {
+                // Still dirty: the next change or tick tries again.
+                self.controls.mark_dirty();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn persist_or_log(&mut self) {
+        if let Err(e) = self.persist() {
+            tracing::error!(error = %e, "could not store the holds and fail-safe state");
+        }
+    }
+}

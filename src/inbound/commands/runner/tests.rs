@@ -70,6 +70,7 @@ fn device(device_id: &str, timeout_secs: u64) -> (DeviceRun, mpsc::Receiver<Driv
         route,
         timeout: Duration::from_secs(timeout_secs),
         input: serde_json::Map::new(),
+        hold_secs: None,
     };
     (run, driver)
 }
@@ -82,6 +83,14 @@ fn runner() -> (Runner, ShutdownTrigger) {
     )
 }
 
+/// A platform command's reply, as the router would publish it.
+fn reply_of(finished: Finished) -> Vec<u8> {
+    match finished {
+        Finished::Reply { reply, .. } => reply,
+        other => panic!("a platform command ends with a reply, not {other:?}"),
+    }
+}
+
 fn parse(reply: &[u8]) -> Value {
     serde_json::from_slice(reply).expect("a reply is JSON")
 }
@@ -90,11 +99,11 @@ fn parse(reply: &[u8]) -> Value {
 async fn reply_when_the_driver_answers(answer: Result<Value, CommandFailure>) -> Value {
     let (mut runner, _trigger) = runner();
     let (run, mut driver) = device("bat-1", 30);
-    runner.start(claims("c1", "bat-1"), run);
+    runner.start(claims("c1", "bat-1"), run, DriverSafety::default());
     let command = driver.recv().await.expect("the driver gets the command");
     command.done.send(answer).unwrap();
     let done = runner.completed().await;
-    parse(&runner.finish(done, None))
+    parse(&reply_of(runner.finish(done, None)))
 }
 
 #[tokio::test(start_paused = true)]
@@ -105,14 +114,14 @@ async fn a_newer_command_supersedes_the_running_one_with_409() {
         route: first.route.clone(),
         ..device("bat-1", 30).0
     };
-    runner.start(claims("c1", "bat-1"), first);
+    runner.start(claims("c1", "bat-1"), first, DriverSafety::default());
     let c1 = driver.recv().await.unwrap();
-    runner.start(claims("c2", "bat-1"), second);
+    runner.start(claims("c2", "bat-1"), second, DriverSafety::default());
     let c2 = driver.recv().await.unwrap();
     assert_eq!(runner.runs.running("bat-1"), Some("c2"));
 
     let done = runner.completed().await;
-    let reply = parse(&runner.finish(done, None));
+    let reply = parse(&reply_of(runner.finish(done, None)));
     assert_eq!(reply["commandId"], "c1");
     assert_eq!(reply["type"], "command.failed");
     assert_eq!(reply["status"], 409);
@@ -128,7 +137,7 @@ async fn a_newer_command_supersedes_the_running_one_with_409() {
 
     c2.done.send(Ok(json!({"backupReserve": 50}))).unwrap();
     let done = runner.completed().await;
-    let reply = parse(&runner.finish(done, None));
+    let reply = parse(&reply_of(runner.finish(done, None)));
     assert_eq!(reply["commandId"], "c2");
     assert_eq!(reply["status"], 200);
     assert_eq!(runner.runs.running("bat-1"), None);
@@ -139,8 +148,8 @@ async fn commands_for_different_devices_do_not_supersede_each_other() {
     let (mut runner, _trigger) = runner();
     let (battery, mut battery_driver) = device("bat-1", 30);
     let (charger, mut charger_driver) = device("ev-1", 30);
-    runner.start(claims("c1", "bat-1"), battery);
-    runner.start(claims("c2", "ev-1"), charger);
+    runner.start(claims("c1", "bat-1"), battery, DriverSafety::default());
+    runner.start(claims("c2", "ev-1"), charger, DriverSafety::default());
     let c1 = battery_driver.recv().await.unwrap();
     let c2 = charger_driver.recv().await.unwrap();
     assert!(!c1.done.is_closed() && !c2.done.is_closed());
@@ -153,12 +162,12 @@ async fn a_command_that_outlives_its_timeout_fails_504_and_the_driver_is_told_to
     let (mut runner, _trigger) = runner();
     let (run, mut driver) = device("bat-1", 30);
     let started = tokio::time::Instant::now();
-    runner.start(claims("c1", "bat-1"), run);
+    runner.start(claims("c1", "bat-1"), run, DriverSafety::default());
     let command = driver.recv().await.unwrap();
 
     let done = runner.completed().await;
     assert_eq!(started.elapsed(), Duration::from_secs(30));
-    let reply = parse(&runner.finish(done, None));
+    let reply = parse(&reply_of(runner.finish(done, None)));
     assert_eq!(reply["status"], 504);
     assert_eq!(reply["error"]["code"], "COMMAND_TIMEOUT");
     assert_eq!(
@@ -177,13 +186,13 @@ async fn completion_records_the_reply_before_publishing() {
     let (mut runner, _trigger) = runner();
     let mut journal = FakeJournal::default();
     let (run, mut driver) = device("bat-1", 30);
-    runner.start(claims("c1", "bat-1"), run);
+    runner.start(claims("c1", "bat-1"), run, DriverSafety::default());
     let command = driver.recv().await.unwrap();
     command.done.send(Ok(json!({"backupReserve": 50}))).unwrap();
 
     let done = runner.completed().await;
     // `finish` hands the reply out for publishing only once it is in the journal.
-    let to_publish = runner.finish(done, Some(&mut journal));
+    let to_publish = reply_of(runner.finish(done, Some(&mut journal)));
     assert_eq!(journal.replies.get("c1"), Some(&to_publish));
     let reply = parse(&to_publish);
     assert_eq!(reply["type"], "command.succeeded");
@@ -196,7 +205,7 @@ async fn completion_records_the_reply_before_publishing() {
 async fn a_command_cut_short_by_a_stop_is_neither_answered_nor_recorded() {
     let (mut runner, trigger) = runner();
     let (run, mut driver) = device("bat-1", 30);
-    runner.start(claims("c1", "bat-1"), run);
+    runner.start(claims("c1", "bat-1"), run, DriverSafety::default());
     let command = driver.recv().await.unwrap();
     trigger.trigger();
     // What a process driver answers as the stop tears it down: never the command's reply.
@@ -212,7 +221,7 @@ async fn a_command_started_once_the_stop_began_never_reaches_its_driver_and_is_n
     let (mut runner, trigger) = runner();
     trigger.trigger();
     let (run, mut driver) = device("bat-1", 30);
-    runner.start(claims("c1", "bat-1"), run);
+    runner.start(claims("c1", "bat-1"), run, DriverSafety::default());
     let completion = tokio::time::timeout(Duration::from_secs(3_600), runner.completed()).await;
     assert!(completion.is_err(), "no reply: {completion:?}");
     assert!(driver.try_recv().is_err(), "the driver got the command");
@@ -300,10 +309,10 @@ async fn a_driver_that_exits_before_answering_fails_500() {
 
     let (mut runner, _trigger) = runner();
     let (run, mut driver) = device("bat-1", 30);
-    runner.start(claims("c1", "bat-1"), run);
+    runner.start(claims("c1", "bat-1"), run, DriverSafety::default());
     drop(driver.recv().await.unwrap());
     let done = runner.completed().await;
-    let reply = parse(&runner.finish(done, None));
+    let reply = parse(&reply_of(runner.finish(done, None)));
     assert_eq!(reply["status"], 500);
     assert_eq!(reply["error"]["message"], "driver exited before answering");
 }
@@ -332,7 +341,7 @@ async fn a_device_command_is_stamped_by_the_agents_clock_never_below_the_time_fl
     let (trigger, stop) = shutdown_channel();
     let mut runner = Runner::new(stop, clock);
     let (run, mut driver) = device("bat-1", 30);
-    runner.start(claims("c1", "bat-1"), run);
+    runner.start(claims("c1", "bat-1"), run, DriverSafety::default());
     driver
         .recv()
         .await
@@ -341,7 +350,7 @@ async fn a_device_command_is_stamped_by_the_agents_clock_never_below_the_time_fl
         .send(Ok(json!({})))
         .unwrap();
     let done = runner.completed().await;
-    let reply = parse(&runner.finish(done, None));
+    let reply = parse(&reply_of(runner.finish(done, None)));
     assert_eq!(reply["executedAt"], "2026-11-27T13:31:12Z");
     drop(trigger);
 }
