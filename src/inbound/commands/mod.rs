@@ -72,8 +72,11 @@ pub struct DeviceRun {
     pub slug: Slug,
     pub route: mpsc::Sender<DriverCommand>,
     pub timeout: Duration,
-    /// The input as validated and normalised by the catalog (e.g. °F converted to °C).
+    /// The input as validated and normalised by the catalog (e.g. °F converted to °C), without
+    /// `holdSecs`: that is for the agent, not for the driver.
     pub input: serde_json::Map<String, Value>,
+    /// The command's `holdSecs`: how long its setpoint holds; `None` until the next command.
+    pub hold_secs: Option<u64>,
 }
 
 /// Decides what to do with an authorised command (validated against the platform's command
@@ -151,6 +154,7 @@ pub fn plan(
                 route,
                 timeout: settings.timeout(slug.as_str()),
                 input: validated.input,
+                hold_secs: validated.hold_secs,
             })
         }
     }

@@ -70,6 +70,7 @@ fn device(device_id: &str, timeout_secs: u64) -> (DeviceRun, mpsc::Receiver<Driv
         route,
         timeout: Duration::from_secs(timeout_secs),
         input: serde_json::Map::new(),
+        hold_secs: None,
     };
     (run, driver)
 }
