@@ -129,6 +129,52 @@ fn valid_examples() -> Vec<(Slug, Value, Value)> {
             json!({"chargeLimit": 0.5}),
             json!({"chargeLimit": 0.5}),
         ),
+        (
+            ChargerSetChargeRateLimit,
+            json!({"currentLimit": 16}),
+            json!({"currentLimit": 16}),
+        ),
+        (
+            ChargerSetChargeRateLimit,
+            json!({"powerLimit": 0}),
+            json!({"powerLimit": 0}),
+        ),
+        (
+            ChargerSetChargeRateLimit,
+            json!({"currentLimit": 80, "powerLimit": 50000, "holdSecs": 86400}),
+            json!({"currentLimit": 80, "powerLimit": 50000}),
+        ),
+        (
+            ChargerSetChargeRateLimit,
+            json!({"currentLimit": 12.5, "powerLimit": 2875.5}),
+            json!({"currentLimit": 12.5, "powerLimit": 2875.5}),
+        ),
+        (
+            InverterSetExportLimit,
+            json!({"exportLimit": 0}),
+            json!({"exportLimit": 0}),
+        ),
+        (
+            InverterSetExportLimit,
+            json!({"exportLimit": 100000, "holdSecs": 1}),
+            json!({"exportLimit": 100000}),
+        ),
+        (
+            InverterSetExportLimit,
+            json!({"exportLimit": 3680.5}),
+            json!({"exportLimit": 3680.5}),
+        ),
+        // holdSecs on any device slug, taken out of the normalised input (5.0 counts as 5).
+        (
+            BatterySetReserve,
+            json!({"chargePercentage": 20, "holdSecs": 3600}),
+            json!({"chargePercentage": 20}),
+        ),
+        (
+            ThermostatSetFanMode,
+            json!({"fanMode": "on", "holdSecs": 5.0}),
+            json!({"fanMode": "on"}),
+        ),
         (AgentPing, json!({}), json!({})),
         (AgentGetState, json!({}), json!({})),
         (AgentUnpair, json!({}), json!({})),
@@ -475,6 +521,85 @@ fn invalid_examples() -> Vec<(Slug, Value, Invalid, &'static str)> {
             UnknownField,
             "limit",
         ),
+        (
+            ChargerSetChargeRateLimit,
+            json!({}),
+            MissingRequired,
+            "currentLimit",
+        ),
+        (
+            ChargerSetChargeRateLimit,
+            json!({"holdSecs": 60}),
+            MissingRequired,
+            "currentLimit",
+        ),
+        (
+            ChargerSetChargeRateLimit,
+            json!({"currentLimit": "16"}),
+            WrongType,
+            "currentLimit",
+        ),
+        (
+            ChargerSetChargeRateLimit,
+            json!({"powerLimit": null}),
+            WrongType,
+            "powerLimit",
+        ),
+        (
+            ChargerSetChargeRateLimit,
+            json!({"currentLimit": 80.1}),
+            OutOfRange,
+            "currentLimit",
+        ),
+        (
+            ChargerSetChargeRateLimit,
+            json!({"currentLimit": -1}),
+            OutOfRange,
+            "currentLimit",
+        ),
+        (
+            ChargerSetChargeRateLimit,
+            json!({"powerLimit": 50001}),
+            OutOfRange,
+            "powerLimit",
+        ),
+        (
+            ChargerSetChargeRateLimit,
+            json!({"currentLimit": 16, "current": 16}),
+            UnknownField,
+            "current",
+        ),
+        (
+            InverterSetExportLimit,
+            json!({"exportLimit": "3000"}),
+            WrongType,
+            "exportLimit",
+        ),
+        (
+            InverterSetExportLimit,
+            json!({"exportLimit": 100000.5}),
+            OutOfRange,
+            "exportLimit",
+        ),
+        (
+            InverterSetExportLimit,
+            json!({"exportLimit": -0.5}),
+            OutOfRange,
+            "exportLimit",
+        ),
+        (
+            InverterSetExportLimit,
+            json!({"holdSecs": 60}),
+            MissingRequired,
+            "exportLimit",
+        ),
+        (
+            InverterSetExportLimit,
+            json!({"exportLimit": 0, "importLimit": 0}),
+            UnknownField,
+            "importLimit",
+        ),
+        (AgentPing, json!({"holdSecs": 60}), UnknownField, "holdSecs"),
         (AgentPing, json!({"x": 1}), UnknownField, "x"),
         (
             AgentGetState,
@@ -494,6 +619,26 @@ fn invalid_examples() -> Vec<(Slug, Value, Invalid, &'static str)> {
             WrongType,
             "chargeLimit",
         ));
+    }
+    // holdSecs, on every device slug alike: an integer from 1 to 86400.
+    for slug in Slug::ALL.into_iter().filter(|s| s.device_type().is_some()) {
+        let valid = valid_examples()
+            .into_iter()
+            .find(|(s, ..)| *s == slug)
+            .map(|(_, input, _)| input)
+            .unwrap();
+        let with = |secs: Value| {
+            let mut input = valid.clone();
+            input["holdSecs"] = secs;
+            input
+        };
+        cases.extend([
+            (slug, with(json!(0)), OutOfRange, "holdSecs"),
+            (slug, with(json!(86401)), OutOfRange, "holdSecs"),
+            (slug, with(json!(1.5)), WrongType, "holdSecs"),
+            (slug, with(json!("60")), WrongType, "holdSecs"),
+            (slug, with(json!(null)), WrongType, "holdSecs"),
+        ]);
     }
     // Both start/stop slugs take the same input.
     for slug in [ChargerSetOperatingMode, VehicleSetOperatingMode] {
@@ -535,6 +680,20 @@ fn every_slug_accepts_a_valid_example_and_normalises_it() {
             valid_examples().iter().any(|(s, ..)| *s == slug),
             "no valid example for {slug}"
         );
+    }
+}
+
+#[test]
+fn hold_secs_is_handed_back_beside_the_input_never_in_it() {
+    for (slug, input, _) in valid_examples() {
+        let validated = validate(slug.as_str(), &object(&input)).unwrap();
+        let sent = input.get("holdSecs").and_then(Value::as_f64);
+        assert_eq!(
+            validated.hold_secs.map(|s| s as f64),
+            sent,
+            "{slug} {input}"
+        );
+        assert!(!validated.input.contains_key("holdSecs"), "{slug} {input}");
     }
 }
 
@@ -608,7 +767,15 @@ fn normalised_input_validates_again_unchanged() {
     for (slug, input, _) in valid_examples() {
         let once = validate(slug.as_str(), &object(&input)).unwrap();
         let twice = validate(slug.as_str(), &once.input).unwrap();
-        assert_eq!(once, twice, "{slug} {input}");
+        assert_eq!(
+            (once.slug, &once.input),
+            (twice.slug, &twice.input),
+            "{slug} {input}"
+        );
+        assert_eq!(
+            twice.hold_secs, None,
+            "holdSecs is not in the normalised input"
+        );
     }
 }
 

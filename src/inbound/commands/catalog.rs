@@ -6,7 +6,8 @@
 //! [`Slug::input_schema`] read that table, so the JSON Schema shown to the platform in
 //! `availableCommands` and the checks the agent runs cannot drift apart. Rules that involve two
 //! fields are written out per slug, in both places where JSON Schema can express them
-//! (`if`/`then`: which thermostat targets a mode needs, and their range in the given unit).
+//! (`if`/`then`: which thermostat targets a mode needs, and their range in the given unit;
+//! `anyOf`: `charger:set-charge-rate-limit` needs `currentLimit`, `powerLimit` or both).
 //! JSON Schema cannot compare two fields, so two orderings live only in [`validate`] and in
 //! the slug's `description`: `minimumBatteryReserve <= maximumBatteryReserve` and
 //! `heatTarget < coolTarget`. A platform validating with stock tools passes such inputs, and the
@@ -26,6 +27,10 @@
 //! - `chargeLimit` (vehicle:set-charge-limit) accepts a number, or a string of a plain decimal
 //!   number as the platform's examples send it (`"80"`, `"80.5"`; no sign, exponent, spaces or
 //!   leading zeros). It is normalised to a JSON number, an integer when it has no fraction.
+//!
+//! Every device slug (not the `agent:*` ones) also takes `holdSecs`, validated like any member
+//! but handed back in [`Validated::hold_secs`] rather than in the input: the drivers never see
+//! it.
 
 use std::fmt;
 
@@ -42,6 +47,8 @@ pub enum Slug {
     ThermostatSetOperatingMode,
     ThermostatSetFanMode,
     ChargerSetOperatingMode,
+    ChargerSetChargeRateLimit,
+    InverterSetExportLimit,
     VehicleSetOperatingMode,
     VehicleSetChargeLimit,
     AgentPing,
@@ -63,7 +70,12 @@ pub struct ValidationError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Validated {
     pub slug: Slug,
+    /// The input for the driver: every member but `holdSecs`.
     pub input: Map<String, Value>,
+    /// `holdSecs`, when sent: how long the setpoint holds (README, "Safety envelope"). Taken out
+    /// of [`Validated::input`] because it tells the agent what to do later, not the device what
+    /// to do now.
+    pub hold_secs: Option<u64>,
 }
 
 /// One entry of a device's `availableCommands`, as the platform lists it.
@@ -76,12 +88,14 @@ pub struct AvailableCommand {
 }
 
 impl Slug {
-    pub const ALL: [Slug; 10] = [
+    pub const ALL: [Slug; 12] = [
         Slug::BatterySetReserve,
         Slug::BatterySetOperatingMode,
         Slug::ThermostatSetOperatingMode,
         Slug::ThermostatSetFanMode,
         Slug::ChargerSetOperatingMode,
+        Slug::ChargerSetChargeRateLimit,
+        Slug::InverterSetExportLimit,
         Slug::VehicleSetOperatingMode,
         Slug::VehicleSetChargeLimit,
         Slug::AgentPing,
@@ -101,6 +115,8 @@ impl Slug {
             Slug::ThermostatSetOperatingMode => "thermostat:set-operating-mode",
             Slug::ThermostatSetFanMode => "thermostat:set-fan-mode",
             Slug::ChargerSetOperatingMode => "charger:set-operating-mode",
+            Slug::ChargerSetChargeRateLimit => "charger:set-charge-rate-limit",
+            Slug::InverterSetExportLimit => "inverter:set-export-limit",
             Slug::VehicleSetOperatingMode => "vehicle:set-operating-mode",
             Slug::VehicleSetChargeLimit => "vehicle:set-charge-limit",
             Slug::AgentPing => "agent:ping",
@@ -117,7 +133,10 @@ impl Slug {
             Slug::ThermostatSetOperatingMode | Slug::ThermostatSetFanMode => {
                 Some(DeviceType::Thermostat)
             }
-            Slug::ChargerSetOperatingMode => Some(DeviceType::Charger),
+            Slug::ChargerSetOperatingMode | Slug::ChargerSetChargeRateLimit => {
+                Some(DeviceType::Charger)
+            }
+            Slug::InverterSetExportLimit => Some(DeviceType::Inverter),
             Slug::VehicleSetOperatingMode | Slug::VehicleSetChargeLimit => {
                 Some(DeviceType::Vehicle)
             }
@@ -142,6 +161,14 @@ impl Slug {
             }
             Slug::ThermostatSetFanMode => "Set the thermostat's fan mode.",
             Slug::ChargerSetOperatingMode => "Start or stop charging at the charger.",
+            Slug::ChargerSetChargeRateLimit => {
+                "Limit how fast the charger charges: currentLimit in A (0 to 80), powerLimit in W \
+                 (0 to 50000). At least one of currentLimit and powerLimit is required; given \
+                 both, the charger draws at most the lower of the two."
+            }
+            Slug::InverterSetExportLimit => {
+                "Set the most power, in W (0 to 100000), that the site may export to the grid."
+            }
             Slug::VehicleSetOperatingMode => "Start or stop charging the vehicle.",
             Slug::VehicleSetChargeLimit => {
                 "Set the state of charge, in percent, at which the vehicle stops charging."
@@ -155,14 +182,25 @@ impl Slug {
         }
     }
 
-    /// The members the slug's input may have.
-    fn fields(self) -> &'static [Field] {
+    /// The members the slug's input may have: its own, then [`HOLD_SECS`] on a device slug.
+    fn fields(self) -> impl Iterator<Item = &'static Field> {
+        let hold: &'static [Field] = match self.device_type() {
+            Some(_) => std::slice::from_ref(&HOLD_SECS),
+            None => &[],
+        };
+        self.own_fields().iter().chain(hold)
+    }
+
+    /// The members particular to the slug.
+    fn own_fields(self) -> &'static [Field] {
         match self {
             Slug::BatterySetReserve => BATTERY_SET_RESERVE,
             Slug::BatterySetOperatingMode => BATTERY_SET_OPERATING_MODE,
             Slug::ThermostatSetOperatingMode => THERMOSTAT_SET_OPERATING_MODE,
             Slug::ThermostatSetFanMode => THERMOSTAT_SET_FAN_MODE,
             Slug::ChargerSetOperatingMode | Slug::VehicleSetOperatingMode => START_OR_STOP_CHARGING,
+            Slug::ChargerSetChargeRateLimit => CHARGER_SET_CHARGE_RATE_LIMIT,
+            Slug::InverterSetExportLimit => INVERTER_SET_EXPORT_LIMIT,
             Slug::VehicleSetChargeLimit => VEHICLE_SET_CHARGE_LIMIT,
             Slug::AgentPing | Slug::AgentGetState | Slug::AgentUnpair => &[],
         }
@@ -171,9 +209,8 @@ impl Slug {
     /// The JSON Schema (draft 2020-12) of the slug's input: a closed object whose members,
     /// types, enums, ranges and required members are those [`validate`] enforces.
     pub fn input_schema(self) -> Value {
-        let fields = self.fields();
-        let properties: Map<String, Value> = fields
-            .iter()
+        let properties: Map<String, Value> = self
+            .fields()
             .map(|field| (field.name.to_owned(), field.schema()))
             .collect();
         let mut schema = json!({
@@ -184,8 +221,8 @@ impl Slug {
             "properties": properties,
             "additionalProperties": false,
         });
-        let required: Vec<&str> = fields
-            .iter()
+        let required: Vec<&str> = self
+            .fields()
             .filter(|field| field.required)
             .map(|field| field.name)
             .collect();
@@ -193,8 +230,12 @@ impl Slug {
         if !required.is_empty() {
             schema["required"] = json!(required);
         }
-        if self == Slug::ThermostatSetOperatingMode {
-            schema["allOf"] = thermostat_rules_schema();
+        match self {
+            Slug::ThermostatSetOperatingMode => schema["allOf"] = thermostat_rules_schema(),
+            Slug::ChargerSetChargeRateLimit => {
+                schema["anyOf"] = json!(RATE_LIMITS.map(|name| json!({ "required": [name] })));
+            }
+            _ => {}
         }
         schema
     }
@@ -216,16 +257,15 @@ pub fn validate(slug: &str, input: &Map<String, Value>) -> Result<Validated, Val
             message: format!("unknown command slug `{slug}`"),
         });
     };
-    let fields = slug.fields();
     // Unknown members first: a misspelt optional member must not be silently dropped.
     if let Some(name) = input
         .keys()
-        .find(|name| !fields.iter().any(|field| field.name == name.as_str()))
+        .find(|name| !slug.fields().any(|field| field.name == name.as_str()))
     {
         return Err(refusal(name, format!("unknown field `{name}` for {slug}")));
     }
     let mut normalised = Map::new();
-    for field in fields {
+    for field in slug.fields() {
         match (input.get(field.name), field.kind) {
             (Some(value), kind) => {
                 normalised.insert(field.name.to_owned(), kind.check(field.name, value)?);
@@ -245,11 +285,17 @@ pub fn validate(slug: &str, input: &Map<String, Value>) -> Result<Validated, Val
     match slug {
         Slug::BatterySetOperatingMode => check_reserve_order(&normalised)?,
         Slug::ThermostatSetOperatingMode => check_thermostat_targets(&mut normalised)?,
+        Slug::ChargerSetChargeRateLimit => check_some_rate_limit(&normalised)?,
         _ => {}
     }
+    // Checked like any member, but it is the runner's business, not the driver's.
+    let hold_secs = normalised
+        .remove(HOLD_SECS.name)
+        .and_then(|secs| secs.as_u64());
     Ok(Validated {
         slug,
         input: normalised,
+        hold_secs,
     })
 }
 
@@ -286,6 +332,8 @@ enum Kind {
     PercentOrNumericString,
     /// A JSON number with no fraction, from `min` to `max`; normalised to an integer.
     Integer { min: i64, max: i64 },
+    /// A JSON number, integer or not, from `min` to `max`: a quantity in a unit other than %.
+    Number { min: i64, max: i64 },
     /// Exactly one of these strings.
     OneOf(&'static [&'static str]),
     /// `true` or `false`; `default` is filled in when the member is absent.
@@ -388,6 +436,45 @@ const VEHICLE_SET_CHARGE_LIMIT: &[Field] = &[required(
     "State of charge to stop charging at, percent (0 to 100): a number or a string such as \"80\".",
 )];
 
+const CHARGER_SET_CHARGE_RATE_LIMIT: &[Field] = &[
+    optional(
+        "currentLimit",
+        Kind::Number { min: 0, max: 80 },
+        "Most current to draw, A (0 to 80). currentLimit, powerLimit or both.",
+    ),
+    optional(
+        "powerLimit",
+        Kind::Number {
+            min: 0,
+            max: 50_000,
+        },
+        "Most power to draw, W (0 to 50000). currentLimit, powerLimit or both.",
+    ),
+];
+
+/// The members of `charger:set-charge-rate-limit` of which at least one must be sent.
+const RATE_LIMITS: [&str; 2] = ["currentLimit", "powerLimit"];
+
+const INVERTER_SET_EXPORT_LIMIT: &[Field] = &[required(
+    "exportLimit",
+    Kind::Number {
+        min: 0,
+        max: 100_000,
+    },
+    "Most power the site may export to the grid, W (0 to 100000).",
+)];
+
+/// `holdSecs`, a member of every device slug (none of the agent's own).
+const HOLD_SECS: Field = optional(
+    "holdSecs",
+    Kind::Integer {
+        min: 1,
+        max: 86_400,
+    },
+    "Seconds this setpoint holds; when they lapse the device returns to its default control \
+     (README, Safety envelope). Absent: until the next command.",
+);
+
 /// The strings [`Kind::PercentOrNumericString`] accepts: "0" to "100" in plain decimal, with an
 /// optional fraction ("80.5", "100.0", but not "100.5", "080", "-0", "8e1" or " 80").
 /// [`parse_percent_string`] accepts exactly this set.
@@ -421,6 +508,10 @@ impl Kind {
                 .as_f64()
                 .filter(|x| x.fract() == 0.0 && (min as f64..=max as f64).contains(x))
                 .map(|x| Value::from(x as i64)),
+            Kind::Number { min, max } => value
+                .as_f64()
+                .filter(|x| (min as f64..=max as f64).contains(x))
+                .map(|_| value.clone()),
             Kind::OneOf(allowed) => value
                 .as_str()
                 .filter(|s| allowed.contains(s))
@@ -448,6 +539,7 @@ impl Kind {
                 "a number from 0 to 100, as a number or a string such as \"80\"".into()
             }
             Kind::Integer { min, max } => format!("an integer from {min} to {max}"),
+            Kind::Number { min, max } => format!("a number from {min} to {max}"),
             Kind::OneOf(allowed) => {
                 let quoted: Vec<String> = allowed.iter().map(|s| format!("\"{s}\"")).collect();
                 format!("one of {}", quoted.join(", "))
@@ -466,6 +558,9 @@ impl Kind {
             }),
             Kind::Integer { min, max } => {
                 json!({"type": "integer", "minimum": min, "maximum": max})
+            }
+            Kind::Number { min, max } => {
+                json!({"type": "number", "minimum": min, "maximum": max})
             }
             Kind::OneOf(allowed) => json!({"type": "string", "enum": allowed}),
             Kind::Flag { default } => json!({"type": "boolean", "default": default}),
@@ -519,6 +614,24 @@ fn check_reserve_order(input: &Map<String, Value>) -> Result<(), ValidationError
         }
     }
     Ok(())
+}
+
+/// charger:set-charge-rate-limit: a limit on at least one quantity; a command bounding
+/// nothing would be a no-op that reads like a setpoint.
+fn check_some_rate_limit(input: &Map<String, Value>) -> Result<(), ValidationError> {
+    if RATE_LIMITS.iter().any(|name| input.contains_key(*name)) {
+        return Ok(());
+    }
+    Err(refusal(
+        RATE_LIMITS[0],
+        format!(
+            "{}: missing; {} requires {}, {} or both",
+            RATE_LIMITS[0],
+            Slug::ChargerSetChargeRateLimit,
+            RATE_LIMITS[0],
+            RATE_LIMITS[1]
+        ),
+    ))
 }
 
 /// thermostat:set-operating-mode: the targets the mode needs, their range in the unit given,
@@ -789,5 +902,87 @@ mod tests {
             unreachable!()
         };
         assert!((t.heat_target.value - 22.0).abs() < 1e-9, "{t:?}");
+    }
+
+    #[test]
+    fn hold_secs_is_checked_then_taken_out_of_the_drivers_input() {
+        let v = validate(
+            "inverter:set-export-limit",
+            &input(json!({"exportLimit": 3000, "holdSecs": 900.0})),
+        )
+        .unwrap();
+        assert_eq!(v.hold_secs, Some(900));
+        assert_eq!(Value::Object(v.input), json!({"exportLimit": 3000}));
+        let v = validate(
+            "battery:set-reserve",
+            &input(json!({"chargePercentage": 30})),
+        )
+        .unwrap();
+        assert_eq!(v.hold_secs, None, "absent: until the next command");
+        for (secs, shown) in [
+            (json!(0), "0"),
+            (json!(86_401), "86401"),
+            (json!("60"), "\"60\""),
+        ] {
+            let err = validate(
+                "battery:set-reserve",
+                &input(json!({"chargePercentage": 30, "holdSecs": secs})),
+            )
+            .unwrap_err();
+            assert_eq!(err.field.as_deref(), Some("holdSecs"));
+            assert_eq!(
+                err.message,
+                format!("holdSecs: expected an integer from 1 to 86400, found {shown}")
+            );
+        }
+    }
+
+    #[test]
+    fn hold_secs_is_a_member_of_every_device_slug_and_of_no_agent_slug() {
+        for slug in Slug::ALL {
+            let schema = slug.input_schema();
+            let hold = &schema["properties"]["holdSecs"];
+            match slug.device_type() {
+                Some(_) => {
+                    assert_eq!(hold["type"], "integer", "{slug}");
+                    assert_eq!(
+                        (&hold["minimum"], &hold["maximum"]),
+                        (&json!(1), &json!(86_400))
+                    );
+                }
+                None => {
+                    assert!(hold.is_null(), "{slug}");
+                    let err = validate(slug.as_str(), &input(json!({"holdSecs": 60}))).unwrap_err();
+                    assert_eq!(err.message, format!("unknown field `holdSecs` for {slug}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_charge_rate_limit_needs_a_current_a_power_or_both() {
+        let slug = "charger:set-charge-rate-limit";
+        let err = validate(slug, &input(json!({"holdSecs": 60}))).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("currentLimit"));
+        assert_eq!(
+            err.message,
+            "currentLimit: missing; charger:set-charge-rate-limit requires currentLimit, \
+             powerLimit or both"
+        );
+        for ok in [
+            json!({"currentLimit": 16}),
+            json!({"powerLimit": 3680.5}),
+            json!({"currentLimit": 0, "powerLimit": 50_000}),
+        ] {
+            assert_eq!(
+                Value::Object(validate(slug, &input(ok.clone())).unwrap().input),
+                ok
+            );
+        }
+        let err = validate(slug, &input(json!({"currentLimit": 80.5}))).unwrap_err();
+        assert_eq!(
+            err.message,
+            "currentLimit: expected a number from 0 to 80, found 80.5"
+        );
     }
 }

@@ -72,9 +72,11 @@ pub struct DeviceRun {
     pub slug: Slug,
     pub route: mpsc::Sender<DriverCommand>,
     pub timeout: Duration,
-    /// The input as validated and normalised by the catalog (e.g. °F converted to °C).
+    /// The input as validated and normalised by the catalog (e.g. °F converted to °C), without
+    /// `holdSecs`: that is for the agent, not for the driver.
     pub input: serde_json::Map<String, Value>,
-    /// The command's `holdSecs`, taken out of its input.
+    /// The command's `holdSecs`, taken out of its input: how long its setpoint holds; `None`
+    /// until the next command.
     pub hold_secs: Option<u64>,
 }
 
@@ -153,7 +155,7 @@ pub fn plan(
                 route,
                 timeout: settings.timeout(slug.as_str()),
                 input: validated.input,
-                hold_secs: None,
+                hold_secs: validated.hold_secs,
             })
         }
     }

@@ -41,6 +41,15 @@ pub(crate) enum LimitExceeded {
         bound: f64,
         source: Source,
     },
+    /// An installer limit bounds a quantity the command leaves unbounded: a charge rate limit
+    /// without `powerLimit` would let the charger draw its full power, past `max_power_w`.
+    Unbounded {
+        member: &'static str,
+        /// The limit's configuration key, e.g. `max_power_w`.
+        limit: &'static str,
+        bound: f64,
+        source: Source,
+    },
     /// The device reports another type than its `[[limits]]` entry says.
     WrongType {
         configured: DeviceType,
@@ -70,6 +79,16 @@ impl LimitExceeded {
                      for {device_id}"
                 )
             }
+            LimitExceeded::Unbounded {
+                member,
+                limit,
+                bound,
+                source,
+            } => format!(
+                "{member}: missing; the {source} limit {limit} = {bound}{} for {device_id} \
+                 requires it",
+                unit(limit)
+            ),
             LimitExceeded::WrongType {
                 configured,
                 reported,
@@ -137,6 +156,11 @@ impl Envelope {
                 ("coolTarget", "min_target_c"),
                 ("coolTarget", "max_target_c"),
             ],
+            Slug::ChargerSetChargeRateLimit => &[
+                ("currentLimit", "max_current_a"),
+                ("powerLimit", "max_power_w"),
+            ],
+            Slug::InverterSetExportLimit => &[("exportLimit", "max_export_w")],
             _ => &[],
         };
         let values = limits.values();
@@ -145,8 +169,18 @@ impl Envelope {
                 .iter()
                 .find(|(k, _)| *k == limit)
                 .and_then(|(_, v)| *v);
-            let (Some(bound), Some(value)) = (bound, input.get(member).and_then(Value::as_f64))
-            else {
+            let Some(bound) = bound else { continue };
+            let Some(value) = input.get(member).and_then(Value::as_f64) else {
+                // A charge rate limit may leave out one quantity, and the charger then draws as
+                // much of it as it can: past the installer's limit, unless the command bounds it.
+                if slug == Slug::ChargerSetChargeRateLimit {
+                    return Err(LimitExceeded::Unbounded {
+                        member,
+                        limit,
+                        bound,
+                        source: Source::Installer,
+                    });
+                }
                 continue;
             };
             let outside = if limit.starts_with("min_") {
@@ -354,6 +388,117 @@ mod tests {
             refusal.message("bat-1"),
             "bat-1: its installer limits are for a battery, but it reports as a charger; \
              no command runs until the configuration matches"
+        );
+    }
+
+    fn charger() -> Envelope {
+        Envelope::new(&[DeviceLimits {
+            max_current_a: Some(16.0),
+            max_power_w: Some(7_400.0),
+            ..limits("ch-1", DeviceType::Charger)
+        }])
+    }
+
+    fn rate(e: &Envelope, v: Value) -> Result<(), LimitExceeded> {
+        e.check(
+            "ch-1",
+            DeviceType::Charger,
+            Slug::ChargerSetChargeRateLimit,
+            &input(v),
+        )
+    }
+
+    #[test]
+    fn a_charge_rate_limit_stays_within_the_installers_current_and_power() {
+        let e = charger();
+        assert_eq!(
+            rate(&e, json!({"currentLimit": 16, "powerLimit": 7400})),
+            Ok(()),
+            "equal to both limits"
+        );
+        assert_eq!(
+            rate(&e, json!({"currentLimit": 6, "powerLimit": 1380.5})),
+            Ok(())
+        );
+        let over = rate(&e, json!({"currentLimit": 16.5, "powerLimit": 3000})).unwrap_err();
+        assert_eq!(
+            over.message("ch-1"),
+            "currentLimit: 16.5 A is above the installer limit max_current_a = 16 A for ch-1"
+        );
+        let over = rate(&e, json!({"currentLimit": 10, "powerLimit": 7401})).unwrap_err();
+        assert_eq!(
+            over.message("ch-1"),
+            "powerLimit: 7401 W is above the installer limit max_power_w = 7400 W for ch-1"
+        );
+    }
+
+    #[test]
+    fn an_installer_limit_on_a_quantity_requires_the_command_to_bound_it() {
+        let e = charger();
+        let unbounded = rate(&e, json!({"currentLimit": 10})).unwrap_err();
+        assert_eq!(
+            unbounded,
+            LimitExceeded::Unbounded {
+                member: "powerLimit",
+                limit: "max_power_w",
+                bound: 7_400.0,
+                source: Source::Installer,
+            }
+        );
+        assert_eq!(
+            unbounded.message("ch-1"),
+            "powerLimit: missing; the installer limit max_power_w = 7400 W for ch-1 requires it"
+        );
+        assert_eq!(
+            rate(&e, json!({"powerLimit": 3000}))
+                .unwrap_err()
+                .message("ch-1"),
+            "currentLimit: missing; the installer limit max_current_a = 16 A for ch-1 requires it"
+        );
+        // Only the quantities the installer bounds must be bounded by the command.
+        let current_only = Envelope::new(&[DeviceLimits {
+            max_current_a: Some(16.0),
+            ..limits("ch-1", DeviceType::Charger)
+        }]);
+        assert_eq!(rate(&current_only, json!({"currentLimit": 16})), Ok(()));
+        assert!(matches!(
+            rate(&current_only, json!({"powerLimit": 3000})),
+            Err(LimitExceeded::Unbounded {
+                member: "currentLimit",
+                ..
+            })
+        ));
+        // Starting or stopping changes no limit: the last rate limit still holds.
+        assert_eq!(
+            e.check(
+                "ch-1",
+                DeviceType::Charger,
+                Slug::ChargerSetOperatingMode,
+                &input(json!({"operatingMode": "start-charging"})),
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn an_export_limit_stays_within_the_installers() {
+        let e = Envelope::new(&[DeviceLimits {
+            max_export_w: Some(3_680.0),
+            ..limits("pv-1", DeviceType::Inverter)
+        }]);
+        let export = |w: f64| {
+            e.check(
+                "pv-1",
+                DeviceType::Inverter,
+                Slug::InverterSetExportLimit,
+                &input(json!({ "exportLimit": w })),
+            )
+        };
+        assert_eq!(export(3_680.0), Ok(()), "equal to the limit");
+        assert_eq!(export(0.0), Ok(()));
+        assert_eq!(
+            export(5_000.0).unwrap_err().message("pv-1"),
+            "exportLimit: 5000 W is above the installer limit max_export_w = 3680 W for pv-1"
         );
     }
 }

@@ -13,6 +13,11 @@ use crate::model::safety::Control;
 
 /// Thermostat targets an installer may allow, °C: the catalog's own range (4.3).
 const TARGET_C: (f64, f64) = (5.0, 35.0);
+/// Charger limits an installer may set, A and W: the ranges of `charger:set-charge-rate-limit`.
+const CURRENT_A: (f64, f64) = (0.0, 80.0);
+const POWER_W: (f64, f64) = (0.0, 50_000.0);
+/// Export limits an installer may set, W: the range of `inverter:set-export-limit`.
+const EXPORT_W: (f64, f64) = (0.0, 100_000.0);
 
 /// One `[[limits]]` entry: the installer's limits for one device.
 ///
@@ -55,7 +60,21 @@ pub struct DeviceLimits {
     pub min_target_c: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_target_c: Option<f64>,
+    /// charger: the highest `currentLimit` of `charger:set-charge-rate-limit`, A. Once set, every
+    /// such command must carry a `currentLimit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_current_a: Option<f64>,
+    /// charger: the highest `powerLimit` of `charger:set-charge-rate-limit`, W. Once set, every
+    /// such command must carry a `powerLimit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_power_w: Option<f64>,
+    /// inverter: the highest `exportLimit` of `inverter:set-export-limit`, W.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_export_w: Option<f64>,
 }
+
+/// How many limit keys there are: the length of [`DeviceLimits::values`].
+const KEYS: usize = 10;
 
 /// Which limits apply to which device type: (key, lowest allowed value, highest).
 fn keys_of(device_type: DeviceType) -> &'static [(&'static str, f64, f64)] {
@@ -73,22 +92,41 @@ fn keys_of(device_type: DeviceType) -> &'static [(&'static str, f64, f64)] {
             ("min_target_c", TARGET_C.0, TARGET_C.1),
             ("max_target_c", TARGET_C.0, TARGET_C.1),
         ],
-        DeviceType::Charger | DeviceType::Inverter => &[],
+        DeviceType::Charger => &[
+            ("max_current_a", CURRENT_A.0, CURRENT_A.1),
+            ("max_power_w", POWER_W.0, POWER_W.1),
+        ],
+        DeviceType::Inverter => &[("max_export_w", EXPORT_W.0, EXPORT_W.1)],
     }
 }
 
-/// A limit key's unit, as messages show it: `_c` keys are °C, every other one is a percentage.
+/// A limit key's unit, as messages show it, from the key's suffix: `_c` °C, `_a` A, `_w` W;
+/// every other key is a percentage.
 pub(super) fn unit(key: &str) -> &'static str {
-    if key.ends_with("_c") {
-        " °C"
-    } else {
-        " %"
+    match key.rsplit_once('_').map(|(_, suffix)| suffix) {
+        Some("c") => " °C",
+        Some("a") => " A",
+        Some("w") => " W",
+        _ => " %",
     }
+}
+
+/// `kind` with its indefinite article, for messages: "a battery", "an inverter".
+fn a(kind: &str) -> String {
+    let article = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {kind}")
 }
 
 impl DeviceLimits {
-    /// An entry for `device_id` with no limit set yet.
-    #[cfg(test)]
+    /// An entry for `device_id` with no limit set yet, to fill in with [`DeviceLimits::set`].
+    #[allow(
+        dead_code,
+        reason = "for entries built from key/value maps (the site policy)"
+    )]
     pub(crate) fn new(device_id: &str, device_type: DeviceType) -> DeviceLimits {
         DeviceLimits {
             device_id: device_id.to_owned(),
@@ -102,12 +140,46 @@ impl DeviceLimits {
             max_charge_limit: None,
             min_target_c: None,
             max_target_c: None,
+            max_current_a: None,
+            max_power_w: None,
+            max_export_w: None,
         }
+    }
+
+    /// Sets the limit `key` (a `[[limits]]` key, e.g. `max_power_w`) to `value`, unchecked: an
+    /// entry built this way still goes through [`DeviceLimits::validate`]. Err names an unknown
+    /// key.
+    #[allow(
+        dead_code,
+        reason = "for entries built from key/value maps (the site policy)"
+    )]
+    pub(crate) fn set(&mut self, key: &str, value: f64) -> Result<(), String> {
+        let slot = match key {
+            "min_backup_reserve" => &mut self.min_backup_reserve,
+            "min_operating_reserve" => &mut self.min_operating_reserve,
+            "max_operating_reserve" => &mut self.max_operating_reserve,
+            "min_charge_limit" => &mut self.min_charge_limit,
+            "max_charge_limit" => &mut self.max_charge_limit,
+            "min_target_c" => &mut self.min_target_c,
+            "max_target_c" => &mut self.max_target_c,
+            "max_current_a" => &mut self.max_current_a,
+            "max_power_w" => &mut self.max_power_w,
+            "max_export_w" => &mut self.max_export_w,
+            _ => {
+                let known: Vec<&str> = self.values().iter().map(|(k, _)| *k).collect();
+                return Err(format!(
+                    "unknown limit `{key}`; the limits are {}",
+                    known.join(", ")
+                ));
+            }
+        };
+        *slot = Some(value);
+        Ok(())
     }
 
     /// Every limit with its key, set or not, in the order of [`keys_of`] for any type. A `min_`
     /// key is a lower bound, a `max_` key an upper one; `min_X` and `max_X` are a pair.
-    pub(super) fn values(&self) -> [(&'static str, Option<f64>); 7] {
+    pub(crate) fn values(&self) -> [(&'static str, Option<f64>); KEYS] {
         [
             ("min_backup_reserve", self.min_backup_reserve),
             ("min_operating_reserve", self.min_operating_reserve),
@@ -116,6 +188,9 @@ impl DeviceLimits {
             ("max_charge_limit", self.max_charge_limit),
             ("min_target_c", self.min_target_c),
             ("max_target_c", self.max_target_c),
+            ("max_current_a", self.max_current_a),
+            ("max_power_w", self.max_power_w),
+            ("max_export_w", self.max_export_w),
         ]
     }
 
@@ -144,12 +219,6 @@ impl DeviceLimits {
             .map_err(|e| Rejection::new("limits.device_id", format!("limits #{n}: {e}")))?;
         let kind = self.device_type.as_str();
         let allowed = keys_of(self.device_type);
-        if allowed.is_empty() {
-            return Err(Rejection::new(
-                "limits.device_type",
-                format!("limits #{n} ({id}): a {kind} has no limits the agent can enforce yet"),
-            ));
-        }
         let mut any = false;
         for (key, value) in self.values() {
             let Some(value) = value else { continue };
@@ -159,7 +228,9 @@ impl DeviceLimits {
                 return Err(Rejection::new(
                     "limits",
                     format!(
-                        "limits #{n} ({id}): {key} does not apply to a {kind}; a {kind} takes {}",
+                        "limits #{n} ({id}): {key} does not apply to {}; {} takes {}",
+                        a(kind),
+                        a(kind),
                         names.join(", ")
                     ),
                 ));
@@ -270,7 +341,7 @@ mod tests {
         );
         assert_eq!(
             rejected(limits("ev-1", DeviceType::Charger)),
-            "limits.device_type: limits #2 (ev-1): a charger has no limits the agent can enforce yet"
+            "limits: limits #2 (ev-1): no limit given for this charger"
         );
         assert_eq!(
             rejected(DeviceLimits {
@@ -278,6 +349,123 @@ mod tests {
                 ..limits("bat/1", DeviceType::Battery)
             }),
             "limits.device_id: limits #2: device id contains '/'; only letters, digits, '.', '_' and '-' are allowed"
+        );
+    }
+
+    #[test]
+    fn a_limits_unit_comes_from_its_key() {
+        assert_eq!(unit("min_target_c"), " °C");
+        assert_eq!(unit("max_current_a"), " A");
+        assert_eq!(unit("max_power_w"), " W");
+        assert_eq!(unit("max_export_w"), " W");
+        assert_eq!(unit("min_backup_reserve"), " %");
+        assert_eq!(unit("max_charge_limit"), " %");
+    }
+
+    #[test]
+    fn chargers_and_inverters_take_current_power_and_export_limits() {
+        let charger = DeviceLimits {
+            max_current_a: Some(16.0),
+            max_power_w: Some(7_400.0),
+            ..limits("ch-1", DeviceType::Charger)
+        };
+        assert!(charger.validate(1).is_ok());
+        assert_eq!(
+            charger.describe(),
+            "ch-1 (charger): max_current_a 16 A, max_power_w 7400 W [installer]"
+        );
+        let inverter = DeviceLimits {
+            max_export_w: Some(0.0),
+            ..limits("pv-1", DeviceType::Inverter)
+        };
+        assert!(inverter.validate(1).is_ok());
+        assert_eq!(
+            inverter.describe(),
+            "pv-1 (inverter): max_export_w 0 W [installer]"
+        );
+        let top = DeviceLimits {
+            max_current_a: Some(80.0),
+            max_power_w: Some(50_000.0),
+            ..limits("ch-1", DeviceType::Charger)
+        };
+        assert!(top.validate(1).is_ok(), "the ends of a range are allowed");
+    }
+
+    #[test]
+    fn bad_charger_and_inverter_limits_are_refused_naming_the_entry_and_the_limit() {
+        let ch = || limits("ch-1", DeviceType::Charger);
+        assert_eq!(
+            rejected(DeviceLimits {
+                max_current_a: Some(-1.0),
+                ..ch()
+            }),
+            "limits: limits #2 (ch-1): max_current_a must be from 0 to 80, found -1"
+        );
+        assert_eq!(
+            rejected(DeviceLimits {
+                max_power_w: Some(50_000.5),
+                ..ch()
+            }),
+            "limits: limits #2 (ch-1): max_power_w must be from 0 to 50000, found 50000.5"
+        );
+        assert_eq!(
+            rejected(DeviceLimits {
+                max_power_w: Some(f64::NAN),
+                ..ch()
+            }),
+            "limits: limits #2 (ch-1): max_power_w must be from 0 to 50000, found NaN"
+        );
+        assert_eq!(
+            rejected(DeviceLimits {
+                max_export_w: Some(5_000.0),
+                ..ch()
+            }),
+            "limits: limits #2 (ch-1): max_export_w does not apply to a charger; a charger takes \
+             max_current_a, max_power_w"
+        );
+        assert_eq!(
+            rejected(DeviceLimits {
+                max_export_w: Some(100_001.0),
+                ..limits("pv-1", DeviceType::Inverter)
+            }),
+            "limits: limits #2 (pv-1): max_export_w must be from 0 to 100000, found 100001"
+        );
+        assert_eq!(
+            rejected(DeviceLimits {
+                max_current_a: Some(16.0),
+                ..limits("pv-1", DeviceType::Inverter)
+            }),
+            "limits: limits #2 (pv-1): max_current_a does not apply to an inverter; an inverter \
+             takes max_export_w"
+        );
+        assert_eq!(
+            rejected(limits("pv-1", DeviceType::Inverter)),
+            "limits: limits #2 (pv-1): no limit given for this inverter"
+        );
+    }
+
+    #[test]
+    fn set_fills_in_a_limit_by_its_key_and_names_an_unknown_one() {
+        let mut l = limits("ch-1", DeviceType::Charger);
+        l.set("max_power_w", 7_400.0).unwrap();
+        l.set("max_current_a", 32.0).unwrap();
+        assert_eq!(
+            l,
+            DeviceLimits {
+                max_current_a: Some(32.0),
+                max_power_w: Some(7_400.0),
+                ..limits("ch-1", DeviceType::Charger)
+            }
+        );
+        for (key, _) in l.clone().values() {
+            l.set(key, 1.0).unwrap();
+        }
+        assert!(l.values().iter().all(|(_, v)| *v == Some(1.0)), "{l:?}");
+        assert_eq!(
+            l.set("max_current", 1.0).unwrap_err(),
+            "unknown limit `max_current`; the limits are min_backup_reserve, \
+             min_operating_reserve, max_operating_reserve, min_charge_limit, max_charge_limit, \
+             min_target_c, max_target_c, max_current_a, max_power_w, max_export_w"
         );
     }
 }
