@@ -78,6 +78,7 @@ pub(crate) struct Router {
 enum Route {
     TrustBundle,
     Binding,
+    SitePolicy,
     Command,
     /// A command refused unread: [`SHED_AT`] or more messages wait behind it.
     Shed,
@@ -90,6 +91,7 @@ fn route(kind: Option<InboundTopic>, waiting: usize) -> Route {
     match kind {
         Some(InboundTopic::TrustBundle) => Route::TrustBundle,
         Some(InboundTopic::PairingBinding) => Route::Binding,
+        Some(InboundTopic::SitePolicy) => Route::SitePolicy,
         Some(InboundTopic::Commands) if waiting >= SHED_AT => Route::Shed,
         Some(InboundTopic::Commands) => Route::Command,
         None => Route::Ignored,
@@ -240,6 +242,10 @@ impl Router {
                         tracing::warn!("owner binding ignored: no [trust] configured to verify it")
                     }
                 }
+                return true;
+            }
+            Route::SitePolicy => {
+                tracing::debug!("site policy not handled yet");
                 return true;
             }
             Route::Ignored => {
