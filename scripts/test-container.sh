@@ -172,6 +172,7 @@ topic readwrite #
 pattern read texture/v1/trust/bundle
 pattern read texture/v1/devices/%u/commands
 pattern read texture/v1/devices/%u/pairing/binding
+pattern read texture/v1/devices/%u/safety/policy
 pattern write texture/v1/devices/%u/status
 pattern write texture/v1/devices/%u/replies
 pattern write texture/v1/devices/%u/capabilities

@@ -243,15 +243,16 @@ async fn acl_confines_device_to_its_own_subtree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_makes_a_devices_inbound_topics_read_only_for_it() {
     // The recommended ACL (docs/PROTOCOL.md 2.1): a device reads its commands, its pairing
-    // binding and the trust bundle, and may publish on none of them, not even in its own
-    // subtree. mosquitto acknowledges a denied QoS 1 publish like any other and drops it, so
-    // what counts is delivery, seen by a second client, next to positive controls.
+    // binding, its site policy and the trust bundle, and may publish on none of them, not even
+    // in its own subtree. mosquitto acknowledges a denied QoS 1 publish like any other and drops
+    // it, so what counts is delivery, seen by a second client, next to positive controls.
     let pki = Pki::new();
     let broker = Mosquitto::start(&pki);
     let device = "gw-acl";
     let inbound = [
         device_topic(device, "commands"),
         device_topic(device, "pairing/binding"),
+        device_topic(device, "safety/policy"),
         texture_agent::link::topics::Topics::trust_bundle(),
     ];
     let replies = device_topic(device, "replies");

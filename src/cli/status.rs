@@ -34,9 +34,9 @@ fn print_limits(settings: &Settings) {
     match settings.limits.as_slice() {
         [] => println!("limits:      none (devices are bounded only by the command set's ranges)"),
         [first, rest @ ..] => {
-            println!("limits:      {}", printable(&first.describe()));
+            println!("limits:      {}", printable(&first.describe("installer")));
             for l in rest {
-                println!("             {}", printable(&l.describe()));
+                println!("             {}", printable(&l.describe("installer")));
             }
         }
     }
@@ -45,14 +45,34 @@ fn print_limits(settings: &Settings) {
 /// Holds and fail-safe, as the daemon last stored them (`safety-state.json`): so they show
 /// while the daemon is stopped too, which is when an installer asks what a device will do.
 fn print_safety(settings: &Settings) {
-    let window = settings.safety.failsafe_after_secs;
-    println!("safety:      fail-safe after {window} s without the platform");
     let state = match crate::inbound::safety::SafetyState::open(&settings.state.dir) {
         Ok(state) => state,
         Err(error) => {
-            return println!("             unreadable: {}", printable(&error.to_string()));
+            return println!("safety:      unreadable: {}", printable(&error.to_string()));
         }
     };
+    let policy = state.policy();
+    match policy.limits() {
+        [] if policy.version() == 0 => println!("policy:      none (the installer's limits alone)"),
+        [] => println!(
+            "policy:      v{} (issued {}): no limits beyond the installer's",
+            policy.version(),
+            rfc3339(policy.issued_at())
+        ),
+        entries => {
+            let source = format!("policy v{}", policy.version());
+            println!(
+                "policy:      v{} (issued {})",
+                policy.version(),
+                rfc3339(policy.issued_at())
+            );
+            for l in entries {
+                println!("             {}", printable(&l.describe(&source)));
+            }
+        }
+    }
+    let window = settings.safety.failsafe_after_secs;
+    println!("safety:      fail-safe after {window} s without the platform");
     let devices = state.devices();
     if devices.is_empty() {
         return println!("             no hold running, no device in fail-safe");

@@ -23,6 +23,30 @@ pub const CHARGER_POWER_W: f64 = 7_360.0;
 pub struct SimDevice {
     rng: fastrand::Rng,
     state: DeviceState,
+    /// Setpoints the device model has no member for (the model is the platform's, a wire
+    /// contract), kept here so the simulation obeys them.
+    limits: Setpoints,
+}
+
+/// A charger's rate limit and an inverter's export limit, as the last command set them.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Setpoints {
+    /// A; `None` draws up to the charger's own 32 A.
+    current_limit: Option<f64>,
+    /// W; `None` draws up to [`CHARGER_POWER_W`].
+    power_limit: Option<f64>,
+    /// W exported at most; `None` exports whatever the house does not use.
+    export_limit: Option<f64>,
+}
+
+/// Rounds `x` up to a multiple of `step`.
+fn round_up(x: f64, step: f64) -> f64 {
+    (x / step - 1e-9).ceil() * step
+}
+
+/// Rounds `x` down to a multiple of `step`: a reading shown at a limit never shows above it.
+fn round_down(x: f64, step: f64) -> f64 {
+    (x / step + 1e-9).floor() * step
 }
 
 /// Solar output at `time_of_day` seconds after midnight: a half sine from 06:00 to 18:00.
@@ -84,6 +108,7 @@ impl SimDevice {
         SimDevice {
             rng: fastrand::Rng::with_seed(seed),
             state,
+            limits: Setpoints::default(),
         }
     }
 
@@ -96,8 +121,8 @@ impl SimDevice {
         let noise = self.rng.f64() - 0.5;
         match &mut self.state {
             DeviceState::Battery(b) => step_battery(b, dt, time_of_day, noise),
-            DeviceState::Inverter(i) => step_inverter(i, time_of_day, noise),
-            DeviceState::Charger(c) => step_charger(c, noise),
+            DeviceState::Inverter(i) => step_inverter(i, time_of_day, noise, &self.limits),
+            DeviceState::Charger(c) => step_charger(c, noise, &self.limits),
             DeviceState::Thermostat(t) => step_thermostat(t, dt, noise),
             DeviceState::Vehicle(v) => step_vehicle(v, dt, noise),
         }
@@ -123,6 +148,13 @@ impl SimDevice {
                     Some("stop-charging") => ChargingState::Idle,
                     other => return Err(format!("unsupported operatingMode {other:?}")),
                 };
+            }
+            (DeviceState::Charger(_), "charger:set-charge-rate-limit") => {
+                self.limits.current_limit = num("currentLimit");
+                self.limits.power_limit = num("powerLimit");
+            }
+            (DeviceState::Inverter(_), "inverter:set-export-limit") => {
+                self.limits.export_limit = Some(num("exportLimit").ok_or("exportLimit missing")?);
             }
             (DeviceState::Vehicle(v), "vehicle:set-operating-mode") => {
                 v.charging_state = match text("operatingMode") {
@@ -172,12 +204,23 @@ fn step_battery(b: &mut BatteryState, dt: f64, time_of_day: u64, noise: f64) {
     let rate = if empty || full {
         0.0
     } else {
-        wanted.clamp(-5_000.0, 5_000.0)
+        // Never below the reserve, however long the step: discharge only what lies above it.
+        let above_floor = (b.charge - floor).max(0.0) * 3_600.0 / dt.max(f64::EPSILON);
+        wanted.clamp(-5_000.0, 5_000.0).min(above_floor)
     };
     b.charge = (b.charge - rate * dt / 3_600.0).clamp(0.0, BATTERY_CAPACITY_WH);
     b.charge_rate = round(rate, 0.1);
-    b.charge = round(b.charge, 0.1);
-    b.charge_percentage = round(100.0 * b.charge / BATTERY_CAPACITY_WH, 0.1);
+    // While discharging, rounded up: a battery at its reserve never reads below it.
+    let discharging = rate > 0.0;
+    let settle = |x: f64| {
+        if discharging {
+            round_up(x, 0.1)
+        } else {
+            round(x, 0.1)
+        }
+    };
+    b.charge = settle(b.charge);
+    b.charge_percentage = settle(100.0 * b.charge / BATTERY_CAPACITY_WH);
     b.charging_state = match rate {
         r if r > 1.0 => ChargingState::Discharging,
         r if r < -1.0 => ChargingState::Charging,
@@ -187,24 +230,34 @@ fn step_battery(b: &mut BatteryState, dt: f64, time_of_day: u64, noise: f64) {
     b.grid_status = grid_status(b.grid_power);
 }
 
-/// The solar curve with a little noise, against a 700 W house load: any surplus is exported.
-fn step_inverter(i: &mut InverterState, time_of_day: u64, noise: f64) {
-    let power = (solar_curve(time_of_day) * (1.0 + 0.1 * noise)).max(0.0);
+/// The solar curve with a little noise, against a 700 W house load: any surplus is exported,
+/// up to the export limit; the rest is curtailed.
+fn step_inverter(i: &mut InverterState, time_of_day: u64, noise: f64, limits: &Setpoints) {
+    let mut power = (solar_curve(time_of_day) * (1.0 + 0.1 * noise)).max(0.0);
+    if let Some(export) = limits.export_limit {
+        power = round_down(power.min(700.0 + export), 0.1);
+    }
     i.power = round(power, 0.1);
     i.grid_power = round(700.0 - power, 0.1);
     i.grid_status = grid_status(i.grid_power);
 }
 
-/// A noisy mains voltage, and [`CHARGER_POWER_W`] drawn while plugged in and charging.
-fn step_charger(c: &mut ChargerState, noise: f64) {
+/// A noisy mains voltage, and [`CHARGER_POWER_W`] drawn while plugged in and charging, or
+/// less under a rate limit: never more current than its `currentLimit` nor more power than
+/// its `powerLimit`.
+fn step_charger(c: &mut ChargerState, noise: f64, limits: &Setpoints) {
     let charging = c.is_plugged_in && c.charging_state == ChargingState::Charging;
     c.charger_voltage = round(230.0 + 4.0 * noise, 0.1);
+    let power = limits
+        .power_limit
+        .map_or(CHARGER_POWER_W, |p| p.min(CHARGER_POWER_W));
+    let current = (power / c.charger_voltage).min(limits.current_limit.unwrap_or(f64::MAX));
     c.charger_current = if charging {
-        round(CHARGER_POWER_W / c.charger_voltage, 0.01)
+        round_down(current, 0.01)
     } else {
         0.0
     };
-    c.charger_wattage = round(c.charger_voltage * c.charger_current, 0.1);
+    c.charger_wattage = round_down(c.charger_voltage * c.charger_current, 0.1);
 }
 
 /// The room drifts towards the target its mode sets, fully within ten minutes.
@@ -239,8 +292,11 @@ fn step_vehicle(v: &mut VehicleState, dt: f64, noise: f64) {
     };
     v.charger_wattage = round(v.charger_voltage * v.charger_current, 0.1);
     // A 75 kWh pack: percentage gained = energy / capacity.
+    // Charging stops at the charge limit, however long the step.
+    let ceiling = if charging { v.charge_limit } else { 100.0 };
+    let gained = v.charge_percentage + v.charger_wattage * dt / 3_600.0 / 750.0;
     v.charge_percentage = round(
-        (v.charge_percentage + v.charger_wattage * dt / 3_600.0 / 750.0).min(100.0),
+        gained.min(ceiling.max(v.charge_percentage)).min(100.0),
         0.01,
     );
     v.range = round(v.charge_percentage * 4.0, 0.1);
@@ -347,6 +403,121 @@ mod tests {
         match b.step(5.0, 0) {
             DeviceState::Battery(s) => assert_eq!(s.backup_reserve, 42.0),
             _ => unreachable!(),
+        }
+    }
+
+    fn input(v: serde_json::Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn a_battery_never_discharges_below_its_reserve_however_long_the_step() {
+        let mut b = SimDevice::new(DeviceType::Battery, 3);
+        b.apply(
+            "battery:set-reserve",
+            &input(serde_json::json!({"chargePercentage": 33.3})),
+        )
+        .unwrap();
+        for dt in [5.0, 600.0, 86_400.0, 3_600.0] {
+            let DeviceState::Battery(s) = b.step(dt, 0).clone() else {
+                unreachable!()
+            };
+            assert!(s.charge_percentage >= 33.3, "{dt} s: {s:?}");
+            assert!(
+                s.charge >= BATTERY_CAPACITY_WH * 0.333 - 1e-6,
+                "{dt} s: {s:?}"
+            );
+        }
+        // At the reserve it no longer discharges: the grid covers the load.
+        let DeviceState::Battery(s) = b.step(5.0, 0).clone() else {
+            unreachable!()
+        };
+        assert_eq!(s.charge_rate, 0.0, "{s:?}");
+        assert!(s.grid_power > 0.0, "{s:?}");
+    }
+
+    #[test]
+    fn a_charger_never_draws_more_than_its_rate_limit() {
+        let mut c = SimDevice::new(DeviceType::Charger, 4);
+        c.apply(
+            "charger:set-operating-mode",
+            &input(serde_json::json!({"operatingMode": "start-charging"})),
+        )
+        .unwrap();
+        let reading = |c: &mut SimDevice| match c.step(5.0, 0).clone() {
+            DeviceState::Charger(s) => s,
+            _ => unreachable!(),
+        };
+        assert!(
+            reading(&mut c).charger_wattage > 7_000.0,
+            "unlimited: its own 32 A"
+        );
+        c.apply(
+            "charger:set-charge-rate-limit",
+            &input(serde_json::json!({"currentLimit": 16})),
+        )
+        .unwrap();
+        for _ in 0..50 {
+            let s = reading(&mut c);
+            assert!(
+                s.charger_current <= 16.0 && s.charger_current > 15.0,
+                "{s:?}"
+            );
+        }
+        c.apply(
+            "charger:set-charge-rate-limit",
+            &input(serde_json::json!({"currentLimit": 16, "powerLimit": 1_400})),
+        )
+        .unwrap();
+        for _ in 0..50 {
+            let s = reading(&mut c);
+            assert!(
+                s.charger_wattage <= 1_400.0 && s.charger_wattage > 1_300.0,
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_inverter_never_exports_more_than_its_export_limit() {
+        let mut i = SimDevice::new(DeviceType::Inverter, 5);
+        let at_noon = |i: &mut SimDevice| match i.step(5.0, 12 * 3_600).clone() {
+            DeviceState::Inverter(s) => s,
+            _ => unreachable!(),
+        };
+        assert!(
+            -at_noon(&mut i).grid_power > 3_000.0,
+            "unlimited, it exports"
+        );
+        i.apply(
+            "inverter:set-export-limit",
+            &input(serde_json::json!({"exportLimit": 500})),
+        )
+        .unwrap();
+        for _ in 0..50 {
+            let s = at_noon(&mut i);
+            assert!(-s.grid_power <= 500.0 && -s.grid_power > 400.0, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_vehicle_stops_charging_at_its_charge_limit() {
+        let mut v = SimDevice::new(DeviceType::Vehicle, 6);
+        v.apply(
+            "vehicle:set-charge-limit",
+            &input(serde_json::json!({"chargeLimit": 56})),
+        )
+        .unwrap();
+        v.apply(
+            "vehicle:set-operating-mode",
+            &input(serde_json::json!({"operatingMode": "start-charging"})),
+        )
+        .unwrap();
+        for _ in 0..5 {
+            let DeviceState::Vehicle(s) = v.step(3_600.0, 0).clone() else {
+                unreachable!()
+            };
+            assert!(s.charge_percentage <= 56.0, "{s:?}");
         }
     }
 }

@@ -80,6 +80,7 @@ pub(crate) struct Router {
 enum Route {
     TrustBundle,
     Binding,
+    SitePolicy,
     Command,
     /// A command refused unread: [`SHED_AT`] or more messages wait behind it.
     Shed,
@@ -92,6 +93,7 @@ fn route(kind: Option<InboundTopic>, waiting: usize) -> Route {
     match kind {
         Some(InboundTopic::TrustBundle) => Route::TrustBundle,
         Some(InboundTopic::PairingBinding) => Route::Binding,
+        Some(InboundTopic::SitePolicy) => Route::SitePolicy,
         Some(InboundTopic::Commands) if waiting >= SHED_AT => Route::Shed,
         Some(InboundTopic::Commands) => Route::Command,
         None => Route::Ignored,
@@ -271,6 +273,21 @@ impl Router {
                         .on_binding(&message.payload, a, self.clock.now()),
                     None => {
                         tracing::warn!("owner binding ignored: no [trust] configured to verify it")
+                    }
+                }
+                return true;
+            }
+            Route::SitePolicy => {
+                match &self.authorizer {
+                    Some(a) => self.safety.on_policy(
+                        &message.payload,
+                        a.trust_bundle(),
+                        a.issuer(),
+                        &self.gateway_id,
+                        self.clock.now(),
+                    ),
+                    None => {
+                        tracing::warn!("site policy ignored: no [trust] configured to verify it")
                     }
                 }
                 return true;

@@ -22,15 +22,18 @@ pub enum InboundTopic {
     TrustBundle,
     /// The signed owner binding answering a pairing request.
     PairingBinding,
+    /// The signed site policy narrowing the installer's limits (retained).
+    SitePolicy,
     /// Attested commands.
     Commands,
 }
 
 impl InboundTopic {
     /// Every inbound topic, in the order the device subscribes to them.
-    pub const ALL: [InboundTopic; 3] = [
+    pub const ALL: [InboundTopic; 4] = [
         InboundTopic::TrustBundle,
         InboundTopic::PairingBinding,
+        InboundTopic::SitePolicy,
         InboundTopic::Commands,
     ];
 }
@@ -83,6 +86,11 @@ impl Topics {
         format!("{}/pairing/binding", self.base)
     }
 
+    /// Platform → device, retained: the signed site policy (docs/PROTOCOL.md 4.10).
+    pub fn site_policy(&self) -> String {
+        format!("{}/safety/policy", self.base)
+    }
+
     /// The platform-wide, retained trust bundle (read-only for devices).
     pub fn trust_bundle() -> String {
         format!("{ROOT}/trust/bundle")
@@ -93,6 +101,7 @@ impl Topics {
         match kind {
             InboundTopic::TrustBundle => Self::trust_bundle(),
             InboundTopic::PairingBinding => self.pairing_binding(),
+            InboundTopic::SitePolicy => self.site_policy(),
             InboundTopic::Commands => self.commands(),
         }
     }
@@ -105,6 +114,7 @@ impl Topics {
         }
         match topic.strip_prefix(self.base.as_str())?.strip_prefix('/')? {
             "pairing/binding" => Some(InboundTopic::PairingBinding),
+            "safety/policy" => Some(InboundTopic::SitePolicy),
             "commands" => Some(InboundTopic::Commands),
             _ => None,
         }
@@ -131,6 +141,7 @@ mod tests {
             t.capabilities(),
             t.pairing_request(),
             t.pairing_binding(),
+            t.site_policy(),
         ] {
             assert!(topic.starts_with("texture/v1/devices/gw-7/"), "{topic}");
         }
@@ -146,6 +157,10 @@ mod tests {
         assert_eq!(
             t.classify("texture/v1/devices/gw-7/pairing/binding"),
             Some(InboundTopic::PairingBinding)
+        );
+        assert_eq!(
+            t.classify("texture/v1/devices/gw-7/safety/policy"),
+            Some(InboundTopic::SitePolicy)
         );
         assert_eq!(
             t.classify("texture/v1/devices/gw-7/commands"),
@@ -164,6 +179,7 @@ mod tests {
             [
                 "texture/v1/trust/bundle",
                 "texture/v1/devices/gw-7/pairing/binding",
+                "texture/v1/devices/gw-7/safety/policy",
                 "texture/v1/devices/gw-7/commands",
             ]
         );
@@ -183,6 +199,9 @@ mod tests {
             "texture/v1/devices/gw-70/commands".into(),
             "texture/v1/devices/gw-7commands".into(),
             "texture/v1/devices/gw-7/commands/extra".into(),
+            "texture/v1/devices/gw-7/safety/policy/extra".into(),
+            "texture/v1/devices/gw-7/safety".into(),
+            "texture/v1/devices/gw-8/safety/policy".into(),
             "texture/v1/devices/gw-7/".into(),
             "texture/v1/devices/gw-7".into(),
             "texture/v1/trust/bundle/".into(),

@@ -160,6 +160,14 @@ impl PlatformPeer {
         self.publish(crate::link::topics::Topics::trust_bundle(), bundle, true)
             .await
     }
+
+    /// Publishes a signed site policy, retained, on `gateway`'s `safety/policy` topic.
+    pub async fn publish_site_policy(&self, gateway: &str, policy: String) -> anyhow::Result<()> {
+        let gateway = crate::model::gateway::GatewayId::parse(gateway)
+            .map_err(|e| anyhow::anyhow!("gateway {gateway:?}: {e}"))?;
+        let topic = crate::link::topics::Topics::new(&gateway).site_policy();
+        self.publish(topic, policy, true).await
+    }
 }
 
 /// The peer's MQTT options: mutual TLS to the broker on 127.0.0.1, as the platform's backend

@@ -1,8 +1,9 @@
-//! The platform's side of the trust protocol: signing trust bundles and command attestations.
+//! The platform's side of the trust protocol: signing trust bundles, command attestations, owner
+//! bindings and site policies.
 //!
 //! This is the one implementation used by the tests, benchmarks, the simulator and the demo, so
 //! every one of them exercises exactly the format the device verifies (the payload types are
-//! shared with `auth::claims`). The daemon never calls it; the linker leaves it out of the
+//! shared with `auth::claims` and `safety::policy`). The daemon never calls it; the linker leaves it out of the
 //! gateway binary.
 
 use ed25519_dalek::SigningKey;
@@ -12,6 +13,7 @@ use crate::inbound::auth::claims::{
     ATTESTATION_TYP, OWNER_BINDING_TYP, TRUST_BUNDLE_TYP,
 };
 use crate::inbound::auth::jws;
+use crate::inbound::safety::policy::{PolicyEntry, SitePolicyClaims, SITE_POLICY_TYP};
 
 /// The default issuer name, matching the daemon's default `trust.issuer`.
 pub const DEFAULT_ISSUER: &str = "texture-platform";
@@ -251,5 +253,38 @@ impl PlatformSigner {
             OWNER_BINDING_TYP,
             &serde_json::to_vec(claims).expect("serialises"),
         )
+    }
+
+    /// A signed site policy for `gateway` (docs/PROTOCOL.md 4.10), signed with the newest
+    /// signing key. `limits` is the claims' `limits` array, for example
+    /// `json!([{"deviceId": "bat-1", "deviceType": "battery", "limits": {"min_backup_reserve": 30}}])`;
+    /// `json!([])` clears the policy.
+    ///
+    /// Panics if `limits` is not an array of such entries (a test's mistake, not the device's).
+    pub fn site_policy(
+        &self,
+        gateway: &str,
+        version: u64,
+        iat: u64,
+        limits: serde_json::Value,
+    ) -> String {
+        let limits: Vec<PolicyEntry> = serde_json::from_value(limits)
+            .expect("site policy limits: [{deviceId, deviceType, limits: {key: number}}]");
+        let claims = SitePolicyClaims {
+            iss: self.issuer.clone(),
+            kid: self.current_kid().to_owned(),
+            device_id: gateway.into(),
+            version,
+            iat,
+            limits,
+        };
+        self.sign_site_policy_payload(&serde_json::to_vec(&claims).expect("serialises"))
+    }
+
+    /// Signs an arbitrary site policy payload with the newest signing key (tests use it for
+    /// malformed policies).
+    pub fn sign_site_policy_payload(&self, payload: &[u8]) -> String {
+        let kid = self.current_kid();
+        jws::sign(self.key(kid), Some(kid), SITE_POLICY_TYP, payload)
     }
 }

@@ -68,6 +68,7 @@ impl Mosquitto {
                  pattern read texture/v1/trust/bundle\n\
                  pattern read texture/v1/devices/%u/commands\n\
                  pattern read texture/v1/devices/%u/pairing/binding\n\
+                 pattern read texture/v1/devices/%u/safety/policy\n\
                  pattern write texture/v1/devices/%u/status\n\
                  pattern write texture/v1/devices/%u/replies\n\
                  pattern write texture/v1/devices/%u/capabilities\n\

@@ -14,17 +14,22 @@ use super::limits::{unit, DeviceLimits};
 use crate::inbound::commands::catalog::Slug;
 use crate::model::device::DeviceType;
 
-/// Where a limit came from. Only the installer today; a platform policy may later narrow the
-/// installer's limits, never widen them.
+/// Where a limit came from: the installer's `[[limits]]`, or a signed site policy, which may
+/// narrow the installer's limits and never widen them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
     Installer,
+    /// The signed site policy of that version (docs/PROTOCOL.md 4.10).
+    Policy {
+        version: u64,
+    },
 }
 
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::Installer => f.write_str("installer"),
+            Source::Policy { version } => write!(f, "policy v{version}"),
         }
     }
 }
@@ -105,18 +110,34 @@ impl LimitExceeded {
 /// The limits in force, by device id.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Envelope {
-    limits: BTreeMap<String, DeviceLimits>,
+    /// The installer's limits, then the site policy's: a command must keep inside both.
+    layers: Vec<(Source, BTreeMap<String, DeviceLimits>)>,
+}
+
+fn by_device(limits: &[DeviceLimits]) -> BTreeMap<String, DeviceLimits> {
+    limits
+        .iter()
+        .map(|l| (l.device_id.clone(), l.clone()))
+        .collect()
 }
 
 impl Envelope {
     /// The envelope of validated `[[limits]]` entries (device ids are unique by then).
     pub(crate) fn new(limits: &[DeviceLimits]) -> Envelope {
         Envelope {
-            limits: limits
-                .iter()
-                .map(|l| (l.device_id.clone(), l.clone()))
-                .collect(),
+            layers: vec![(Source::Installer, by_device(limits))],
         }
+    }
+
+    /// The same installer limits, narrowed by the site policy `version` with `limits` (an
+    /// accepted policy only narrows them; see `policy`), replacing any earlier policy.
+    pub(crate) fn with_policy(mut self, version: u64, limits: &[DeviceLimits]) -> Envelope {
+        self.layers.truncate(1);
+        if !limits.is_empty() {
+            self.layers
+                .push((Source::Policy { version }, by_device(limits)));
+        }
+        self
     }
 
     /// Whether `slug` with its validated, normalised `input` keeps `device_id` (a device of
@@ -128,9 +149,24 @@ impl Envelope {
         slug: Slug,
         input: &Map<String, Value>,
     ) -> Result<(), LimitExceeded> {
-        let Some(limits) = self.limits.get(device_id) else {
-            return Ok(());
-        };
+        for (source, entries) in &self.layers {
+            if let Some(limits) = entries.get(device_id) {
+                check_entry(limits, *source, device_type, slug, input)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`Envelope::check`] against one layer's entry for the device.
+fn check_entry(
+    limits: &DeviceLimits,
+    source: Source,
+    device_type: DeviceType,
+    slug: Slug,
+    input: &Map<String, Value>,
+) -> Result<(), LimitExceeded> {
+    {
         if limits.device_type != device_type {
             return Err(LimitExceeded::WrongType {
                 configured: limits.device_type,
@@ -178,7 +214,7 @@ impl Envelope {
                         member,
                         limit,
                         bound,
-                        source: Source::Installer,
+                        source,
                     });
                 }
                 continue;
@@ -194,7 +230,7 @@ impl Envelope {
                     value,
                     limit,
                     bound,
-                    source: Source::Installer,
+                    source,
                 });
             }
         }

@@ -123,10 +123,6 @@ fn a(kind: &str) -> String {
 
 impl DeviceLimits {
     /// An entry for `device_id` with no limit set yet, to fill in with [`DeviceLimits::set`].
-    #[allow(
-        dead_code,
-        reason = "for entries built from key/value maps (the site policy)"
-    )]
     pub(crate) fn new(device_id: &str, device_type: DeviceType) -> DeviceLimits {
         DeviceLimits {
             device_id: device_id.to_owned(),
@@ -149,10 +145,6 @@ impl DeviceLimits {
     /// Sets the limit `key` (a `[[limits]]` key, e.g. `max_power_w`) to `value`, unchecked: an
     /// entry built this way still goes through [`DeviceLimits::validate`]. Err names an unknown
     /// key.
-    #[allow(
-        dead_code,
-        reason = "for entries built from key/value maps (the site policy)"
-    )]
     pub(crate) fn set(&mut self, key: &str, value: f64) -> Result<(), String> {
         let slot = match key {
             "min_backup_reserve" => &mut self.min_backup_reserve,
@@ -196,14 +188,25 @@ impl DeviceLimits {
 
     /// One line for `texture-agent status`: the device, its type, and each limit set, with its
     /// unit and source.
-    pub(crate) fn describe(&self) -> String {
-        let set: Vec<String> = self
+    /// `source` names where the entry came from (`installer`, `policy v3`); the controls the
+    /// agent applies on its own follow the limits.
+    pub(crate) fn describe(&self, source: &str) -> String {
+        let mut set: Vec<String> = self
             .values()
             .into_iter()
             .filter_map(|(key, value)| Some(format!("{key} {}{}", value?, unit(key))))
             .collect();
+        for (key, control) in [
+            ("default_control", &self.default_control),
+            ("failsafe_control", &self.failsafe_control),
+        ] {
+            if let Some(c) = control {
+                let input = serde_json::Value::Object(c.input.clone());
+                set.push(format!("{key} {} {input}", c.command));
+            }
+        }
         format!(
-            "{} ({}): {} [installer]",
+            "{} ({}): {} [{source}]",
             self.device_id,
             self.device_type.as_str(),
             set.join(", ")
@@ -245,7 +248,7 @@ impl DeviceLimits {
         if !any && self.default_control.is_none() && self.failsafe_control.is_none() {
             return Err(Rejection::new(
                 "limits",
-                format!("limits #{n} ({id}): no limit or control given for this {kind}"),
+                format!("limits #{n} ({id}): no limit given for this {kind}"),
             ));
         }
         let values = self.values();
@@ -290,7 +293,7 @@ mod tests {
             ..limits("th-1", DeviceType::Thermostat)
         };
         assert_eq!(
-            l.describe(),
+            l.describe("installer"),
             "th-1 (thermostat): min_target_c 16.5 °C, max_target_c 26 °C [installer]"
         );
     }
@@ -330,7 +333,7 @@ mod tests {
         );
         assert_eq!(
             rejected(bat()),
-            "limits: limits #2 (bat-1): no limit or control given for this battery"
+            "limits: limits #2 (bat-1): no limit given for this battery"
         );
         assert_eq!(
             rejected(DeviceLimits {
@@ -371,7 +374,7 @@ mod tests {
         };
         assert!(charger.validate(1).is_ok());
         assert_eq!(
-            charger.describe(),
+            charger.describe("installer"),
             "ch-1 (charger): max_current_a 16 A, max_power_w 7400 W [installer]"
         );
         let inverter = DeviceLimits {
@@ -380,7 +383,7 @@ mod tests {
         };
         assert!(inverter.validate(1).is_ok());
         assert_eq!(
-            inverter.describe(),
+            inverter.describe("installer"),
             "pv-1 (inverter): max_export_w 0 W [installer]"
         );
         let top = DeviceLimits {

@@ -12,10 +12,13 @@
 //! - [`envelope`]: the pure check of a planned command against the limits in force.
 //! - [`controls`]: holds and fail-safe, the state machine that puts a device back under a safe
 //!   control when a hold lapses or the platform is out of reach.
+//! - [`policy`]: the platform's signed site policy, which may narrow the installer's limits and
+//!   never widen them.
 
 pub(crate) mod controls;
 pub(crate) mod envelope;
 pub(crate) mod limits;
+pub(crate) mod policy;
 
 pub use controls::SafetySettings;
 
@@ -45,6 +48,9 @@ pub(crate) const EVENT_QUEUE: usize = 256;
 /// The safety stage, owned by the inbound router: the envelope in force, the holds and
 /// fail-safe state machine, and where their events and durable state go.
 pub(crate) struct Safety {
+    /// The installer's limits, as configured; the envelope is these narrowed by the policy.
+    installer: Vec<DeviceLimits>,
+    policy: policy::SitePolicy,
     envelope: Envelope,
     controls: Controls,
     state_path: PathBuf,
@@ -57,17 +63,36 @@ pub(crate) struct Safety {
 pub(crate) struct SafetyState {
     persisted: Persisted,
     state_path: PathBuf,
+    policy: policy::SitePolicy,
+}
+
+/// Why the safety state could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SafetyStateError {
+    #[error("holds and fail-safe: {0}")]
+    Controls(#[from] StorageError),
+    #[error("site policy: {0}")]
+    Policy(#[from] policy::PolicyError),
 }
 
 impl SafetyState {
     /// Reads the holds and fail-safe state left by the last run (none on a first start).
-    pub(crate) fn open(state_dir: &Path) -> Result<SafetyState, StorageError> {
+    /// Also reads the site policy in force. A damaged file stops the start, naming it, like
+    /// any other damaged state: guessing would either widen limits the platform narrowed or
+    /// forget a hold.
+    pub(crate) fn open(state_dir: &Path) -> Result<SafetyState, SafetyStateError> {
         let state_path = state_dir.join(SAFETY_STATE_FILE);
         let persisted = storage::read_json(&state_path)?.unwrap_or_default();
         Ok(SafetyState {
             persisted,
             state_path,
+            policy: policy::SitePolicy::open(state_dir)?,
         })
+    }
+
+    /// The site policy's version and limits, for `status`.
+    pub(crate) fn policy(&self) -> &policy::SitePolicy {
+        &self.policy
     }
 }
 
@@ -89,8 +114,12 @@ impl Safety {
         command_settings: CommandSettings,
         now: u64,
     ) -> Safety {
+        let envelope =
+            Envelope::new(limits).with_policy(state.policy.version(), state.policy.limits());
         Safety {
-            envelope: Envelope::new(limits),
+            installer: limits.to_vec(),
+            policy: state.policy,
+            envelope,
             controls: Controls::new(limits, settings, state.persisted, now),
             state_path: state.state_path,
             events,
@@ -149,6 +178,36 @@ impl Safety {
             self.emit(device_id, event);
             self.persist_or_log();
         }
+    }
+
+    /// A site policy from the platform (PROTOCOL 4.10): in force from the next command if it
+    /// passes every check and only narrows the installer's limits; otherwise refused, the
+    /// limits in force unchanged. Either way it is audited, except an unchanged redelivery.
+    pub(crate) fn on_policy(
+        &mut self,
+        token: &[u8],
+        trust: Option<&crate::inbound::auth::trust::TrustBundle>,
+        issuer: &str,
+        gateway_id: &str,
+        now: u64,
+    ) {
+        let accepted = self
+            .policy
+            .accept(token, trust, issuer, gateway_id, &self.installer, now);
+        let event = match accepted {
+            Ok(policy::Accepted::Unchanged) => return,
+            Ok(policy::Accepted::Applied { version }) => {
+                self.envelope =
+                    Envelope::new(&self.installer).with_policy(version, self.policy.limits());
+                SafetyEvent::PolicyApplied { version }
+            }
+            // The message names the version where the payload could be read and verified.
+            Err(refused) => SafetyEvent::PolicyRefused {
+                version: None,
+                message: refused.to_string(),
+            },
+        };
+        self.emit(gateway_id, event);
     }
 
     /// The link came up or went down at `now`.
