@@ -19,6 +19,8 @@ pub(crate) mod controls;
 pub(crate) mod envelope;
 pub(crate) mod limits;
 pub(crate) mod policy;
+#[cfg(test)]
+mod property_tests;
 
 pub use controls::SafetySettings;
 
