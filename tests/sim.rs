@@ -220,6 +220,8 @@ fn demo_runs_every_step_and_exits_zero() {
         "forged signature (on MQTT)",
         "replayed command",
         "live telemetry (GET /v1/devices)",
+        "server key: reserve 5 % (installer min 10)",
+        "server key: reserve 60 % for holdSecs 3",
     ] {
         let line = stdout
             .lines()

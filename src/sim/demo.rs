@@ -124,6 +124,14 @@ device_id = "{THERMOSTAT}"
 device_type = "thermostat"
 interval_ms = 1000
 seed = 2
+
+# The installer's safety envelope for the battery: never a reserve below 10 %, and back to
+# 20 % when a command's holdSecs lapse.
+[[limits]]
+device_id = "{BATTERY}"
+device_type = "battery"
+min_backup_reserve = 10
+default_control = {{ command = "battery:set-reserve", input = {{ chargePercentage = 20 }} }}
 "#,
         port = sim.broker_port,
         ca = sim.ca.cert_path().display(),
@@ -239,6 +247,8 @@ pub async fn run(keep_running: bool) -> anyhow::Result<bool> {
         forged_signature(&sim).await?,
         replayed_command(&sim, &agent.log).await?,
         live_telemetry(&sim).await?,
+        beyond_the_installers_limit(&sim).await?,
+        setpoint_with_a_hold(&sim).await?,
     ];
     let all_ok = print_results(&say, &rows);
 
@@ -632,6 +642,57 @@ async fn live_telemetry(sim: &Simulator) -> anyhow::Result<Row> {
             device["state"]["backupReserve"], device["state"]["charge"]
         ),
         ok: observed.is_ok() && device["state"]["backupReserve"] == 40.0,
+    })
+}
+
+/// A correctly signed server-key command the installer's limit forbids: refused on the gateway.
+async fn beyond_the_installers_limit(sim: &Simulator) -> anyhow::Result<Row> {
+    let r = api_command(
+        sim,
+        &sim.server_key.key,
+        BATTERY,
+        "battery:set-reserve",
+        json!({"chargePercentage": 5}),
+    )
+    .await?;
+    let code = r["error"]["code"].as_str().unwrap_or("?");
+    Ok(Row {
+        step: "server key: reserve 5 % (installer min 10)",
+        expected: "failed 422 LIMIT_EXCEEDED",
+        observed: format!("{} {code}", r["status"].as_str().unwrap_or("?")),
+        ok: r["status"] == "failed" && code == "LIMIT_EXCEEDED",
+    })
+}
+
+/// A setpoint held for 3 s: the gateway returns the battery to its default control (20 %).
+async fn setpoint_with_a_hold(sim: &Simulator) -> anyhow::Result<Row> {
+    let r = api_command(
+        sim,
+        &sim.server_key.key,
+        BATTERY,
+        "battery:set-reserve",
+        json!({"chargePercentage": 60, "holdSecs": 3}),
+    )
+    .await?;
+    let reserve = |wanted: f64| {
+        move || {
+            let s = sim.state.lock().expect("state");
+            let reserve = s.devices.get(BATTERY)?.state.as_ref()?["backupReserve"].as_f64()?;
+            (reserve == wanted).then_some(reserve)
+        }
+    };
+    let held = wait_for("telemetry showing the held reserve", reserve(60.0)).await;
+    let reverted = wait_for("telemetry showing the default reserve", reserve(20.0)).await;
+    let ok = r["status"] == "success" && held.is_ok() && reverted.is_ok();
+    Ok(Row {
+        step: "server key: reserve 60 % for holdSecs 3",
+        expected: "60, then back to the default 20",
+        observed: format!(
+            "{}, then {}",
+            held.map_or("?".into(), |r| r.to_string()),
+            reverted.map_or("?".into(), |r| r.to_string())
+        ),
+        ok,
     })
 }
 
