@@ -618,14 +618,19 @@ async fn replayed_command(sim: &Simulator, log: &Path) -> anyhow::Result<Row> {
     })
 }
 
-/// The reserve the replayed command set, seen in telemetry and then through the API.
-async fn live_telemetry(sim: &Simulator) -> anyhow::Result<Row> {
-    let observed = wait_for("telemetry showing the new reserve", || {
+/// Waits until the battery's telemetry shows `wanted` as its backup reserve.
+async fn reserve_reaches(sim: &Simulator, what: &str, wanted: f64) -> anyhow::Result<f64> {
+    wait_for(what, || {
         let s = sim.state.lock().expect("state");
         let reserve = s.devices.get(BATTERY)?.state.as_ref()?["backupReserve"].as_f64()?;
-        (reserve == 40.0).then_some(reserve)
+        (reserve == wanted).then_some(reserve)
     })
-    .await;
+    .await
+}
+
+/// The reserve the replayed command set, seen in telemetry and then through the API.
+async fn live_telemetry(sim: &Simulator) -> anyhow::Result<Row> {
+    let observed = reserve_reaches(sim, "telemetry showing the new reserve", 40.0).await;
     let (_, device) = request(
         sim.api_addr,
         "GET",
@@ -674,15 +679,8 @@ async fn setpoint_with_a_hold(sim: &Simulator) -> anyhow::Result<Row> {
         json!({"chargePercentage": 60, "holdSecs": 3}),
     )
     .await?;
-    let reserve = |wanted: f64| {
-        move || {
-            let s = sim.state.lock().expect("state");
-            let reserve = s.devices.get(BATTERY)?.state.as_ref()?["backupReserve"].as_f64()?;
-            (reserve == wanted).then_some(reserve)
-        }
-    };
-    let held = wait_for("telemetry showing the held reserve", reserve(60.0)).await;
-    let reverted = wait_for("telemetry showing the default reserve", reserve(20.0)).await;
+    let held = reserve_reaches(sim, "telemetry showing the held reserve", 60.0).await;
+    let reverted = reserve_reaches(sim, "telemetry showing the default reserve", 20.0).await;
     let ok = r["status"] == "success" && held.is_ok() && reverted.is_ok();
     Ok(Row {
         step: "server key: reserve 60 % for holdSecs 3",
