@@ -203,9 +203,9 @@ impl Safety {
                     Envelope::new(&self.installer).with_policy(version, self.policy.limits());
                 SafetyEvent::PolicyApplied { version }
             }
-            // The message names the version where the payload could be read and verified.
+            // The version only where the payload was verified and read that far.
             Err(refused) => SafetyEvent::PolicyRefused {
-                version: None,
+                version: refused.version(),
                 message: refused.to_string(),
             },
         };

@@ -100,8 +100,8 @@ pub(crate) enum PolicyRejected {
     #[error("site policy version {offered} is not newer than the stored version {stored}")]
     NotNewer { offered: u64, stored: u64 },
     /// An entry that is wrong on its own: `policy v<version>, entry #<n> (<device>): <problem>`.
-    #[error("{0}")]
-    BadEntry(String),
+    #[error("{message}")]
+    BadEntry { version: u64, message: String },
     #[error(
         "policy v{version}: {device_id} is a {} in the policy but a {} in the installer's \
          limits: a policy may only narrow the installer's limits",
@@ -130,8 +130,27 @@ pub(crate) enum PolicyRejected {
         installer_key: &'static str,
         bound: f64,
     },
-    #[error("could not store the site policy: {0}")]
-    Storage(#[from] StorageError),
+    #[error("could not store the site policy: {source}")]
+    Storage { version: u64, source: StorageError },
+}
+
+impl PolicyRejected {
+    /// The version the refused policy claimed, once its payload was verified and read that far
+    /// (checks 7 to 10); `None` before, since an unverified payload's version means nothing.
+    pub(crate) fn version(&self) -> Option<u64> {
+        match self {
+            PolicyRejected::NoTrustBundle
+            | PolicyRejected::TrustBundleExpired { .. }
+            | PolicyRejected::Signature(_)
+            | PolicyRejected::Malformed(_)
+            | PolicyRejected::WrongDevice(_) => None,
+            PolicyRejected::NotNewer { offered, .. } => Some(*offered),
+            PolicyRejected::BadEntry { version, .. }
+            | PolicyRejected::WrongType { version, .. }
+            | PolicyRejected::Widens { version, .. }
+            | PolicyRejected::Storage { version, .. } => Some(*version),
+        }
+    }
 }
 
 /// Why the stored policy could not be loaded.
@@ -261,17 +280,21 @@ impl SitePolicy {
         let mut limits: Vec<DeviceLimits> = Vec::with_capacity(claims.limits.len());
         for (i, entry) in claims.limits.iter().enumerate() {
             let n = i + 1;
-            let entry_limits = entry_limits(version, n, entry).map_err(PolicyRejected::BadEntry)?;
+            let entry_limits = entry_limits(version, n, entry)
+                .map_err(|message| PolicyRejected::BadEntry { version, message })?;
             if let Some(first) = limits
                 .iter()
                 .position(|l| l.device_id == entry_limits.device_id)
             {
-                return Err(PolicyRejected::BadEntry(format!(
-                    "policy v{version}, entry #{n} ({}): the device is already limited by \
-                     entry #{}",
-                    entry.device_id,
-                    first + 1
-                )));
+                return Err(PolicyRejected::BadEntry {
+                    version,
+                    message: format!(
+                        "policy v{version}, entry #{n} ({}): the device is already limited by \
+                         entry #{}",
+                        entry.device_id,
+                        first + 1
+                    ),
+                });
             }
             limits.push(entry_limits);
         }
@@ -287,7 +310,8 @@ impl SitePolicy {
             limits: claims.limits,
             token: String::from_utf8_lossy(token).into_owned(),
         };
-        storage::write_json(&self.path, &stored, 0o600)?;
+        storage::write_json(&self.path, &stored, 0o600)
+            .map_err(|source| PolicyRejected::Storage { version, source })?;
         self.version = version;
         self.issued_at = stored.issued_at;
         self.token = Some(stored.token);
@@ -617,6 +641,28 @@ mod tests {
         let token = b.token(4, battery(json!({"min_backup_reserve": 10})));
         assert!(b.refused(&token).contains("below the installer's"));
         assert_eq!(b.policy.version(), 3);
+    }
+
+    #[test]
+    fn a_refusal_names_the_version_only_once_the_payload_was_verified() {
+        let mut b = bed();
+        b.offer(&b.token(5, battery(json!({"min_backup_reserve": 30}))))
+            .unwrap();
+        let version = |b: &mut Bed, token: &str| b.offer(token).unwrap_err().version();
+        // Checks 7, 8 and 9: a verified payload, so its version is the policy's.
+        let old = b.token(4, battery(json!({"min_backup_reserve": 40})));
+        assert_eq!(version(&mut b, &old), Some(4));
+        let bad = b.token(6, battery(json!({"min_backup_reserve": -1})));
+        assert_eq!(version(&mut b, &bad), Some(6));
+        let wide = b.token(7, battery(json!({"min_backup_reserve": 10})));
+        assert_eq!(version(&mut b, &wide), Some(7));
+        // Before that, the version claimed by an unverified payload means nothing.
+        let mut forged = PlatformSigner::generate("k1");
+        forged.issuer = b.signer.issuer.clone();
+        let unsigned = forged.site_policy(GW, 8, NOW, battery(json!({"min_backup_reserve": 30})));
+        assert_eq!(version(&mut b, &unsigned), None);
+        let elsewhere = b.signer.site_policy("gw-other", 9, NOW, json!([]));
+        assert_eq!(version(&mut b, &elsewhere), None);
     }
 
     #[test]
