@@ -5,6 +5,7 @@
 //!     FOOTPRINT_SECS=10 cargo bench --bench footprint
 //!     FOOTPRINT_DRIVERS=0 cargo bench --bench footprint   # the link alone
 //!     FOOTPRINT_SMAPS=1 cargo bench --bench footprint     # and where the RSS is
+//!     FOOTPRINT_LIMITS=0 cargo bench --bench footprint    # no [[limits]] (no safety controls)
 //!
 //! "Idle" is a gateway's normal state: `FOOTPRINT_DRIVERS` simulated devices (default 4) each
 //! reporting every 5 s, telemetry batched and published as in production. Start-up times come
@@ -40,11 +41,26 @@ fn main() {
     let broker = Mosquitto::start(&pki);
     let mut cfg = AgentConfig::new(&pki, broker.port, "gw-footprint");
     cfg.extra_broker = "keepalive_secs = 30\n".into();
+    let limits = std::env::var("FOOTPRINT_LIMITS").map_or(true, |v| v != "0");
     for i in 0..drivers {
         let kind = ["battery", "inverter", "charger", "thermostat"][i % 4];
         cfg.extra_toml.push_str(&format!(
             "[[drivers]]\nkind = \"simulated\"\ndevice_id = \"sim-{i}\"\ndevice_type = \"{kind}\"\ninterval_ms = 5000\nseed = {i}\n\n"
         ));
+        if limits {
+            // An installer's envelope with a default control, as a production gateway has:
+            // it keeps the safety stage's control period running.
+            let (bounds, control) = [
+                ("min_backup_reserve = 20", "battery:set-reserve\", input = { chargePercentage = 30 }"),
+                ("max_export_w = 5000", "inverter:set-export-limit\", input = { exportLimit = 3000 }"),
+                ("max_current_a = 16", "charger:set-charge-rate-limit\", input = { currentLimit = 6 }"),
+                ("max_target_c = 26", "thermostat:set-operating-mode\", input = { operatingMode = \"heat\", heatTarget = 19 }"),
+            ][i % 4];
+            cfg.extra_toml.push_str(&format!(
+                "[[limits]]\ndevice_id = \"sim-{i}\"\ndevice_type = \"{kind}\"\n{bounds}\n\
+                 default_control = {{ command = \"{control} }}\n\n"
+            ));
+        }
     }
     let config = cfg.write(pki.path());
     // The harness's config uses a 5 s keepalive for fast tests; use the production default.
@@ -97,7 +113,9 @@ fn main() {
         kit::agent_binary(BIN),
         binary as f64 / 1048576.0
     );
-    println!("simulated_devices      {drivers} (every 5 s)");
+    println!(
+        "simulated_devices      {drivers} (every 5 s), limits with default controls: {limits}"
+    );
     println!("start_to_ready_ms      {:.1}", ready.as_secs_f64() * 1000.0);
     println!(
         "start_to_connected_ms  {:.1}",

@@ -20,7 +20,6 @@ use crate::inbound::commands::{CommandSettings, Plan};
 use crate::inbound::pairing::control::{ControlCall, ControlEvent, ControlRequest};
 use crate::inbound::pairing::session::{PairingSession, WAITING_EVERY};
 use crate::inbound::reply::{ErrorCode, Reply};
-use crate::inbound::safety::controls::CONTROL_PERIOD;
 use crate::inbound::safety::Safety;
 use crate::link::topics::{InboundTopic, Topics};
 use crate::link::{Inbound, LinkState, LinkStatus, Publisher};
@@ -163,11 +162,12 @@ impl Router {
         mut calls: mpsc::Receiver<ControlCall>,
     ) {
         let mut waiting = tokio::time::interval(WAITING_EVERY);
-        let mut control = tokio::time::interval(CONTROL_PERIOD);
-        control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut devices = self.registry.subscribe();
         let mut link = self.link.clone();
         loop {
+            // Recomputed after every event: a dispatch, a link change or an outcome may move
+            // the next hold deadline, fail-safe entry or retry.
+            let control = tokio::time::sleep(self.safety.sleep_for(self.clock.now_millis()));
             tokio::select! {
                 message = inbound.recv() => match message {
                     Some(m) => if !self.on_message(m, inbound.len()).await { return },
@@ -179,7 +179,7 @@ impl Router {
                     let link = self.link.borrow().state.name();
                     self.pairing.tick(self.clock.now(), link);
                 }
-                _ = control.tick() => self.on_control_tick(),
+                () = control => self.on_control_tick(),
                 changed = link.changed() => {
                     if changed.is_err() { return }
                     let connected = matches!(link.borrow_and_update().state, LinkState::Connected);
@@ -248,8 +248,8 @@ impl Router {
         }
     }
 
-    /// Once per control period: lapsed holds and fail-safe, run through the runner like any
-    /// device command.
+    /// When the next deadline has come: lapsed holds and fail-safe, run through the runner like
+    /// any device command.
     fn on_control_tick(&mut self) {
         for run in self.safety.due(&self.registry, self.clock.now()) {
             self.runner.start_local(run);

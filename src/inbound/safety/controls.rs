@@ -9,7 +9,8 @@
 //!
 //! [`Controls`] is the pure state machine: plain data, methods that take the time as an
 //! argument, and [`Action`]s for the caller to carry out. The inbound router owns it, calls
-//! [`Controls::due`] once per [`CONTROL_PERIOD`], runs the actions through the command runner
+//! [`Controls::due`] when [`Controls::next_due`] says (checking at least once per
+//! [`MAX_SLEEP`]), runs the actions through the command runner
 //! (so a control and a platform command never run on a device at once, and the newer one
 //! supersedes), and reports each outcome back ([`Controls::on_action_done`]). What must survive
 //! a restart or a power cut ([`Persisted`]: deadlines, who is in fail-safe) is written by the
@@ -26,9 +27,10 @@ use crate::inbound::commands::catalog;
 use crate::model::rejection::Rejection;
 use crate::model::safety::{Control, ControlReason, DriverSafety, Failsafe, Hold, SafetyEvent};
 
-/// How often the router asks [`Controls::due`]: a hold is reverted, and fail-safe entered, at
-/// most one period late (plus the driver's own time to carry the control out).
-pub(crate) const CONTROL_PERIOD: Duration = Duration::from_secs(1);
+/// The longest the router sleeps without asking [`Controls::due`], even with nothing due: the
+/// deadlines are wall-clock times, and a gateway's clock may be stepped (NTP after a boot
+/// without a real-time clock) while the router sleeps on the monotonic clock.
+pub(crate) const MAX_SLEEP: Duration = Duration::from_secs(10);
 
 /// How long after a failed control the agent tries it again, seconds.
 pub(crate) const RETRY_SECS: u64 = 5;
@@ -396,6 +398,11 @@ impl Controls {
                 _ => continue,
             };
             let (Some(control), Some(pending)) = (control, device.pending.as_mut()) else {
+                // Nothing to apply (no constructor leaves a hold without a default control):
+                // forget the hold too, or `next_due` would name it forever.
+                if device.pending.as_ref().map(|p| p.reason) == Some(ControlReason::HoldExpired) {
+                    device.hold_until = None;
+                }
                 device.pending = None;
                 continue;
             };
@@ -410,6 +417,29 @@ impl Controls {
             });
         }
         (actions, events)
+    }
+
+    /// When [`Controls::due`] next has something to do, Unix seconds; `None` when nothing is
+    /// due until a new event (a dispatch, a link change, an outcome). Calling `due` earlier
+    /// does nothing, so the router sleeps until then instead of waking every second: an idle
+    /// gateway's CPU budget has no room for a tick a second. Times are whole seconds, so a
+    /// control comes at most 1 s (one control period) after its moment.
+    pub(crate) fn next_due(&self) -> Option<u64> {
+        let failsafe = self
+            .link_down_since
+            .filter(|_| !self.entered)
+            .filter(|_| {
+                self.devices
+                    .values()
+                    .any(|d| !d.in_failsafe && d.failsafe().is_some())
+            })
+            .map(|since| since.saturating_add(self.failsafe_after));
+        let devices = self.devices.values().filter_map(|d| match &d.pending {
+            None => d.hold_until,
+            Some(p) if p.running.is_none() => Some(p.retry_at),
+            Some(_) => None,
+        });
+        failsafe.into_iter().chain(devices).min()
     }
 
     /// The outcome of action `action_id` on `device_id` at `now`: `Err` with the reason it

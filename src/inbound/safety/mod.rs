@@ -217,7 +217,21 @@ impl Safety {
         self.controls.on_link(connected, now);
     }
 
-    /// Once per control period: the controls to run now, each ready for the runner. A control
+    /// How long the router may sleep, at `now_millis` (Unix ms), before [`Safety::due`] has
+    /// something to do: until the next deadline, and never longer than [`controls::MAX_SLEEP`].
+    pub(crate) fn sleep_for(&self, now_millis: u64) -> std::time::Duration {
+        let max = controls::MAX_SLEEP;
+        match self.controls.next_due() {
+            // Due at the start of that second, when `now` (whole seconds) reaches it.
+            Some(at) => {
+                std::time::Duration::from_millis(at.saturating_mul(1000).saturating_sub(now_millis))
+                    .min(max)
+            }
+            None => max,
+        }
+    }
+
+    /// When [`Safety::sleep_for`] has passed: the controls to run now, each ready for the runner. A control
     /// for a device no driver has reported yet fails and is tried again.
     pub(crate) fn due(&mut self, registry: &DriverRegistry, now: u64) -> Vec<LocalRun> {
         let (actions, events) = self.controls.due(now);

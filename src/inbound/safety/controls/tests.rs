@@ -354,3 +354,36 @@ fn bad_controls_are_refused_at_load_naming_the_entry() {
     validate_controls(&battery(), 3).unwrap();
     validate_controls(&thermostat_with_failsafe(), 3).unwrap();
 }
+
+#[test]
+fn next_due_names_the_next_deadline_entry_or_retry_and_nothing_while_idle() {
+    let mut c = controls(
+        &[battery(), thermostat_with_failsafe()],
+        Persisted::default(),
+        T0,
+    );
+    assert_eq!(c.next_due(), None, "link up, no hold: nothing to wake for");
+    c.on_dispatch("bat-1", "cmd_1", Some(30), T0);
+    assert_eq!(c.next_due(), Some(T0 + 30));
+    // The link goes down: fail-safe entry comes first.
+    c.on_link(false, T0 + 5);
+    assert_eq!(c.next_due(), Some(T0 + 5 + WINDOW).min(Some(T0 + 30)));
+    c.on_link(true, T0 + 6);
+    // The hold lapses; while its control runs nothing is due, and a failure schedules the retry.
+    let (actions, _) = c.due(T0 + 30);
+    assert_eq!(c.next_due(), None, "the control is running");
+    c.on_action_done("bat-1", &actions[0].id, Err("busy".into()), T0 + 31);
+    assert_eq!(c.next_due(), Some(T0 + 31 + RETRY_SECS));
+    let (again, _) = c.due(T0 + 31 + RETRY_SECS);
+    c.on_action_done("bat-1", &again[0].id, Ok(()), T0 + 37);
+    assert_eq!(c.next_due(), None);
+    // In fail-safe, with its controls applied, nothing more is due for this outage.
+    c.on_link(false, T0 + 100);
+    assert_eq!(c.next_due(), Some(T0 + 100 + WINDOW));
+    let (entered, _) = c.due(T0 + 100 + WINDOW);
+    assert_eq!(entered.len(), 2);
+    for a in &entered {
+        c.on_action_done(&a.device_id, &a.id, Ok(()), T0 + 100 + WINDOW);
+    }
+    assert_eq!(c.next_due(), None);
+}
