@@ -230,3 +230,48 @@ fn status_shows_the_installers_limits() {
         "{stdout}"
     );
 }
+
+/// `discover` needs no configuration. A bad argument is named and exits 2; an endpoint where
+/// nothing listens exits 1 saying so, for every form of `--tcp`.
+#[test]
+fn discover_names_a_bad_argument_and_an_endpoint_that_does_not_answer() {
+    let missing = Path::new("/nonexistent/agent.toml");
+    let run = |args: &[&str]| {
+        let mut all = vec!["discover"];
+        all.extend_from_slice(args);
+        let out = agent_command(BIN, missing, &all);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = run(&["--tcp", "127.0.0.1:1", "--units", "3-1"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--units 3-1: \"3-1\" runs backwards"), "{err}");
+    let (code, _, err) = run(&["--tcp", "127.0.0.1:1", "--timeout-ms", "0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--timeout-ms 0: must be from 1 to 60000"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["--tcp", "no such host!"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--tcp no such host!:"), "{err}");
+
+    let port = kit::free_port();
+    let (code, out, err) = run(&["--tcp", &format!("127.0.0.1:{port}"), "--units", "1-5"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "unit 1 at 127.0.0.1:{port}: nothing: cannot connect"
+        )),
+        "{out}"
+    );
+    // A link that refuses the first unit is not asked for the other four.
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        err.contains(&format!("no SunSpec device answered at 127.0.0.1:{port}")),
+        "{err}"
+    );
+}

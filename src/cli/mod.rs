@@ -1,11 +1,12 @@
-//! The command line: `run`, `check-config`, `status`, `pair`, `version`.
+//! The command line: `run`, `check-config`, `status`, `pair`, `discover`, `version`.
 //!
 //! This file parses the arguments and dispatches; a subcommand with logic of its own has its
-//! own file (`check_config`, `status`, `pair`), and `run` and `demo` only hand over to the
+//! own file (`check_config`, `status`, `pair`, `discover`), and `run` and `demo` only hand over to the
 //! agent and the simulator on a runtime. Whatever came from the network or the daemon is
 //! printed through [`printable`] (in `terminal`).
 
 mod check_config;
+mod discover;
 mod pair;
 mod status;
 mod terminal;
@@ -43,6 +44,8 @@ enum Command {
     Pair,
     /// Print the version.
     Version,
+    /// Find SunSpec devices on a Modbus TCP endpoint: models, identity and readings.
+    Discover(discover::DiscoverArgs),
     /// Run the simulated platform and a real agent through the whole key model.
     #[cfg(feature = "sim")]
     Demo {
@@ -62,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::CheckConfig => check_config::check_config(&cli.config),
         Command::Status => status::show_status(&cli.config),
         Command::Pair => pair::pair(&cli.config),
+        Command::Discover(args) => discover::discover_command(&args),
         #[cfg(feature = "sim")]
         Command::Demo { keep_running } => demo(keep_running),
         Command::Run => run(&cli.config),

@@ -6,8 +6,10 @@
 //! and tests), and external [`process`] drivers that integrators write in any language and that
 //! speak JSON lines over stdin/stdout (docs/PROTOCOL.md, "Driver protocol").
 
+pub(crate) mod modbus;
 pub mod process;
 pub mod simulated;
+pub(crate) mod sunspec;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

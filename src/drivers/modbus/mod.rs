@@ -1,0 +1,9 @@
+//! Modbus: the links to devices (docs/PROTOCOL.md 16), and what runs over them.
+//!
+//! - [`link`]: one connection per physical link, every request through it one at a time, a
+//!   timeout on each, and a fresh connection after any error.
+//! - [`discover`]: a unit's SunSpec models, found and read over a link (the decoding itself is
+//!   pure, in [`crate::drivers::sunspec`]).
+
+pub(crate) mod discover;
+pub(crate) mod link;

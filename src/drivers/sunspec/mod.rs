@@ -1,0 +1,9 @@
+//! SunSpec devices over Modbus: the information models, how their registers decode, and how a
+//! device's model chain is found (docs/PROTOCOL.md 16).
+//!
+//! Everything here is pure: registers in, values out. The Modbus I/O that feeds it lives in
+//! [`crate::drivers::modbus`].
+
+pub(crate) mod chain;
+pub(crate) mod models;
+pub(crate) mod points;
