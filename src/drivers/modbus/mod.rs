@@ -1,4 +1,4 @@
-//! Modbus: the links to devices (docs/PROTOCOL.md 16), and what runs over them.
+//! Modbus: the links to devices, and what runs over them.
 //!
 //! - [`link`]: one connection per physical link, every request through it one at a time, a
 //!   timeout on each, and a fresh connection after any error.

@@ -1,5 +1,5 @@
 //! SunSpec devices over Modbus: the information models, how their registers decode, and how a
-//! device's model chain is found (docs/PROTOCOL.md 16).
+//! device's model chain is found.
 //!
 //! Everything here is pure: registers in, values out. The Modbus I/O that feeds it lives in
 //! [`crate::drivers::modbus`].

@@ -99,8 +99,9 @@ pub(crate) fn decode(ty: PointType, regs: &[u16]) -> Option<Value> {
     }
 }
 
-/// `raw × 10^sf`, or `None` when either is absent. Rounded to the scale's own precision, so that
-/// 4521 × 10^-1 reports 452.1 and not 452.09999999999997.
+/// `raw × 10^sf`, or `None` when either is absent. A negative `sf` divides by `10^-sf` (exact
+/// powers of ten up to 10^22), so the result is the double nearest the true value: 4521 with
+/// `sf` -1 is 452.1, where multiplying by 0.1 would give 452.09999999999997.
 pub(crate) fn scaled(raw: Option<f64>, sf: Option<f64>) -> Option<f64> {
     let (raw, sf) = (raw?, sf?);
     if !(-10.0..=10.0).contains(&sf) {

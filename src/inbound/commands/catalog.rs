@@ -697,7 +697,7 @@ fn check_thermostat_targets(input: &mut Map<String, Value>) -> Result<(), Valida
             any_target = true;
             if fahrenheit {
                 let f = value.as_f64().unwrap_or_default();
-                *value = Value::from((f - 32.0) * 5.0 / 9.0);
+                *value = Value::from(celsius(f));
             }
         }
     }
@@ -705,6 +705,13 @@ fn check_thermostat_targets(input: &mut Map<String, Value>) -> Result<(), Valida
         input.insert("unit".into(), json!("C"));
     }
     Ok(())
+}
+
+/// °F in °C, rounded to a millionth of a degree: far below any thermostat's resolution, and
+/// enough to drop binary noise, so that 78.8 °F is 26 °C exactly and meets an installer's
+/// `max_target_c = 26` instead of exceeding it as 26.000000000000004 (PROTOCOL 4.3).
+fn celsius(fahrenheit: f64) -> f64 {
+    ((fahrenheit - 32.0) * 5.0 / 9.0 * 1e6).round() / 1e6
 }
 
 /// The thermostat rules a field table cannot say: which targets each mode requires, and the
@@ -875,6 +882,25 @@ mod tests {
             Value::Object(v.input),
             json!({"operatingMode": "auto", "heatTarget": 20.0, "coolTarget": 25.0, "unit": "C"})
         );
+    }
+
+    #[test]
+    fn fahrenheit_targets_convert_without_binary_noise() {
+        for (f, c) in [
+            (78.8, 26.0),
+            (64.4, 18.0),
+            (70.7, 21.5),
+            (41.0, 5.0),
+            (95.0, 35.0),
+        ] {
+            let v = validate(
+                "thermostat:set-operating-mode",
+                &input(json!({"operatingMode": "heat", "heatTarget": f, "unit": "F"})),
+            )
+            .unwrap();
+            assert_eq!(v.input["heatTarget"], json!(c), "{f} °F");
+        }
+        assert_eq!(celsius(68.1), 20.055556);
     }
 
     #[test]
