@@ -109,7 +109,7 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 
 fn battery_reserve(sample: &Sample) -> f64 {
     match &sample.state {
-        DeviceState::Battery(b) => b.backup_reserve,
+        DeviceState::Battery(b) => b.backup_reserve.expect("a simulated battery has a reserve"),
         other => panic!("expected a battery, got {other:?}"),
     }
 }

@@ -66,19 +66,19 @@ impl SimDevice {
     pub fn new(device_type: DeviceType, seed: u64) -> SimDevice {
         let state = match device_type {
             DeviceType::Battery => DeviceState::Battery(BatteryState {
-                charge: BATTERY_CAPACITY_WH * 0.6,
+                charge: Some(BATTERY_CAPACITY_WH * 0.6),
                 charge_percentage: 60.0,
                 charging_state: ChargingState::Idle,
-                charge_rate: 0.0,
-                backup_reserve: 20.0,
+                charge_rate: Some(0.0),
+                backup_reserve: Some(20.0),
                 grid_status: GridStatus::Idle,
-                grid_power: 0.0,
-                strategy: "self-consumption".into(),
+                grid_power: Some(0.0),
+                strategy: Some("self-consumption".into()),
             }),
             DeviceType::Inverter => DeviceState::Inverter(InverterState {
                 power: 0.0,
                 grid_status: GridStatus::Idle,
-                grid_power: 0.0,
+                grid_power: Some(0.0),
             }),
             DeviceType::Vehicle => DeviceState::Vehicle(VehicleState {
                 charge_percentage: 55.0,
@@ -135,12 +135,14 @@ impl SimDevice {
         let text = |k: &str| input.get(k).and_then(Value::as_str);
         match (&mut self.state, slug) {
             (DeviceState::Battery(b), "battery:set-reserve") => {
-                b.backup_reserve = num("chargePercentage").ok_or("chargePercentage missing")?;
+                b.backup_reserve = Some(num("chargePercentage").ok_or("chargePercentage missing")?);
             }
             (DeviceState::Battery(b), "battery:set-operating-mode") => {
-                b.strategy = text("operatingMode")
-                    .ok_or("operatingMode missing")?
-                    .to_owned();
+                b.strategy = Some(
+                    text("operatingMode")
+                        .ok_or("operatingMode missing")?
+                        .to_owned(),
+                );
             }
             (DeviceState::Charger(c), "charger:set-operating-mode") => {
                 c.charging_state = match text("operatingMode") {
@@ -198,18 +200,20 @@ impl SimDevice {
 fn step_battery(b: &mut BatteryState, dt: f64, time_of_day: u64, noise: f64) {
     let load = 600.0 + 400.0 * noise;
     let wanted = load - solar_curve(time_of_day);
-    let floor = BATTERY_CAPACITY_WH * b.backup_reserve / 100.0;
-    let empty = wanted > 0.0 && b.charge <= floor;
-    let full = wanted < 0.0 && b.charge >= BATTERY_CAPACITY_WH;
+    // A simulated battery always has every member; the options are for real devices.
+    let charge = b.charge.unwrap_or_default();
+    let floor = BATTERY_CAPACITY_WH * b.backup_reserve.unwrap_or_default() / 100.0;
+    let empty = wanted > 0.0 && charge <= floor;
+    let full = wanted < 0.0 && charge >= BATTERY_CAPACITY_WH;
     let rate = if empty || full {
         0.0
     } else {
         // Never below the reserve, however long the step: discharge only what lies above it.
-        let above_floor = (b.charge - floor).max(0.0) * 3_600.0 / dt.max(f64::EPSILON);
+        let above_floor = (charge - floor).max(0.0) * 3_600.0 / dt.max(f64::EPSILON);
         wanted.clamp(-5_000.0, 5_000.0).min(above_floor)
     };
-    b.charge = (b.charge - rate * dt / 3_600.0).clamp(0.0, BATTERY_CAPACITY_WH);
-    b.charge_rate = round(rate, 0.1);
+    let charge = (charge - rate * dt / 3_600.0).clamp(0.0, BATTERY_CAPACITY_WH);
+    b.charge_rate = Some(round(rate, 0.1));
     // While discharging, rounded up: a battery at its reserve never reads below it.
     let discharging = rate > 0.0;
     let settle = |x: f64| {
@@ -219,15 +223,17 @@ fn step_battery(b: &mut BatteryState, dt: f64, time_of_day: u64, noise: f64) {
             round(x, 0.1)
         }
     };
-    b.charge = settle(b.charge);
-    b.charge_percentage = settle(100.0 * b.charge / BATTERY_CAPACITY_WH);
+    let charge = settle(charge);
+    b.charge = Some(charge);
+    b.charge_percentage = settle(100.0 * charge / BATTERY_CAPACITY_WH);
     b.charging_state = match rate {
         r if r > 1.0 => ChargingState::Discharging,
         r if r < -1.0 => ChargingState::Charging,
         _ => ChargingState::Idle,
     };
-    b.grid_power = round(wanted - rate, 0.1);
-    b.grid_status = grid_status(b.grid_power);
+    let grid = round(wanted - rate, 0.1);
+    b.grid_power = Some(grid);
+    b.grid_status = grid_status(grid);
 }
 
 /// The solar curve with a little noise, against a 700 W house load: any surplus is exported,
@@ -238,8 +244,9 @@ fn step_inverter(i: &mut InverterState, time_of_day: u64, noise: f64, limits: &S
         power = round_down(power.min(700.0 + export), 0.1);
     }
     i.power = round(power, 0.1);
-    i.grid_power = round(700.0 - power, 0.1);
-    i.grid_status = grid_status(i.grid_power);
+    let grid = round(700.0 - power, 0.1);
+    i.grid_power = Some(grid);
+    i.grid_status = grid_status(grid);
 }
 
 /// A noisy mains voltage, and [`CHARGER_POWER_W`] drawn while plugged in and charging, or
@@ -372,12 +379,10 @@ mod tests {
         let DeviceState::Battery(after) = b.step(3_600.0, 0).clone() else {
             unreachable!()
         };
-        assert!(after.charge_rate > 0.0, "{after:?}");
-        let expected = before.charge - after.charge_rate;
-        assert!(
-            (after.charge - expected).abs() < 0.2,
-            "{before:?} -> {after:?}"
-        );
+        let (rate, charge) = (after.charge_rate.unwrap(), after.charge.unwrap());
+        assert!(rate > 0.0, "{after:?}");
+        let expected = before.charge.unwrap() - rate;
+        assert!((charge - expected).abs() < 0.2, "{before:?} -> {after:?}");
         assert_eq!(after.charging_state, ChargingState::Discharging);
     }
 
@@ -401,7 +406,7 @@ mod tests {
             .clone();
         b.apply("battery:set-reserve", &input).unwrap();
         match b.step(5.0, 0) {
-            DeviceState::Battery(s) => assert_eq!(s.backup_reserve, 42.0),
+            DeviceState::Battery(s) => assert_eq!(s.backup_reserve, Some(42.0)),
             _ => unreachable!(),
         }
     }
@@ -424,7 +429,7 @@ mod tests {
             };
             assert!(s.charge_percentage >= 33.3, "{dt} s: {s:?}");
             assert!(
-                s.charge >= BATTERY_CAPACITY_WH * 0.333 - 1e-6,
+                s.charge.unwrap() >= BATTERY_CAPACITY_WH * 0.333 - 1e-6,
                 "{dt} s: {s:?}"
             );
         }
@@ -432,8 +437,8 @@ mod tests {
         let DeviceState::Battery(s) = b.step(5.0, 0).clone() else {
             unreachable!()
         };
-        assert_eq!(s.charge_rate, 0.0, "{s:?}");
-        assert!(s.grid_power > 0.0, "{s:?}");
+        assert_eq!(s.charge_rate, Some(0.0), "{s:?}");
+        assert!(s.grid_power.unwrap() > 0.0, "{s:?}");
     }
 
     #[test]
@@ -486,7 +491,7 @@ mod tests {
             _ => unreachable!(),
         };
         assert!(
-            -at_noon(&mut i).grid_power > 3_000.0,
+            -at_noon(&mut i).grid_power.unwrap() > 3_000.0,
             "unlimited, it exports"
         );
         i.apply(
@@ -496,7 +501,8 @@ mod tests {
         .unwrap();
         for _ in 0..50 {
             let s = at_noon(&mut i);
-            assert!(-s.grid_power <= 500.0 && -s.grid_power > 400.0, "{s:?}");
+            let export = -s.grid_power.unwrap();
+            assert!(export <= 500.0 && export > 400.0, "{s:?}");
         }
     }
 

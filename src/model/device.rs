@@ -92,21 +92,57 @@ impl Temperature {
     }
 }
 
+/// An optional member (PROTOCOL 14.4): left out when the device does not measure it, so a
+/// member that is there must hold a value; `null` is refused like any wrong type.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BatteryState {
-    /// Stored energy, Wh.
-    pub charge: f64,
+    /// Stored energy, Wh; `None` when the device does not say (no rated capacity).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub charge: Option<f64>,
     pub charge_percentage: f64,
     pub charging_state: ChargingState,
-    /// W; positive = discharging.
-    pub charge_rate: f64,
-    /// % kept for backup.
-    pub backup_reserve: f64,
+    /// W; positive = discharging; `None` when the device does not measure it.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub charge_rate: Option<f64>,
+    /// % kept for backup; `None` when the device has no such setting.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backup_reserve: Option<f64>,
     pub grid_status: GridStatus,
-    /// W; positive = importing.
-    pub grid_power: f64,
-    pub strategy: String,
+    /// W; positive = importing; `None` when nothing measures the grid.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub grid_power: Option<f64>,
+    /// Free text; `None` when the device does not say.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub strategy: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,8 +161,14 @@ pub struct InverterState {
     /// Generation, W.
     pub power: f64,
     pub grid_status: GridStatus,
-    /// W; positive = importing.
-    pub grid_power: f64,
+    /// W; positive = importing; `None` when nothing measures the grid (a SunSpec inverter
+    /// without a meter).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub grid_power: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,14 +270,14 @@ mod tests {
     #[test]
     fn battery_state_uses_the_platforms_field_names() {
         let s = DeviceState::Battery(BatteryState {
-            charge: 5000.0,
+            charge: Some(5000.0),
             charge_percentage: 50.0,
             charging_state: ChargingState::Discharging,
-            charge_rate: 1200.0,
-            backup_reserve: 20.0,
+            charge_rate: Some(1200.0),
+            backup_reserve: Some(20.0),
             grid_status: GridStatus::Importing,
-            grid_power: 300.0,
-            strategy: "self-consumption".into(),
+            grid_power: Some(300.0),
+            strategy: Some("self-consumption".into()),
         });
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["type"], "battery");

@@ -145,6 +145,48 @@ mod tests {
         );
     }
 
+    /// PROTOCOL 14.4: what the device does not measure is left out, never sent as a made-up
+    /// number; the rest stays required, and `null` is never a value.
+    #[test]
+    fn optional_members_may_be_left_out_but_required_ones_not_and_never_null() {
+        let mut partial = battery_json(20.0);
+        for member in [
+            "charge",
+            "chargeRate",
+            "backupReserve",
+            "gridPower",
+            "strategy",
+        ] {
+            partial.as_object_mut().unwrap().remove(member);
+        }
+        partial["gridStatus"] = json!("unknown");
+        let line = json!({"type": "state", "deviceId": "bat-1", "state": partial});
+        let FromDriver::State(sample) = parse_line(line.to_string().as_bytes()).unwrap() else {
+            panic!("not a state")
+        };
+        assert_eq!(
+            serde_json::to_value(&sample.state).unwrap(),
+            json!({"type": "battery", "chargePercentage": 50.0, "chargingState": "idle", "gridStatus": "unknown"}),
+            "what was left out stays out"
+        );
+        let inverter = json!({"type": "inverter", "power": 1200.0, "gridStatus": "unknown"});
+        let line = json!({"type": "state", "deviceId": "pv-1", "state": inverter});
+        assert!(parse_line(line.to_string().as_bytes()).is_ok());
+
+        for required in ["chargePercentage", "chargingState", "gridStatus"] {
+            let mut state = battery_json(20.0);
+            state.as_object_mut().unwrap().remove(required);
+            let line = json!({"type": "state", "deviceId": "bat-1", "state": state});
+            let e = parse_line(line.to_string().as_bytes()).unwrap_err();
+            assert!(e.to_string().contains(required), "{required}: {e}");
+        }
+        let mut with_null = battery_json(20.0);
+        with_null["chargeRate"] = Value::Null;
+        let line = json!({"type": "state", "deviceId": "bat-1", "state": with_null});
+        let parsed = parse_line(line.to_string().as_bytes());
+        assert!(parsed.is_err(), "null is not absent: {parsed:?}");
+    }
+
     #[test]
     fn results_carry_their_outcome() {
         let ok = br#"{"type":"result","commandId":"c1","ok":true,"result":{"backupReserve":42}}"#;

@@ -120,7 +120,7 @@ fn random_command(rng: &mut fastrand::Rng, t: DeviceType) -> (&'static str, Map<
 /// The setpoint a check compares, where the device model shows one.
 fn setpoint(state: &DeviceState) -> Option<f64> {
     match state {
-        DeviceState::Battery(b) => Some(b.backup_reserve),
+        DeviceState::Battery(b) => b.backup_reserve,
         DeviceState::Vehicle(v) => Some(v.charge_limit),
         DeviceState::Thermostat(t) => Some(t.heat_target.value),
         _ => None,
@@ -322,8 +322,11 @@ impl World {
     fn check_envelope(&self, id: &str, state: &DeviceState) {
         let outside = match state {
             DeviceState::Battery(b) => {
-                b.backup_reserve < 20.0
-                    || (b.charge_rate > 0.0 && b.charge_percentage < b.backup_reserve - 1e-6)
+                // A simulated battery reports every member: a missing one is a violation too.
+                let (Some(reserve), Some(rate)) = (b.backup_reserve, b.charge_rate) else {
+                    self.fail(id, format!("a member missing: {b:?}"))
+                };
+                reserve < 20.0 || (rate > 0.0 && b.charge_percentage < reserve - 1e-6)
             }
             DeviceState::Charger(c) => c.charger_current > 16.0,
             DeviceState::Vehicle(v) => !(50.0..=90.0).contains(&v.charge_limit),
@@ -331,7 +334,10 @@ impl World {
                 !(16.0..=26.0).contains(&t.heat_target.value)
                     || !(16.0..=26.0).contains(&t.cool_target.value)
             }
-            DeviceState::Inverter(i) => -i.grid_power > 3_000.0,
+            DeviceState::Inverter(i) => match i.grid_power {
+                Some(grid) => -grid > 3_000.0,
+                None => self.fail(id, format!("gridPower missing: {i:?}")),
+            },
         };
         if outside {
             self.fail(id, format!("outside its envelope: {state:?}"));
