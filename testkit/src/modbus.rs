@@ -93,7 +93,10 @@ pub fn pyenv_python() -> PathBuf {
             // Held until `lock` is dropped at the end of this closure.
             // SAFETY: flock on a file descriptor we own, for the lifetime of `lock`.
             if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                panic!("flock target/pyenv.lock: {}", std::io::Error::last_os_error());
+                panic!(
+                    "flock target/pyenv.lock: {}",
+                    std::io::Error::last_os_error()
+                );
             }
             if !pyenv_ready(&python) {
                 if !python.exists() {

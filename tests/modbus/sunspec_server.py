@@ -54,8 +54,9 @@ changes nothing (4 rather than 2, so a driver can tell "refused" from "no such r
 Every request is logged as one JSON line (to --log PATH, or to stderr without it):
     {"conn": 1, "unit": 1, "function": 3, "address": 40000, "count": 2,
      "start": 1764700000.123, "end": 1764700000.124, "exception": null}
-start and end are time.time() when handling began and when the response was sent, so a test
-can check that a client never had two requests outstanding at once.
+start and end are time.time() when handling began and just before the response was sent (the
+line is written first, so once a client has a response its line is in the log); a test can
+check from them that a client never had two requests outstanding at once.
 
 Known defects of pymodbus 3.16.1's server (reproduced), and how the harness copes:
 1. Two requests in one TCP segment: only the first is answered.
@@ -252,7 +253,7 @@ class Handler(ServerRequestHandler):
         super().__init__(owner, *args)
         self.conn = Handler.next_conn
         Handler.next_conn += 1
-        self.last_exception = None
+        self.current = None  # (request PDU, start time) while its response is being sent
 
     def callback_connected(self):
         super().callback_connected()
@@ -267,26 +268,33 @@ class Handler(ServerRequestHandler):
         if not pdu:
             return
         start = time.time()
-        self.last_exception = None
         if self.server.delay:
             await asyncio.sleep(self.server.delay)
+        # server_send logs the request. Nothing between here and its call yields to the event
+        # loop (the datastore's coroutines never suspend), so no other request can slip in.
+        self.current = (pdu, start)
         await super().handle_request()
-        # Function 6 writes one register (its PDU's count attribute is a meaningless 0).
-        count = 1 if pdu.function_code == 6 else getattr(pdu, "count", None)
-        log_line({
-            "conn": self.conn,
-            "unit": pdu.dev_id,
-            "function": pdu.function_code,
-            "address": getattr(pdu, "address", None),
-            "count": count,
-            "start": start,
-            "end": time.time(),
-            "exception": self.last_exception,
-        })
 
     def server_send(self, pdu, addr):
-        if isinstance(pdu, ExceptionResponse):
-            self.last_exception = int(pdu.exception_code)
+        # The log line is written before the response goes out, so a client that has the
+        # response can rely on finding the line in the log.
+        request, start = self.current or (None, time.time())
+        self.current = None
+        if request is not None:
+            # Function 6 writes one register (its PDU's count attribute is a meaningless 0).
+            count = 1 if request.function_code == 6 else getattr(request, "count", None)
+            log_line({
+                "conn": self.conn,
+                "unit": request.dev_id,
+                "function": request.function_code,
+                "address": getattr(request, "address", None),
+                "count": count,
+                "start": start,
+                "end": time.time(),
+                "exception": int(pdu.exception_code) if isinstance(pdu, ExceptionResponse) else None,
+            })
+        else:  # a frame pymodbus could not decode, answered before any handle_request
+            log_line({"conn": self.conn, "event": "undecodable request", "time": start})
         super().server_send(pdu, addr)
 
 
