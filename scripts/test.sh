@@ -19,6 +19,35 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 
+# The Modbus/SunSpec tests' servers (tests/modbus/*.py) run in a private venv with pinned
+# packages; testkit/src/modbus.rs pins the same versions and creates it too if a test runs first.
+echo "==> python test environment (target/pyenv)"
+pyenv=target/pyenv
+pymodbus_version=3.16.1
+pysunspec2_version=1.3.7
+pins=("pymodbus==$pymodbus_version" "pysunspec2==$pysunspec2_version")
+pyenv_ok() {
+  "$pyenv/bin/python" -c "import importlib.metadata as m, pymodbus, sunspec2, sys
+sys.exit(0 if pymodbus.__version__ == '$pymodbus_version' and m.version('pysunspec2') == '$pysunspec2_version' else 1)" 2>/dev/null
+}
+if ! pyenv_ok; then
+  python3 -c 'import venv, ensurepip' 2>/dev/null || missing_venv=1
+  if [ -n "${missing_venv:-}" ]; then
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+  fi
+  mkdir -p target
+  # The same lock the testkit takes, so a concurrent test run does not pip into it at once.
+  (
+    flock 9
+    pyenv_ok || {
+      [ -x "$pyenv/bin/python" ] || python3 -m venv "$pyenv"
+      "$pyenv/bin/python" -m pip install --quiet --disable-pip-version-check "${pins[@]}"
+    }
+  ) 9>target/pyenv.lock
+  pyenv_ok || { echo "FAIL: $pyenv lacks ${pins[*]}" >&2; exit 1; }
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"

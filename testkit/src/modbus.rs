@@ -1,0 +1,309 @@
+//! Real Modbus TCP servers that look like SunSpec devices, for testing the agent's Modbus and
+//! SunSpec driver without mocks: `tests/modbus/sunspec_server.py` (pymodbus) run by a private
+//! Python environment with pinned packages, its register maps generated from the official SunSpec
+//! model definitions that pysunspec2 ships. The script's docstring documents the SPEC a test
+//! passes to [`SunSpecServer::start`] and the pymodbus server defects the harness works around.
+//!
+//! The Python environment lives at `<workspace>/target/pyenv` (`scripts/test.sh` creates it
+//! before `cargo test`; [`pyenv_python`] creates it when a test runs first), so it survives
+//! `cargo clean -p` but not `rm -rf target`, and never touches the system's Python.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The pinned pymodbus; `scripts/test.sh` installs the same version.
+pub const PYMODBUS_VERSION: &str = "3.16.1";
+/// The pinned pysunspec2 (the model definitions and the reference client); as in `scripts/test.sh`.
+pub const PYSUNSPEC2_VERSION: &str = "1.3.7";
+
+/// How long a server may take to start listening (the first import of pymodbus is slow on a
+/// cold cache, and parallel tests share the CPU).
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The workspace root: the testkit's manifest directory's parent, so each worktree or clone uses
+/// its own environment and scripts.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit/ has a parent")
+        .to_path_buf()
+}
+
+/// `tests/modbus/`: the server script and the tests' Python helpers (such as `scan.py`).
+pub fn modbus_script_dir() -> PathBuf {
+    workspace_root().join("tests/modbus")
+}
+
+/// Whether `python` imports both packages at exactly the pinned versions.
+fn pyenv_ready(python: &Path) -> bool {
+    let check = format!(
+        "import importlib.metadata as m, pymodbus, sunspec2, sys\n\
+         sys.exit(0 if pymodbus.__version__ == '{PYMODBUS_VERSION}' \
+         and m.version('pysunspec2') == '{PYSUNSPEC2_VERSION}' else 1)"
+    );
+    Command::new(python)
+        .args(["-c", &check])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `cmd` to completion, panicking with its output when it fails: a broken environment
+/// should say what broke, not surface later as a server that never starts.
+fn run_or_panic(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}): {cmd:?}\n--- stdout\n{}\n--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The Python of `<workspace>/target/pyenv`, created with pymodbus and pysunspec2 at the pinned
+/// versions when missing or different.
+///
+/// An exclusive `flock` on `target/pyenv.lock` serialises the check-and-install across the
+/// parallel test binaries and threads that call this at once, so pip never runs twice into the
+/// same venv; the answer is then cached for the process.
+pub fn pyenv_python() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let target = workspace_root().join("target");
+            let venv = target.join("pyenv");
+            let python = venv.join("bin/python");
+            std::fs::create_dir_all(&target).unwrap();
+            let lock = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(target.join("pyenv.lock"))
+                .expect("open target/pyenv.lock");
+            // Held until `lock` is dropped at the end of this closure.
+            // SAFETY: flock on a file descriptor we own, for the lifetime of `lock`.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                panic!(
+                    "flock target/pyenv.lock: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            if !pyenv_ready(&python) {
+                if !python.exists() {
+                    run_or_panic(
+                        Command::new("python3").arg("-m").arg("venv").arg(&venv),
+                        "creating the Python test environment (is python3-venv installed?)",
+                    );
+                }
+                run_or_panic(
+                    Command::new(&python).args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                        &format!("pymodbus=={PYMODBUS_VERSION}"),
+                        &format!("pysunspec2=={PYSUNSPEC2_VERSION}"),
+                    ]),
+                    "installing pymodbus and pysunspec2 into target/pyenv",
+                );
+                if !pyenv_ready(&python) {
+                    panic!(
+                        "target/pyenv still lacks pymodbus=={PYMODBUS_VERSION} or \
+                         pysunspec2=={PYSUNSPEC2_VERSION} after pip install; \
+                         remove target/pyenv and retry"
+                    );
+                }
+            }
+            drop(lock);
+            python
+        })
+        .clone()
+}
+
+/// The installed `sunspec2` package directory.
+fn sunspec2_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new(pyenv_python())
+            .args([
+                "-c",
+                "import sunspec2, os; print(os.path.dirname(sunspec2.__file__))",
+            ])
+            .output()
+            .expect("run the test environment's python");
+        assert!(out.status.success(), "cannot import sunspec2: {out:?}");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+/// The official definition of SunSpec model `id` (the whole `model_<id>.json` that pysunspec2
+/// ships, the same file the server builds its map from), so a test can cross-check offsets and
+/// lengths against the standard rather than against numbers copied into the test.
+pub fn sunspec_model_json(id: u16) -> serde_json::Value {
+    let path = sunspec2_dir().join(format!("models/json/model_{id}.json"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("SunSpec model {id}: {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A running `sunspec_server.py` on 127.0.0.1. Dropping it kills the server.
+pub struct SunSpecServer {
+    pub port: u16,
+    spec: PathBuf,
+    port_file: PathBuf,
+    log: PathBuf,
+    stderr: PathBuf,
+    child: Option<Child>,
+}
+
+impl SunSpecServer {
+    /// Writes `spec` (the SPEC format of `tests/modbus/sunspec_server.py`) into `dir` and starts
+    /// a server for it on an ephemeral port; returns once it accepts connections.
+    ///
+    /// Panics, with the server's stderr, if it exits or is not listening within 15 s.
+    pub fn start(dir: &Path, spec: &serde_json::Value) -> SunSpecServer {
+        // Several servers may share one test directory.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = |ext: &str| dir.join(format!("sunspec-server-{n}.{ext}"));
+        let mut server = SunSpecServer {
+            port: 0,
+            spec: name("spec.json"),
+            port_file: name("port"),
+            log: name("log"),
+            stderr: name("stderr"),
+            child: None,
+        };
+        std::fs::write(&server.spec, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
+        server.spawn(0);
+        server
+    }
+
+    /// Starts the script binding `port` (0: ephemeral) and waits for its port file.
+    fn spawn(&mut self, port: u16) {
+        let _ = std::fs::remove_file(&self.port_file);
+        let stderr = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr)
+            .unwrap();
+        let child = Command::new(pyenv_python())
+            .arg(modbus_script_dir().join("sunspec_server.py"))
+            .arg("--spec")
+            .arg(&self.spec)
+            .arg("--port-file")
+            .arg(&self.port_file)
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--log")
+            .arg(&self.log)
+            // No __pycache__ in the source tree.
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn sunspec_server.py");
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            // The script renames the file into place complete, so any content is the port.
+            if let Ok(text) = std::fs::read_to_string(&self.port_file) {
+                self.port = text.trim().parse().expect("port file holds a port number");
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!(
+                    "sunspec_server.py exited ({status}) before listening:\n{}",
+                    self.stderr_text()
+                );
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!(
+                    "sunspec_server.py not listening after {START_TIMEOUT:?}:\n{}",
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the server wrote to stderr (Python tracebacks, pymodbus' warnings), across restarts.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// SIGKILLs the server (a device losing power: connections die without a FIN from a clean
+    /// shutdown path) and reaps it. Idempotent.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the server if running and starts it again on the same port with the register map
+    /// as the SPEC describes it (writes made before are lost, as on a device reboot). The
+    /// request log continues in the same file.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.port;
+        self.spawn(port);
+        assert_eq!(self.port, port, "restarted server bound another port");
+    }
+
+    /// Whether the server process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Every line of the server's JSON log so far, oldest first. Request lines carry `conn`,
+    /// `unit`, `function`, `address`, `count`, `start`, `end` (seconds since the epoch) and
+    /// `exception` (null or the Modbus exception code sent); event lines carry `event`.
+    pub fn request_log(&self) -> Vec<serde_json::Value> {
+        let text = match std::fs::read_to_string(&self.log) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => panic!("{}: {e}", self.log.display()),
+        };
+        // A line still being written has no newline yet; it is left for the next call.
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("server log line {line:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Just the request lines of [`SunSpecServer::request_log`].
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        self.request_log()
+            .into_iter()
+            .filter(|r| r.get("function").is_some())
+            .collect()
+    }
+}
+
+impl Drop for SunSpecServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
