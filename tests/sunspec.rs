@@ -1,0 +1,379 @@
+//! `texture-agent discover` against real Modbus TCP servers (pymodbus, tests/modbus) whose
+//! register maps come from the official SunSpec model definitions: every point the agent reads,
+//! of every model it knows, decoded and scaled as those definitions say (an offset or type
+//! wrong in the agent's tables shows as a wrong value here); "not implemented" markers absent,
+//! never 0; and the field faults: a chain with a wrong length or no end marker, a marker at
+//! another base, an unconfigured unit, a single-client server, a slow device.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{json, Value};
+use texture_agent_testkit::{sunspec_model_json, SunSpecServer};
+
+/// The agent binary cargo built for these tests.
+const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
+
+/// Every model the agent knows (src/drivers/sunspec/models.rs).
+const KNOWN: [u16; 22] = [
+    1, 101, 102, 103, 111, 112, 113, 120, 121, 122, 123, 124, 201, 202, 203, 204, 211, 212, 213,
+    214, 802, 803,
+];
+
+/// Runs `texture-agent discover --tcp 127.0.0.1:PORT ARGS... --json`: exit code and output.
+fn discover(port: u16, args: &[&str]) -> (Option<i32>, Value, String) {
+    let out = Command::new(BIN)
+        .arg("discover")
+        .arg("--tcp")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run texture-agent discover");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    (out.status.code(), json, stderr)
+}
+
+/// The text form, for what an installer reads.
+fn discover_text(port: u16, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .arg("discover")
+        .arg("--tcp")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(args)
+        .output()
+        .expect("run texture-agent discover");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Model `id`'s top-level point definitions, from the official JSON.
+fn definition(id: u16) -> Vec<Value> {
+    sunspec_model_json(id)["group"]["points"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// A raw value for every point of model `id` (the scale factors between -3 and 3, so both
+/// signs), and what each numeric point must read as once scaled: `raw × 10^sf`.
+fn every_point(id: u16) -> (serde_json::Map<String, Value>, BTreeMap<String, f64>) {
+    let defs = definition(id);
+    let mut raw = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (i, p) in defs.iter().enumerate() {
+        let name = p["name"].as_str().unwrap();
+        let size = p["size"].as_u64().unwrap();
+        let k = offset + u64::from(id);
+        let value = match p["type"].as_str().unwrap() {
+            _ if name == "ID" || name == "L" => None,
+            "sunssf" => Some(json!([-3i64, -2, -1, 1, 2, 3, 0][i % 7])),
+            "uint16" | "enum16" | "bitfield16" => Some(json!(k * 37 % 60_000 + 1)),
+            "int16" => Some(json!(if i % 2 == 0 {
+                -((k % 30_000) as i64) - 1
+            } else {
+                (k % 30_000) as i64 + 1
+            })),
+            "uint32" | "acc32" | "bitfield32" | "enum32" => Some(json!(k * 100_003 + 7)),
+            "float32" => Some(json!(k as f64 * 1.5 + 0.25)),
+            "string" => Some(json!(format!("S{id}-{offset}"))),
+            "count" => Some(json!(0)),
+            _ => None,
+        };
+        if let Some(v) = value {
+            raw.insert(name.to_owned(), v);
+        }
+        offset += size;
+    }
+    let mut expected = BTreeMap::new();
+    for p in &defs {
+        let name = p["name"].as_str().unwrap();
+        let Some(r) = raw.get(name).and_then(Value::as_f64) else {
+            continue;
+        };
+        let value = match &p["sf"] {
+            Value::String(sf) => {
+                let sf = raw[sf.as_str()].as_i64().unwrap() as i32;
+                if sf < 0 {
+                    r / 10f64.powi(-sf)
+                } else {
+                    r * 10f64.powi(sf)
+                }
+            }
+            Value::Number(n) => {
+                let sf = n.as_i64().unwrap() as i32;
+                r * 10f64.powi(sf)
+            }
+            _ if p["type"] == "float32" => f64::from(r as f32),
+            _ => r,
+        };
+        expected.insert(name.to_owned(), value);
+    }
+    (raw, expected)
+}
+
+/// The unit `unit` in discover's JSON.
+fn unit(found: &Value, unit: u64) -> &Value {
+    found["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["unit"] == unit)
+        .unwrap_or_else(|| panic!("no unit {unit}: {found:#}"))
+}
+
+fn model(unit: &Value, id: u64) -> &Value {
+    unit["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id)
+        .unwrap_or_else(|| panic!("no model {id}: {unit:#}"))
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+fn start(dir: &Path, spec: Value) -> SunSpecServer {
+    SunSpecServer::start(dir, &spec)
+}
+
+/// Every point of every model the agent knows, one device holding them all: each value the
+/// agent reports is the official definition's raw value scaled by its own scale factor, with
+/// both signs of scale factor; and every model is listed at its address and length.
+#[test]
+fn every_known_point_of_every_known_model_reads_as_the_definition_says() {
+    let dir = tmp();
+    let mut models = Vec::new();
+    let mut expected = BTreeMap::new();
+    for id in KNOWN {
+        let (points, values) = every_point(id);
+        models.push(json!({"id": id, "points": points}));
+        expected.insert(id, values);
+    }
+    let server = start(dir.path(), json!({"units": {"1": {"models": models}}}));
+    let (code, found, stderr) = discover(server.port, &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let u = unit(&found, 1);
+    assert_eq!(u["base"], 40_000);
+    assert_eq!(u["manufacturer"], "S1-2");
+    assert_eq!(u["model"], "S1-18");
+    assert_eq!(u["version"], "S1-42");
+    assert_eq!(u["serial"], "S1-50");
+    assert_eq!(u["problems"], json!([]), "{u:#}");
+    let mut address = 40_002u64;
+    let mut checked = 0;
+    for id in KNOWN {
+        let m = model(u, u64::from(id));
+        let length: u64 = definition(id)
+            .iter()
+            .map(|p| p["size"].as_u64().unwrap())
+            .sum::<u64>()
+            - 2;
+        assert_eq!(m["address"], address, "model {id}");
+        assert_eq!(m["length"], length, "model {id}");
+        address += length + 2;
+        let points = m["points"].as_object().unwrap();
+        if id != 1 {
+            assert!(!points.is_empty(), "model {id} shows no readings");
+        }
+        for (name, shown) in points {
+            let want = expected[&id]
+                .get(name)
+                .unwrap_or_else(|| panic!("model {id}: {name} is not a numeric point"));
+            assert_eq!(
+                shown["value"].as_f64(),
+                Some(*want),
+                "model {id} point {name}: {shown}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 100, "only {checked} points checked");
+    // One connection, one request at a time.
+    let requests = server.requests();
+    for pair in requests.windows(2) {
+        assert_eq!(pair[0]["conn"], pair[1]["conn"], "a second connection");
+        assert!(
+            pair[1]["start"].as_f64() >= pair[0]["end"].as_f64(),
+            "overlapping requests: {pair:?}"
+        );
+    }
+}
+
+/// What a device has not implemented is absent, never 0: a point left out, and a point whose
+/// scale factor is left out.
+#[test]
+fn not_implemented_points_are_absent_never_zero() {
+    let dir = tmp();
+    let server = start(
+        dir.path(),
+        json!({"units": {"1": {"models": [
+            {"id": 1, "points": {"Mn": "Texture", "SN": "HYB-7"}},
+            {"id": 103, "points": {"W": 4521, "W_SF": -1, "A": 1234}},
+            {"id": 124, "points": {"ChaState": 655, "ChaState_SF": -1, "MinRsvPct": 20, "MinRsvPct_SF": 0}},
+        ]}}}),
+    );
+    let (code, found, stderr) = discover(server.port, &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let u = unit(&found, 1);
+    assert_eq!(u["manufacturer"], "Texture");
+    assert_eq!(u["model"], Value::Null, "Md was left out");
+    let inverter = &model(u, 103)["points"];
+    assert_eq!(inverter["W"], json!({"value": 452.1, "unit": "W"}));
+    assert_eq!(inverter["A"], Value::Null, "its A_SF is not implemented");
+    assert_eq!(inverter["Hz"], Value::Null);
+    assert_eq!(inverter["WH"], Value::Null, "acc32 0 is not implemented");
+    let storage = &model(u, 124)["points"];
+    assert_eq!(storage["ChaState"], json!({"value": 65.5, "unit": "%"}));
+    assert_eq!(storage["MinRsvPct"], json!({"value": 20.0, "unit": "%"}));
+    assert_eq!(storage["WChaMax"], Value::Null);
+
+    let (_, text) = discover_text(server.port, &[]);
+    assert!(
+        text.contains("manufacturer Texture, model (not given)"),
+        "{text}"
+    );
+    assert!(text.contains("W = 452.1 W"), "{text}");
+    assert!(text.contains("A not implemented"), "{text}");
+}
+
+/// A model that declares a wrong length breaks the chain after it; no end marker ends it at
+/// the first register the device does not have. Either way what was found is reported, with
+/// the problem.
+#[test]
+fn a_broken_chain_or_one_without_end_marker_keeps_what_was_found() {
+    let dir = tmp();
+    let server = start(
+        dir.path(),
+        json!({"units": {
+            "1": {"models": [
+                {"id": 1, "points": {"SN": "A-1"}},
+                {"id": 103, "points": {"W": 100, "W_SF": 0}, "length": 40},
+                {"id": 123, "points": {}},
+            ]},
+            "2": {"models": [
+                {"id": 1, "points": {"SN": "B-2"}},
+                {"id": 802, "points": {"SoC": 50, "SoC_SF": 0}},
+            ], "end_marker": false},
+        }}),
+    );
+    let (code, found, stderr) = discover(server.port, &["--units", "1-2"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let broken = unit(&found, 1);
+    let ids: Vec<u64> = broken["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(&ids[..2], &[1, 103], "{broken:#}");
+    assert!(
+        !ids.contains(&123),
+        "123 lies beyond the broken length: {broken:#}"
+    );
+    let problems = broken["problems"].to_string();
+    assert!(
+        problems.contains("model 103 at 40070 declares length 40, its definition 50"),
+        "{problems}"
+    );
+    let open = unit(&found, 2);
+    assert_eq!(model(open, 802)["points"]["SoC"]["value"], 50.0);
+    assert!(
+        open["problems"].to_string().contains("no end marker"),
+        "{open:#}"
+    );
+}
+
+/// The marker at 50000 is found after 40000 and 0 answer with exceptions; `--base` goes
+/// straight to a given one; a unit id the server does not have is reported and the others
+/// still are.
+#[test]
+fn bases_are_tried_in_turn_and_an_absent_unit_does_not_hide_the_others() {
+    let dir = tmp();
+    let server = start(
+        dir.path(),
+        json!({"units": {"3": {"base": 50000, "models": [{"id": 1, "points": {"SN": "FAR-3"}}]}}}),
+    );
+    let (code, found, stderr) = discover(server.port, &["--units", "2-3"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(unit(&found, 3)["base"], 50_000);
+    assert_eq!(unit(&found, 3)["serial"], "FAR-3");
+    let errors = found["errors"].to_string();
+    assert!(errors.contains("\"unit\":2"), "{errors}");
+    let before = server.requests().len();
+    let (code, found, _) = discover(server.port, &["--units", "3", "--base", "50000"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(unit(&found, 3)["serial"], "FAR-3");
+    let first = &server.requests()[before];
+    assert_eq!(first["address"], 50_000, "--base goes there first: {first}");
+
+    let (code, found, stderr) = discover(server.port, &["--units", "3", "--base", "40000"]);
+    assert_eq!(code, Some(1), "{found}");
+    assert!(
+        found["errors"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("unit 3: no SunSpec marker (\"SunS\") at 40000"),
+        "{found}"
+    );
+    assert!(stderr.contains("no SunSpec device answered"), "{stderr}");
+}
+
+/// A single-client inverter: every unit is discovered over the one connection it allows; while
+/// another client holds it, discover fails saying so instead of hanging.
+#[test]
+fn a_single_client_server_is_discovered_over_one_connection() {
+    let dir = tmp();
+    let server = start(
+        dir.path(),
+        json!({"single_client": true, "units": {
+            "1": {"models": [{"id": 1, "points": {"SN": "U1"}}, {"id": 103, "points": {}}]},
+            "2": {"models": [{"id": 1, "points": {"SN": "U2"}}, {"id": 802, "points": {}}]},
+        }}),
+    );
+    let (code, found, stderr) = discover(server.port, &["--units", "1,2"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(unit(&found, 1)["serial"], "U1");
+    assert_eq!(unit(&found, 2)["serial"], "U2");
+
+    let _holder = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    // The holder's connection is the one the server serves from now on.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (code, found, _) = discover(server.port, &["--timeout-ms", "500"]);
+        if code == Some(1) {
+            let error = found["errors"][0]["error"].as_str().unwrap().to_owned();
+            assert!(error.contains("unit 1"), "{error}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "discover kept succeeding while another client held the connection"
+        );
+    }
+}
+
+/// A slow device answers within a long enough timeout; with a shorter one discover says no
+/// answer came, and how long it waited.
+#[test]
+fn a_slow_device_needs_a_long_enough_timeout() {
+    let dir = tmp();
+    let server = start(
+        dir.path(),
+        json!({"delay_ms": 300, "units": {"1": {"models": [{"id": 1, "points": {"SN": "SLOW"}}]}}}),
+    );
+    let (code, found, stderr) = discover(server.port, &["--timeout-ms", "2000"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(unit(&found, 1)["serial"], "SLOW");
+    let (code, found, _) = discover(server.port, &["--timeout-ms", "100"]);
+    assert_eq!(code, Some(1), "{found}");
+    let error = found["errors"][0]["error"].as_str().unwrap();
+    assert!(error.contains("no answer within 100 ms"), "{error}");
+}
