@@ -377,3 +377,223 @@ fn a_slow_device_needs_a_long_enough_timeout() {
     let error = found["errors"][0]["error"].as_str().unwrap();
     assert!(error.contains("no answer within 100 ms"), "{error}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The `sunspec` driver end to end: a real agent, mosquitto with mutual TLS, the platform peer,
+// and pymodbus SunSpec devices.
+
+mod driver {
+    use std::time::{Duration, Instant};
+
+    use serde_json::{json, Value};
+    use texture_agent::model::clock::system_secs;
+    use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
+    use texture_agent_testkit as kit;
+
+    use kit::{device_topic, Agent, AgentConfig, Testbed};
+
+    use super::{SunSpecServer, BIN};
+
+    const GATEWAY: &str = "gw-sunspec";
+    const WORKSPACE: &str = "ws-sunspec";
+    const WAIT: Duration = Duration::from_secs(20);
+
+    /// A hybrid inverter (1, 103, 124) on unit 1, a grid meter (1, 203) on unit 2, and a
+    /// battery (1, 802) on unit 3 whose reserve register refuses writes.
+    fn site() -> Value {
+        json!({"units": {
+            "1": {"models": [
+                {"id": 1, "points": {"Mn": "Texture", "Md": "HY-10", "SN": "HYB-1"}},
+                {"id": 103, "points": {"W": 4521, "W_SF": -1}},
+                {"id": 124, "points": {"ChaState": 655, "ChaState_SF": -1, "MinRsvPct": 20,
+                                       "MinRsvPct_SF": 0, "ChaSt": 4}},
+            ]},
+            "2": {"models": [
+                {"id": 1, "points": {"SN": "MTR-2"}},
+                {"id": 203, "points": {"W": -1200, "W_SF": 0}},
+            ]},
+            "3": {"models": [
+                {"id": 1, "points": {"SN": "BAT-3"}},
+                {"id": 802, "points": {"SoC": 50, "SoC_SF": 0, "SoCRsvMin": 10, "WHRtg": 100,
+                                       "WHRtg_SF": 2, "W": -800, "W_SF": 0, "ChaSt": 4}},
+            ], "read_only": [40080]},
+        }})
+    }
+
+    /// The next state point of `device` satisfying `pred`.
+    async fn state_of(peer: &mut kit::Peer, device: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(Instant::now() < deadline, "no matching state of {device}");
+            let batch = peer
+                .expect(&device_topic(GATEWAY, "telemetry"), WAIT, |_| true)
+                .await
+                .json();
+            for p in batch["points"].as_array().unwrap() {
+                if p["deviceId"] == device && p.get("state").is_some() && pred(&p["state"]) {
+                    return p["state"].clone();
+                }
+            }
+        }
+    }
+
+    async fn ask(
+        peer: &mut kit::Peer,
+        signer: &PlatformSigner,
+        id: &str,
+        device: &str,
+        slug: &str,
+        input: Value,
+    ) -> Value {
+        let key = ApiKey::server("key-server", WORKSPACE);
+        let claims = signer.claims(
+            &key,
+            AttestedCommand::new(GATEWAY, id, slug, input).for_device(device),
+            system_secs(),
+            300,
+        );
+        peer.publish(
+            &device_topic(GATEWAY, "commands"),
+            signer.attest(&claims).into_bytes(),
+            false,
+        )
+        .await;
+        peer.expect(&device_topic(GATEWAY, "replies"), WAIT, |m| {
+            m.json()["commandId"] == id
+        })
+        .await
+        .json()
+    }
+
+    /// Discovery, then telemetry in the device model with the meter's grid reading; a signed
+    /// `battery:set-reserve` changes the register, is read back, and shows in the next
+    /// telemetry; a write the device refuses fails with its Modbus exception; the server dying
+    /// silences the devices (no zeros) until it is back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn discovered_devices_report_telemetry_and_take_a_signed_reserve_command() {
+        let Testbed {
+            pki,
+            broker,
+            signer,
+            mut peer,
+        } = Testbed::start(
+            PlatformSigner::generate("platform-sunspec"),
+            &[
+                &device_topic(GATEWAY, "replies"),
+                &device_topic(GATEWAY, "telemetry"),
+            ],
+        )
+        .await;
+        let mut server = SunSpecServer::start(pki.path(), &site());
+        let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, WORKSPACE);
+        cfg.extra_toml = format!(
+            "[telemetry]\nbatch_max_ms = 100\nhealth_interval_secs = 3600\n\n\
+             [[drivers]]\nkind = \"sunspec\"\nname = \"site\"\ntcp = \"127.0.0.1:{}\"\n\
+             units = [1, 2, 3]\npoll_ms = 500\ntimeout_ms = 500\n",
+            server.port
+        );
+        let agent = Agent::spawn(BIN, &cfg.write(pki.path()));
+
+        let inverter = state_of(&mut peer, "sunspec-HYB-1", |_| true).await;
+        assert_eq!(
+            inverter,
+            json!({"type": "inverter", "power": 452.1, "gridStatus": "exporting", "gridPower": -1200.0})
+        );
+        let battery = state_of(&mut peer, "sunspec-HYB-1-battery", |_| true).await;
+        assert_eq!(
+            battery,
+            json!({"type": "battery", "chargePercentage": 65.5, "chargingState": "charging",
+                   "backupReserve": 20.0, "gridStatus": "exporting", "gridPower": -1200.0})
+        );
+        let bank = state_of(&mut peer, "sunspec-BAT-3-battery", |_| true).await;
+        assert_eq!(
+            bank,
+            json!({"type": "battery", "charge": 5000.0, "chargePercentage": 50.0,
+                   "chargingState": "charging", "chargeRate": -800.0, "backupReserve": 10.0,
+                   "gridStatus": "exporting", "gridPower": -1200.0})
+        );
+
+        let reply = ask(
+            &mut peer,
+            &signer,
+            "cmd-reserve",
+            "sunspec-HYB-1-battery",
+            "battery:set-reserve",
+            json!({"chargePercentage": 35}),
+        )
+        .await;
+        assert_eq!(reply["type"], "command.succeeded", "{reply}");
+        assert_eq!(reply["result"], json!({"backupReserve": 35.0}));
+        // MinRsvPct: model 124 at 40122, offset 7.
+        let writes: Vec<Value> = server
+            .requests()
+            .into_iter()
+            .filter(|r| r["function"] == 6 || r["function"] == 16)
+            .collect();
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        assert_eq!(writes[0]["unit"], 1);
+        assert_eq!(writes[0]["address"], 40_129);
+        state_of(&mut peer, "sunspec-HYB-1-battery", |s| {
+            s["backupReserve"] == 35.0
+        })
+        .await;
+
+        let refused = ask(
+            &mut peer,
+            &signer,
+            "cmd-refused",
+            "sunspec-BAT-3-battery",
+            "battery:set-reserve",
+            json!({"chargePercentage": 30}),
+        )
+        .await;
+        assert_eq!(refused["type"], "command.failed", "{refused}");
+        assert_eq!(
+            refused["error"]["message"],
+            "SoCRsvMin at 40080: unit 3 answered a write at 40080 with Modbus exception 4 \
+             (Server device failure)",
+        );
+        let unsupported = ask(
+            &mut peer,
+            &signer,
+            "cmd-unsupported",
+            "sunspec-HYB-1",
+            "inverter:set-export-limit",
+            json!({"exportLimit": 3000}),
+        )
+        .await;
+        assert_eq!(
+            unsupported["error"]["message"],
+            "the SunSpec driver does not carry out inverter:set-export-limit for sunspec-HYB-1 \
+             (inverter)",
+        );
+
+        // The device goes away: nothing is reported for it, not zeros; then it is back.
+        server.kill();
+        agent.wait_for_log(
+            "sunspec: unit not answering; its devices report nothing until it does",
+            WAIT,
+        );
+        peer.forget(&device_topic(GATEWAY, "telemetry"));
+        let quiet = peer
+            .collect(
+                &device_topic(GATEWAY, "telemetry"),
+                Duration::from_millis(1_500),
+            )
+            .await;
+        for batch in &quiet {
+            for p in batch.json()["points"].as_array().unwrap() {
+                assert!(
+                    p.get("state").is_none(),
+                    "a state while the device is gone: {p}"
+                );
+            }
+        }
+        server.restart();
+        // A restarted device has its registers as configured again.
+        state_of(&mut peer, "sunspec-HYB-1-battery", |s| {
+            s["backupReserve"] == 20.0
+        })
+        .await;
+    }
+}

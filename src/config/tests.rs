@@ -191,3 +191,56 @@ fn limits_for_a_device_a_process_driver_may_report_are_accepted() {
     let s = load_from(&write(d.path(), &body), []).unwrap();
     assert_eq!(s.limits[0].max_charge_limit, Some(90.0));
 }
+
+#[test]
+fn sunspec_drivers_load_with_defaults_and_one_endpoint_per_entry() {
+    let d = tempfile::tempdir().unwrap();
+    let entry = |name: &str, tcp: &str| {
+        format!("[[drivers]]\nkind = \"sunspec\"\nname = \"{name}\"\ntcp = \"{tcp}\"\n\n")
+    };
+    let body = minimal(d.path())
+        + &entry("roof", "192.0.2.10")
+        + &entry("garage", "192.0.2.11:1502")
+        + "[[limits]]\ndevice_id = \"sunspec-HYB-1-battery\"\ndevice_type = \"battery\"\n\
+           min_backup_reserve = 20\n";
+    let s = load_from(&write(d.path(), &body), []).unwrap();
+    let crate::drivers::DriverSettings::Sunspec(roof) = &s.drivers[0] else {
+        panic!("{:?}", s.drivers[0])
+    };
+    assert_eq!(
+        (
+            roof.units.as_slice(),
+            roof.poll_ms,
+            roof.timeout_ms,
+            roof.max_read
+        ),
+        (&[1u16][..], 5_000, 1_000, 125)
+    );
+    assert_eq!(roof.endpoint(), ("192.0.2.10".into(), 502));
+
+    // The same endpoint twice, written differently, is one link: refused.
+    let body = minimal(d.path()) + &entry("a", "192.0.2.10") + &entry("b", "192.0.2.10:502");
+    let e = load_from(&write(d.path(), &body), [])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("driver #2 (b): 192.0.2.10:502 is the endpoint of another sunspec driver"),
+        "{e}"
+    );
+    let body = minimal(d.path())
+        + "[[drivers]]\nkind = \"sunspec\"\nname = \"x\"\ntcp = \"192.0.2.10\"\nunits = [1, 300]\n";
+    let e = load_from(&write(d.path(), &body), [])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("drivers.units"), "{e}");
+    assert!(
+        e.contains("driver #1 (x): 300 is not a unit id from 1 to 255"),
+        "{e}"
+    );
+    let body = minimal(d.path())
+        + "[[drivers]]\nkind = \"sunspec\"\nname = \"x\"\ntcp = \"192.0.2.10\"\nbaud = 9600\n";
+    let e = load_from(&write(d.path(), &body), [])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("baud"), "{e}");
+}

@@ -48,6 +48,7 @@ impl Settings {
 /// `[[drivers]]`: each driver usable on its own, and no two answering to the same name.
 fn validate_drivers(drivers: &[DriverSettings]) -> Result<(), Rejection> {
     let mut names = HashSet::new();
+    let mut endpoints = HashSet::new();
     for (i, d) in drivers.iter().enumerate() {
         let n = i + 1;
         match d {
@@ -72,6 +73,28 @@ fn validate_drivers(drivers: &[DriverSettings]) -> Result<(), Rejection> {
                     return Err(Rejection::new(
                         "drivers.device_id",
                         format!("driver #{n}: {device_id:?} is used twice"),
+                    ));
+                }
+            }
+            DriverSettings::Sunspec(settings) => {
+                settings.validate(n)?;
+                if !names.insert(settings.name.clone()) {
+                    return Err(Rejection::new(
+                        "drivers.name",
+                        format!("driver #{n}: {:?} is used twice", settings.name),
+                    ));
+                }
+                // One link per endpoint: a second entry would open a second connection, which
+                // single-client inverters refuse, and its requests could overlap the first's.
+                let endpoint = settings.endpoint();
+                if !endpoints.insert(endpoint.clone()) {
+                    return Err(Rejection::new(
+                        "drivers.tcp",
+                        format!(
+                            "driver #{n} ({}): {}:{} is the endpoint of another sunspec driver; \
+                             list all its unit ids in one entry",
+                            settings.name, endpoint.0, endpoint.1
+                        ),
                     ));
                 }
             }
@@ -120,9 +143,14 @@ fn validate_limits(limits: &[DeviceLimits], drivers: &[DriverSettings]) -> Resul
             _ => None,
         })
     };
-    let any_process = drivers
-        .iter()
-        .any(|d| matches!(d, DriverSettings::Process { .. }));
+    // Process and SunSpec drivers name their devices at run time (from their state lines,
+    // from the serial numbers discovery finds), so their ids cannot be checked here.
+    let any_process = drivers.iter().any(|d| {
+        matches!(
+            d,
+            DriverSettings::Process { .. } | DriverSettings::Sunspec(_)
+        )
+    });
     let mut seen = HashSet::new();
     for (i, l) in limits.iter().enumerate() {
         let n = i + 1;
@@ -154,7 +182,7 @@ fn validate_limits(limits: &[DeviceLimits], drivers: &[DriverSettings]) -> Resul
                     "limits.device_id",
                     format!(
                         "limits #{n}: no device {id:?} behind this gateway: no simulated driver \
-                         has that id and no process driver is configured"
+                         has that id and no process or sunspec driver is configured"
                     ),
                 ))
             }

@@ -6,7 +6,7 @@
 //! and tests), and external [`process`] drivers that integrators write in any language and that
 //! speak JSON lines over stdin/stdout (docs/PROTOCOL.md, "Driver protocol").
 
-pub(crate) mod modbus;
+pub mod modbus;
 pub mod process;
 pub mod simulated;
 pub(crate) mod sunspec;
@@ -89,6 +89,8 @@ pub enum DriverSettings {
         #[serde(default)]
         seed: u64,
     },
+    /// SunSpec devices over one Modbus TCP link, found by discovery.
+    Sunspec(modbus::driver::SunSpecSettings),
     /// An external driver process (argv, no shell).
     Process {
         name: String,
@@ -302,6 +304,14 @@ pub fn start(
                         () = stop.wait() => {}
                     }
                 }));
+            }
+            DriverSettings::Sunspec(settings) => {
+                tasks.push(tokio::spawn(modbus::driver::run(
+                    settings.clone(),
+                    sample_tx,
+                    command_rx,
+                    shutdown.clone(),
+                )));
             }
             DriverSettings::Process { .. } => {
                 let driver =

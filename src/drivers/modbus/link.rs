@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::slave::{Slave, SlaveContext};
 
 /// The most registers one Modbus read may ask for (the protocol's own limit is 125).
@@ -157,6 +157,32 @@ impl TcpLink {
             }
         }
         Ok(regs)
+    }
+
+    /// Writes `regs` to `unit` from `address`: function 16, or function 6 for one register,
+    /// or for each when `single` (devices that refuse function 16, evcc PR #31487).
+    pub(crate) async fn write(
+        &mut self,
+        unit: u8,
+        address: u16,
+        regs: &[u16],
+        single: bool,
+    ) -> Result<(), ModbusError> {
+        let timeout = self.settings.timeout;
+        if single || regs.len() == 1 {
+            for (i, &word) in regs.iter().enumerate() {
+                let at = address.saturating_add(i as u16);
+                let context = self.context(unit).await?;
+                let answer =
+                    tokio::time::timeout(timeout, context.write_single_register(at, word)).await;
+                self.settle(unit, "a write", at, answer)?;
+            }
+            return Ok(());
+        }
+        let context = self.context(unit).await?;
+        let answer =
+            tokio::time::timeout(timeout, context.write_multiple_registers(address, regs)).await;
+        self.settle(unit, "a write", address, answer)
     }
 
     /// The outcome of one request; a timeout or a transport error drops the connection.

@@ -99,7 +99,7 @@ impl ProcessDriver {
                 max_line_bytes: *max_line_bytes,
                 sandbox: confined.then(|| sandbox.clone()),
             }),
-            DriverSettings::Simulated { .. } => None,
+            DriverSettings::Simulated { .. } | DriverSettings::Sunspec(_) => None,
         }
     }
 

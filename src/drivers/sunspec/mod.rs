@@ -5,5 +5,6 @@
 //! [`crate::drivers::modbus`].
 
 pub(crate) mod chain;
+pub(crate) mod mapping;
 pub(crate) mod models;
 pub(crate) mod points;

@@ -116,6 +116,28 @@ pub(crate) fn scaled(raw: Option<f64>, sf: Option<f64>) -> Option<f64> {
     value.is_finite().then_some(value)
 }
 
+/// The registers that store `value` in a point of type `ty` scaled by `sf` (for a write);
+/// `None` when it does not fit: out of the type's range once scaled, the "not implemented"
+/// value itself, or a type the agent never writes.
+pub(crate) fn encode(ty: PointType, value: f64, sf: Option<f64>) -> Option<Vec<u16>> {
+    let sf = sf.unwrap_or(0.0);
+    if !value.is_finite() || !(-10.0..=10.0).contains(&sf) {
+        return None;
+    }
+    let sf = sf as i32;
+    let raw = if sf < 0 {
+        value * 10f64.powi(-sf)
+    } else {
+        value / 10f64.powi(sf)
+    }
+    .round();
+    match ty {
+        PointType::Uint16 if (0.0..65_535.0).contains(&raw) => Some(vec![raw as u16]),
+        PointType::Int16 if (-32_767.0..=32_767.0).contains(&raw) => Some(vec![raw as i16 as u16]),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +193,28 @@ mod tests {
         assert_eq!(scaled(None, Some(1.0)), None);
         assert_eq!(num(PointType::Sunssf, &[11]), None, "beyond ±10");
         assert_eq!(num(PointType::Sunssf, &[(-3i16) as u16]), Some(-3.0));
+    }
+
+    #[test]
+    fn encode_is_the_inverse_of_decode_and_refuses_what_does_not_fit() {
+        let regs = encode(PointType::Uint16, 45.5, Some(-1.0)).unwrap();
+        assert_eq!(regs, vec![455]);
+        assert_eq!(
+            scaled(num(PointType::Uint16, &regs), Some(-1.0)),
+            Some(45.5)
+        );
+        assert_eq!(encode(PointType::Uint16, 300.0, Some(2.0)), Some(vec![3]));
+        assert_eq!(
+            encode(PointType::Int16, -12.0, None),
+            Some(vec![(-12i16) as u16])
+        );
+        assert_eq!(
+            encode(PointType::Uint16, 6_553.5, Some(-1.0)),
+            None,
+            "0xFFFF is NI"
+        );
+        assert_eq!(encode(PointType::Uint16, -1.0, None), None);
+        assert_eq!(encode(PointType::Float32, 1.0, None), None, "never written");
     }
 
     /// Arbitrary register contents, as a broken or hostile device may hold them: decoding never

@@ -1,0 +1,551 @@
+//! The built-in SunSpec driver (`[[drivers]] kind = "sunspec"`): one Modbus TCP link, the
+//! SunSpec devices behind its unit ids found by discovery, polled at a fixed interval, their
+//! states sent as samples, and their commands carried out over the same link.
+//!
+//! One task owns the link, so polls and commands are one queue: no two requests are ever in
+//! flight to a device, and a single-client inverter sees a single client. A unit that stops
+//! answering is skipped (its devices report nothing, never zeros) and the link is retried with
+//! backoff; the other units on the link carry on. A write is read back and compared before the
+//! command succeeds; a device that refuses it answers the command with its Modbus exception.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::discover::{discover, Discovered};
+use super::link::{LinkSettings, ModbusError, TcpLink, MAX_READ};
+use crate::drivers::sunspec::chain::{Block, ModelHeader};
+use crate::drivers::sunspec::mapping::{self, DeviceSpec, Unit};
+use crate::drivers::sunspec::points;
+use crate::drivers::{CommandFailure, DriverCommand, Sample};
+use crate::model::backoff::Backoff;
+use crate::model::device::DeviceType;
+use crate::model::rejection::Rejection;
+
+/// The Modbus TCP port when `tcp` names none.
+pub(crate) const MODBUS_PORT: u16 = 502;
+
+/// `[[drivers]] kind = "sunspec"`: one Modbus TCP endpoint and the unit ids behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SunSpecSettings {
+    /// Names the link in logs.
+    pub name: String,
+    /// `HOST` or `HOST:PORT` (502 if left out); resolved at each connect, so a name works
+    /// before the network is up.
+    pub tcp: String,
+    /// The unit ids to discover on it, 1 to 255.
+    #[serde(default = "default_units")]
+    pub units: Vec<u16>,
+    /// The SunSpec base address, if not 40000, 0 or 50000.
+    #[serde(default)]
+    pub base: Option<u16>,
+    /// How often every device is read, milliseconds (500 to 3600000).
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+    /// How long one answer may take, milliseconds (50 to 60000).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// A pause after connecting, for devices that drop the first request (0 to 30000 ms).
+    #[serde(default)]
+    pub delay_after_connect_ms: u64,
+    /// The largest read, registers (1 to 125).
+    #[serde(default = "default_max_read")]
+    pub max_read: u16,
+    /// Write one register per request (function 6) for devices that refuse function 16.
+    #[serde(default)]
+    pub single_register_writes: bool,
+}
+
+fn default_units() -> Vec<u16> {
+    vec![1]
+}
+fn default_poll_ms() -> u64 {
+    5_000
+}
+fn default_timeout_ms() -> u64 {
+    1_000
+}
+fn default_max_read() -> u16 {
+    MAX_READ
+}
+
+impl SunSpecSettings {
+    /// Checks entry `n` (1-based) of `[[drivers]]`; the message names the entry and the key.
+    pub(crate) fn validate(&self, n: usize) -> Result<(), Rejection> {
+        let bad = |key: &'static str, problem: String| {
+            Rejection::new(key, format!("driver #{n} ({}): {problem}", self.name))
+        };
+        if self.name.is_empty() {
+            return Err(bad("drivers.name", "must not be empty".into()));
+        }
+        endpoint(&self.tcp).map_err(|problem| bad("drivers.tcp", problem))?;
+        if self.units.is_empty() {
+            return Err(bad("drivers.units", "list at least one unit id".into()));
+        }
+        for (i, &u) in self.units.iter().enumerate() {
+            if !(1..=255).contains(&u) {
+                return Err(bad(
+                    "drivers.units",
+                    format!("{u} is not a unit id from 1 to 255"),
+                ));
+            }
+            if self.units[..i].contains(&u) {
+                return Err(bad("drivers.units", format!("unit {u} is listed twice")));
+            }
+        }
+        let ranges: [(&'static str, u64, u64, u64); 4] = [
+            ("drivers.poll_ms", self.poll_ms, 500, 3_600_000),
+            ("drivers.timeout_ms", self.timeout_ms, 50, 60_000),
+            (
+                "drivers.delay_after_connect_ms",
+                self.delay_after_connect_ms,
+                0,
+                30_000,
+            ),
+            (
+                "drivers.max_read",
+                u64::from(self.max_read),
+                1,
+                u64::from(MAX_READ),
+            ),
+        ];
+        for (key, value, lo, hi) in ranges {
+            if !(lo..=hi).contains(&value) {
+                return Err(bad(key, format!("expected {lo} to {hi}, found {value}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn link_settings(&self) -> LinkSettings {
+        LinkSettings {
+            timeout: Duration::from_millis(self.timeout_ms),
+            delay_after_connect: Duration::from_millis(self.delay_after_connect_ms),
+            max_read: self.max_read,
+        }
+    }
+
+    /// The endpoint as `(host, port)`; the configuration was validated.
+    pub(crate) fn endpoint(&self) -> (String, u16) {
+        endpoint(&self.tcp).unwrap_or_else(|_| (self.tcp.clone(), MODBUS_PORT))
+    }
+}
+
+/// `HOST`, `HOST:PORT`, `[V6]` or `[V6]:PORT` as host and port; a message naming what is wrong.
+pub(crate) fn endpoint(tcp: &str) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(rest) = tcp.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("{tcp:?}: an IPv6 address needs its closing ]"))?;
+        match after.strip_prefix(':') {
+            Some(port) => (host, Some(port)),
+            None if after.is_empty() => (host, None),
+            None => return Err(format!("{tcp:?}: expected ]:PORT after the address")),
+        }
+    } else {
+        match tcp.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') => (host, Some(port)),
+            Some(_) => return Err(format!("{tcp:?}: write an IPv6 address as [ADDRESS]:PORT")),
+            None => (tcp, None),
+        }
+    };
+    if host.is_empty() || host.chars().any(char::is_whitespace) {
+        return Err(format!("{tcp:?}: expected HOST or HOST:PORT"));
+    }
+    let port = match port {
+        None => MODBUS_PORT,
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => return Err(format!("{tcp:?}: {p:?} is not a port from 1 to 65535")),
+        },
+    };
+    Ok((host.to_owned(), port))
+}
+
+/// A unit found by discovery: its models and identity, kept for every later poll.
+struct Known {
+    unit: u8,
+    discovered: Discovered,
+    /// The last poll's reading, for commands (scale factors, addresses).
+    last: Option<Unit>,
+    answering: bool,
+}
+
+/// Runs the driver until `stop` or until the agent drops its command channel.
+pub(crate) async fn run(
+    settings: SunSpecSettings,
+    samples: mpsc::Sender<Sample>,
+    mut commands: mpsc::Receiver<DriverCommand>,
+    mut stop: crate::agent::service::Shutdown,
+) {
+    let mut driver = Driver {
+        link: None,
+        units: Vec::new(),
+        devices: Vec::new(),
+        backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+        settings,
+    };
+    let mut next_poll = Instant::now();
+    loop {
+        tokio::select! {
+            () = stop.wait() => return,
+            () = tokio::time::sleep_until(next_poll) => {
+                let healthy = driver.poll(&samples).await;
+                let wait = if healthy {
+                    driver.backoff.reset();
+                    Duration::from_millis(driver.settings.poll_ms)
+                } else {
+                    driver.backoff.next_delay().max(Duration::from_millis(driver.settings.poll_ms))
+                };
+                next_poll = Instant::now() + wait;
+                if samples.is_closed() {
+                    return;
+                }
+            }
+            command = commands.recv() => match command {
+                Some(command) => driver.command(command).await,
+                None => return,
+            },
+        }
+    }
+}
+
+struct Driver {
+    settings: SunSpecSettings,
+    link: Option<TcpLink>,
+    units: Vec<Known>,
+    devices: Vec<DeviceSpec>,
+    backoff: Backoff,
+}
+
+impl Driver {
+    /// The link, resolving the endpoint if there is none yet.
+    async fn link(&mut self) -> Result<&mut TcpLink, String> {
+        if self.link.is_none() {
+            let (host, port) = self.settings.endpoint();
+            let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map_err(|e| format!("{host}:{port}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{host}:{port}: the name resolves to no address"))?;
+            self.link = Some(TcpLink::new(addr, self.settings.link_settings()));
+        }
+        Ok(self.link.as_mut().expect("set above"))
+    }
+
+    /// One round: discovers the units not found yet, then reads every found one and sends its
+    /// devices' states. `false` when no unit answered (the caller backs off).
+    async fn poll(&mut self, samples: &mpsc::Sender<Sample>) -> bool {
+        let name = self.settings.name.clone();
+        if let Err(problem) = self.discover_missing().await {
+            tracing::warn!(driver = %name, problem, "sunspec: discovery failed");
+            return false;
+        }
+        // Only what this round read is reported: a unit that was not read (the link failed
+        // before it) has no state now; its last reading is kept only for commands.
+        let mut round: Vec<Unit> = Vec::new();
+        for i in 0..self.units.len() {
+            let unit = self.units[i].unit;
+            let headers = self.units[i].discovered.models.clone();
+            match self.read_unit(unit, &headers).await {
+                Ok(blocks) => {
+                    let known = &mut self.units[i];
+                    if !known.answering {
+                        tracing::info!(driver = %name, unit, "sunspec: unit answering");
+                        known.answering = true;
+                    }
+                    let reading = Unit {
+                        unit,
+                        common: known.discovered.common.clone(),
+                        blocks,
+                    };
+                    known.last = Some(reading.clone());
+                    round.push(reading);
+                }
+                Err(e) => {
+                    let known = &mut self.units[i];
+                    if known.answering {
+                        tracing::warn!(driver = %name, unit, error = %e, "sunspec: unit not answering; its devices report nothing until it does");
+                        known.answering = false;
+                    }
+                    if !e.is_exception() {
+                        // The link itself failed: the other units would wait out the same
+                        // timeout; try again at the next round.
+                        break;
+                    }
+                }
+            }
+        }
+        for device in &self.devices {
+            let Some(state) = mapping::state(device, &round) else {
+                continue;
+            };
+            let sample = Sample {
+                device_id: device.device_id.clone(),
+                state,
+            };
+            if samples.send(sample).await.is_err() {
+                break;
+            }
+        }
+        !round.is_empty()
+    }
+
+    /// Discovers each configured unit not found yet. `Err` when none is known after it.
+    async fn discover_missing(&mut self) -> Result<(), String> {
+        let name = self.settings.name.clone();
+        let base = self.settings.base;
+        let wanted: Vec<u8> = self
+            .settings
+            .units
+            .iter()
+            .map(|&u| u as u8)
+            .filter(|u| !self.units.iter().any(|k| k.unit == *u))
+            .collect();
+        let mut last = None;
+        for unit in wanted {
+            let link = self.link().await?;
+            match discover(link, unit, base).await {
+                Ok(found) => {
+                    let reading = Unit {
+                        unit,
+                        common: found.common.clone(),
+                        blocks: found.blocks.clone(),
+                    };
+                    let devices = mapping::devices(&name, &reading);
+                    let models: Vec<u16> = found.models.iter().map(|m| m.id).collect();
+                    let ids: Vec<&str> = devices.iter().map(|d| d.device_id.as_str()).collect();
+                    tracing::info!(
+                        driver = %name, unit, base = found.base, ?models, devices = ?ids,
+                        serial = found.common.serial.as_deref().unwrap_or(""),
+                        "sunspec: unit discovered"
+                    );
+                    for problem in &found.problems {
+                        tracing::warn!(driver = %name, unit, problem, "sunspec: discovery problem");
+                    }
+                    for d in devices {
+                        if self.devices.iter().any(|e| e.device_id == d.device_id) {
+                            tracing::warn!(driver = %name, unit, device_id = %d.device_id, "sunspec: two units report the same serial number; the second is ignored");
+                            continue;
+                        }
+                        self.devices.push(d);
+                    }
+                    self.units.push(Known {
+                        unit,
+                        discovered: found,
+                        last: None,
+                        answering: false,
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(driver = %name, unit, error = %e, "sunspec: unit not discovered");
+                    last = Some(e.to_string());
+                }
+            }
+        }
+        if self.units.is_empty() {
+            return Err(last.unwrap_or_else(|| "no unit configured".into()));
+        }
+        Ok(())
+    }
+
+    /// Reads the blocks of `unit`'s known models that the device model uses.
+    async fn read_unit(
+        &mut self,
+        unit: u8,
+        headers: &[ModelHeader],
+    ) -> Result<Vec<Block>, ModbusError> {
+        let Ok(link) = self.link().await else {
+            return Err(ModbusError::Transport {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                unit,
+                problem: "the endpoint does not resolve".into(),
+            });
+        };
+        let mut blocks = Vec::new();
+        for header in headers.iter().filter(|h| used(h.id)) {
+            let regs = link.read(unit, header.address, header.read_len()).await?;
+            blocks.push(Block {
+                header: *header,
+                regs,
+            });
+        }
+        Ok(blocks)
+    }
+
+    async fn command(&mut self, command: DriverCommand) {
+        let outcome = self.execute(&command).await;
+        let _ = command.done.send(outcome.map_err(CommandFailure::Reported));
+    }
+
+    async fn execute(&mut self, command: &DriverCommand) -> Result<serde_json::Value, String> {
+        let device = self
+            .devices
+            .iter()
+            .find(|d| d.device_id == command.device_id)
+            .cloned()
+            .ok_or_else(|| format!("{} is not a device of this driver", command.device_id))?;
+        match (device.device_type, command.slug.as_str()) {
+            (DeviceType::Battery, "battery:set-reserve") => {
+                let percent = command
+                    .input
+                    .get("chargePercentage")
+                    .and_then(serde_json::Value::as_f64)
+                    .ok_or("chargePercentage missing")?;
+                let now = self.set_reserve(device.unit, percent).await?;
+                Ok(json!({"backupReserve": now}))
+            }
+            (kind, slug) => Err(format!(
+                "the SunSpec driver does not carry out {slug} for {} ({})",
+                device.device_id,
+                kind.as_str()
+            )),
+        }
+    }
+
+    /// Writes the reserve of `unit` and reads it back; the value now in force.
+    async fn set_reserve(&mut self, unit: u8, percent: f64) -> Result<f64, String> {
+        let known = self
+            .units
+            .iter()
+            .find(|k| k.unit == unit)
+            .and_then(|k| k.last.clone())
+            .ok_or_else(|| format!("unit {unit} is not answering"))?;
+        let (block, point) = mapping::reserve_point(&known)
+            .ok_or_else(|| format!("unit {unit} has no reserve setting (model 802 or 124)"))?;
+        let def = block.point(point).expect("a point of the model");
+        let sf = def.sf.and_then(|sf| block.raw(sf)).and_then(|v| v.number());
+        if def.sf.is_some() && sf.is_none() {
+            return Err(format!(
+                "unit {unit}: {point}'s scale factor is not implemented; the value cannot be written"
+            ));
+        }
+        let regs = points::encode(def.ty, percent, sf)
+            .ok_or_else(|| format!("{percent} % cannot be stored in {point}"))?;
+        let address = block.header.address + def.offset;
+        let single = self.settings.single_register_writes;
+        let link = self.link().await?;
+        link.write(unit, address, &regs, single)
+            .await
+            .map_err(|e| format!("{point} at {address}: {e}"))?;
+        let back = link
+            .read(unit, address, def.ty.size())
+            .await
+            .map_err(|e| format!("reading {point} back at {address}: {e}"))?;
+        let now = points::scaled(
+            points::decode(def.ty, &back).and_then(|v| v.number()),
+            sf.or(Some(0.0)),
+        );
+        match now {
+            Some(now) if (now - percent).abs() <= resolution(sf) / 2.0 => Ok(now),
+            other => Err(format!(
+                "unit {unit} accepted {point} = {percent} % but reads back {}",
+                other.map_or("nothing".into(), |v| format!("{v} %"))
+            )),
+        }
+    }
+}
+
+/// The smallest step a value with scale factor `sf` can take.
+fn resolution(sf: Option<f64>) -> f64 {
+    10f64.powi(sf.unwrap_or(0.0) as i32)
+}
+
+/// Whether a poll reads model `id`: the ones the device model maps.
+fn used(id: u16) -> bool {
+    mapping::INVERTERS.contains(&id)
+        || mapping::METERS.contains(&id)
+        || id == mapping::BATTERY
+        || id == mapping::STORAGE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> SunSpecSettings {
+        SunSpecSettings {
+            name: "roof".into(),
+            tcp: "192.0.2.10".into(),
+            units: vec![1, 2],
+            base: None,
+            poll_ms: 5_000,
+            timeout_ms: 1_000,
+            delay_after_connect_ms: 0,
+            max_read: 125,
+            single_register_writes: false,
+        }
+    }
+
+    #[test]
+    fn endpoints_take_a_host_a_port_and_bracketed_ipv6_and_name_what_is_wrong() {
+        assert_eq!(endpoint("10.0.0.5"), Ok(("10.0.0.5".into(), 502)));
+        assert_eq!(
+            endpoint("inverter.local:1502"),
+            Ok(("inverter.local".into(), 1502))
+        );
+        assert_eq!(endpoint("[fd00::5]"), Ok(("fd00::5".into(), 502)));
+        assert_eq!(endpoint("[fd00::5]:503"), Ok(("fd00::5".into(), 503)));
+        assert_eq!(
+            endpoint("fd00::5"),
+            Err("\"fd00::5\": write an IPv6 address as [ADDRESS]:PORT".into())
+        );
+        assert_eq!(
+            endpoint("10.0.0.5:0"),
+            Err("\"10.0.0.5:0\": \"0\" is not a port from 1 to 65535".into())
+        );
+        assert_eq!(
+            endpoint(":502"),
+            Err("\":502\": expected HOST or HOST:PORT".into())
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_refused_naming_the_entry_and_the_key() {
+        assert!(settings().validate(1).is_ok());
+        type Case = (fn(&mut SunSpecSettings), &'static str, &'static str);
+        let cases: [Case; 6] = [
+            (
+                |s| s.units = vec![],
+                "drivers.units",
+                "driver #3 (roof): list at least one unit id",
+            ),
+            (
+                |s| s.units = vec![1, 1],
+                "drivers.units",
+                "driver #3 (roof): unit 1 is listed twice",
+            ),
+            (
+                |s| s.units = vec![0],
+                "drivers.units",
+                "driver #3 (roof): 0 is not a unit id from 1 to 255",
+            ),
+            (
+                |s| s.poll_ms = 10,
+                "drivers.poll_ms",
+                "driver #3 (roof): expected 500 to 3600000, found 10",
+            ),
+            (
+                |s| s.max_read = 126,
+                "drivers.max_read",
+                "driver #3 (roof): expected 1 to 125, found 126",
+            ),
+            (
+                |s| s.tcp = "a b".into(),
+                "drivers.tcp",
+                "driver #3 (roof): \"a b\": expected HOST or HOST:PORT",
+            ),
+        ];
+        for (change, key, message) in cases {
+            let mut s = settings();
+            change(&mut s);
+            let e = s.validate(3).unwrap_err();
+            assert_eq!((e.key, e.problem.as_str()), (key, message));
+        }
+    }
+}
