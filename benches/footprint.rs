@@ -6,6 +6,7 @@
 //!     FOOTPRINT_DRIVERS=0 cargo bench --bench footprint   # the link alone
 //!     FOOTPRINT_SMAPS=1 cargo bench --bench footprint     # and where the RSS is
 //!     FOOTPRINT_LIMITS=0 cargo bench --bench footprint    # no [[limits]] (no safety controls)
+//!     FOOTPRINT_SUNSPEC=1 cargo bench --bench footprint   # and a sunspec driver, two units
 //!
 //! "Idle" is a gateway's normal state: `FOOTPRINT_DRIVERS` simulated devices (default 4) each
 //! reporting every 5 s, telemetry batched and published as in production. Start-up times come
@@ -62,6 +63,26 @@ fn main() {
             ));
         }
     }
+    // FOOTPRINT_SUNSPEC=1: and a sunspec driver polling a hybrid inverter and its meter (two
+    // units of a pymodbus SunSpec server) every 5 s, for the driver's cost.
+    let sunspec = std::env::var("FOOTPRINT_SUNSPEC").is_ok_and(|v| v == "1");
+    let _server = sunspec.then(|| {
+        let server = kit::SunSpecServer::start(
+            pki.path(),
+            &serde_json::json!({"units": {
+                "1": {"models": [{"id": 1, "points": {"SN": "HYB-1"}},
+                                 {"id": 103, "points": {"W": 4521, "W_SF": -1}},
+                                 {"id": 124, "points": {"ChaState": 655, "ChaState_SF": -1}}]},
+                "2": {"models": [{"id": 1, "points": {"SN": "MTR-2"}},
+                                 {"id": 203, "points": {"W": -1200, "W_SF": 0}}]},
+            }}),
+        );
+        cfg.extra_toml.push_str(&format!(
+            "[[drivers]]\nkind = \"sunspec\"\nname = \"hybrid\"\ntcp = \"127.0.0.1:{}\"\nunits = [1, 2]\n\n",
+            server.port
+        ));
+        server
+    });
     let config = cfg.write(pki.path());
     // The harness's config uses a 5 s keepalive for fast tests; use the production default.
     let text = std::fs::read_to_string(&config)
@@ -114,7 +135,8 @@ fn main() {
         binary as f64 / 1048576.0
     );
     println!(
-        "simulated_devices      {drivers} (every 5 s), limits with default controls: {limits}"
+        "simulated_devices      {drivers} (every 5 s), limits with default controls: {limits}, \
+         sunspec driver: {sunspec}"
     );
     println!("start_to_ready_ms      {:.1}", ready.as_secs_f64() * 1000.0);
     println!(
