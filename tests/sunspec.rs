@@ -398,7 +398,7 @@ mod driver {
     const WORKSPACE: &str = "ws-sunspec";
     const WAIT: Duration = Duration::from_secs(20);
 
-    /// A hybrid inverter (1, 103, 124) on unit 1, a grid meter (1, 203) on unit 2, and a
+    /// A hybrid inverter (1, 103, 124, with settings 121 and controls 123) on unit 1, a grid meter (1, 203) on unit 2, and a
     /// battery (1, 802) on unit 3 whose reserve register refuses writes.
     fn site() -> Value {
         json!({"units": {
@@ -407,6 +407,9 @@ mod driver {
                 {"id": 103, "points": {"W": 4521, "W_SF": -1}},
                 {"id": 124, "points": {"ChaState": 655, "ChaState_SF": -1, "MinRsvPct": 20,
                                        "MinRsvPct_SF": 0, "ChaSt": 4}},
+                {"id": 121, "points": {"WMax": 5000, "WMax_SF": 0}},
+                {"id": 123, "points": {"WMaxLimPct": 1000, "WMaxLimPct_SF": -1,
+                                       "WMaxLimPct_RvrtTms": 0, "WMaxLim_Ena": 0}},
             ]},
             "2": {"models": [
                 {"id": 1, "points": {"SN": "MTR-2"}},
@@ -489,7 +492,10 @@ mod driver {
         cfg.extra_toml = format!(
             "[telemetry]\nbatch_max_ms = 100\nhealth_interval_secs = 3600\n\n\
              [[drivers]]\nkind = \"sunspec\"\nname = \"site\"\ntcp = \"127.0.0.1:{}\"\n\
-             units = [1, 2, 3]\npoll_ms = 500\ntimeout_ms = 500\n",
+             units = [1, 2, 3]\npoll_ms = 500\ntimeout_ms = 500\n\n\
+             [[limits]]\ndevice_id = \"sunspec-HYB-1\"\ndevice_type = \"inverter\"\n\
+             max_export_w = 4000\n\
+             default_control = {{ command = \"inverter:set-export-limit\", input = {{ exportLimit = 4000 }} }}\n",
             server.port
         );
         let agent = Agent::spawn(BIN, &cfg.write(pki.path()));
@@ -557,15 +563,59 @@ mod driver {
             &mut peer,
             &signer,
             "cmd-unsupported",
-            "sunspec-HYB-1",
-            "inverter:set-export-limit",
-            json!({"exportLimit": 3000}),
+            "sunspec-BAT-3-battery",
+            "battery:set-operating-mode",
+            json!({"operatingMode": "idle"}),
         )
         .await;
         assert_eq!(
             unsupported["error"]["message"],
-            "the SunSpec driver does not carry out inverter:set-export-limit for sunspec-HYB-1 \
-             (inverter)",
+            "the SunSpec driver does not carry out battery:set-operating-mode for \
+             sunspec-BAT-3-battery (battery)",
+        );
+
+        // An export limit: 3000 W of the inverter's 5000 W is WMaxLimPct 60 %, with the revert
+        // timer set to the hold, so the inverter lifts it by itself if the agent is gone.
+        let before = server.requests().len();
+        let limited = ask(
+            &mut peer,
+            &signer,
+            "cmd-export",
+            "sunspec-HYB-1",
+            "inverter:set-export-limit",
+            json!({"exportLimit": 3000, "holdSecs": 120}),
+        )
+        .await;
+        assert_eq!(limited["type"], "command.succeeded", "{limited}");
+        assert_eq!(limited["result"]["exportLimit"], 3000.0);
+        assert_eq!(limited["result"]["wMaxLimPct"], 60.0);
+        let revert = limited["result"]["revertSecs"].as_u64().unwrap();
+        assert!((118..=120).contains(&revert), "{limited}");
+        // Model 123 at 40180 (after 1, 103, 124 and 121 of 32 registers): WMaxLimPct +5,
+        // RvrtTms +7, Ena +9.
+        let written: Vec<u64> = server.requests()[before..]
+            .iter()
+            .filter(|r| r["function"] == 6 || r["function"] == 16)
+            .map(|r| r["address"].as_u64().unwrap())
+            .collect();
+        assert_eq!(written, vec![40_185, 40_187, 40_189]);
+        // Beyond the installer's limit it never reaches the inverter.
+        let before = server.requests().len();
+        let beyond = ask(
+            &mut peer,
+            &signer,
+            "cmd-export-beyond",
+            "sunspec-HYB-1",
+            "inverter:set-export-limit",
+            json!({"exportLimit": 4500}),
+        )
+        .await;
+        assert_eq!(beyond["status"], 422, "{beyond}");
+        assert!(
+            server.requests()[before..]
+                .iter()
+                .all(|r| r["function"] == 3),
+            "a write for a refused command"
         );
 
         // The device goes away: nothing is reported for it, not zeros; then it is back.

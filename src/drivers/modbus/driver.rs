@@ -400,6 +400,20 @@ impl Driver {
                 let now = self.set_reserve(device.unit, percent).await?;
                 Ok(json!({"backupReserve": now}))
             }
+            (DeviceType::Inverter, "inverter:set-export-limit") => {
+                let limit = command
+                    .input
+                    .get("exportLimit")
+                    .and_then(serde_json::Value::as_f64)
+                    .ok_or("exportLimit missing")?;
+                // The hardware reverts by itself when the hold lapses, even if the agent is gone.
+                let revert = command.safety.hold.as_ref().map(|h| {
+                    h.until
+                        .saturating_sub(crate::model::clock::system_secs())
+                        .clamp(1, u64::from(MAX_REVERT_SECS)) as u16
+                });
+                self.set_export_limit(device.unit, limit, revert).await
+            }
             (kind, slug) => Err(format!(
                 "the SunSpec driver does not carry out {slug} for {} ({})",
                 device.device_id,
@@ -451,17 +465,95 @@ impl Driver {
     }
 }
 
+/// The longest revert timer a `uint16` of seconds holds (0xFFFF is "not implemented").
+const MAX_REVERT_SECS: u16 = 65_534;
+
+impl Driver {
+    /// Limits `unit`'s output to `limit` W through model 123: `WMaxLimPct` as a share of its
+    /// maximum power, the revert timer (`revert` seconds, or none), then `WMaxLim_Ena` on; each
+    /// written and then all read back. Limiting output limits export: what the house uses
+    /// comes off the output first, so export never exceeds it (it may stay below it).
+    async fn set_export_limit(
+        &mut self,
+        unit: u8,
+        limit: f64,
+        revert: Option<u16>,
+    ) -> Result<serde_json::Value, String> {
+        let known = self
+            .units
+            .iter()
+            .find(|k| k.unit == unit)
+            .and_then(|k| k.last.clone())
+            .ok_or_else(|| format!("unit {unit} is not answering"))?;
+        let (controls, wmax) = mapping::output_limit(&known)?;
+        let sf = controls.raw("WMaxLimPct_SF").and_then(|v| v.number());
+        let pct = (limit / wmax * 100.0).clamp(0.0, 100.0);
+        let writes = [
+            ("WMaxLimPct", pct, sf),
+            ("WMaxLimPct_RvrtTms", f64::from(revert.unwrap_or(0)), None),
+            ("WMaxLim_Ena", 1.0, None),
+        ];
+        let single = self.settings.single_register_writes;
+        for (point, value, sf) in writes {
+            let def = controls.point(point).expect("a point of model 123");
+            let regs = points::encode(def.ty, value, sf)
+                .ok_or_else(|| format!("{value} cannot be stored in {point}"))?;
+            let address = controls.header.address + def.offset;
+            let link = self.link().await?;
+            link.write(unit, address, &regs, single)
+                .await
+                .map_err(|e| format!("{point} at {address}: {e}"))?;
+        }
+        // Read back from WMaxLimPct (offset 5) to WMaxLim_Ena (offset 9).
+        let first = controls.header.address + 5;
+        let link = self.link().await?;
+        let back = link
+            .read(unit, first, 5)
+            .await
+            .map_err(|e| format!("reading model 123 back at {first}: {e}"))?;
+        let mut regs = controls.regs.clone();
+        regs[5..10].copy_from_slice(&back);
+        let now = Block {
+            header: controls.header,
+            regs,
+        };
+        let pct_now = now.number("WMaxLimPct");
+        let revert_now = now.number("WMaxLimPct_RvrtTms").unwrap_or(0.0);
+        let enabled = now.number("WMaxLim_Ena") == Some(1.0);
+        let pct_ok = pct_now.is_some_and(|p| (p - pct).abs() <= resolution(sf) / 2.0);
+        if !(pct_ok && enabled && revert_now == f64::from(revert.unwrap_or(0))) {
+            return Err(format!(
+                "unit {unit} accepted the output limit but reads back WMaxLimPct {}, \
+                 WMaxLimPct_RvrtTms {revert_now}, WMaxLim_Ena {}",
+                pct_now.map_or("nothing".into(), |p| format!("{p} %")),
+                if enabled { "on" } else { "off" }
+            ));
+        }
+        Ok(json!({
+            "exportLimit": limit,
+            "wMaxLimPct": pct_now,
+            "revertSecs": revert.unwrap_or(0),
+        }))
+    }
+}
+
 /// The smallest step a value with scale factor `sf` can take.
 fn resolution(sf: Option<f64>) -> f64 {
     10f64.powi(sf.unwrap_or(0.0) as i32)
 }
 
-/// Whether a poll reads model `id`: the ones the device model maps.
+/// Whether a poll reads model `id`: the ones the device model maps, and those commands need.
 fn used(id: u16) -> bool {
     mapping::INVERTERS.contains(&id)
         || mapping::METERS.contains(&id)
-        || id == mapping::BATTERY
-        || id == mapping::STORAGE
+        || [
+            mapping::BATTERY,
+            mapping::STORAGE,
+            mapping::NAMEPLATE,
+            mapping::SETTINGS,
+            mapping::CONTROLS,
+        ]
+        .contains(&id)
 }
 
 #[cfg(test)]

@@ -27,6 +27,9 @@ pub(crate) const INVERTERS: [u16; 6] = [101, 102, 103, 111, 112, 113];
 pub(crate) const BATTERY: u16 = 802;
 pub(crate) const STORAGE: u16 = 124;
 pub(crate) const METERS: [u16; 8] = [201, 202, 203, 204, 211, 212, 213, 214];
+pub(crate) const NAMEPLATE: u16 = 120;
+pub(crate) const SETTINGS: u16 = 121;
+pub(crate) const CONTROLS: u16 = 123;
 
 /// Below this many watts either way the grid counts as idle.
 const IDLE_W: f64 = 10.0;
@@ -176,6 +179,30 @@ pub(crate) fn reserve_point(unit: &Unit) -> Option<(&Block, &'static str)> {
         .filter(|b| b.point("SoCRsvMin").is_some())
         .map(|b| (b, "SoCRsvMin"))
         .or_else(|| unit.block(&[STORAGE]).map(|b| (b, "MinRsvPct")))
+}
+
+/// Where `inverter:set-export-limit` writes for `unit`: the immediate controls (123), and the
+/// maximum power a percentage of `WMaxLimPct` is of, in W: 121's `WMax`, else 120's `WRtg`.
+pub(crate) fn output_limit(unit: &Unit) -> Result<(&Block, f64), String> {
+    let controls = unit.block(&[CONTROLS]).ok_or_else(|| {
+        format!(
+            "unit {} has no immediate controls model (123): it cannot limit its output",
+            unit.unit
+        )
+    })?;
+    let wmax = unit
+        .block(&[SETTINGS])
+        .and_then(|b| b.number("WMax"))
+        .or_else(|| unit.block(&[NAMEPLATE]).and_then(|b| b.number("WRtg")))
+        .filter(|w| *w > 0.0)
+        .ok_or_else(|| {
+            format!(
+                "unit {} gives no maximum power (121 WMax or 120 WRtg): a limit in W cannot \
+                 be turned into its WMaxLimPct",
+                unit.unit
+            )
+        })?;
+    Ok((controls, wmax))
 }
 
 #[cfg(test)]
