@@ -484,6 +484,7 @@ mod driver {
             &[
                 &device_topic(GATEWAY, "replies"),
                 &device_topic(GATEWAY, "telemetry"),
+                &device_topic(GATEWAY, "capabilities"),
             ],
         )
         .await;
@@ -618,8 +619,50 @@ mod driver {
             "a write for a refused command"
         );
 
-        // The device goes away: nothing is reported for it, not zeros; then it is back.
+        // The device goes away: it is reported offline, and nothing else is reported for it,
+        // not zeros; then it is back.
+        let devices = [
+            "sunspec-BAT-3-battery",
+            "sunspec-HYB-1",
+            "sunspec-HYB-1-battery",
+        ];
+        peer.forget(&device_topic(GATEWAY, "capabilities"));
         server.kill();
+        let mut offline = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while offline.len() < devices.len() {
+            assert!(Instant::now() < deadline, "offline: only {offline:?}");
+            let batch = peer
+                .expect(&device_topic(GATEWAY, "telemetry"), WAIT, |_| true)
+                .await
+                .json();
+            for p in batch["points"].as_array().unwrap() {
+                if let Some(a) = p.get("availability") {
+                    assert_eq!(a["online"], false, "{p}");
+                    assert!(a["reason"].as_str().unwrap().contains("unit"), "{p}");
+                    offline.push(p["deviceId"].as_str().unwrap().to_owned());
+                }
+            }
+        }
+        offline.sort();
+        assert_eq!(offline, devices);
+        let online_in = |m: &kit::Seen| -> Vec<(String, bool)> {
+            m.json()["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| {
+                    (
+                        d["deviceId"].as_str().unwrap().to_owned(),
+                        d["online"] == true,
+                    )
+                })
+                .collect()
+        };
+        peer.expect(&device_topic(GATEWAY, "capabilities"), WAIT, |m| {
+            online_in(m).iter().all(|(_, online)| !online)
+        })
+        .await;
         agent.wait_for_log(
             "sunspec: unit not answering; its devices report nothing until it does",
             WAIT,
@@ -643,6 +686,11 @@ mod driver {
         // A restarted device has its registers as configured again.
         state_of(&mut peer, "sunspec-HYB-1-battery", |s| {
             s["backupReserve"] == 20.0
+        })
+        .await;
+        peer.expect(&device_topic(GATEWAY, "capabilities"), WAIT, |m| {
+            let all = online_in(m);
+            all.len() == devices.len() && all.iter().all(|(_, online)| *online)
         })
         .await;
     }

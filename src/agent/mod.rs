@@ -164,9 +164,16 @@ impl Agent {
         // Outbound path: drivers → telemetry → outbox → link.
         let (samples_tx, samples_rx) = mpsc::channel(crate::drivers::SAMPLE_QUEUE);
         let sandbox = crate::drivers::process::DriverSandbox::from_settings(settings);
-        let (registry, driver_health, drivers) =
-            crate::drivers::start(&settings.drivers, &sandbox, &samples_tx, &shutdown);
+        let (availability_tx, availability_rx) = mpsc::channel(crate::drivers::SAMPLE_QUEUE);
+        let (registry, driver_health, drivers) = crate::drivers::start(
+            &settings.drivers,
+            &sandbox,
+            &samples_tx,
+            &availability_tx,
+            &shutdown,
+        );
         drop(samples_tx);
+        drop(availability_tx);
         let (telemetry, outbox_stats) = Telemetry::new(
             settings.device.id.as_str(),
             &settings.telemetry,
@@ -178,7 +185,8 @@ impl Agent {
         let (safety_tx, safety_rx) = mpsc::channel(crate::inbound::safety::EVENT_QUEUE);
         let telemetry = telemetry
             .with_driver_health(driver_health)
-            .with_safety_events(safety_rx);
+            .with_safety_events(safety_rx)
+            .with_availability(availability_rx);
         let telemetry = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
         // Inbound path: link → router → auth → commands → drivers → reply via link.
         let inbound = link.take_inbound().expect("inbound taken once");

@@ -37,6 +37,22 @@ pub struct Sample {
     pub state: DeviceState,
 }
 
+/// A driver lost a device, or has it back (PROTOCOL 14.7): reported in telemetry as an
+/// `availability` point and in the capabilities message as the device's `online`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Availability {
+    #[serde(skip)]
+    pub device_id: String,
+    pub online: bool,
+    /// Why it is offline, for people.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Availability changes on their way to telemetry.
+pub type AvailabilitySender = mpsc::Sender<Availability>;
+
 /// A command for one device, with the channel its outcome goes back on.
 #[derive(Debug)]
 pub struct DriverCommand {
@@ -138,6 +154,8 @@ struct Registry {
 struct Device {
     route: mpsc::Sender<DriverCommand>,
     state: DeviceState,
+    /// `false` once its driver said it is not answering; a state brings it back.
+    online: bool,
 }
 
 impl DriverRegistry {
@@ -160,7 +178,33 @@ impl DriverRegistry {
             .collect()
     }
 
-    /// Resolves whenever a new device has been seen.
+    /// Every known device with its type and whether it is online, ordered by id.
+    pub fn devices(&self) -> Vec<(String, DeviceType, bool)> {
+        let inner = self.inner.lock().expect("registry lock");
+        inner
+            .devices
+            .iter()
+            .map(|(id, d)| (id.clone(), d.state.device_type(), d.online))
+            .collect()
+    }
+
+    /// Records that `device_id` is online or not; `true` when that changed for a known device
+    /// (the capabilities message is then advertised again).
+    fn set_online(&self, device_id: &str, online: bool) -> bool {
+        let mut inner = self.inner.lock().expect("registry lock");
+        let Some(device) = inner.devices.get_mut(device_id) else {
+            return false;
+        };
+        if device.online == online {
+            return false;
+        }
+        device.online = online;
+        drop(inner);
+        self.changed.send_modify(|n| *n += 1);
+        true
+    }
+
+    /// Resolves whenever a new device has been seen, or one went offline or came back.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
     }
@@ -180,19 +224,20 @@ impl DriverRegistry {
         {
             return false;
         }
-        let known_type = inner
+        let known = inner
             .devices
             .get(&sample.device_id)
-            .map(|d| d.state.device_type());
+            .map(|d| (d.state.device_type(), d.online));
         inner.devices.insert(
             sample.device_id.clone(),
             Device {
                 route: route.clone(),
                 state: sample.state.clone(),
+                online: true,
             },
         );
         drop(inner);
-        if known_type != Some(sample.state.device_type()) {
+        if known != Some((sample.state.device_type(), true)) {
             self.changed.send_modify(|n| *n += 1);
         }
         true
@@ -251,7 +296,24 @@ async fn forward(
     }
 }
 
-/// Starts every configured driver; their samples go to `samples`. Process drivers run in
+/// Passes one driver's availability changes on to telemetry, as far as they change what the
+/// registry holds (a device not seen yet has nothing to lose).
+async fn forward_availability(
+    mut from_driver: mpsc::Receiver<Availability>,
+    to_telemetry: AvailabilitySender,
+    registry: DriverRegistry,
+) {
+    while let Some(change) = from_driver.recv().await {
+        if registry.set_online(&change.device_id, change.online)
+            && to_telemetry.send(change).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Starts every configured driver; their samples go to `samples`, and their availability
+/// changes (only the sunspec driver has any) to `availability`. Process drivers run in
 /// `sandbox` unless their settings say `sandbox = false`.
 ///
 /// Returns the registry of their devices, the counters of each process driver in configuration
@@ -261,6 +323,7 @@ pub fn start(
     settings: &[DriverSettings],
     sandbox: &process::DriverSandbox,
     samples: &SampleSender,
+    availability: &AvailabilitySender,
     shutdown: &crate::agent::service::Shutdown,
 ) -> (
     DriverRegistry,
@@ -306,9 +369,16 @@ pub fn start(
                 }));
             }
             DriverSettings::Sunspec(settings) => {
+                let (availability_tx, availability_rx) = mpsc::channel(SAMPLE_QUEUE);
+                tasks.push(tokio::spawn(forward_availability(
+                    availability_rx,
+                    availability.clone(),
+                    registry.clone(),
+                )));
                 tasks.push(tokio::spawn(modbus::driver::run(
                     settings.clone(),
                     sample_tx,
+                    availability_tx,
                     command_rx,
                     shutdown.clone(),
                 )));

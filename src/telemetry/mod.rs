@@ -85,6 +85,8 @@ pub struct Telemetry<P = Publisher> {
     pub clock: Clock,
     /// The safety stage's audit events, stored as `safety` points (PROTOCOL 14.6).
     pub safety_events: Option<mpsc::Receiver<crate::model::safety::SafetyPoint>>,
+    /// The drivers' availability changes, stored as `availability` points (PROTOCOL 14.7).
+    pub availability: Option<mpsc::Receiver<crate::drivers::Availability>>,
 }
 
 impl Telemetry {
@@ -115,6 +117,7 @@ impl Telemetry {
             stats,
             clock,
             safety_events: None,
+            availability: None,
         };
         (telemetry, stats_rx)
     }
@@ -141,6 +144,15 @@ impl<P: Publish> Telemetry<P> {
         self
     }
 
+    /// Stores the drivers' `changes` of availability as points, in order with the samples.
+    pub(crate) fn with_availability(
+        mut self,
+        changes: mpsc::Receiver<crate::drivers::Availability>,
+    ) -> Self {
+        self.availability = Some(changes);
+        self
+    }
+
     /// Runs until shutdown (or until the link is gone); then makes the outbox durable and
     /// returns it. Batches still in flight are not awaited: their points stay in the outbox.
     pub async fn run(
@@ -162,6 +174,7 @@ impl<P: Publish> Telemetry<P> {
         // has to be drained.
         let mut samples_open = true;
         let mut safety_events = self.safety_events.take();
+        let mut availability = self.availability.take();
         loop {
             // The link's state is read afresh every turn, not only when its watch is polled: the
             // link reports a lost connection and fails its deliveries in one step, and a rewind
@@ -213,6 +226,13 @@ impl<P: Publish> Telemetry<P> {
                         uplink.appended(self.outbox.last_seq(), Instant::now());
                     }
                     None => safety_events = None,
+                },
+                change = async { availability.as_mut().expect("guarded").recv().await }, if availability.is_some() => match change {
+                    Some(change) => {
+                        self.append_availability(&change);
+                        uplink.appended(self.outbox.last_seq(), Instant::now());
+                    }
+                    None => availability = None,
                 },
                 sample = samples.recv(), if samples_open => match sample {
                     Some(sample) => {
@@ -277,6 +297,14 @@ impl<P: Publish> Telemetry<P> {
         match self.outbox.append(&stored) {
             Ok(_) => self.publish_stats(),
             Err(error) => tracing::error!(%error, "safety point not stored"),
+        }
+    }
+
+    fn append_availability(&mut self, change: &crate::drivers::Availability) {
+        let stored = points::encode_availability(self.clock.now_millis(), change);
+        match self.outbox.append(&stored) {
+            Ok(_) => self.publish_stats(),
+            Err(error) => tracing::error!(%error, "availability point not stored"),
         }
     }
 

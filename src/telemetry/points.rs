@@ -69,6 +69,23 @@ pub(crate) fn encode_safety(ts: u64, point: &crate::model::safety::SafetyPoint) 
     serde_json::to_vec(&point).expect("points serialise")
 }
 
+#[derive(Debug, Serialize)]
+struct AvailabilityBody<'a> {
+    availability: &'a crate::drivers::Availability,
+}
+
+/// An availability point as the outbox stores it (`{"ts":…,"deviceId":…,"availability":…}`).
+pub(crate) fn encode_availability(ts: u64, change: &crate::drivers::Availability) -> Vec<u8> {
+    let point = StoredPoint {
+        ts,
+        device_id: &change.device_id,
+        body: AvailabilityBody {
+            availability: change,
+        },
+    };
+    serde_json::to_vec(&point).expect("points serialise")
+}
+
 /// `{"gatewayId": "...", "points": [{"seq": N, ...stored point...}, ...]}`.
 ///
 /// Stored points are JSON objects; the sequence number is spliced in front rather than parsing

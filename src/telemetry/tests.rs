@@ -124,6 +124,7 @@ fn harness(batch_max_points: usize) -> Harness {
         stats: stats_tx,
         clock: crate::model::clock::Clock::system(),
         safety_events: None,
+        availability: None,
     };
     Harness {
         telemetry,

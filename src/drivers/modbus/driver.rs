@@ -21,7 +21,7 @@ use super::link::{LinkSettings, ModbusError, TcpLink, MAX_READ};
 use crate::drivers::sunspec::chain::{Block, ModelHeader};
 use crate::drivers::sunspec::mapping::{self, DeviceSpec, Unit};
 use crate::drivers::sunspec::points;
-use crate::drivers::{CommandFailure, DriverCommand, Sample};
+use crate::drivers::{Availability, CommandFailure, DriverCommand, Sample};
 use crate::model::backoff::Backoff;
 use crate::model::device::DeviceType;
 use crate::model::rejection::Rejection;
@@ -180,10 +180,12 @@ struct Known {
 pub(crate) async fn run(
     settings: SunSpecSettings,
     samples: mpsc::Sender<Sample>,
+    availability: mpsc::Sender<Availability>,
     mut commands: mpsc::Receiver<DriverCommand>,
     mut stop: crate::agent::service::Shutdown,
 ) {
     let mut driver = Driver {
+        availability,
         link: None,
         units: Vec::new(),
         devices: Vec::new(),
@@ -217,6 +219,7 @@ pub(crate) async fn run(
 
 struct Driver {
     settings: SunSpecSettings,
+    availability: mpsc::Sender<Availability>,
     link: Option<TcpLink>,
     units: Vec<Known>,
     devices: Vec<DeviceSpec>,
@@ -254,11 +257,12 @@ impl Driver {
             let headers = self.units[i].discovered.models.clone();
             match self.read_unit(unit, &headers).await {
                 Ok(blocks) => {
-                    let known = &mut self.units[i];
-                    if !known.answering {
+                    if !self.units[i].answering {
                         tracing::info!(driver = %name, unit, "sunspec: unit answering");
-                        known.answering = true;
+                        self.units[i].answering = true;
+                        self.announce(unit, true, None).await;
                     }
+                    let known = &mut self.units[i];
                     let reading = Unit {
                         unit,
                         common: known.discovered.common.clone(),
@@ -267,17 +271,16 @@ impl Driver {
                     known.last = Some(reading.clone());
                     round.push(reading);
                 }
+                Err(e) if e.is_exception() => self.not_answering(i, &e.to_string()).await,
                 Err(e) => {
-                    let known = &mut self.units[i];
-                    if known.answering {
-                        tracing::warn!(driver = %name, unit, error = %e, "sunspec: unit not answering; its devices report nothing until it does");
-                        known.answering = false;
+                    // The link itself failed: the units after this one are behind the same
+                    // link and would each wait out the same timeout. All of them are offline
+                    // until the next round gets through.
+                    let reason = e.to_string();
+                    for j in i..self.units.len() {
+                        self.not_answering(j, &reason).await;
                     }
-                    if !e.is_exception() {
-                        // The link itself failed: the other units would wait out the same
-                        // timeout; try again at the next round.
-                        break;
-                    }
+                    break;
                 }
             }
         }
@@ -294,6 +297,33 @@ impl Driver {
             }
         }
         !round.is_empty()
+    }
+
+    /// Unit `self.units[i]` did not answer (`reason`): logged and announced once, when it
+    /// stops.
+    async fn not_answering(&mut self, i: usize, reason: &str) {
+        let known = &mut self.units[i];
+        if !known.answering {
+            return;
+        }
+        known.answering = false;
+        let unit = known.unit;
+        tracing::warn!(driver = %self.settings.name, unit, error = reason, "sunspec: unit not answering; its devices report nothing until it does");
+        self.announce(unit, false, Some(reason.to_owned())).await;
+    }
+
+    /// Tells the agent that `unit`'s devices are online or not.
+    async fn announce(&mut self, unit: u8, online: bool, reason: Option<String>) {
+        for device in self.devices.iter().filter(|d| d.unit == unit) {
+            let change = Availability {
+                device_id: device.device_id.clone(),
+                online,
+                reason: reason.clone(),
+            };
+            if self.availability.send(change).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Discovers each configured unit not found yet. `Err` when none is known after it.

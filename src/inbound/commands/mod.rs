@@ -194,11 +194,10 @@ pub fn reply_for(
 /// Schema of each input, like the platform's `availableCommands`.
 pub fn capabilities(gateway_id: &str, registry: &DriverRegistry) -> Vec<u8> {
     let devices: Vec<Value> = registry
-        .states()
+        .devices()
         .into_iter()
-        .map(|(id, state)| {
-            let t = state.device_type();
-            json!({ "deviceId": id, "type": t, "availableCommands": catalog::available_commands(t) })
+        .map(|(id, t, online)| {
+            json!({ "deviceId": id, "type": t, "online": online, "availableCommands": catalog::available_commands(t) })
         })
         .collect();
     let agent: Vec<Value> = [Slug::AgentPing, Slug::AgentGetState, Slug::AgentUnpair]
