@@ -257,7 +257,22 @@ fn discover_names_a_bad_argument_and_an_endpoint_that_does_not_answer() {
     );
     let (code, _, err) = run(&["--tcp", "no such host!"]);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("--tcp no such host!:"), "{err}");
+    assert!(
+        err.contains("--tcp \"no such host!\": expected HOST or HOST:PORT"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["--tcp", "fd00::5"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("write an IPv6 address as [ADDRESS]:PORT"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["--tcp", "gateway.invalid"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("gateway.invalid:502 does not resolve"),
+        "{err}"
+    );
 
     let port = kit::free_port();
     let (code, out, err) = run(&["--tcp", &format!("127.0.0.1:{port}"), "--units", "1-5"]);

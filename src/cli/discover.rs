@@ -13,11 +13,9 @@ use serde_json::{json, Value};
 
 use super::printable;
 use crate::drivers::modbus::discover::{discover, DiscoverError, Discovered};
-use crate::drivers::modbus::link::{LinkSettings, TcpLink};
+use crate::drivers::modbus::driver::endpoint;
+use crate::drivers::modbus::link::{LinkSettings, ModbusError, TcpLink};
 use crate::drivers::sunspec::points::{PointType, Value as PointValue};
-
-/// The Modbus TCP port a device listens on when `--tcp` names none.
-const MODBUS_PORT: u16 = 502;
 
 /// What `discover` was asked.
 #[derive(Debug, Clone, clap::Args)]
@@ -40,11 +38,18 @@ pub(crate) struct DiscoverArgs {
 }
 
 pub(crate) fn discover_command(args: &DiscoverArgs) -> ExitCode {
-    let (addr, units) = match parse(args) {
+    let (endpoint, units) = match parse(args) {
         Ok(parsed) => parsed,
         Err(message) => {
             eprintln!("error: {message}");
             return ExitCode::from(2);
+        }
+    };
+    let addr = match resolve(&endpoint) {
+        Ok(addr) => addr,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::FAILURE;
         }
     };
     let Some(runtime) = super::runtime(tokio::runtime::Builder::new_current_thread()) else {
@@ -59,8 +64,12 @@ pub(crate) fn discover_command(args: &DiscoverArgs) -> ExitCode {
         let mut results = Vec::new();
         for unit in units {
             let result = discover(&mut link, unit, args.base).await;
-            // A link that does not answer at all will not answer the next unit either.
-            let dead = matches!(&result, Err(DiscoverError::Link(e)) if !e.is_exception());
+            // An endpoint that refuses the connection will refuse it for the next unit too; a
+            // unit that times out says nothing about the others behind a gateway.
+            let dead = matches!(
+                &result,
+                Err(DiscoverError::Link(ModbusError::Connect { .. }))
+            );
             results.push((unit, result));
             if dead {
                 break;
@@ -83,27 +92,27 @@ pub(crate) fn discover_command(args: &DiscoverArgs) -> ExitCode {
 }
 
 /// The endpoint and unit ids, or a message naming the bad argument.
-fn parse(args: &DiscoverArgs) -> Result<(SocketAddr, Vec<u8>), String> {
-    // HOST:PORT first; then HOST alone (a name, an IPv4 or a bare or bracketed IPv6 address).
-    let resolved = match args.tcp.as_str().to_socket_addrs() {
-        Ok(addrs) => Ok(addrs),
-        Err(_) => (
-            args.tcp.trim_start_matches('[').trim_end_matches(']'),
-            MODBUS_PORT,
-        )
-            .to_socket_addrs(),
-    };
-    let addr = resolved
-        .map_err(|e| format!("--tcp {}: {e}", args.tcp))?
-        .next()
-        .ok_or_else(|| format!("--tcp {}: the name resolves to no address", args.tcp))?;
+fn parse(args: &DiscoverArgs) -> Result<((String, u16), Vec<u8>), String> {
+    // The same grammar as a sunspec driver's `tcp`, so what discover accepts, the
+    // configuration does.
+    let endpoint = endpoint(&args.tcp).map_err(|e| format!("--tcp {e}"))?;
     if !(1..=60_000).contains(&args.timeout_ms) {
         return Err(format!(
             "--timeout-ms {}: must be from 1 to 60000",
             args.timeout_ms
         ));
     }
-    Ok((addr, parse_units(&args.units)?))
+    Ok((endpoint, parse_units(&args.units)?))
+}
+
+/// The endpoint's first address; a name that does not resolve is a network problem (exit 1),
+/// not a bad argument.
+fn resolve((host, port): &(String, u16)) -> Result<SocketAddr, String> {
+    (host.as_str(), *port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{host}:{port} does not resolve: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host}:{port} resolves to no address"))
 }
 
 /// `1`, `1-10`, `1,3,10-12`: unit ids from 1 to 255, each once, in the order given.

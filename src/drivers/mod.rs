@@ -154,7 +154,7 @@ struct Registry {
 struct Device {
     route: mpsc::Sender<DriverCommand>,
     state: DeviceState,
-    /// `false` once its driver said it is not answering; a state brings it back.
+    /// `false` from when its driver says it is not answering until it says it is back.
     online: bool,
 }
 
@@ -228,16 +228,19 @@ impl DriverRegistry {
             .devices
             .get(&sample.device_id)
             .map(|d| (d.state.device_type(), d.online));
+        // Availability is the driver's to say (`set_online`): a state racing ahead of the
+        // driver's "back online" must not swallow that point.
+        let online = known.is_none_or(|(_, online)| online);
         inner.devices.insert(
             sample.device_id.clone(),
             Device {
                 route: route.clone(),
                 state: sample.state.clone(),
-                online: true,
+                online,
             },
         );
         drop(inner);
-        if known != Some((sample.state.device_type(), true)) {
+        if known.map(|(t, _)| t) != Some(sample.state.device_type()) {
             self.changed.send_modify(|n| *n += 1);
         }
         true

@@ -254,7 +254,14 @@ impl Driver {
         let mut round: Vec<Unit> = Vec::new();
         for i in 0..self.units.len() {
             let unit = self.units[i].unit;
-            let headers = self.units[i].discovered.models.clone();
+            // The models discovery could read: one that answered it with an exception (some
+            // devices list models they refuse to serve) would fail every round.
+            let headers: Vec<ModelHeader> = self.units[i]
+                .discovered
+                .blocks
+                .iter()
+                .map(|b| b.header)
+                .collect();
             match self.read_unit(unit, &headers).await {
                 Ok(blocks) => {
                     if !self.units[i].answering {
@@ -271,17 +278,19 @@ impl Driver {
                     known.last = Some(reading.clone());
                     round.push(reading);
                 }
-                Err(e) if e.is_exception() => self.not_answering(i, &e.to_string()).await,
-                Err(e) => {
-                    // The link itself failed: the units after this one are behind the same
-                    // link and would each wait out the same timeout. All of them are offline
-                    // until the next round gets through.
+                Err(e @ ModbusError::Connect { .. }) => {
+                    // The endpoint cannot be reached: every unit behind it is offline until
+                    // the next round gets through.
                     let reason = e.to_string();
                     for j in i..self.units.len() {
                         self.not_answering(j, &reason).await;
                     }
                     break;
                 }
+                // This unit: an exception, or a timeout or broken answer (the link closed the
+                // connection; the next unit connects again), so one silent unit behind a
+                // gateway does not silence the others.
+                Err(e) => self.not_answering(i, &e.to_string()).await,
             }
         }
         for device in &self.devices {
@@ -436,11 +445,14 @@ impl Driver {
                     .get("exportLimit")
                     .and_then(serde_json::Value::as_f64)
                     .ok_or("exportLimit missing")?;
-                // The hardware reverts by itself when the hold lapses, even if the agent is gone.
-                let revert = command.safety.hold.as_ref().map(|h| {
-                    h.until
-                        .saturating_sub(crate::model::clock::system_secs())
-                        .clamp(1, u64::from(MAX_REVERT_SECS)) as u16
+                // The hardware reverts by itself when the hold lapses, even if the agent is
+                // gone. A hold longer than the timer holds gets no timer: reverting early
+                // would lift the limit while the hold is still meant to be in force.
+                let revert = command.safety.hold.as_ref().map_or(0, |h| {
+                    match h.until.saturating_sub(crate::model::clock::system_secs()) {
+                        secs if secs > MAX_REVERT_SECS => 0,
+                        secs => secs.max(1),
+                    }
                 });
                 self.set_export_limit(device.unit, limit, revert).await
             }
@@ -454,23 +466,51 @@ impl Driver {
 
     /// Writes the reserve of `unit` and reads it back; the value now in force.
     async fn set_reserve(&mut self, unit: u8, percent: f64) -> Result<f64, String> {
-        let known = self
-            .units
+        let known = self.reading(unit)?;
+        let (block, point) = mapping::reserve_point(&known)
+            .ok_or_else(|| format!("unit {unit} has no reserve setting (model 802 or 124)"))?;
+        self.write_point(unit, block, point, percent).await
+    }
+
+    /// The last reading of `unit`, for a command.
+    fn reading(&self, unit: u8) -> Result<Unit, String> {
+        self.units
             .iter()
             .find(|k| k.unit == unit)
             .and_then(|k| k.last.clone())
-            .ok_or_else(|| format!("unit {unit} is not answering"))?;
-        let (block, point) = mapping::reserve_point(&known)
-            .ok_or_else(|| format!("unit {unit} has no reserve setting (model 802 or 124)"))?;
+            .ok_or_else(|| format!("unit {unit} is not answering"))
+    }
+
+    /// Writes `value` to `point` of `block` on `unit`, scaled by the point's scale factor, then
+    /// reads the registers back: the value now in force (scaled) when they are exactly the
+    /// ones written. Refused before anything is written when the device's declared length
+    /// ends before the point, or its scale factor is not implemented.
+    async fn write_point(
+        &mut self,
+        unit: u8,
+        block: &Block,
+        point: &'static str,
+        value: f64,
+    ) -> Result<f64, String> {
         let def = block.point(point).expect("a point of the model");
-        let sf = def.sf.and_then(|sf| block.raw(sf)).and_then(|v| v.number());
-        if def.sf.is_some() && sf.is_none() {
+        let id = block.header.id;
+        if def.offset + def.ty.size() > block.header.length.saturating_add(2) {
             return Err(format!(
-                "unit {unit}: {point}'s scale factor is not implemented; the value cannot be written"
+                "unit {unit}: model {id} declares length {}, which ends before {point}",
+                block.header.length
             ));
         }
-        let regs = points::encode(def.ty, percent, sf)
-            .ok_or_else(|| format!("{percent} % cannot be stored in {point}"))?;
+        let sf = match def.sf {
+            None => None,
+            Some(name) => Some(block.raw(name).and_then(|v| v.number()).ok_or_else(|| {
+                format!(
+                    "unit {unit}: {point}'s scale factor {name} is not implemented; the value \
+                     cannot be written"
+                )
+            })?),
+        };
+        let regs = points::encode(def.ty, value, sf)
+            .ok_or_else(|| format!("{value} cannot be stored in {point} (model {id})"))?;
         let address = block.header.address + def.offset;
         let single = self.settings.single_register_writes;
         let link = self.link().await?;
@@ -481,95 +521,64 @@ impl Driver {
             .read(unit, address, def.ty.size())
             .await
             .map_err(|e| format!("reading {point} back at {address}: {e}"))?;
-        let now = points::scaled(
-            points::decode(def.ty, &back).and_then(|v| v.number()),
-            sf.or(Some(0.0)),
-        );
-        match now {
-            Some(now) if (now - percent).abs() <= resolution(sf) / 2.0 => Ok(now),
-            other => Err(format!(
-                "unit {unit} accepted {point} = {percent} % but reads back {}",
-                other.map_or("nothing".into(), |v| format!("{v} %"))
-            )),
+        let read = |r: &[u16]| {
+            let raw = points::decode(def.ty, r).and_then(|v| v.number());
+            points::scaled(raw, sf.or(Some(0.0)))
+        };
+        if back != regs {
+            return Err(format!(
+                "unit {unit} accepted {point} = {value} but reads back {}",
+                read(&back).map_or("nothing".into(), |v| v.to_string())
+            ));
         }
+        read(&back).ok_or_else(|| format!("{point} reads back as not implemented"))
     }
 }
 
 /// The longest revert timer a `uint16` of seconds holds (0xFFFF is "not implemented").
-const MAX_REVERT_SECS: u16 = 65_534;
+const MAX_REVERT_SECS: u64 = 65_534;
 
 impl Driver {
     /// Limits `unit`'s output to `limit` W through model 123: `WMaxLimPct` as a share of its
     /// maximum power, the revert timer (`revert` seconds, or none), then `WMaxLim_Ena` on; each
-    /// written and then all read back. Limiting output limits export: what the house uses
-    /// comes off the output first, so export never exceeds it (it may stay below it).
+    /// written and read back. Limiting output limits export: what the house uses comes off the
+    /// output first, so export never exceeds it (it may stay below it).
     async fn set_export_limit(
         &mut self,
         unit: u8,
         limit: f64,
-        revert: Option<u16>,
+        revert: u64,
     ) -> Result<serde_json::Value, String> {
-        let known = self
-            .units
-            .iter()
-            .find(|k| k.unit == unit)
-            .and_then(|k| k.last.clone())
-            .ok_or_else(|| format!("unit {unit} is not answering"))?;
+        let known = self.reading(unit)?;
         let (controls, wmax) = mapping::output_limit(&known)?;
-        let sf = controls.raw("WMaxLimPct_SF").and_then(|v| v.number());
-        let pct = (limit / wmax * 100.0).clamp(0.0, 100.0);
-        let writes = [
-            ("WMaxLimPct", pct, sf),
-            ("WMaxLimPct_RvrtTms", f64::from(revert.unwrap_or(0)), None),
-            ("WMaxLim_Ena", 1.0, None),
-        ];
-        let single = self.settings.single_register_writes;
-        for (point, value, sf) in writes {
+        // Checked before the first write, so a device that cannot take all three gets none.
+        for point in ["WMaxLimPct", "WMaxLimPct_RvrtTms", "WMaxLim_Ena"] {
             let def = controls.point(point).expect("a point of model 123");
-            let regs = points::encode(def.ty, value, sf)
-                .ok_or_else(|| format!("{value} cannot be stored in {point}"))?;
-            let address = controls.header.address + def.offset;
-            let link = self.link().await?;
-            link.write(unit, address, &regs, single)
-                .await
-                .map_err(|e| format!("{point} at {address}: {e}"))?;
+            if def.offset + def.ty.size() > controls.header.length.saturating_add(2) {
+                return Err(format!(
+                    "unit {unit}: model 123 declares length {}, which ends before {point}",
+                    controls.header.length
+                ));
+            }
         }
-        // Read back from WMaxLimPct (offset 5) to WMaxLim_Ena (offset 9).
-        let first = controls.header.address + 5;
-        let link = self.link().await?;
-        let back = link
-            .read(unit, first, 5)
-            .await
-            .map_err(|e| format!("reading model 123 back at {first}: {e}"))?;
-        let mut regs = controls.regs.clone();
-        regs[5..10].copy_from_slice(&back);
-        let now = Block {
-            header: controls.header,
-            regs,
-        };
-        let pct_now = now.number("WMaxLimPct");
-        let revert_now = now.number("WMaxLimPct_RvrtTms").unwrap_or(0.0);
-        let enabled = now.number("WMaxLim_Ena") == Some(1.0);
-        let pct_ok = pct_now.is_some_and(|p| (p - pct).abs() <= resolution(sf) / 2.0);
-        if !(pct_ok && enabled && revert_now == f64::from(revert.unwrap_or(0))) {
+        if controls.raw("WMaxLimPct_SF").is_none() {
             return Err(format!(
-                "unit {unit} accepted the output limit but reads back WMaxLimPct {}, \
-                 WMaxLimPct_RvrtTms {revert_now}, WMaxLim_Ena {}",
-                pct_now.map_or("nothing".into(), |p| format!("{p} %")),
-                if enabled { "on" } else { "off" }
+                "unit {unit}: WMaxLimPct's scale factor WMaxLimPct_SF is not implemented; the \
+                 limit cannot be written"
             ));
         }
+        let pct = (limit / wmax * 100.0).clamp(0.0, 100.0);
+        let pct_now = self.write_point(unit, controls, "WMaxLimPct", pct).await?;
+        let revert_now = self
+            .write_point(unit, controls, "WMaxLimPct_RvrtTms", revert as f64)
+            .await?;
+        self.write_point(unit, controls, "WMaxLim_Ena", 1.0).await?;
         Ok(json!({
             "exportLimit": limit,
             "wMaxLimPct": pct_now,
-            "revertSecs": revert.unwrap_or(0),
+            "revertSecs": revert_now as u64,
         }))
     }
-}
-
-/// The smallest step a value with scale factor `sf` can take.
-fn resolution(sf: Option<f64>) -> f64 {
-    10f64.powi(sf.unwrap_or(0.0) as i32)
 }
 
 /// Whether a poll reads model `id`: the ones the device model maps, and those commands need.
