@@ -799,48 +799,29 @@ async fn a_widening_policy_is_refused_and_a_narrowing_one_applies_and_survives_a
         json!({"event": "policy-applied", "version": 2})
     );
 
-    let narrowed = |bed: &mut Bed| {
-        let cases = [
-            (
-                "pv-1",
-                "inverter:set-export-limit",
-                json!({"exportLimit": 4500}),
-                "exportLimit: 4500 W is above the policy v2 limit max_export_w = 4000 W for pv-1",
-            ),
-            (
-                "ch-1",
-                "charger:set-charge-rate-limit",
-                json!({"currentLimit": 12, "powerLimit": 2000}),
-                "currentLimit: 12 A is above the policy v2 limit max_current_a = 10 A for ch-1",
-            ),
-            (
-                "bat-1",
-                "battery:set-reserve",
-                json!({"chargePercentage": 25}),
-                "chargePercentage: 25 % is below the policy v2 limit min_backup_reserve = 30 % for bat-1",
-            ),
-        ];
-        let mut replies = Vec::new();
-        for (device, slug, input, message) in cases {
-            replies.push((bed.token(Some(device), slug, input), message));
-        }
-        replies
-    };
-    for ((id, token), message) in narrowed(&mut bed) {
-        bed.peer
-            .publish(
-                &device_topic(GATEWAY, "commands"),
-                token.into_bytes(),
-                false,
-            )
-            .await;
-        let reply = bed
-            .peer
-            .expect(&device_topic(GATEWAY, "replies"), WAIT, |m| {
-                m.json()["commandId"] == id.as_str()
-            })
-            .await
-            .json();
+    // The commands the policy refuses, with the message naming its limit.
+    let narrowed = [
+        (
+            "pv-1",
+            "inverter:set-export-limit",
+            json!({"exportLimit": 4500}),
+            "exportLimit: 4500 W is above the policy v2 limit max_export_w = 4000 W for pv-1",
+        ),
+        (
+            "ch-1",
+            "charger:set-charge-rate-limit",
+            json!({"currentLimit": 12, "powerLimit": 2000}),
+            "currentLimit: 12 A is above the policy v2 limit max_current_a = 10 A for ch-1",
+        ),
+        (
+            "bat-1",
+            "battery:set-reserve",
+            json!({"chargePercentage": 25}),
+            "chargePercentage: 25 % is below the policy v2 limit min_backup_reserve = 30 % for bat-1",
+        ),
+    ];
+    for (device, slug, input, message) in narrowed.clone() {
+        let reply = bed.ask(Some(device), slug, input).await;
         assert_eq!(reply["status"], 422, "{reply}");
         assert_eq!(reply["error"]["message"], message, "{reply}");
     }
@@ -873,21 +854,8 @@ async fn a_widening_policy_is_refused_and_a_narrowing_one_applies_and_survives_a
     assert!(status.contains("policy:      v2"), "{status}");
     bed.points.clear();
     let _agent = bed.start_agent().await;
-    for ((id, token), message) in narrowed(&mut bed) {
-        bed.peer
-            .publish(
-                &device_topic(GATEWAY, "commands"),
-                token.into_bytes(),
-                false,
-            )
-            .await;
-        let reply = bed
-            .peer
-            .expect(&device_topic(GATEWAY, "replies"), WAIT, |m| {
-                m.json()["commandId"] == id.as_str()
-            })
-            .await
-            .json();
+    for (device, slug, input, message) in narrowed {
+        let reply = bed.ask(Some(device), slug, input).await;
         assert_eq!(reply["status"], 422, "after the restart: {reply}");
         assert_eq!(
             reply["error"]["message"], message,

@@ -694,24 +694,11 @@ mod driver {
         })
         .await;
     }
-}
-
-mod short_controls {
-    use serde_json::json;
-    use texture_agent::model::clock::system_secs;
-    use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
-    use texture_agent_testkit as kit;
-
-    use kit::{device_topic, Agent, AgentConfig, Testbed};
-
-    use super::{SunSpecServer, BIN};
 
     /// An inverter whose model 123 declares 5 registers: too short for the limit's points, so
     /// the command fails naming it and nothing is written (no write lands in whatever follows).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_export_limit_on_a_too_short_controls_model_is_refused_unwritten() {
-        const GW: &str = "gw-short";
-        let wait = std::time::Duration::from_secs(20);
         let Testbed {
             pki,
             broker,
@@ -720,8 +707,8 @@ mod short_controls {
         } = Testbed::start(
             PlatformSigner::generate("platform-short"),
             &[
-                &device_topic(GW, "replies"),
-                &device_topic(GW, "capabilities"),
+                &device_topic(GATEWAY, "replies"),
+                &device_topic(GATEWAY, "capabilities"),
             ],
         )
         .await;
@@ -734,40 +721,25 @@ mod short_controls {
                 {"id": 123, "points": {"WMaxLimPct_SF": 0}, "length": 5},
             ]}}}),
         );
-        let mut cfg = AgentConfig::new(&pki, broker.port, GW).trusting(&signer, "ws");
+        let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, WORKSPACE);
         cfg.extra_toml = format!(
             "[[drivers]]\nkind = \"sunspec\"\nname = \"s\"\ntcp = \"127.0.0.1:{}\"\npoll_ms = 500\n",
             server.port
         );
         let _agent = Agent::spawn(BIN, &cfg.write(pki.path()));
-        peer.expect(&device_topic(GW, "capabilities"), wait, |m| {
+        peer.expect(&device_topic(GATEWAY, "capabilities"), WAIT, |m| {
             m.json()["devices"].to_string().contains("sunspec-SHORT")
         })
         .await;
-        let claims = signer.claims(
-            &ApiKey::server("key-server", "ws"),
-            AttestedCommand::new(
-                GW,
-                "cmd-1",
-                "inverter:set-export-limit",
-                json!({"exportLimit": 1000}),
-            )
-            .for_device("sunspec-SHORT"),
-            system_secs(),
-            300,
-        );
-        peer.publish(
-            &device_topic(GW, "commands"),
-            signer.attest(&claims).into_bytes(),
-            false,
+        let reply = ask(
+            &mut peer,
+            &signer,
+            "cmd-1",
+            "sunspec-SHORT",
+            "inverter:set-export-limit",
+            json!({"exportLimit": 1000}),
         )
         .await;
-        let reply = peer
-            .expect(&device_topic(GW, "replies"), wait, |m| {
-                m.json()["commandId"] == "cmd-1"
-            })
-            .await
-            .json();
         assert_eq!(reply["type"], "command.failed", "{reply}");
         assert_eq!(
             reply["error"]["message"],

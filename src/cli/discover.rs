@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::printable;
 use crate::drivers::modbus::discover::{discover, DiscoverError, Discovered};
 use crate::drivers::modbus::driver::endpoint;
-use crate::drivers::modbus::link::{LinkSettings, ModbusError, TcpLink};
+use crate::drivers::modbus::link::{LinkSettings, TcpLink};
 use crate::drivers::sunspec::points::{PointType, Value as PointValue};
 
 /// What `discover` was asked.
@@ -66,10 +66,7 @@ pub(crate) fn discover_command(args: &DiscoverArgs) -> ExitCode {
             let result = discover(&mut link, unit, args.base).await;
             // An endpoint that refuses the connection will refuse it for the next unit too; a
             // unit that times out says nothing about the others behind a gateway.
-            let dead = matches!(
-                &result,
-                Err(DiscoverError::Link(ModbusError::Connect { .. }))
-            );
+            let dead = matches!(&result, Err(DiscoverError::Link(e)) if e.is_unreachable());
             results.push((unit, result));
             if dead {
                 break;

@@ -286,25 +286,24 @@ impl<P: Publish> Telemetry<P> {
         let reconnects = self.link.borrow().reconnects();
         let health = self.health.sample(reconnects, stats);
         let point = points::encode_health(self.clock.now_millis(), &self.gateway_id, &health);
-        match self.outbox.append(&point) {
-            Ok(_) => self.publish_stats(),
-            Err(error) => tracing::error!(%error, "point not stored"),
-        }
+        self.append_point(&point, "health");
     }
 
     fn append_safety(&mut self, point: &crate::model::safety::SafetyPoint) {
         let stored = points::encode_safety(self.clock.now_millis(), point);
-        match self.outbox.append(&stored) {
-            Ok(_) => self.publish_stats(),
-            Err(error) => tracing::error!(%error, "safety point not stored"),
-        }
+        self.append_point(&stored, "safety");
     }
 
     fn append_availability(&mut self, change: &crate::drivers::Availability) {
         let stored = points::encode_availability(self.clock.now_millis(), change);
-        match self.outbox.append(&stored) {
+        self.append_point(&stored, "availability");
+    }
+
+    /// Stores one encoded point of `kind` (for the log when it cannot be stored).
+    fn append_point(&mut self, stored: &[u8], kind: &'static str) {
+        match self.outbox.append(stored) {
             Ok(_) => self.publish_stats(),
-            Err(error) => tracing::error!(%error, "availability point not stored"),
+            Err(error) => tracing::error!(%error, kind, "point not stored"),
         }
     }
 

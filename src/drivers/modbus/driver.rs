@@ -228,14 +228,18 @@ struct Driver {
 
 impl Driver {
     /// The link, resolving the endpoint if there is none yet.
-    async fn link(&mut self) -> Result<&mut TcpLink, String> {
+    async fn link(&mut self) -> Result<&mut TcpLink, ModbusError> {
         if self.link.is_none() {
             let (host, port) = self.settings.endpoint();
+            let unresolved = |problem: String| ModbusError::Resolve {
+                endpoint: format!("{host}:{port}"),
+                problem,
+            };
             let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
                 .await
-                .map_err(|e| format!("{host}:{port}: {e}"))?
+                .map_err(|e| unresolved(e.to_string()))?
                 .next()
-                .ok_or_else(|| format!("{host}:{port}: the name resolves to no address"))?;
+                .ok_or_else(|| unresolved("no address".into()))?;
             self.link = Some(TcpLink::new(addr, self.settings.link_settings()));
         }
         Ok(self.link.as_mut().expect("set above"))
@@ -278,7 +282,7 @@ impl Driver {
                     known.last = Some(reading.clone());
                     round.push(reading);
                 }
-                Err(e @ ModbusError::Connect { .. }) => {
+                Err(e) if e.is_unreachable() => {
                     // The endpoint cannot be reached: every unit behind it is offline until
                     // the next round gets through.
                     let reason = e.to_string();
@@ -348,7 +352,7 @@ impl Driver {
             .collect();
         let mut last = None;
         for unit in wanted {
-            let link = self.link().await?;
+            let link = self.link().await.map_err(|e| e.to_string())?;
             match discover(link, unit, base).await {
                 Ok(found) => {
                     let reading = Unit {
@@ -399,13 +403,7 @@ impl Driver {
         unit: u8,
         headers: &[ModelHeader],
     ) -> Result<Vec<Block>, ModbusError> {
-        let Ok(link) = self.link().await else {
-            return Err(ModbusError::Transport {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                unit,
-                problem: "the endpoint does not resolve".into(),
-            });
-        };
+        let link = self.link().await?;
         let mut blocks = Vec::new();
         for header in headers.iter().filter(|h| used(h.id)) {
             let regs = link.read(unit, header.address, header.read_len()).await?;
@@ -494,12 +492,7 @@ impl Driver {
     ) -> Result<f64, String> {
         let def = block.point(point).expect("a point of the model");
         let id = block.header.id;
-        if def.offset + def.ty.size() > block.header.length.saturating_add(2) {
-            return Err(format!(
-                "unit {unit}: model {id} declares length {}, which ends before {point}",
-                block.header.length
-            ));
-        }
+        declared(unit, block, point)?;
         let sf = match def.sf {
             None => None,
             Some(name) => Some(block.raw(name).and_then(|v| v.number()).ok_or_else(|| {
@@ -513,7 +506,7 @@ impl Driver {
             .ok_or_else(|| format!("{value} cannot be stored in {point} (model {id})"))?;
         let address = block.header.address + def.offset;
         let single = self.settings.single_register_writes;
-        let link = self.link().await?;
+        let link = self.link().await.map_err(|e| e.to_string())?;
         link.write(unit, address, &regs, single)
             .await
             .map_err(|e| format!("{point} at {address}: {e}"))?;
@@ -535,6 +528,18 @@ impl Driver {
     }
 }
 
+/// `Err` naming `point` when `block`'s declared length ends before it: a write there would land
+/// in whatever the device keeps next.
+fn declared(unit: u8, block: &Block, point: &str) -> Result<(), String> {
+    if block.declares(point) {
+        return Ok(());
+    }
+    Err(format!(
+        "unit {unit}: model {} declares length {}, which ends before {point}",
+        block.header.id, block.header.length
+    ))
+}
+
 /// The longest revert timer a `uint16` of seconds holds (0xFFFF is "not implemented").
 const MAX_REVERT_SECS: u64 = 65_534;
 
@@ -553,13 +558,7 @@ impl Driver {
         let (controls, wmax) = mapping::output_limit(&known)?;
         // Checked before the first write, so a device that cannot take all three gets none.
         for point in ["WMaxLimPct", "WMaxLimPct_RvrtTms", "WMaxLim_Ena"] {
-            let def = controls.point(point).expect("a point of model 123");
-            if def.offset + def.ty.size() > controls.header.length.saturating_add(2) {
-                return Err(format!(
-                    "unit {unit}: model 123 declares length {}, which ends before {point}",
-                    controls.header.length
-                ));
-            }
+            declared(unit, controls, point)?;
         }
         if controls.raw("WMaxLimPct_SF").is_none() {
             return Err(format!(

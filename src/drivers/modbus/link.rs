@@ -41,6 +41,9 @@ impl Default for LinkSettings {
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ModbusError {
+    /// The endpoint's name does not resolve (yet: DNS may not be up at boot).
+    #[error("{endpoint} does not resolve: {problem}")]
+    Resolve { endpoint: String, problem: String },
     #[error("cannot connect to {addr}: {source}")]
     Connect {
         addr: SocketAddr,
@@ -73,6 +76,14 @@ impl ModbusError {
     /// The device answered, with an exception: the link itself is fine.
     pub(crate) fn is_exception(&self) -> bool {
         matches!(self, ModbusError::Exception { .. })
+    }
+
+    /// The endpoint cannot be reached at all, so no unit behind it can.
+    pub(crate) fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ModbusError::Resolve { .. } | ModbusError::Connect { .. }
+        )
     }
 }
 

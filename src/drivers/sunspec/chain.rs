@@ -153,12 +153,19 @@ impl Block {
     /// implemented".
     pub(crate) fn raw(&self, name: &str) -> Option<Value> {
         let def = self.point(name)?;
-        let start = usize::from(def.offset);
-        let end = start + usize::from(def.ty.size());
-        if end > usize::from(self.header.length) + 2 {
+        if !self.declares(name) {
             return None;
         }
+        let start = usize::from(def.offset);
+        let end = start + usize::from(def.ty.size());
         points::decode(def.ty, self.regs.get(start..end)?)
+    }
+
+    /// Whether the model has point `name` and the device's declared length reaches its end.
+    pub(crate) fn declares(&self, name: &str) -> bool {
+        self.point(name).is_some_and(|def| {
+            u32::from(def.offset) + u32::from(def.ty.size()) <= u32::from(self.header.length) + 2
+        })
     }
 
     /// Point `name` as a number with its scale factor applied.
