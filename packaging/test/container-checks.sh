@@ -198,8 +198,11 @@ if [ -z "$next" ] || [ "$next" -le 1 ]; then
 else
   systemctl start "$unit"
   if until_true 60 all_seen_below "$next"; then
-    max=$(seen_seqs | tail -1)
-    count=$(seen_seqs | wc -l)
+    # One snapshot for both figures: the agent keeps publishing, and a second read taken
+    # later can hold more points than the first one's maximum.
+    seqs=$(seen_seqs)
+    max=$(echo "$seqs" | tail -1)
+    count=$(echo "$seqs" | wc -l)
     dups=$(($(grep "^texture/v1/devices/$DEVICE_ID/telemetry " "$mqtt" | grep -o '"seq":[0-9]*' | wc -l) - count))
     if [ "$count" -eq "$max" ]; then
       pass outbox-no-loss "points 1..$((next - 1)) all delivered after restart ($points_before before the stop; $count so far, no gap, $dups re-sent)"
