@@ -406,7 +406,8 @@ mod driver {
                 {"id": 1, "points": {"Mn": "Texture", "Md": "HY-10", "SN": "HYB-1"}},
                 {"id": 103, "points": {"W": 4521, "W_SF": -1}},
                 {"id": 124, "points": {"ChaState": 655, "ChaState_SF": -1, "MinRsvPct": 20,
-                                       "MinRsvPct_SF": 0, "ChaSt": 4}},
+                                       "MinRsvPct_SF": 0, "ChaSt": 4, "StorCtl_Mod": 0,
+                                       "InWRte": 100, "OutWRte": 100, "InOutWRte_SF": 0}},
                 {"id": 121, "points": {"WMax": 5000, "WMax_SF": 0}},
                 {"id": 123, "points": {"WMaxLimPct": 1000, "WMaxLimPct_SF": -1,
                                        "WMaxLimPct_RvrtTms": 0, "WMaxLim_Ena": 0}},
@@ -571,8 +572,37 @@ mod driver {
         .await;
         assert_eq!(
             unsupported["error"]["message"],
-            "the SunSpec driver does not carry out battery:set-operating-mode for \
-             sunspec-BAT-3-battery (battery)",
+            "unit 3 has no storage controls (model 124): battery:set-operating-mode needs its \
+             StorCtl_Mod, InWRte and OutWRte",
+        );
+
+        // A forced charge on the hybrid's storage controls (124 at 40122): the revert timer
+        // (+15), then OutWRte -100 % (+12) and InWRte 100 % (+13), and StorCtl_Mod (+5) last,
+        // which puts both limits in force.
+        let before = server.requests().len();
+        let charging = ask(
+            &mut peer,
+            &signer,
+            "cmd-mode",
+            "sunspec-HYB-1-battery",
+            "battery:set-operating-mode",
+            json!({"operatingMode": "charge", "enableGridInteraction": true}),
+        )
+        .await;
+        assert_eq!(charging["type"], "command.succeeded", "{charging}");
+        assert_eq!(
+            charging["result"],
+            json!({"operatingMode": "charge", "storCtlMod": 3.0, "inWRte": 100.0,
+                   "outWRte": -100.0, "revertSecs": 0})
+        );
+        let writes: Vec<(Value, Value)> = server.requests()[before..]
+            .iter()
+            .filter(|r| r["function"] == 6 || r["function"] == 16)
+            .map(|r| (r["address"].clone(), r["unit"].clone()))
+            .collect();
+        assert_eq!(
+            writes,
+            [40_137, 40_134, 40_135, 40_127].map(|a| (json!(a), json!(1))),
         );
 
         // An export limit: 3000 W of the inverter's 5000 W is WMaxLimPct 60 %, with the revert

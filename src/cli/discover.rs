@@ -1,11 +1,13 @@
 //! `texture-agent discover`: for an installer commissioning a gateway, what SunSpec devices
-//! answer on a Modbus TCP endpoint, with their models, identity and current readings.
+//! answer on a Modbus TCP endpoint or on an RS-485 bus, with their models, identity and
+//! current readings.
 //!
 //! It needs no configuration and changes nothing on the devices: it only reads. It exits 0 when
 //! at least one unit showed the SunSpec marker, 1 otherwise, with a message naming each unit
-//! tried and why it gave nothing.
+//! tried and why it gave nothing, and 2 for a bad argument. It opens the link the way the
+//! daemon does ([`Link`]), so a serial port the service holds is refused, not shared.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -13,16 +15,39 @@ use serde_json::{json, Value};
 
 use super::printable;
 use crate::drivers::modbus::discover::{discover, DiscoverError, Discovered};
-use crate::drivers::modbus::driver::endpoint;
-use crate::drivers::modbus::link::{LinkSettings, TcpLink};
+use crate::drivers::modbus::driver::{endpoint, DEFAULT_BAUD};
+use crate::drivers::modbus::link::{Link, LinkSettings, Target};
+use crate::drivers::modbus::serial::{Parity, SerialSettings, BAUD_RATES};
 use crate::drivers::sunspec::points::{PointType, Value as PointValue};
 
 /// What `discover` was asked.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct DiscoverArgs {
     /// The Modbus TCP device or gateway: HOST or HOST:PORT (port 502 if left out).
-    #[arg(long, value_name = "HOST[:PORT]")]
-    tcp: String,
+    #[arg(
+        long,
+        value_name = "HOST[:PORT]",
+        conflicts_with = "serial",
+        required_unless_present = "serial"
+    )]
+    tcp: Option<String>,
+    /// The serial port of an RS-485 bus (Modbus RTU), such as /dev/ttyUSB0.
+    #[arg(long, value_name = "PATH")]
+    serial: Option<PathBuf>,
+    /// The bus's baud rate (with --serial).
+    #[arg(long, value_name = "RATE", default_value_t = DEFAULT_BAUD, requires = "serial")]
+    baud: u32,
+    /// The bus's parity: none, even or odd (with --serial).
+    #[arg(
+        long,
+        value_name = "PARITY",
+        default_value = "none",
+        requires = "serial"
+    )]
+    parity: String,
+    /// 1 or 2 (with --serial).
+    #[arg(long, value_name = "BITS", default_value_t = 1, requires = "serial")]
+    stop_bits: u8,
     /// Unit ids to try: one (1), a range (1-10), or a list of both (1,3,10-12).
     #[arg(long, value_name = "IDS", default_value = "1")]
     units: String,
@@ -38,18 +63,11 @@ pub(crate) struct DiscoverArgs {
 }
 
 pub(crate) fn discover_command(args: &DiscoverArgs) -> ExitCode {
-    let (endpoint, units) = match parse(args) {
+    let (target, units) = match parse(args) {
         Ok(parsed) => parsed,
         Err(message) => {
             eprintln!("error: {message}");
             return ExitCode::from(2);
-        }
-    };
-    let addr = match resolve(&endpoint) {
-        Ok(addr) => addr,
-        Err(message) => {
-            eprintln!("error: {message}");
-            return ExitCode::FAILURE;
         }
     };
     let Some(runtime) = super::runtime(tokio::runtime::Builder::new_current_thread()) else {
@@ -59,13 +77,14 @@ pub(crate) fn discover_command(args: &DiscoverArgs) -> ExitCode {
         timeout: Duration::from_millis(args.timeout_ms),
         ..LinkSettings::default()
     };
+    let name = target.describe();
     let results = runtime.block_on(async {
-        let mut link = TcpLink::new(addr, settings);
+        let mut link = Link::new(target, settings);
         let mut results = Vec::new();
         for unit in units {
             let result = discover(&mut link, unit, args.base).await;
-            // An endpoint that refuses the connection will refuse it for the next unit too; a
-            // unit that times out says nothing about the others behind a gateway.
+            // An endpoint that refuses the connection (or a port that cannot be opened) will
+            // refuse the next unit too; a unit that times out says nothing about the others.
             let dead = matches!(&result, Err(DiscoverError::Link(e)) if e.is_unreachable());
             results.push((unit, result));
             if dead {
@@ -76,40 +95,62 @@ pub(crate) fn discover_command(args: &DiscoverArgs) -> ExitCode {
     });
     let found = results.iter().any(|(_, r)| r.is_ok());
     if args.json {
-        println!("{}", to_json(addr, &results));
+        println!("{}", to_json(&name, &results));
     } else {
-        print_text(addr, &results);
+        print_text(&name, &results);
     }
     if found {
         ExitCode::SUCCESS
     } else {
-        eprintln!("error: no SunSpec device answered at {addr}");
+        eprintln!("error: no SunSpec device answered at {name}");
         ExitCode::FAILURE
     }
 }
 
-/// The endpoint and unit ids, or a message naming the bad argument.
-fn parse(args: &DiscoverArgs) -> Result<((String, u16), Vec<u8>), String> {
-    // The same grammar as a sunspec driver's `tcp`, so what discover accepts, the
-    // configuration does.
-    let endpoint = endpoint(&args.tcp).map_err(|e| format!("--tcp {e}"))?;
+/// The link and unit ids, or a message naming the bad argument.
+fn parse(args: &DiscoverArgs) -> Result<(Target, Vec<u8>), String> {
     if !(1..=60_000).contains(&args.timeout_ms) {
         return Err(format!(
             "--timeout-ms {}: must be from 1 to 60000",
             args.timeout_ms
         ));
     }
-    Ok((endpoint, parse_units(&args.units)?))
-}
-
-/// The endpoint's first address; a name that does not resolve is a network problem (exit 1),
-/// not a bad argument.
-fn resolve((host, port): &(String, u16)) -> Result<SocketAddr, String> {
-    (host.as_str(), *port)
-        .to_socket_addrs()
-        .map_err(|e| format!("{host}:{port} does not resolve: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{host}:{port} resolves to no address"))
+    let units = parse_units(&args.units)?;
+    let target = match (&args.tcp, &args.serial) {
+        (Some(tcp), _) => {
+            // The same grammar as a sunspec driver's `tcp`, so what discover accepts, the
+            // configuration does.
+            let (host, port) = endpoint(tcp).map_err(|e| format!("--tcp {e}"))?;
+            Target::Tcp { host, port }
+        }
+        (None, Some(path)) => {
+            if !BAUD_RATES.contains(&args.baud) {
+                let rates: Vec<String> = BAUD_RATES.iter().map(u32::to_string).collect();
+                return Err(format!(
+                    "--baud {}: expected one of {}",
+                    args.baud,
+                    rates.join(", ")
+                ));
+            }
+            if !(1..=2).contains(&args.stop_bits) {
+                return Err(format!("--stop-bits {}: expected 1 or 2", args.stop_bits));
+            }
+            if let Some(u) = units.iter().find(|&&u| u > 247) {
+                return Err(format!(
+                    "--units {}: {u} is reserved on a serial bus (unit ids are 1 to 247)",
+                    args.units
+                ));
+            }
+            Target::Serial(SerialSettings {
+                path: path.clone(),
+                baud: args.baud,
+                parity: Parity::parse(&args.parity).map_err(|e| format!("--parity {e}"))?,
+                stop_bits: args.stop_bits,
+            })
+        }
+        (None, None) => return Err("give --tcp HOST[:PORT] or --serial PATH".into()),
+    };
+    Ok((target, units))
 }
 
 /// `1`, `1-10`, `1,3,10-12`: unit ids from 1 to 255, each once, in the order given.
@@ -177,7 +218,7 @@ fn readings(found: &Discovered) -> Vec<(u16, Vec<Reading>)> {
         .collect()
 }
 
-fn print_text(addr: SocketAddr, results: &[(u8, Result<Discovered, DiscoverError>)]) {
+fn print_text(addr: &str, results: &[(u8, Result<Discovered, DiscoverError>)]) {
     for (unit, result) in results {
         let found = match result {
             Ok(found) => found,
@@ -233,7 +274,7 @@ fn print_text(addr: SocketAddr, results: &[(u8, Result<Discovered, DiscoverError
     }
 }
 
-fn to_json(addr: SocketAddr, results: &[(u8, Result<Discovered, DiscoverError>)]) -> Value {
+fn to_json(addr: &str, results: &[(u8, Result<Discovered, DiscoverError>)]) -> Value {
     let mut units = Vec::new();
     let mut errors = Vec::new();
     for (unit, result) in results {
@@ -291,7 +332,7 @@ fn to_json(addr: SocketAddr, results: &[(u8, Result<Discovered, DiscoverError>)]
             "problems": found.problems,
         }));
     }
-    json!({"endpoint": addr.to_string(), "units": units, "errors": errors})
+    json!({"endpoint": addr, "units": units, "errors": errors})
 }
 
 #[cfg(test)]

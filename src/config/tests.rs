@@ -207,16 +207,17 @@ fn sunspec_drivers_load_with_defaults_and_one_endpoint_per_entry() {
     let crate::drivers::DriverSettings::Sunspec(roof) = &s.drivers[0] else {
         panic!("{:?}", s.drivers[0])
     };
+    let quirks = roof.quirks();
     assert_eq!(
         (
             roof.units.as_slice(),
             roof.poll_ms,
-            roof.timeout_ms,
-            roof.max_read
+            quirks.link.timeout.as_millis(),
+            quirks.link.max_read
         ),
         (&[1u16][..], 5_000, 1_000, 125)
     );
-    assert_eq!(roof.endpoint(), ("192.0.2.10".into(), 502));
+    assert_eq!(roof.link_key(), "192.0.2.10:502");
 
     // The same endpoint twice, written differently, is one link: refused.
     let body = minimal(d.path()) + &entry("a", "192.0.2.10") + &entry("b", "192.0.2.10:502");

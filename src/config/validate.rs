@@ -84,16 +84,22 @@ fn validate_drivers(drivers: &[DriverSettings]) -> Result<(), Rejection> {
                         format!("driver #{n}: {:?} is used twice", settings.name),
                     ));
                 }
-                // One link per endpoint: a second entry would open a second connection, which
-                // single-client inverters refuse, and its requests could overlap the first's.
-                let endpoint = settings.endpoint();
-                if !endpoints.insert(endpoint.clone()) {
+                // One link per endpoint or serial port: a second entry would open a second
+                // connection, which single-client inverters refuse, and its requests could
+                // overlap the first's on the bus.
+                let key = settings.link_key();
+                if !endpoints.insert(key.clone()) {
+                    let what = if settings.serial.is_some() {
+                        ("drivers.serial", "serial port")
+                    } else {
+                        ("drivers.tcp", "endpoint")
+                    };
                     return Err(Rejection::new(
-                        "drivers.tcp",
+                        what.0,
                         format!(
-                            "driver #{n} ({}): {}:{} is the endpoint of another sunspec driver; \
+                            "driver #{n} ({}): {key} is the {} of another sunspec driver; \
                              list all its unit ids in one entry",
-                            settings.name, endpoint.0, endpoint.1
+                            settings.name, what.1
                         ),
                     ));
                 }

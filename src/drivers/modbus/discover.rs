@@ -1,11 +1,11 @@
-//! A unit's SunSpec models, found and read over a [`TcpLink`]: the marker at the configured
+//! A unit's SunSpec models, found and read over a [`Link`]: the marker at the configured
 //! base or at each of [`BASES`], the chain walk ([`Walk`]), then every model the agent knows.
 //!
 //! What a field device gets wrong is reported, not fatal, as long as something was found: a
 //! chain without an end marker, a broken chain, a model that refuses to be read. Only a unit
 //! that never shows the marker, or a link that does not answer, is an error.
 
-use super::link::{ModbusError, TcpLink};
+use super::link::{Link, ModbusError};
 use crate::drivers::sunspec::chain::{self, Block, Common, ModelHeader, Step, Walk, BASES};
 
 /// What was found behind one unit id.
@@ -38,7 +38,7 @@ fn list(addresses: &[u16]) -> String {
 
 /// Finds and reads unit `unit`'s models; `base` overrides the usual base addresses.
 pub(crate) async fn discover(
-    link: &mut TcpLink,
+    link: &mut Link,
     unit: u8,
     base: Option<u16>,
 ) -> Result<Discovered, DiscoverError> {

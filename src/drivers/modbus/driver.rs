@@ -8,7 +8,7 @@
 //! backoff; the other units on the link carry on. A write is read back and compared before the
 //! command succeeds; a device that refuses it answers the command with its Modbus exception.
 
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::discover::{discover, Discovered};
-use super::link::{LinkSettings, ModbusError, TcpLink, MAX_READ};
+use super::link::{Link, ModbusError, Target, WriteMode, MAX_READ};
+use super::profiles::{self, Overrides, Quirks};
+use super::serial::{Parity, SerialSettings, BAUD_RATES};
 use crate::drivers::sunspec::chain::{Block, ModelHeader};
 use crate::drivers::sunspec::mapping::{self, DeviceSpec, Unit};
 use crate::drivers::sunspec::points;
@@ -29,16 +31,30 @@ use crate::model::rejection::Rejection;
 /// The Modbus TCP port when `tcp` names none.
 pub(crate) const MODBUS_PORT: u16 = 502;
 
-/// `[[drivers]] kind = "sunspec"`: one Modbus TCP endpoint and the unit ids behind it.
+/// `[[drivers]] kind = "sunspec"`: one physical link (a Modbus TCP endpoint, or an RS-485 bus
+/// on a serial port) and the unit ids behind it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SunSpecSettings {
     /// Names the link in logs.
     pub name: String,
     /// `HOST` or `HOST:PORT` (502 if left out); resolved at each connect, so a name works
-    /// before the network is up.
-    pub tcp: String,
-    /// The unit ids to discover on it, 1 to 255.
+    /// before the network is up. Exactly one of `tcp` and `serial`.
+    #[serde(default)]
+    pub tcp: Option<String>,
+    /// The serial port of an RS-485 bus (Modbus RTU), such as `/dev/ttyUSB0`.
+    #[serde(default)]
+    pub serial: Option<PathBuf>,
+    /// The bus's baud rate (serial only; 9600 if left out).
+    #[serde(default)]
+    pub baud: Option<u32>,
+    /// The bus's parity: `none`, `even` or `odd` (serial only; `none` if left out).
+    #[serde(default)]
+    pub parity: Option<Parity>,
+    /// 1 or 2 (serial only; 1 if left out).
+    #[serde(default)]
+    pub stop_bits: Option<u8>,
+    /// The unit ids to discover on it, 1 to 247 on a serial bus, 1 to 255 over TCP.
     #[serde(default = "default_units")]
     pub units: Vec<u16>,
     /// The SunSpec base address, if not 40000, 0 or 50000.
@@ -47,18 +63,27 @@ pub struct SunSpecSettings {
     /// How often every device is read, milliseconds (500 to 3600000).
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
-    /// How long one answer may take, milliseconds (50 to 60000).
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
+    /// A shipped quirk profile ([`profiles::PROFILES`]); the keys below override it.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// How long one answer may take, milliseconds (50 to 60000; 1000 if left out).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
     /// A pause after connecting, for devices that drop the first request (0 to 30000 ms).
     #[serde(default)]
-    pub delay_after_connect_ms: u64,
+    pub delay_after_connect_ms: Option<u64>,
     /// The largest read, registers (1 to 125).
-    #[serde(default = "default_max_read")]
-    pub max_read: u16,
-    /// Write one register per request (function 6) for devices that refuse function 16.
     #[serde(default)]
-    pub single_register_writes: bool,
+    pub max_read: Option<u16>,
+    /// The least time between an answer and the next request, milliseconds (0 to 10000).
+    #[serde(default)]
+    pub pause_ms: Option<u64>,
+    /// The write function: `auto` (6 for one register, 16 for more), `single` or `multiple`.
+    #[serde(default)]
+    pub writes: Option<WriteMode>,
+    /// Points the devices refuse to be written, as `MODEL.POINT` (`"802.SoCRsvMin"`).
+    #[serde(default)]
+    pub no_write: Option<Vec<String>>,
 }
 
 fn default_units() -> Vec<u16> {
@@ -67,12 +92,9 @@ fn default_units() -> Vec<u16> {
 fn default_poll_ms() -> u64 {
     5_000
 }
-fn default_timeout_ms() -> u64 {
-    1_000
-}
-fn default_max_read() -> u16 {
-    MAX_READ
-}
+
+/// A serial bus's baud rate when the entry names none.
+pub(crate) const DEFAULT_BAUD: u32 = 9_600;
 
 impl SunSpecSettings {
     /// Checks entry `n` (1-based) of `[[drivers]]`; the message names the entry and the key.
@@ -83,23 +105,85 @@ impl SunSpecSettings {
         if self.name.is_empty() {
             return Err(bad("drivers.name", "must not be empty".into()));
         }
-        endpoint(&self.tcp).map_err(|problem| bad("drivers.tcp", problem))?;
+        let top_unit = match (&self.tcp, &self.serial) {
+            (Some(tcp), None) => {
+                endpoint(tcp).map_err(|problem| bad("drivers.tcp", problem))?;
+                for (key, set) in [
+                    ("drivers.baud", self.baud.is_some()),
+                    ("drivers.parity", self.parity.is_some()),
+                    ("drivers.stop_bits", self.stop_bits.is_some()),
+                ] {
+                    if set {
+                        return Err(bad(key, "applies to a serial port, not to tcp".into()));
+                    }
+                }
+                255
+            }
+            (None, Some(path)) => {
+                if !path.is_absolute() {
+                    return Err(bad(
+                        "drivers.serial",
+                        format!(
+                            "{}: expected an absolute path, such as /dev/ttyUSB0",
+                            path.display()
+                        ),
+                    ));
+                }
+                if let Some(baud) = self.baud {
+                    if !BAUD_RATES.contains(&baud) {
+                        let rates: Vec<String> = BAUD_RATES.iter().map(u32::to_string).collect();
+                        return Err(bad(
+                            "drivers.baud",
+                            format!("{baud} is not one of {}", rates.join(", ")),
+                        ));
+                    }
+                }
+                if let Some(bits) = self.stop_bits {
+                    if !(1..=2).contains(&bits) {
+                        return Err(bad(
+                            "drivers.stop_bits",
+                            format!("expected 1 or 2, found {bits}"),
+                        ));
+                    }
+                }
+                // 248 to 255 are reserved on a serial line, 0 is broadcast.
+                247
+            }
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "drivers.serial",
+                    "give tcp or serial, not both: one entry is one link".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(bad(
+                    "drivers.tcp",
+                    "give tcp (HOST[:PORT]) or serial (a serial port such as /dev/ttyUSB0)".into(),
+                ))
+            }
+        };
         if self.units.is_empty() {
             return Err(bad("drivers.units", "list at least one unit id".into()));
         }
         for (i, &u) in self.units.iter().enumerate() {
-            if !(1..=255).contains(&u) {
+            if !(1..=top_unit).contains(&u) {
                 return Err(bad(
                     "drivers.units",
-                    format!("{u} is not a unit id from 1 to 255"),
+                    format!("{u} is not a unit id from 1 to {top_unit}"),
                 ));
             }
             if self.units[..i].contains(&u) {
                 return Err(bad("drivers.units", format!("unit {u} is listed twice")));
             }
         }
-        let ranges: [(&'static str, u64, u64, u64); 4] = [
-            ("drivers.poll_ms", self.poll_ms, 500, 3_600_000),
+        if let Some(name) = &self.profile {
+            profiles::profile(name).map_err(|problem| bad("drivers.profile", problem))?;
+        }
+        for text in self.no_write.iter().flatten() {
+            profiles::point_ref(text).map_err(|problem| bad("drivers.no_write", problem))?;
+        }
+        let ranges: [(&'static str, Option<u64>, u64, u64); 5] = [
+            ("drivers.poll_ms", Some(self.poll_ms), 500, 3_600_000),
             ("drivers.timeout_ms", self.timeout_ms, 50, 60_000),
             (
                 "drivers.delay_after_connect_ms",
@@ -109,30 +193,71 @@ impl SunSpecSettings {
             ),
             (
                 "drivers.max_read",
-                u64::from(self.max_read),
+                self.max_read.map(u64::from),
                 1,
                 u64::from(MAX_READ),
             ),
+            ("drivers.pause_ms", self.pause_ms, 0, 10_000),
         ];
         for (key, value, lo, hi) in ranges {
-            if !(lo..=hi).contains(&value) {
-                return Err(bad(key, format!("expected {lo} to {hi}, found {value}")));
+            match value {
+                Some(value) if !(lo..=hi).contains(&value) => {
+                    return Err(bad(key, format!("expected {lo} to {hi}, found {value}")));
+                }
+                _ => {}
             }
         }
         Ok(())
     }
 
-    fn link_settings(&self) -> LinkSettings {
-        LinkSettings {
-            timeout: Duration::from_millis(self.timeout_ms),
-            delay_after_connect: Duration::from_millis(self.delay_after_connect_ms),
+    /// The link's quirks: the entry's own keys over its profile over the defaults. The
+    /// configuration was validated.
+    pub(crate) fn quirks(&self) -> Quirks {
+        let profile = self
+            .profile
+            .as_deref()
+            .and_then(|p| profiles::profile(p).ok());
+        let own = Overrides {
+            timeout_ms: self.timeout_ms,
+            delay_after_connect_ms: self.delay_after_connect_ms,
             max_read: self.max_read,
+            pause_ms: self.pause_ms,
+            writes: self.writes,
+            no_write: self.no_write.as_ref().map(|list| {
+                list.iter()
+                    .filter_map(|t| profiles::point_ref(t).ok())
+                    .collect()
+            }),
+        };
+        profiles::resolve(profile, &own)
+    }
+
+    /// Where the link goes. The configuration was validated.
+    pub(crate) fn target(&self) -> Target {
+        match (&self.tcp, &self.serial) {
+            (_, Some(path)) => Target::Serial(SerialSettings {
+                path: path.clone(),
+                baud: self.baud.unwrap_or(DEFAULT_BAUD),
+                parity: self.parity.unwrap_or_default(),
+                stop_bits: self.stop_bits.unwrap_or(1),
+            }),
+            (Some(tcp), None) => {
+                let (host, port) = endpoint(tcp).unwrap_or_else(|_| (tcp.clone(), MODBUS_PORT));
+                Target::Tcp { host, port }
+            }
+            (None, None) => Target::Tcp {
+                host: String::new(),
+                port: MODBUS_PORT,
+            },
         }
     }
 
-    /// The endpoint as `(host, port)`; the configuration was validated.
-    pub(crate) fn endpoint(&self) -> (String, u16) {
-        endpoint(&self.tcp).unwrap_or_else(|_| (self.tcp.clone(), MODBUS_PORT))
+    /// What makes two entries one physical link: the endpoint, or the serial port's path.
+    pub(crate) fn link_key(&self) -> String {
+        match self.target() {
+            Target::Tcp { host, port } => format!("{}:{port}", host.to_ascii_lowercase()),
+            Target::Serial(s) => s.path.display().to_string(),
+        }
     }
 }
 
@@ -184,9 +309,11 @@ pub(crate) async fn run(
     mut commands: mpsc::Receiver<DriverCommand>,
     mut stop: crate::agent::service::Shutdown,
 ) {
+    let quirks = settings.quirks();
     let mut driver = Driver {
         availability,
-        link: None,
+        link: Link::new(settings.target(), quirks.link.clone()),
+        quirks,
         units: Vec::new(),
         devices: Vec::new(),
         backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
@@ -220,31 +347,15 @@ pub(crate) async fn run(
 struct Driver {
     settings: SunSpecSettings,
     availability: mpsc::Sender<Availability>,
-    link: Option<TcpLink>,
+    /// The one link: every request of this driver goes through it.
+    link: Link,
+    quirks: Quirks,
     units: Vec<Known>,
     devices: Vec<DeviceSpec>,
     backoff: Backoff,
 }
 
 impl Driver {
-    /// The link, resolving the endpoint if there is none yet.
-    async fn link(&mut self) -> Result<&mut TcpLink, ModbusError> {
-        if self.link.is_none() {
-            let (host, port) = self.settings.endpoint();
-            let unresolved = |problem: String| ModbusError::Resolve {
-                endpoint: format!("{host}:{port}"),
-                problem,
-            };
-            let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
-                .await
-                .map_err(|e| unresolved(e.to_string()))?
-                .next()
-                .ok_or_else(|| unresolved("no address".into()))?;
-            self.link = Some(TcpLink::new(addr, self.settings.link_settings()));
-        }
-        Ok(self.link.as_mut().expect("set above"))
-    }
-
     /// One round: discovers the units not found yet, then reads every found one and sends its
     /// devices' states. `false` when no unit answered (the caller backs off).
     async fn poll(&mut self, samples: &mpsc::Sender<Sample>) -> bool {
@@ -352,8 +463,7 @@ impl Driver {
             .collect();
         let mut last = None;
         for unit in wanted {
-            let link = self.link().await.map_err(|e| e.to_string())?;
-            match discover(link, unit, base).await {
+            match discover(&mut self.link, unit, base).await {
                 Ok(found) => {
                     let reading = Unit {
                         unit,
@@ -403,10 +513,12 @@ impl Driver {
         unit: u8,
         headers: &[ModelHeader],
     ) -> Result<Vec<Block>, ModbusError> {
-        let link = self.link().await?;
         let mut blocks = Vec::new();
         for header in headers.iter().filter(|h| used(h.id)) {
-            let regs = link.read(unit, header.address, header.read_len()).await?;
+            let regs = self
+                .link
+                .read(unit, header.address, header.read_len())
+                .await?;
             blocks.push(Block {
                 header: *header,
                 regs,
@@ -427,32 +539,100 @@ impl Driver {
             .find(|d| d.device_id == command.device_id)
             .cloned()
             .ok_or_else(|| format!("{} is not a device of this driver", command.device_id))?;
+        let number = |member: &str| {
+            command
+                .input
+                .get(member)
+                .and_then(serde_json::Value::as_f64)
+        };
+        // The hardware reverts by itself when the hold lapses, even if the agent is gone. A
+        // hold longer than the timer holds gets no timer: reverting early would lift the
+        // setpoint while the hold is still meant to be in force.
+        let revert = command.safety.hold.as_ref().map_or(0, |h| {
+            match h.until.saturating_sub(crate::model::clock::system_secs()) {
+                secs if secs > MAX_REVERT_SECS => 0,
+                secs => secs.max(1),
+            }
+        });
+        let unit = device.unit;
         match (device.device_type, command.slug.as_str()) {
             (DeviceType::Battery, "battery:set-reserve") => {
-                let percent = command
+                let percent = number("chargePercentage").ok_or("chargePercentage missing")?;
+                let reading = self.reading(unit)?;
+                let (block, point) = self.reserve(&reading)?;
+                let plan = [Write::new(block, point, percent)];
+                let now = self.write_all(unit, &plan).await?;
+                Ok(json!({"backupReserve": now[0]}))
+            }
+            (DeviceType::Battery, "battery:set-operating-mode") => {
+                let mode = command
                     .input
-                    .get("chargePercentage")
-                    .and_then(serde_json::Value::as_f64)
-                    .ok_or("chargePercentage missing")?;
-                let now = self.set_reserve(device.unit, percent).await?;
-                Ok(json!({"backupReserve": now}))
+                    .get("operatingMode")
+                    .and_then(serde_json::Value::as_str)
+                    .ok_or("operatingMode missing")?;
+                let grid = command
+                    .input
+                    .get("enableGridInteraction")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false);
+                let reading = self.reading(unit)?;
+                let storage = reading.block(&[mapping::STORAGE]).ok_or_else(|| {
+                    format!(
+                        "unit {unit} has no storage controls (model 124): \
+                         battery:set-operating-mode needs its StorCtl_Mod, InWRte and OutWRte"
+                    )
+                })?;
+                let mut plan: Vec<Write> = Vec::new();
+                // The reserves first: the mode then runs within them.
+                if let Some(min) = number("minimumBatteryReserve") {
+                    let (block, point) = self.reserve(&reading)?;
+                    plan.push(Write::new(block, point, min));
+                }
+                if let Some(max) = number("maximumBatteryReserve") {
+                    let battery = reading
+                        .block(&[mapping::BATTERY])
+                        .filter(|b| b.point("SocRsvMax").is_some())
+                        .ok_or_else(|| {
+                            format!(
+                                "unit {unit} has no battery model (802) with SocRsvMax: \
+                                 maximumBatteryReserve cannot be set"
+                            )
+                        })?;
+                    plan.push(Write::new(battery, "SocRsvMax", max));
+                }
+                let rates = mapping::storage_mode(mode, grid)?;
+                let timer = if mode == "reset" { 0 } else { revert };
+                plan.push(Write::new(storage, "InOutWRte_RvrtTms", timer as f64));
+                plan.extend(
+                    rates
+                        .iter()
+                        .map(|&(point, v)| Write::new(storage, point, v)),
+                );
+                let now = self.write_all(unit, &plan).await?;
+                let got = |point: &str| {
+                    plan.iter()
+                        .zip(&now)
+                        .rfind(|(w, _)| w.point == point)
+                        .map(|(_, v)| *v)
+                };
+                let mut result = json!({
+                    "operatingMode": mode,
+                    "storCtlMod": got("StorCtl_Mod"),
+                    "inWRte": got("InWRte"),
+                    "outWRte": got("OutWRte"),
+                    "revertSecs": got("InOutWRte_RvrtTms").map(|v| v as u64),
+                });
+                if let Some(v) = got("MinRsvPct").or(got("SoCRsvMin")) {
+                    result["minimumBatteryReserve"] = json!(v);
+                }
+                if let Some(v) = got("SocRsvMax") {
+                    result["maximumBatteryReserve"] = json!(v);
+                }
+                Ok(result)
             }
             (DeviceType::Inverter, "inverter:set-export-limit") => {
-                let limit = command
-                    .input
-                    .get("exportLimit")
-                    .and_then(serde_json::Value::as_f64)
-                    .ok_or("exportLimit missing")?;
-                // The hardware reverts by itself when the hold lapses, even if the agent is
-                // gone. A hold longer than the timer holds gets no timer: reverting early
-                // would lift the limit while the hold is still meant to be in force.
-                let revert = command.safety.hold.as_ref().map_or(0, |h| {
-                    match h.until.saturating_sub(crate::model::clock::system_secs()) {
-                        secs if secs > MAX_REVERT_SECS => 0,
-                        secs => secs.max(1),
-                    }
-                });
-                self.set_export_limit(device.unit, limit, revert).await
+                let limit = number("exportLimit").ok_or("exportLimit missing")?;
+                self.set_export_limit(unit, limit, revert).await
             }
             (kind, slug) => Err(format!(
                 "the SunSpec driver does not carry out {slug} for {} ({})",
@@ -462,12 +642,20 @@ impl Driver {
         }
     }
 
-    /// Writes the reserve of `unit` and reads it back; the value now in force.
-    async fn set_reserve(&mut self, unit: u8, percent: f64) -> Result<f64, String> {
-        let known = self.reading(unit)?;
-        let (block, point) = mapping::reserve_point(&known)
-            .ok_or_else(|| format!("unit {unit} has no reserve setting (model 802 or 124)"))?;
-        self.write_point(unit, block, point, percent).await
+    /// Where `unit`'s reserve is written, or why it cannot be.
+    fn reserve<'u>(&self, reading: &'u Unit) -> Result<(&'u Block, &'static str), String> {
+        mapping::reserve_point(reading, |m, p| self.quirks.writable(m, p)).ok_or_else(|| {
+            let unit = reading.unit;
+            if reading.block(&[mapping::BATTERY]).is_some() {
+                format!(
+                    "unit {unit}: the configuration says it refuses writes to 802 SoCRsvMin \
+                     (its profile or no_write), and it has no storage controls (model 124) \
+                     with MinRsvPct"
+                )
+            } else {
+                format!("unit {unit} has no reserve setting (model 802 or 124)")
+            }
+        })
     }
 
     /// The last reading of `unit`, for a command.
@@ -479,20 +667,34 @@ impl Driver {
             .ok_or_else(|| format!("unit {unit} is not answering"))
     }
 
-    /// Writes `value` to `point` of `block` on `unit`, scaled by the point's scale factor, then
-    /// reads the registers back: the value now in force (scaled) when they are exactly the
-    /// ones written. Refused before anything is written when the device's declared length
-    /// ends before the point, or its scale factor is not implemented.
-    async fn write_point(
-        &mut self,
-        unit: u8,
-        block: &Block,
-        point: &'static str,
-        value: f64,
-    ) -> Result<f64, String> {
-        let def = block.point(point).expect("a point of the model");
+    /// Carries out `plan` on `unit`: every write is checked before the first is made, so a
+    /// device that cannot take all of them gets none; then each is written and read back.
+    /// The values now in force, in the plan's order.
+    async fn write_all(&mut self, unit: u8, plan: &[Write<'_>]) -> Result<Vec<f64>, String> {
+        // Where each write may go first, for all of them, then what each would write.
+        for w in plan {
+            self.allowed(unit, w)?;
+        }
+        let mut encoded = Vec::with_capacity(plan.len());
+        for w in plan {
+            encoded.push(self.check(unit, w)?);
+        }
+        let mut now = Vec::with_capacity(plan.len());
+        for (w, (address, regs, sf)) in plan.iter().zip(encoded) {
+            now.push(self.write_checked(unit, w, address, &regs, sf).await?);
+        }
+        Ok(now)
+    }
+
+    /// Refuses a write the device cannot take, before anything is written: a point the
+    /// configuration marks as refusing writes, one beyond the model's declared length (it would
+    /// land in whatever the device keeps next), one whose scale factor is not implemented, or a
+    /// value the point cannot hold. Otherwise its address, registers and scale factor.
+    fn check(&self, unit: u8, w: &Write<'_>) -> Result<(u16, Vec<u16>, Option<f64>), String> {
+        self.allowed(unit, w)?;
+        let (block, point) = (w.block, w.point);
         let id = block.header.id;
-        declared(unit, block, point)?;
+        let def = block.point(point).expect("a point of the model");
         let sf = match def.sf {
             None => None,
             Some(name) => Some(block.raw(name).and_then(|v| v.number()).ok_or_else(|| {
@@ -502,15 +704,49 @@ impl Driver {
                 )
             })?),
         };
-        let regs = points::encode(def.ty, value, sf)
-            .ok_or_else(|| format!("{value} cannot be stored in {point} (model {id})"))?;
-        let address = block.header.address + def.offset;
-        let single = self.settings.single_register_writes;
-        let link = self.link().await.map_err(|e| e.to_string())?;
-        link.write(unit, address, &regs, single)
+        let regs = points::encode(def.ty, w.value, sf)
+            .ok_or_else(|| format!("{} cannot be stored in {point} (model {id})", w.value))?;
+        Ok((block.header.address + def.offset, regs, sf))
+    }
+
+    /// `Err` when the configuration marks `w`'s point as refusing writes, or the model's
+    /// declared length ends before it.
+    fn allowed(&self, unit: u8, w: &Write<'_>) -> Result<(), String> {
+        let (block, point) = (w.block, w.point);
+        let id = block.header.id;
+        if !self.quirks.writable(id, point) {
+            return Err(format!(
+                "unit {unit}: the configuration says it refuses writes to {id} {point} (its \
+                 profile or no_write)"
+            ));
+        }
+        if !block.declares(point) {
+            return Err(format!(
+                "unit {unit}: model {id} declares length {}, which ends before {point}",
+                block.header.length
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes one checked point and reads its registers back: the value now in force (scaled)
+    /// when they are exactly the ones written.
+    async fn write_checked(
+        &mut self,
+        unit: u8,
+        w: &Write<'_>,
+        address: u16,
+        regs: &[u16],
+        sf: Option<f64>,
+    ) -> Result<f64, String> {
+        let point = w.point;
+        let def = w.block.point(point).expect("a point of the model");
+        self.link
+            .write(unit, address, regs)
             .await
             .map_err(|e| format!("{point} at {address}: {e}"))?;
-        let back = link
+        let back = self
+            .link
             .read(unit, address, def.ty.size())
             .await
             .map_err(|e| format!("reading {point} back at {address}: {e}"))?;
@@ -520,30 +756,14 @@ impl Driver {
         };
         if back != regs {
             return Err(format!(
-                "unit {unit} accepted {point} = {value} but reads back {}",
+                "unit {unit} accepted {point} = {} but reads back {}",
+                w.value,
                 read(&back).map_or("nothing".into(), |v| v.to_string())
             ));
         }
         read(&back).ok_or_else(|| format!("{point} reads back as not implemented"))
     }
-}
 
-/// `Err` naming `point` when `block`'s declared length ends before it: a write there would land
-/// in whatever the device keeps next.
-fn declared(unit: u8, block: &Block, point: &str) -> Result<(), String> {
-    if block.declares(point) {
-        return Ok(());
-    }
-    Err(format!(
-        "unit {unit}: model {} declares length {}, which ends before {point}",
-        block.header.id, block.header.length
-    ))
-}
-
-/// The longest revert timer a `uint16` of seconds holds (0xFFFF is "not implemented").
-const MAX_REVERT_SECS: u64 = 65_534;
-
-impl Driver {
     /// Limits `unit`'s output to `limit` W through model 123: `WMaxLimPct` as a share of its
     /// maximum power, the revert timer (`revert` seconds, or none), then `WMaxLim_Ena` on; each
     /// written and read back. Limiting output limits export: what the house uses comes off the
@@ -556,29 +776,40 @@ impl Driver {
     ) -> Result<serde_json::Value, String> {
         let known = self.reading(unit)?;
         let (controls, wmax) = mapping::output_limit(&known)?;
-        // Checked before the first write, so a device that cannot take all three gets none.
-        for point in ["WMaxLimPct", "WMaxLimPct_RvrtTms", "WMaxLim_Ena"] {
-            declared(unit, controls, point)?;
-        }
-        if controls.raw("WMaxLimPct_SF").is_none() {
-            return Err(format!(
-                "unit {unit}: WMaxLimPct's scale factor WMaxLimPct_SF is not implemented; the \
-                 limit cannot be written"
-            ));
-        }
         let pct = (limit / wmax * 100.0).clamp(0.0, 100.0);
-        let pct_now = self.write_point(unit, controls, "WMaxLimPct", pct).await?;
-        let revert_now = self
-            .write_point(unit, controls, "WMaxLimPct_RvrtTms", revert as f64)
-            .await?;
-        self.write_point(unit, controls, "WMaxLim_Ena", 1.0).await?;
+        let plan = [
+            Write::new(controls, "WMaxLimPct", pct),
+            Write::new(controls, "WMaxLimPct_RvrtTms", revert as f64),
+            Write::new(controls, "WMaxLim_Ena", 1.0),
+        ];
+        let now = self.write_all(unit, &plan).await?;
         Ok(json!({
             "exportLimit": limit,
-            "wMaxLimPct": pct_now,
-            "revertSecs": revert_now as u64,
+            "wMaxLimPct": now[0],
+            "revertSecs": now[1] as u64,
         }))
     }
 }
+
+/// One point to write: `value` before scaling.
+struct Write<'b> {
+    block: &'b Block,
+    point: &'static str,
+    value: f64,
+}
+
+impl<'b> Write<'b> {
+    fn new(block: &'b Block, point: &'static str, value: f64) -> Write<'b> {
+        Write {
+            block,
+            point,
+            value,
+        }
+    }
+}
+
+/// The longest revert timer a `uint16` of seconds holds (0xFFFF is "not implemented").
+const MAX_REVERT_SECS: u64 = 65_534;
 
 /// Whether a poll reads model `id`: the ones the device model maps, and those commands need.
 fn used(id: u16) -> bool {
@@ -601,14 +832,29 @@ mod tests {
     fn settings() -> SunSpecSettings {
         SunSpecSettings {
             name: "roof".into(),
-            tcp: "192.0.2.10".into(),
+            tcp: Some("192.0.2.10".into()),
+            serial: None,
+            baud: None,
+            parity: None,
+            stop_bits: None,
             units: vec![1, 2],
             base: None,
             poll_ms: 5_000,
-            timeout_ms: 1_000,
-            delay_after_connect_ms: 0,
-            max_read: 125,
-            single_register_writes: false,
+            profile: None,
+            timeout_ms: None,
+            delay_after_connect_ms: None,
+            max_read: None,
+            pause_ms: None,
+            writes: None,
+            no_write: None,
+        }
+    }
+
+    fn serial() -> SunSpecSettings {
+        SunSpecSettings {
+            tcp: None,
+            serial: Some("/dev/ttyUSB0".into()),
+            ..settings()
         }
     }
 
@@ -639,7 +885,7 @@ mod tests {
     fn bad_settings_are_refused_naming_the_entry_and_the_key() {
         assert!(settings().validate(1).is_ok());
         type Case = (fn(&mut SunSpecSettings), &'static str, &'static str);
-        let cases: [Case; 6] = [
+        let cases: [Case; 16] = [
             (
                 |s| s.units = vec![],
                 "drivers.units",
@@ -661,14 +907,87 @@ mod tests {
                 "driver #3 (roof): expected 500 to 3600000, found 10",
             ),
             (
-                |s| s.max_read = 126,
+                |s| s.max_read = Some(126),
                 "drivers.max_read",
                 "driver #3 (roof): expected 1 to 125, found 126",
             ),
             (
-                |s| s.tcp = "a b".into(),
+                |s| s.tcp = Some("a b".into()),
                 "drivers.tcp",
                 "driver #3 (roof): \"a b\": expected HOST or HOST:PORT",
+            ),
+            (
+                |s| s.baud = Some(9_600),
+                "drivers.baud",
+                "driver #3 (roof): applies to a serial port, not to tcp",
+            ),
+            (
+                |s| s.serial = Some("/dev/ttyUSB0".into()),
+                "drivers.serial",
+                "driver #3 (roof): give tcp or serial, not both: one entry is one link",
+            ),
+            (
+                |s| s.tcp = None,
+                "drivers.tcp",
+                "driver #3 (roof): give tcp (HOST[:PORT]) or serial (a serial port such as \
+                 /dev/ttyUSB0)",
+            ),
+            (
+                |s| {
+                    *s = SunSpecSettings {
+                        serial: Some("ttyUSB0".into()),
+                        ..serial()
+                    }
+                },
+                "drivers.serial",
+                "driver #3 (roof): ttyUSB0: expected an absolute path, such as /dev/ttyUSB0",
+            ),
+            (
+                |s| {
+                    *s = SunSpecSettings {
+                        baud: Some(9_000),
+                        ..serial()
+                    }
+                },
+                "drivers.baud",
+                "driver #3 (roof): 9000 is not one of 1200, 2400, 4800, 9600, 19200, 38400, \
+                 57600, 115200, 230400",
+            ),
+            (
+                |s| {
+                    *s = SunSpecSettings {
+                        stop_bits: Some(3),
+                        ..serial()
+                    }
+                },
+                "drivers.stop_bits",
+                "driver #3 (roof): expected 1 or 2, found 3",
+            ),
+            (
+                |s| {
+                    *s = SunSpecSettings {
+                        units: vec![248],
+                        ..serial()
+                    }
+                },
+                "drivers.units",
+                "driver #3 (roof): 248 is not a unit id from 1 to 247",
+            ),
+            (
+                |s| s.profile = Some("sma".into()),
+                "drivers.profile",
+                "driver #3 (roof): \"sma\" is not a profile; the profiles are \
+                 kostal-plenticore, apsystems-ecu",
+            ),
+            (
+                |s| s.no_write = Some(vec!["802".into()]),
+                "drivers.no_write",
+                "driver #3 (roof): \"802\": expected MODEL.POINT, as in \"802.SoCRsvMin\"",
+            ),
+            (
+                |s| s.pause_ms = Some(20_000),
+                "drivers.pause_ms",
+                "driver #3 (roof): expected 0 to 10000, found 20000",
             ),
         ];
         for (change, key, message) in cases {
@@ -677,5 +996,47 @@ mod tests {
             let e = s.validate(3).unwrap_err();
             assert_eq!((e.key, e.problem.as_str()), (key, message));
         }
+        assert!(serial().validate(1).is_ok());
+    }
+
+    #[test]
+    fn a_serial_entry_is_a_bus_with_its_line_settings_and_quirks_resolve_over_the_profile() {
+        let s = SunSpecSettings {
+            baud: Some(19_200),
+            parity: Some(Parity::Even),
+            profile: Some("kostal-plenticore".into()),
+            max_read: Some(60),
+            ..serial()
+        };
+        assert_eq!(
+            s.target(),
+            Target::Serial(SerialSettings {
+                path: "/dev/ttyUSB0".into(),
+                baud: 19_200,
+                parity: Parity::Even,
+                stop_bits: 1,
+            })
+        );
+        assert_eq!(s.link_key(), "/dev/ttyUSB0");
+        let q = s.quirks();
+        assert_eq!((q.link.writes, q.link.max_read), (WriteMode::Single, 60));
+        assert!(!q.writable(802, "SoCRsvMin"));
+        assert_eq!(
+            serial().target(),
+            Target::Serial(SerialSettings {
+                path: "/dev/ttyUSB0".into(),
+                baud: DEFAULT_BAUD,
+                parity: Parity::None,
+                stop_bits: 1,
+            })
+        );
+        assert_eq!(
+            SunSpecSettings {
+                tcp: Some("Inverter.LOCAL".into()),
+                ..settings()
+            }
+            .link_key(),
+            "inverter.local:502"
+        );
     }
 }

@@ -1,21 +1,63 @@
-//! One Modbus TCP link: a single connection to one endpoint, shared by every unit id behind it,
-//! with every request made one at a time.
+//! One Modbus link: a single connection to one TCP endpoint, or the one open serial port of an
+//! RS-485 bus, shared by every unit id behind it, with every request made one at a time.
 //!
 //! Why one connection and no pipelining: many inverters accept a single Modbus TCP client
-//! (evcc #4954), and devices and gateways mix up transaction ids when requests overlap
+//! (evcc #4954), devices on one bus answer into each other's frames when requests overlap
+//! (evcc #17500, #16049), and devices and gateways mix up transaction ids when requests overlap
 //! (huawei_solar #1119). Why a fresh connection after every timeout or transport error: a late
 //! answer to the timed-out request would otherwise be read as the answer to the next one; the
 //! client rejects it on its transaction id and the link stays out of step for good
-//! (tokio-modbus #324). An exception response is the device's answer, so it keeps the link.
+//! (tokio-modbus #324). On a serial port, reopening discards whatever is in its input queue.
+//! An exception response is the device's answer, so it keeps the link.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::slave::{Slave, SlaveContext};
 
+use super::serial::{SerialPort, SerialSettings};
+
 /// The most registers one Modbus read may ask for (the protocol's own limit is 125).
 pub(crate) const MAX_READ: u16 = 125;
+
+/// Where a link goes: one TCP endpoint, or one serial bus (RS-485) with its line settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// Resolved at each connect, so a name works before the network is up.
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    Serial(SerialSettings),
+}
+
+impl Target {
+    /// `inverter.local:502` or `/dev/ttyUSB0 9600 8N1`, for logs and errors.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Target::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
+            Target::Tcp { host, port } => format!("{host}:{port}"),
+            Target::Serial(s) => s.describe(),
+        }
+    }
+}
+
+/// Which write function a device takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteMode {
+    /// Function 6 for one register, 16 for more: what SunSpec 1.2 (section 6.3) mandates.
+    #[default]
+    Auto,
+    /// Function 6 for each register, for devices that refuse function 16 (Kostal Plenticore
+    /// answers it with exception 2 on its control registers: gosunspec #13, evcc PR #31487).
+    Single,
+    /// Function 16 even for one register, for devices that do not implement function 6
+    /// (APsystems ECU-R times out on it: pysunspec2 #104).
+    Multiple,
+}
 
 /// How a link talks to its devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +68,10 @@ pub(crate) struct LinkSettings {
     pub(crate) delay_after_connect: Duration,
     /// The largest read, in registers (1 to [`MAX_READ`]).
     pub(crate) max_read: u16,
+    /// The least time from the end of one answer to the next request: some gateways need
+    /// 100 ms (home-assistant/core #153707). A serial bus never gets less than its frame gap.
+    pub(crate) pause: Duration,
+    pub(crate) writes: WriteMode,
 }
 
 impl Default for LinkSettings {
@@ -34,30 +80,32 @@ impl Default for LinkSettings {
             timeout: Duration::from_millis(1_000),
             delay_after_connect: Duration::ZERO,
             max_read: MAX_READ,
+            pause: Duration::ZERO,
+            writes: WriteMode::Auto,
         }
     }
 }
 
-/// Why a request failed.
+/// Why a request failed. `link` names the endpoint or the serial port.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ModbusError {
     /// The endpoint's name does not resolve (yet: DNS may not be up at boot).
-    #[error("{endpoint} does not resolve: {problem}")]
-    Resolve { endpoint: String, problem: String },
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("{link} does not resolve: {problem}")]
+    Resolve { link: String, problem: String },
+    #[error("cannot connect to {link}: {source}")]
     Connect {
-        addr: SocketAddr,
+        link: String,
         source: std::io::Error,
     },
-    #[error("{addr} unit {unit}: no answer within {} ms", timeout.as_millis())]
+    #[error("{link} unit {unit}: no answer within {} ms", timeout.as_millis())]
     Timeout {
-        addr: SocketAddr,
+        link: String,
         unit: u8,
         timeout: Duration,
     },
-    #[error("{addr} unit {unit}: {problem}")]
+    #[error("{link} unit {unit}: {problem}")]
     Transport {
-        addr: SocketAddr,
+        link: String,
         unit: u8,
         problem: String,
     },
@@ -87,44 +135,54 @@ impl ModbusError {
     }
 }
 
-/// A Modbus TCP endpoint and the one connection to it, made on first use.
-pub(crate) struct TcpLink {
-    addr: SocketAddr,
+/// One physical link and the one connection to it (a TCP connection or the open serial port),
+/// made on first use.
+pub(crate) struct Link {
+    target: Target,
+    name: String,
     settings: LinkSettings,
     context: Option<Context>,
+    /// When the last answer (or failure) came, for the pause before the next request.
+    last: Option<Instant>,
 }
 
-impl TcpLink {
-    pub(crate) fn new(addr: SocketAddr, settings: LinkSettings) -> TcpLink {
-        TcpLink {
-            addr,
+impl Link {
+    pub(crate) fn new(target: Target, settings: LinkSettings) -> Link {
+        Link {
+            name: target.describe(),
+            target,
             settings,
             context: None,
+            last: None,
+        }
+    }
+
+    /// The least time between an answer and the next request on this link.
+    fn pause(&self) -> Duration {
+        match &self.target {
+            Target::Serial(s) => self.settings.pause.max(s.frame_gap()),
+            Target::Tcp { .. } => self.settings.pause,
         }
     }
 
     async fn context(&mut self, unit: u8) -> Result<&mut Context, ModbusError> {
         if self.context.is_none() {
-            let addr = self.addr;
-            let connect = tokio_modbus::client::tcp::connect_slave(addr, Slave(unit));
-            let context = match tokio::time::timeout(self.settings.timeout, connect).await {
-                Ok(Ok(context)) => context,
-                Ok(Err(source)) => return Err(ModbusError::Connect { addr, source }),
-                Err(_) => {
-                    let source = std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "no connection within {} ms",
-                            self.settings.timeout.as_millis()
-                        ),
-                    );
-                    return Err(ModbusError::Connect { addr, source });
+            let target = self.target.clone();
+            let timeout = self.settings.timeout;
+            let context = match connect(&target, self.name.clone(), timeout, unit).await {
+                Ok(context) => context,
+                Err(e) => {
+                    self.last = Some(Instant::now());
+                    return Err(e);
                 }
             };
             if !self.settings.delay_after_connect.is_zero() {
                 tokio::time::sleep(self.settings.delay_after_connect).await;
             }
             self.context = Some(context);
+        }
+        if let Some(last) = self.last {
+            tokio::time::sleep_until(last + self.pause()).await;
         }
         let context = self.context.as_mut().expect("connected above");
         context.set_slave(Slave(unit));
@@ -156,7 +214,7 @@ impl TcpLink {
             if chunk.len() != usize::from(n) {
                 self.disconnect();
                 return Err(ModbusError::Transport {
-                    addr: self.addr,
+                    link: self.name.clone(),
                     unit,
                     problem: format!("asked for {n} registers at {at}, got {}", chunk.len()),
                 });
@@ -170,17 +228,20 @@ impl TcpLink {
         Ok(regs)
     }
 
-    /// Writes `regs` to `unit` from `address`: function 16, or function 6 for one register,
-    /// or for each when `single` (devices that refuse function 16, evcc PR #31487).
+    /// Writes `regs` to `unit` from `address` with the function the link's [`WriteMode`] says.
     pub(crate) async fn write(
         &mut self,
         unit: u8,
         address: u16,
         regs: &[u16],
-        single: bool,
     ) -> Result<(), ModbusError> {
         let timeout = self.settings.timeout;
-        if single || regs.len() == 1 {
+        let single = match self.settings.writes {
+            WriteMode::Auto => regs.len() == 1,
+            WriteMode::Single => true,
+            WriteMode::Multiple => false,
+        };
+        if single {
             for (i, &word) in regs.iter().enumerate() {
                 let at = address.saturating_add(i as u16);
                 let context = self.context(unit).await?;
@@ -204,7 +265,8 @@ impl TcpLink {
         address: u16,
         answer: Result<tokio_modbus::Result<T>, tokio::time::error::Elapsed>,
     ) -> Result<T, ModbusError> {
-        let addr = self.addr;
+        self.last = Some(Instant::now());
+        let link = self.name.clone();
         match answer {
             Ok(Ok(Ok(value))) => Ok(value),
             Ok(Ok(Err(code))) => Err(ModbusError::Exception {
@@ -217,7 +279,7 @@ impl TcpLink {
             Ok(Err(e)) => {
                 self.disconnect();
                 Err(ModbusError::Transport {
-                    addr,
+                    link,
                     unit,
                     problem: e.to_string(),
                 })
@@ -225,11 +287,54 @@ impl TcpLink {
             Err(_) => {
                 self.disconnect();
                 Err(ModbusError::Timeout {
-                    addr,
+                    link,
                     unit,
                     timeout: self.settings.timeout,
                 })
             }
         }
+    }
+}
+
+/// A connection to `target` (named `link` in errors) for `unit`: TCP connected within `timeout`,
+/// or the serial port opened. A free function, so no `&Link` (whose context is not `Sync`) is
+/// held across its awaits.
+async fn connect(
+    target: &Target,
+    link: String,
+    timeout: Duration,
+    unit: u8,
+) -> Result<Context, ModbusError> {
+    let timed_out = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no connection within {} ms", timeout.as_millis()),
+        )
+    };
+    match target {
+        Target::Tcp { host, port } => {
+            let unresolved = |problem: String| ModbusError::Resolve {
+                link: link.clone(),
+                problem,
+            };
+            let addr = tokio::net::lookup_host((host.as_str(), *port))
+                .await
+                .map_err(|e| unresolved(e.to_string()))?
+                .next()
+                .ok_or_else(|| unresolved("no address".into()))?;
+            let connect = tokio_modbus::client::tcp::connect_slave(addr, Slave(unit));
+            match tokio::time::timeout(timeout, connect).await {
+                Ok(Ok(context)) => Ok(context),
+                Ok(Err(source)) => Err(ModbusError::Connect { link, source }),
+                Err(_) => Err(ModbusError::Connect {
+                    link,
+                    source: timed_out(),
+                }),
+            }
+        }
+        Target::Serial(settings) => match SerialPort::open(settings) {
+            Ok(port) => Ok(tokio_modbus::client::rtu::attach_slave(port, Slave(unit))),
+            Err(source) => Err(ModbusError::Connect { link, source }),
+        },
     }
 }

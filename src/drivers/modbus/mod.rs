@@ -9,3 +9,5 @@
 pub(crate) mod discover;
 pub mod driver;
 pub(crate) mod link;
+pub(crate) mod profiles;
+pub(crate) mod serial;

@@ -173,12 +173,71 @@ fn charging_state(cha_st: Option<f64>) -> ChargingState {
 }
 
 /// Where `battery:set-reserve` writes for `unit`: the block and point, model 802's `SoCRsvMin`
-/// first, else model 124's `MinRsvPct`.
-pub(crate) fn reserve_point(unit: &Unit) -> Option<(&Block, &'static str)> {
+/// first, else model 124's `MinRsvPct`; a point `writable` refuses is passed over (Kostal's
+/// 802 rejects writes to `SoCRsvMin`, evcc #10912).
+pub(crate) fn reserve_point(
+    unit: &Unit,
+    writable: impl Fn(u16, &str) -> bool,
+) -> Option<(&Block, &'static str)> {
     unit.block(&[BATTERY])
-        .filter(|b| b.point("SoCRsvMin").is_some())
+        .filter(|b| b.point("SoCRsvMin").is_some() && writable(BATTERY, "SoCRsvMin"))
         .map(|b| (b, "SoCRsvMin"))
-        .or_else(|| unit.block(&[STORAGE]).map(|b| (b, "MinRsvPct")))
+        .or_else(|| {
+            unit.block(&[STORAGE])
+                .filter(|_| writable(STORAGE, "MinRsvPct"))
+                .map(|b| (b, "MinRsvPct"))
+        })
+}
+
+/// `StorCtl_Mod` bits: bit 0 puts the charge rate limit `InWRte` in force, bit 1 the
+/// discharge rate limit `OutWRte`.
+const CHARGE_LIMIT: f64 = 1.0;
+const DISCHARGE_LIMIT: f64 = 2.0;
+const BOTH_LIMITS: f64 = 3.0;
+
+/// What `battery:set-operating-mode` writes to the storage controls (model 124), in order:
+/// the rates first and `StorCtl_Mod`, which puts them in force, last (first for `reset`, which
+/// lifts them). Rates are percentages of the maximum rate; a negative `OutWRte` is a charge
+/// and a negative `InWRte` a discharge, as SunSpec 124 and the devices that implement it
+/// (Fronius, SMA) define them.
+///
+/// - `charge`: without grid interaction the battery may not discharge and charges from what
+///   the site produces; with it, it is charged at full rate (from the grid too, where the
+///   device's own `ChaGriSet` allows: the agent leaves that installer setting alone).
+/// - `discharge`: without grid interaction the battery may not charge and covers the house;
+///   with it, it is discharged at full rate (exporting what the house does not use).
+/// - `idle`: neither charge nor discharge.
+/// - `reset`: no limits; the device's own control.
+pub(crate) fn storage_mode(mode: &str, grid: bool) -> Result<[(&'static str, f64); 3], String> {
+    Ok(match (mode, grid) {
+        ("charge", false) => [
+            ("OutWRte", 0.0),
+            ("InWRte", 100.0),
+            ("StorCtl_Mod", DISCHARGE_LIMIT),
+        ],
+        ("charge", true) => [
+            ("OutWRte", -100.0),
+            ("InWRte", 100.0),
+            ("StorCtl_Mod", BOTH_LIMITS),
+        ],
+        ("discharge", false) => [
+            ("InWRte", 0.0),
+            ("OutWRte", 100.0),
+            ("StorCtl_Mod", CHARGE_LIMIT),
+        ],
+        ("discharge", true) => [
+            ("InWRte", -100.0),
+            ("OutWRte", 100.0),
+            ("StorCtl_Mod", BOTH_LIMITS),
+        ],
+        ("idle", _) => [
+            ("InWRte", 0.0),
+            ("OutWRte", 0.0),
+            ("StorCtl_Mod", BOTH_LIMITS),
+        ],
+        ("reset", _) => [("StorCtl_Mod", 0.0), ("InWRte", 100.0), ("OutWRte", 100.0)],
+        (other, _) => return Err(format!("operatingMode {other:?} has no storage control")),
+    })
 }
 
 /// Where `inverter:set-export-limit` writes for `unit`: the immediate controls (123), and the
@@ -353,6 +412,57 @@ mod tests {
         assert_eq!(b.backup_reserve, None);
         assert_eq!(b.charge, None);
         assert_eq!(b.charging_state, ChargingState::Unknown);
-        assert_eq!(reserve_point(&units[0]).map(|(_, p)| p), Some("MinRsvPct"));
+        assert_eq!(
+            reserve_point(&units[0], |_, _| true).map(|(_, p)| p),
+            Some("MinRsvPct")
+        );
+    }
+
+    #[test]
+    fn the_reserve_goes_to_802_unless_it_refuses_writes_then_to_124_if_there_is_one() {
+        let mut unit = Unit {
+            unit: 71,
+            common: common("KOSTAL"),
+            blocks: vec![block(802, 62, &[]), block(124, 24, &[])],
+        };
+        let all = |_: u16, _: &str| true;
+        let kostal = |m: u16, p: &str| !(m == 802 && p == "SoCRsvMin");
+        assert_eq!(
+            reserve_point(&unit, all).map(|(b, p)| (b.header.id, p)),
+            Some((802, "SoCRsvMin"))
+        );
+        assert_eq!(
+            reserve_point(&unit, kostal).map(|(b, p)| (b.header.id, p)),
+            Some((124, "MinRsvPct"))
+        );
+        unit.blocks.pop();
+        assert_eq!(reserve_point(&unit, kostal).map(|(_, p)| p), None);
+    }
+
+    #[test]
+    fn operating_modes_put_the_rates_in_force_last_and_reset_lifts_them_first() {
+        let bits = |mode, grid| storage_mode(mode, grid).unwrap();
+        // The last write puts the limits in force; every mode ends on StorCtl_Mod but reset.
+        for (mode, grid, ctl) in [
+            ("charge", false, DISCHARGE_LIMIT),
+            ("charge", true, BOTH_LIMITS),
+            ("discharge", false, CHARGE_LIMIT),
+            ("discharge", true, BOTH_LIMITS),
+            ("idle", false, BOTH_LIMITS),
+            ("idle", true, BOTH_LIMITS),
+        ] {
+            assert_eq!(bits(mode, grid)[2], ("StorCtl_Mod", ctl), "{mode} {grid}");
+        }
+        assert_eq!(bits("reset", false)[0], ("StorCtl_Mod", 0.0));
+        // A forced charge is a negative discharge rate, a forced discharge a negative charge
+        // rate; without grid interaction neither is forced.
+        assert!(bits("charge", true).contains(&("OutWRte", -100.0)));
+        assert!(bits("discharge", true).contains(&("InWRte", -100.0)));
+        assert!(bits("charge", false).contains(&("OutWRte", 0.0)));
+        assert!(bits("discharge", false).contains(&("InWRte", 0.0)));
+        assert_eq!(
+            storage_mode("boost", false).unwrap_err(),
+            "operatingMode \"boost\" has no storage control"
+        );
     }
 }

@@ -132,7 +132,9 @@ pub(crate) fn encode(ty: PointType, value: f64, sf: Option<f64>) -> Option<Vec<u
     }
     .round();
     match ty {
-        PointType::Uint16 | PointType::Enum16 if (0.0..65_535.0).contains(&raw) => {
+        PointType::Uint16 | PointType::Enum16 | PointType::Bitfield16
+            if (0.0..65_535.0).contains(&raw) =>
+        {
             Some(vec![raw as u16])
         }
         PointType::Int16 if (-32_767.0..=32_767.0).contains(&raw) => Some(vec![raw as i16 as u16]),

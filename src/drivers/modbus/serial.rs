@@ -1,0 +1,338 @@
+//! A serial port for Modbus RTU: opened raw (8 data bits, the configured baud rate, parity and
+//! stop bits), held exclusively, and driven by tokio's reactor.
+//!
+//! Why not tokio-serial: it brings 31 crates (mio-serial, serialport and two versions of nix)
+//! into a binary with a dependency budget, for what is one `open`, one `tcsetattr` and an
+//! [`AsyncFd`] here. Why exclusive: two programs on one RS-485 bus interleave their frames and
+//! both read garbage, so a second opener (an installer running `texture-agent discover` while
+//! the daemon polls) is refused with a message that says so. `flock` is what makes that hold
+//! for root too (TIOCEXCL does not stop a process with CAP_SYS_ADMIN); both are taken.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The baud rates a port may be set to (what termios names and RS-485 devices use).
+pub(crate) const BAUD_RATES: [u32; 9] = [
+    1_200, 2_400, 4_800, 9_600, 19_200, 38_400, 57_600, 115_200, 230_400,
+];
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    /// No parity bit: what most inverters and meters ship with ("8N1").
+    #[default]
+    None,
+    /// The Modbus standard's default ("8E1").
+    Even,
+    Odd,
+}
+
+impl Parity {
+    pub(crate) fn parse(text: &str) -> Result<Parity, String> {
+        match text {
+            "none" => Ok(Parity::None),
+            "even" => Ok(Parity::Even),
+            "odd" => Ok(Parity::Odd),
+            other => Err(format!(
+                "{other:?} is not a parity: expected none, even or odd"
+            )),
+        }
+    }
+
+    fn letter(self) -> char {
+        match self {
+            Parity::None => 'N',
+            Parity::Even => 'E',
+            Parity::Odd => 'O',
+        }
+    }
+}
+
+/// How to open one serial port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SerialSettings {
+    pub(crate) path: PathBuf,
+    pub(crate) baud: u32,
+    pub(crate) parity: Parity,
+    /// 1 or 2.
+    pub(crate) stop_bits: u8,
+}
+
+impl SerialSettings {
+    /// `/dev/ttyUSB0 9600 8N1`, for logs and errors.
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "{} {} 8{}{}",
+            self.path.display(),
+            self.baud,
+            self.parity.letter(),
+            self.stop_bits
+        )
+    }
+
+    /// The silence that must separate two frames: 3.5 character times (11 bits each), and
+    /// at least 1.75 ms, as the Modbus serial line specification fixes it above 19200 baud.
+    pub(crate) fn frame_gap(&self) -> Duration {
+        let micros = 3.5 * 11.0 * 1_000_000.0 / f64::from(self.baud.max(1));
+        Duration::from_micros(micros.max(1_750.0) as u64)
+    }
+}
+
+/// An open serial port (closed when dropped, which also releases the lock).
+#[derive(Debug)]
+pub(crate) struct SerialPort {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl SerialPort {
+    /// Opens and configures the port; any input waiting on it is discarded (a late answer to
+    /// a request from before is not the answer to the next one).
+    pub(crate) fn open(settings: &SerialSettings) -> io::Result<SerialPort> {
+        let fd = open_raw(&settings.path)?;
+        lock(&fd, &settings.path)?;
+        configure(&fd, settings)?;
+        // SAFETY: `fd` is an open descriptor the AsyncFd takes ownership of; an OwnedFd
+        // always returns that same descriptor and closes it only when dropped with it.
+        let fd = unsafe { AsyncFd::register(fd) }?;
+        Ok(SerialPort { fd })
+    }
+}
+
+fn open_raw(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    // SAFETY: a valid NUL-terminated path; the returned descriptor is owned below.
+    let raw = unsafe {
+        libc::open(
+            c_path.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor this function just opened and nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn lock(fd: &OwnedFd, path: &Path) -> io::Result<()> {
+    // SAFETY: plain syscalls on a descriptor we own.
+    if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "{} is in use by another program (the texture-agent service? two programs \
+                     on one bus garble each other's frames)",
+                    path.display()
+                ),
+            ));
+        }
+        return Err(e);
+    }
+    // SAFETY: as above; TIOCEXCL takes no argument.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCEXCL) } != 0 {
+        let e = io::Error::last_os_error();
+        // Not a terminal: a path that is no serial port.
+        if e.raw_os_error() == Some(libc::ENOTTY) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a serial port", path.display()),
+            ));
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn speed(baud: u32) -> io::Result<libc::speed_t> {
+    Ok(match baud {
+        1_200 => libc::B1200,
+        2_400 => libc::B2400,
+        4_800 => libc::B4800,
+        9_600 => libc::B9600,
+        19_200 => libc::B19200,
+        38_400 => libc::B38400,
+        57_600 => libc::B57600,
+        115_200 => libc::B115200,
+        230_400 => libc::B230400,
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{other} is not a baud rate this port can be set to"),
+            ))
+        }
+    })
+}
+
+fn configure(fd: &OwnedFd, s: &SerialSettings) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    let check = |r: libc::c_int| {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    // SAFETY: termios is plain data; every call gets a valid descriptor and pointer.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        check(libc::tcgetattr(raw, &mut t))?;
+        libc::cfmakeraw(&mut t);
+        t.c_cflag &= !(libc::CSIZE | libc::PARENB | libc::PARODD | libc::CSTOPB | libc::CRTSCTS);
+        t.c_cflag |= libc::CS8 | libc::CLOCAL | libc::CREAD;
+        match s.parity {
+            Parity::None => {}
+            Parity::Even => t.c_cflag |= libc::PARENB,
+            Parity::Odd => t.c_cflag |= libc::PARENB | libc::PARODD,
+        }
+        if s.stop_bits == 2 {
+            t.c_cflag |= libc::CSTOPB;
+        }
+        t.c_iflag &= !(libc::IXON | libc::IXOFF | libc::IXANY);
+        // Non-blocking reads through the reactor: no minimum, no inter-byte timer.
+        t.c_cc[libc::VMIN] = 0;
+        t.c_cc[libc::VTIME] = 0;
+        let rate = speed(s.baud)?;
+        check(libc::cfsetispeed(&mut t, rate))?;
+        check(libc::cfsetospeed(&mut t, rate))?;
+        check(libc::tcsetattr(raw, libc::TCSANOW, &t))?;
+        check(libc::tcflush(raw, libc::TCIOFLUSH))?;
+    }
+    Ok(())
+}
+
+impl AsyncRead for SerialPort {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            let result = guard.try_io(|fd| {
+                // SAFETY: reading into the caller's initialised buffer, at most its length.
+                let n = unsafe {
+                    libc::read(
+                        fd.as_fd().as_raw_fd(),
+                        unfilled.as_mut_ptr().cast(),
+                        unfilled.len(),
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match result {
+                // A tty with VMIN 0 reads 0 when nothing is there: not an end of file, so
+                // wait for readiness again.
+                Ok(Ok(0)) => continue,
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SerialPort {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            let result = guard.try_io(|fd| {
+                // SAFETY: writing from the caller's buffer, at most its length.
+                let n = unsafe {
+                    libc::write(fd.as_fd().as_raw_fd(), data.as_ptr().cast(), data.len())
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match result {
+                Ok(result) => return Poll::Ready(result),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Written bytes are in the kernel's queue; the line drains them at its own pace.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_frame_gap_is_three_and_a_half_characters_and_at_least_1750_us() {
+        let at = |baud| SerialSettings {
+            path: "/dev/null".into(),
+            baud,
+            parity: Parity::None,
+            stop_bits: 1,
+        };
+        assert_eq!(at(9_600).frame_gap(), Duration::from_micros(4_010));
+        assert_eq!(at(1_200).frame_gap(), Duration::from_micros(32_083));
+        assert_eq!(at(115_200).frame_gap(), Duration::from_micros(1_750));
+        assert_eq!(at(19_200).describe(), "/dev/null 19200 8N1");
+    }
+
+    #[test]
+    fn a_path_that_is_no_serial_port_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"").unwrap();
+        let settings = SerialSettings {
+            path: file.clone(),
+            baud: 9_600,
+            parity: Parity::Even,
+            stop_bits: 1,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let e = rt.block_on(async { SerialPort::open(&settings).unwrap_err() });
+        assert_eq!(
+            e.to_string(),
+            format!("{} is not a serial port", file.display())
+        );
+        let e = rt.block_on(async {
+            SerialPort::open(&SerialSettings {
+                path: dir.path().join("absent"),
+                ..settings.clone()
+            })
+            .unwrap_err()
+        });
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+}
