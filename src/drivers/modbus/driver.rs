@@ -601,8 +601,12 @@ impl Driver {
                     plan.push(Write::new(battery, "SocRsvMax", max));
                 }
                 let rates = mapping::storage_mode(mode, grid)?;
-                let timer = if mode == "reset" { 0 } else { revert };
-                plan.push(Write::new(storage, "InOutWRte_RvrtTms", timer as f64));
+                // A device without the timer ("not implemented") may refuse its write; the
+                // agent's own hold still reverts it.
+                if storage.raw("InOutWRte_RvrtTms").is_some() {
+                    let timer = if mode == "reset" { 0 } else { revert };
+                    plan.push(Write::new(storage, "InOutWRte_RvrtTms", timer as f64));
+                }
                 plan.extend(
                     rates
                         .iter()
