@@ -267,10 +267,17 @@ fn discover_names_a_bad_argument_and_an_endpoint_that_does_not_answer() {
         err.contains("write an IPv6 address as [ADDRESS]:PORT"),
         "{err}"
     );
-    let (code, _, err) = run(&["--tcp", "gateway.invalid"]);
-    assert_eq!(code, Some(1), "{err}");
+    // A name that does not resolve is the link's failure (exit 1), said for the unit tried.
+    let (code, out, err) = run(&["--tcp", "gateway.invalid"]);
+    assert_eq!(code, Some(1), "{out}{err}");
     assert!(
-        err.contains("gateway.invalid:502 does not resolve"),
+        out.contains(
+            "unit 1 at gateway.invalid:502: nothing: gateway.invalid:502 does not resolve"
+        ),
+        "{out}"
+    );
+    assert!(
+        err.contains("no SunSpec device answered at gateway.invalid:502"),
         "{err}"
     );
 
