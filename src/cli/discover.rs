@@ -17,7 +17,7 @@ use super::printable;
 use crate::drivers::modbus::discover::{discover, DiscoverError, Discovered};
 use crate::drivers::modbus::driver::{endpoint, DEFAULT_BAUD};
 use crate::drivers::modbus::link::{Link, LinkSettings, Target};
-use crate::drivers::modbus::serial::{Parity, SerialSettings, BAUD_RATES};
+use crate::drivers::modbus::serial::{check_baud, check_stop_bits, Parity, SerialSettings};
 use crate::drivers::sunspec::points::{PointType, Value as PointValue};
 
 /// What `discover` was asked.
@@ -124,17 +124,8 @@ fn parse(args: &DiscoverArgs) -> Result<(Target, Vec<u8>), String> {
             Target::Tcp { host, port }
         }
         (None, Some(path)) => {
-            if !BAUD_RATES.contains(&args.baud) {
-                let rates: Vec<String> = BAUD_RATES.iter().map(u32::to_string).collect();
-                return Err(format!(
-                    "--baud {}: expected one of {}",
-                    args.baud,
-                    rates.join(", ")
-                ));
-            }
-            if !(1..=2).contains(&args.stop_bits) {
-                return Err(format!("--stop-bits {}: expected 1 or 2", args.stop_bits));
-            }
+            check_baud(args.baud).map_err(|e| format!("--baud {e}"))?;
+            check_stop_bits(args.stop_bits).map_err(|e| format!("--stop-bits: {e}"))?;
             if let Some(u) = units.iter().find(|&&u| u > 247) {
                 return Err(format!(
                     "--units {}: {u} is reserved on a serial bus (unit ids are 1 to 247)",

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::discover::{discover, Discovered};
 use super::link::{Link, ModbusError, Target, WriteMode, MAX_READ};
 use super::profiles::{self, Overrides, Quirks};
-use super::serial::{Parity, SerialSettings, BAUD_RATES};
+use super::serial::{self, Parity, SerialSettings};
 use crate::drivers::sunspec::chain::{Block, ModelHeader};
 use crate::drivers::sunspec::mapping::{self, DeviceSpec, Unit};
 use crate::drivers::sunspec::points;
@@ -130,21 +130,11 @@ impl SunSpecSettings {
                     ));
                 }
                 if let Some(baud) = self.baud {
-                    if !BAUD_RATES.contains(&baud) {
-                        let rates: Vec<String> = BAUD_RATES.iter().map(u32::to_string).collect();
-                        return Err(bad(
-                            "drivers.baud",
-                            format!("{baud} is not one of {}", rates.join(", ")),
-                        ));
-                    }
+                    serial::check_baud(baud).map_err(|problem| bad("drivers.baud", problem))?;
                 }
                 if let Some(bits) = self.stop_bits {
-                    if !(1..=2).contains(&bits) {
-                        return Err(bad(
-                            "drivers.stop_bits",
-                            format!("expected 1 or 2, found {bits}"),
-                        ));
-                    }
+                    serial::check_stop_bits(bits)
+                        .map_err(|problem| bad("drivers.stop_bits", problem))?;
                 }
                 // 248 to 255 are reserved on a serial line, 0 is broadcast.
                 247
@@ -695,7 +685,6 @@ impl Driver {
     /// land in whatever the device keeps next), one whose scale factor is not implemented, or a
     /// value the point cannot hold. Otherwise its address, registers and scale factor.
     fn check(&self, unit: u8, w: &Write<'_>) -> Result<(u16, Vec<u16>, Option<f64>), String> {
-        self.allowed(unit, w)?;
         let (block, point) = (w.block, w.point);
         let id = block.header.id;
         let def = block.point(point).expect("a point of the model");

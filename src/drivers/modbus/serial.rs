@@ -19,10 +19,36 @@ use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The baud rates a port may be set to (what termios names and RS-485 devices use).
-pub(crate) const BAUD_RATES: [u32; 9] = [
-    1_200, 2_400, 4_800, 9_600, 19_200, 38_400, 57_600, 115_200, 230_400,
+/// The baud rates a port may be set to (what termios names and RS-485 devices use), with
+/// their termios constants.
+const BAUD_RATES: [(u32, libc::speed_t); 9] = [
+    (1_200, libc::B1200),
+    (2_400, libc::B2400),
+    (4_800, libc::B4800),
+    (9_600, libc::B9600),
+    (19_200, libc::B19200),
+    (38_400, libc::B38400),
+    (57_600, libc::B57600),
+    (115_200, libc::B115200),
+    (230_400, libc::B230400),
 ];
+
+/// `Err` naming the rates there are when `baud` is not one of [`BAUD_RATES`]; the one check
+/// for the configuration and for `discover --baud`.
+pub(crate) fn check_baud(baud: u32) -> Result<(), String> {
+    speed(baud).map(|_| ()).map_err(|_| {
+        let rates: Vec<String> = BAUD_RATES.iter().map(|(r, _)| r.to_string()).collect();
+        format!("{baud} is not one of {}", rates.join(", "))
+    })
+}
+
+/// `Err` unless 1 or 2.
+pub(crate) fn check_stop_bits(bits: u8) -> Result<(), String> {
+    match bits {
+        1 | 2 => Ok(()),
+        other => Err(format!("expected 1 or 2, found {other}")),
+    }
+}
 
 /// Serial parity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -157,23 +183,16 @@ fn lock(fd: &OwnedFd, path: &Path) -> io::Result<()> {
 }
 
 fn speed(baud: u32) -> io::Result<libc::speed_t> {
-    Ok(match baud {
-        1_200 => libc::B1200,
-        2_400 => libc::B2400,
-        4_800 => libc::B4800,
-        9_600 => libc::B9600,
-        19_200 => libc::B19200,
-        38_400 => libc::B38400,
-        57_600 => libc::B57600,
-        115_200 => libc::B115200,
-        230_400 => libc::B230400,
-        other => {
-            return Err(io::Error::new(
+    BAUD_RATES
+        .iter()
+        .find(|(rate, _)| *rate == baud)
+        .map(|(_, speed)| *speed)
+        .ok_or_else(|| {
+            io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{other} is not a baud rate this port can be set to"),
-            ))
-        }
-    })
+                format!("{baud} is not a baud rate this port can be set to"),
+            )
+        })
 }
 
 fn configure(fd: &OwnedFd, s: &SerialSettings) -> io::Result<()> {
