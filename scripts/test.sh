@@ -12,6 +12,8 @@ missing=()
 [ -x /usr/sbin/mosquitto ] || [ -x /usr/bin/mosquitto ] || missing+=(mosquitto)
 # libfaketime: tests/auth.rs runs the agent with its clock ahead (the replay journal case).
 compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || missing+=(faketime)
+# socat: the simulated RS-485 bus (a pty pair) of the Modbus RTU tests (testkit/src/modbus.rs).
+[ -x /usr/bin/socat ] || missing+=(socat)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   $sudo apt-get update -qq
@@ -25,10 +27,12 @@ echo "==> python test environment (target/pyenv)"
 pyenv=target/pyenv
 pymodbus_version=3.16.1
 pysunspec2_version=1.3.7
-pins=("pymodbus==$pymodbus_version" "pysunspec2==$pysunspec2_version")
+# pymodbus' serial (RTU) server needs pyserial but does not depend on it.
+pyserial_version=3.5
+pins=("pymodbus==$pymodbus_version" "pysunspec2==$pysunspec2_version" "pyserial==$pyserial_version")
 pyenv_ok() {
-  "$pyenv/bin/python" -c "import importlib.metadata as m, pymodbus, sunspec2, sys
-sys.exit(0 if pymodbus.__version__ == '$pymodbus_version' and m.version('pysunspec2') == '$pysunspec2_version' else 1)" 2>/dev/null
+  "$pyenv/bin/python" -c "import importlib.metadata as m, pymodbus, serial, sunspec2, sys
+sys.exit(0 if pymodbus.__version__ == '$pymodbus_version' and m.version('pysunspec2') == '$pysunspec2_version' and m.version('pyserial') == '$pyserial_version' else 1)" 2>/dev/null
 }
 if ! pyenv_ok; then
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing_venv=1

@@ -363,3 +363,269 @@ fn delay_length_override_repeats_raw_and_end_marker() {
         [0x83, 2]
     );
 }
+
+// ---- Modbus RTU on a simulated RS-485 bus (SunSpecServer::start_serial) ----
+
+/// The Modbus RTU CRC (poly 0xA001 reflected, init 0xFFFF), sent low byte first.
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc = 0xFFFFu16;
+    for &b in bytes {
+        crc ^= b as u16;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xA001
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
+/// An RTU frame: unit, PDU, CRC.
+fn rtu_frame(unit: u8, pdu: &[u8]) -> Vec<u8> {
+    let mut frame = vec![unit];
+    frame.extend_from_slice(pdu);
+    frame.extend_from_slice(&crc16(&frame).to_le_bytes());
+    frame
+}
+
+fn rtu_read_holding(unit: u8, addr: u16, count: u16) -> Vec<u8> {
+    let mut pdu = vec![3];
+    pdu.extend_from_slice(&addr.to_be_bytes());
+    pdu.extend_from_slice(&count.to_be_bytes());
+    rtu_frame(unit, &pdu)
+}
+
+/// The agent's end of a bus, opened as the agent would (not as our controlling terminal).
+struct BusEnd(std::fs::File);
+
+impl BusEnd {
+    fn open(server: &SunSpecServer) -> BusEnd {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = server.serial_path().expect("a serial server");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        BusEnd(file)
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.0.write_all(bytes).unwrap();
+    }
+
+    /// Reads until `want` bytes have come or `timeout` has passed; returns what came.
+    fn receive(&mut self, want: usize, timeout: Duration) -> Vec<u8> {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        while got.len() < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd on a descriptor we own.
+            let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as libc::c_int) };
+            assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+            if n == 0 {
+                continue;
+            }
+            let mut buf = [0u8; 256];
+            let len = self.0.read(&mut buf[..want - got.len()]).unwrap();
+            got.extend_from_slice(&buf[..len]);
+        }
+        got
+    }
+
+    /// The registers of a read-holding-registers response from `unit`, CRC checked.
+    fn registers(&mut self, unit: u8, count: u16) -> Vec<u16> {
+        let want = 5 + 2 * count as usize;
+        let resp = self.receive(want, Duration::from_secs(5));
+        assert_eq!(resp.len(), want, "short or no response: {resp:02x?}");
+        assert_eq!(resp[..3], [unit, 3, count as u8 * 2], "{resp:02x?}");
+        let crc = crc16(&resp[..want - 2]).to_le_bytes();
+        assert_eq!(resp[want - 2..], crc, "CRC of {resp:02x?}");
+        resp[3..want - 2]
+            .chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect()
+    }
+
+    /// One read transaction, waiting for its response.
+    fn read(&mut self, unit: u8, addr: u16, count: u16) -> Vec<u16> {
+        self.send(&rtu_read_holding(unit, addr, count));
+        self.registers(unit, count)
+    }
+}
+
+#[test]
+fn rtu_crc_matches_the_standards_example() {
+    // Modbus over serial line, 6.2.2: 01 03 00 00 00 01 has CRC 0x0A84, sent 84 0A.
+    assert_eq!(
+        rtu_frame(1, &[3, 0, 0, 0, 1]),
+        [1, 3, 0, 0, 0, 1, 0x84, 0x0A]
+    );
+}
+
+#[test]
+fn rtu_units_on_one_bus_each_answer_their_own_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = json!({"units": {
+        "1": {"models": [{"id": 1, "points": {"SN": "INV-0001"}}, {"id": 103, "points": {}}]},
+        "2": {"base": 50_000,
+              "models": [{"id": 1, "points": {"SN": "BAT-0002"}}, {"id": 802, "points": {}}]}}});
+    let server = SunSpecServer::start_serial(dir.path(), &spec);
+    assert_eq!(server.port, 0);
+    let mut bus = BusEnd::open(&server);
+
+    for (unit, base, models, sn) in [
+        (1u8, 40_000u16, vec![1u16, 103], "INV-0001"),
+        (2, 50_000, vec![1, 802], "BAT-0002"),
+    ] {
+        assert_eq!(bus.read(unit, base, 2), [0x5375, 0x6E53], "unit {unit}");
+        // Walk the model chain to the end marker.
+        let mut found = Vec::new();
+        let mut at = base + 2;
+        loop {
+            let header = bus.read(unit, at, 2);
+            if header == [0xFFFF, 0] {
+                break;
+            }
+            assert_eq!(
+                header[1],
+                model_size(header[0]) - 2,
+                "unit {unit}: {header:?}"
+            );
+            found.push(header[0]);
+            at += 2 + header[1];
+        }
+        assert_eq!(found, models, "unit {unit}");
+        let at_sn = base + 2 + point_offset(1, "SN");
+        let regs = bus.read(unit, at_sn, 2);
+        let text: Vec<u8> = regs.iter().flat_map(|r| r.to_be_bytes()).collect();
+        assert_eq!(text, sn.as_bytes()[..4], "unit {unit} serial number");
+    }
+    // Unit 1 has no map at 50000: an exception, from unit 1 alone.
+    bus.send(&rtu_read_holding(1, 50_000, 1));
+    let resp = bus.receive(5, Duration::from_secs(5));
+    assert_eq!(resp[..3], [1, 0x83, 2], "{resp:02x?}");
+    assert_eq!(resp[3..], crc16(&resp[..3]).to_le_bytes());
+
+    let logged = server.requests();
+    assert!(logged.iter().all(|r| r["conn"] == 0), "{logged:?}");
+    assert!(logged
+        .iter()
+        .any(|r| r["unit"] == 2 && r["address"] == 50_000));
+    assert!(server.overlaps().is_empty());
+    // A TCP server has no bus.
+    assert!(SunSpecServer::start(dir.path(), &spec)
+        .serial_path()
+        .is_none());
+}
+
+#[test]
+fn rtu_unknown_unit_and_dead_server_are_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = json!({"units": {"1": {"models": [{"id": 1, "points": {}}]}}});
+    let mut server = SunSpecServer::start_serial(dir.path(), &spec);
+    let mut bus = BusEnd::open(&server);
+
+    bus.send(&rtu_read_holding(9, 40_000, 2));
+    let heard = bus.receive(1, Duration::from_millis(500));
+    assert!(heard.is_empty(), "unit 9 does not exist, yet: {heard:02x?}");
+    // The bus is not confused by it: unit 1 answers the next request.
+    assert_eq!(bus.read(1, 40_000, 2), [0x5375, 0x6E53]);
+    let log = server.request_log();
+    let silent: Vec<_> = log
+        .iter()
+        .filter(|r| r["event"] == "unanswered: unknown unit")
+        .collect();
+    assert_eq!(silent.len(), 1, "{log:?}");
+    assert_eq!(silent[0]["unit"], 9);
+    assert_eq!(
+        silent[0]["request"],
+        json!({"function": 3, "address": 40_000})
+    );
+    assert!(server.requests().iter().all(|r| r["unit"] == 1));
+
+    // A killed server is a device without power: the bus stays open, silent.
+    server.kill();
+    bus.send(&rtu_read_holding(1, 40_000, 2));
+    let heard = bus.receive(1, Duration::from_millis(500));
+    assert!(heard.is_empty(), "a dead device answered: {heard:02x?}");
+    // Back on the same bus, with the agent's end still open.
+    server.restart();
+    assert_eq!(bus.read(1, 40_000, 2), [0x5375, 0x6E53]);
+}
+
+#[test]
+fn rtu_client_that_waits_for_each_response_never_overlaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = json!({"units": {"1": {"models": [{"id": 1, "points": {}}]},
+                                "2": {"models": [{"id": 1, "points": {}}]}},
+                      "delay_ms": 100});
+    let server = SunSpecServer::start_serial(dir.path(), &spec);
+    let mut bus = BusEnd::open(&server);
+    let started = Instant::now();
+    for i in 0..10u16 {
+        let unit = 1 + (i % 2) as u8;
+        assert_eq!(
+            bus.read(unit, 40_000 + i % 2, 1),
+            [[0x5375, 0x6E53][i as usize % 2]]
+        );
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "not delayed"
+    );
+    // Each line is written before its response, so all ten are in the log now, and an overlap
+    // would have been logged when its bytes arrived, before the response.
+    assert_eq!(server.requests().len(), 10);
+    assert_eq!(server.overlaps(), Vec::<Value>::new());
+}
+
+#[test]
+fn rtu_pipelining_client_is_caught_overlapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = json!({"units": {"1": {"models": [{"id": 1, "points": {}}]},
+                                "2": {"base": 50_000, "models": [{"id": 1, "points": {}}]}},
+                      "delay_ms": 200});
+    let server = SunSpecServer::start_serial(dir.path(), &spec);
+    let mut bus = BusEnd::open(&server);
+
+    // Request 2 right behind request 1, without waiting: both are answered, in order, and the
+    // overlap is logged during request 1.
+    bus.send(&rtu_read_holding(1, 40_000, 2));
+    bus.send(&rtu_read_holding(2, 50_000, 2));
+    assert_eq!(bus.registers(1, 2), [0x5375, 0x6E53]);
+    assert_eq!(bus.registers(2, 2), [0x5375, 0x6E53]);
+    let overlaps = server.overlaps();
+    assert!(!overlaps.is_empty(), "{:?}", server.request_log());
+    assert_eq!(
+        overlaps[0]["during"],
+        json!({"unit": 1, "function": 3, "address": 40_000})
+    );
+    assert!(overlaps[0]["at"].as_f64().is_some());
+
+    // One early byte is enough: the first byte of the next request before the response.
+    let before = server.overlaps().len();
+    let next = rtu_read_holding(1, 40_002, 2);
+    bus.send(&rtu_read_holding(2, 50_000, 2));
+    bus.send(&next[..1]);
+    assert_eq!(bus.registers(2, 2), [0x5375, 0x6E53]);
+    bus.send(&next[1..]);
+    assert_eq!(bus.registers(1, 2), [1, model_size(1) - 2]);
+    let overlaps = server.overlaps();
+    assert_eq!(overlaps.len(), before + 1, "{overlaps:?}");
+    assert_eq!(overlaps[before]["during"]["unit"], 2);
+    assert_eq!(overlaps[before]["bytes"], 1);
+    assert_eq!(server.requests().len(), 4);
+}

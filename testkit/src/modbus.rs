@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 pub const PYMODBUS_VERSION: &str = "3.16.1";
 /// The pinned pysunspec2 (the model definitions and the reference client); as in `scripts/test.sh`.
 pub const PYSUNSPEC2_VERSION: &str = "1.3.7";
+/// The pinned pyserial: pymodbus' serial (RTU) server needs it and does not depend on it itself;
+/// as in `scripts/test.sh`.
+pub const PYSERIAL_VERSION: &str = "3.5";
 
 /// How long a server may take to start listening (the first import of pymodbus is slow on a
 /// cold cache, and parallel tests share the CPU).
@@ -42,9 +45,10 @@ pub fn modbus_script_dir() -> PathBuf {
 /// Whether `python` imports both packages at exactly the pinned versions.
 fn pyenv_ready(python: &Path) -> bool {
     let check = format!(
-        "import importlib.metadata as m, pymodbus, sunspec2, sys\n\
+        "import importlib.metadata as m, pymodbus, serial, sunspec2, sys\n\
          sys.exit(0 if pymodbus.__version__ == '{PYMODBUS_VERSION}' \
-         and m.version('pysunspec2') == '{PYSUNSPEC2_VERSION}' else 1)"
+         and m.version('pysunspec2') == '{PYSUNSPEC2_VERSION}' \
+         and m.version('pyserial') == '{PYSERIAL_VERSION}' else 1)"
     );
     Command::new(python)
         .args(["-c", &check])
@@ -70,7 +74,7 @@ fn run_or_panic(cmd: &mut Command, what: &str) {
     }
 }
 
-/// The Python of `<workspace>/target/pyenv`, created with pymodbus and pysunspec2 at the pinned
+/// The Python of `<workspace>/target/pyenv`, created with pymodbus, pysunspec2 and pyserial at the pinned
 /// versions when missing or different.
 ///
 /// An exclusive `flock` on `target/pyenv.lock` serialises the check-and-install across the
@@ -114,13 +118,15 @@ pub fn pyenv_python() -> PathBuf {
                         "--disable-pip-version-check",
                         &format!("pymodbus=={PYMODBUS_VERSION}"),
                         &format!("pysunspec2=={PYSUNSPEC2_VERSION}"),
+                        &format!("pyserial=={PYSERIAL_VERSION}"),
                     ]),
-                    "installing pymodbus and pysunspec2 into target/pyenv",
+                    "installing pymodbus, pysunspec2 and pyserial into target/pyenv",
                 );
                 if !pyenv_ready(&python) {
                     panic!(
-                        "target/pyenv still lacks pymodbus=={PYMODBUS_VERSION} or \
-                         pysunspec2=={PYSUNSPEC2_VERSION} after pip install; \
+                        "target/pyenv still lacks pymodbus=={PYMODBUS_VERSION}, \
+                         pysunspec2=={PYSUNSPEC2_VERSION} or pyserial=={PYSERIAL_VERSION} \
+                         after pip install; \
                          remove target/pyenv and retry"
                     );
                 }
@@ -158,15 +164,29 @@ pub fn sunspec_model_json(id: u16) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// A running `sunspec_server.py` on 127.0.0.1. Dropping it kills the server.
+/// A simulated RS-485 bus: a `socat` pty pair, the agent's end and the device's end.
+struct Bus {
+    agent: PathBuf,
+    device: PathBuf,
+    socat: Child,
+}
+
+/// A running `sunspec_server.py`: on 127.0.0.1 ([`SunSpecServer::start`]) or as Modbus RTU on a
+/// simulated serial bus ([`SunSpecServer::start_serial`]). Dropping it kills the server (and the
+/// bus).
 pub struct SunSpecServer {
+    /// The TCP port; 0 for a server on a serial bus.
     pub port: u16,
     spec: PathBuf,
     port_file: PathBuf,
     log: PathBuf,
     stderr: PathBuf,
     child: Option<Child>,
+    bus: Option<Bus>,
 }
+
+/// Numbers the files of the servers (and buses) that share one test directory.
+static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 impl SunSpecServer {
     /// Writes `spec` (the SPEC format of `tests/modbus/sunspec_server.py`) into `dir` and starts
@@ -174,24 +194,80 @@ impl SunSpecServer {
     ///
     /// Panics, with the server's stderr, if it exits or is not listening within 15 s.
     pub fn start(dir: &Path, spec: &serde_json::Value) -> SunSpecServer {
+        let mut server = SunSpecServer::new(dir, spec);
+        server.spawn(0);
+        server
+    }
+
+    /// Like [`SunSpecServer::start`], but Modbus RTU on a simulated RS-485 bus: starts `socat`
+    /// with a pty pair linked as `dir/bus-N-agent` (the end the agent opens,
+    /// [`SunSpecServer::serial_path`]) and `dir/bus-N-device`, and the server, with every unit
+    /// of `spec` on that one bus, on the device end; returns once it serves.
+    ///
+    /// Panics, with socat's or the server's stderr, if either fails to start within 15 s.
+    pub fn start_serial(dir: &Path, spec: &serde_json::Value) -> SunSpecServer {
+        let mut server = SunSpecServer::new(dir, spec);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let agent = dir.join(format!("bus-{n}-agent"));
+        let device = dir.join(format!("bus-{n}-device"));
+        let socat_stderr = dir.join(format!("bus-{n}.socat-stderr"));
+        let end = |link: &Path| format!("pty,raw,echo=0,link={}", link.display());
+        let socat = Command::new("socat")
+            .arg(end(&agent))
+            .arg(end(&device))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&socat_stderr).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn socat (is it installed?): {e}"));
+        server.bus = Some(Bus {
+            agent: agent.clone(),
+            device: device.clone(),
+            socat,
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !(agent.exists() && device.exists()) {
+            let socat = &mut server.bus.as_mut().unwrap().socat;
+            let exited = socat.try_wait().unwrap();
+            if exited.is_some() || Instant::now() > deadline {
+                panic!(
+                    "socat made no pty pair ({}):\n{}",
+                    exited.map_or("timed out".to_string(), |s| s.to_string()),
+                    std::fs::read_to_string(&socat_stderr).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        server.spawn(0);
+        server
+    }
+
+    /// Writes `spec` into `dir` under this server's names; nothing runs yet.
+    fn new(dir: &Path, spec: &serde_json::Value) -> SunSpecServer {
         // Several servers may share one test directory.
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = |ext: &str| dir.join(format!("sunspec-server-{n}.{ext}"));
-        let mut server = SunSpecServer {
+        let server = SunSpecServer {
             port: 0,
             spec: name("spec.json"),
             port_file: name("port"),
             log: name("log"),
             stderr: name("stderr"),
             child: None,
+            bus: None,
         };
         std::fs::write(&server.spec, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
-        server.spawn(0);
         server
     }
 
-    /// Starts the script binding `port` (0: ephemeral) and waits for its port file.
+    /// The serial device the agent opens (the agent's end of the bus), for a server started by
+    /// [`SunSpecServer::start_serial`]; `None` for a TCP server.
+    pub fn serial_path(&self) -> Option<PathBuf> {
+        self.bus.as_ref().map(|bus| bus.agent.clone())
+    }
+
+    /// Starts the script binding `port` (0: ephemeral), or on the bus's device end, and waits for
+    /// its port file.
     fn spawn(&mut self, port: u16) {
         let _ = std::fs::remove_file(&self.port_file);
         let stderr = OpenOptions::new()
@@ -199,14 +275,17 @@ impl SunSpecServer {
             .append(true)
             .open(&self.stderr)
             .unwrap();
-        let child = Command::new(pyenv_python())
-            .arg(modbus_script_dir().join("sunspec_server.py"))
+        let mut cmd = Command::new(pyenv_python());
+        cmd.arg(modbus_script_dir().join("sunspec_server.py"))
             .arg("--spec")
             .arg(&self.spec)
             .arg("--port-file")
-            .arg(&self.port_file)
-            .arg("--port")
-            .arg(port.to_string())
+            .arg(&self.port_file);
+        match &self.bus {
+            Some(bus) => cmd.arg("--serial").arg(&bus.device),
+            None => cmd.arg("--port").arg(port.to_string()),
+        };
+        let child = cmd
             .arg("--log")
             .arg(&self.log)
             // No __pycache__ in the source tree.
@@ -219,9 +298,12 @@ impl SunSpecServer {
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            // The script renames the file into place complete, so any content is the port.
+            // The script renames the file into place complete, so any content is the port (or,
+            // on a bus, the device's path).
             if let Ok(text) = std::fs::read_to_string(&self.port_file) {
-                self.port = text.trim().parse().expect("port file holds a port number");
+                if self.bus.is_none() {
+                    self.port = text.trim().parse().expect("port file holds a port number");
+                }
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -248,7 +330,8 @@ impl SunSpecServer {
     }
 
     /// SIGKILLs the server (a device losing power: connections die without a FIN from a clean
-    /// shutdown path) and reaps it. Idempotent.
+    /// shutdown path) and reaps it. Idempotent. On a serial bus only the server dies: the bus
+    /// stays, so the agent's port stays open and sees silence.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -256,7 +339,7 @@ impl SunSpecServer {
         }
     }
 
-    /// Kills the server if running and starts it again on the same port with the register map
+    /// Kills the server if running and starts it again on the same port (or the same bus) with the register map
     /// as the SPEC describes it (writes made before are lost, as on a device reboot). The
     /// request log continues in the same file.
     pub fn restart(&mut self) {
@@ -293,6 +376,17 @@ impl SunSpecServer {
             .collect()
     }
 
+    /// The overlap event lines of a serial server's log (`{"event": "overlap", "at", "bytes",
+    /// "during": {"unit", "function", "address"}}`): bytes of a new request arrived before the
+    /// previous request's response was completely written. Empty for a client that never has two
+    /// requests outstanding on the bus.
+    pub fn overlaps(&self) -> Vec<serde_json::Value> {
+        self.request_log()
+            .into_iter()
+            .filter(|r| r["event"] == "overlap")
+            .collect()
+    }
+
     /// Just the request lines of [`SunSpecServer::request_log`].
     pub fn requests(&self) -> Vec<serde_json::Value> {
         self.request_log()
@@ -305,5 +399,11 @@ impl SunSpecServer {
 impl Drop for SunSpecServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some(mut bus) = self.bus.take() {
+            let _ = bus.socat.kill();
+            let _ = bus.socat.wait();
+            let _ = std::fs::remove_file(&bus.device);
+            let _ = std::fs::remove_file(&bus.agent);
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 Usage:
     python sunspec_server.py --spec SPEC.json --port-file PATH [--port N] [--log PATH]
+    python sunspec_server.py --spec SPEC.json --port-file PATH --serial DEVICE [--log PATH]
 
 The server binds 127.0.0.1, port N (default 0: the kernel picks a free one). Once it accepts
 connections it writes the bound port number to PATH (written to PATH.tmp, then renamed, so a
@@ -10,6 +11,12 @@ reader never sees a half-written number) and serves until killed (SIGTERM or SIG
 is kept, so there is nothing to shut down cleanly). The register maps are built from the
 official SunSpec model definitions that pysunspec2 ships (sunspec2/models/json/model_<N>.json),
 so offsets and lengths are the standard's, not ours.
+
+With --serial DEVICE the server speaks Modbus RTU instead, on the serial device DEVICE (in the
+tests one end of a socat pty pair; testkit's SunSpecServer::start_serial), every unit of the SPEC
+on that one bus. Baud rate and parity are pyserial's defaults (meaningless on a pty). Once the
+device is open and served, the port file is written as above, holding DEVICE's path (not a port
+number). single_client means nothing on a bus and is ignored.
 
 SPEC format (JSON):
 
@@ -58,6 +65,29 @@ start and end are time.time() when handling began and just before the response w
 line is written first, so once a client has a response its line is in the log); a test can
 check from them that a client never had two requests outstanding at once.
 
+Over RTU (--serial) request lines carry "conn": 0 (one bus, no connections), and two more kinds
+of line are written:
+    {"event": "overlap", "at": 1764700000.125, "bytes": 8,
+     "during": {"unit": 1, "function": 3, "address": 40000}}
+when bytes arrive on the bus (`at`: time.time() when the server read them) while a request is
+outstanding: after the last byte of a complete request frame was read and before the whole
+response has been written to the device. A client that waits for each response never causes
+one; one that sends a new request (even one byte of it) early always does, delay_ms or not, as
+long as the server has not finished answering. `during` is the request being answered.
+    {"event": "unanswered: unknown unit", "unit": 9, "request": {"function": 3,
+     "address": 40000}, "time": ...}
+for a request to a unit id the SPEC does not have: it gets no answer at all, as on a real RS-485
+bus where no such device exists (see defect 3). A frame pymodbus cannot decode (an unknown
+function code) is logged as {"event": "undecodable request", ...} and not answered either.
+
+How overlaps are seen: the RTU handler replaces pymodbus' data_received, so it timestamps each
+chunk of raw bytes the serial transport reads from the device before any framing, and it feeds
+the framer itself, decoding every complete frame in the buffer (pymodbus decodes only the first,
+defect 1). Frames go into a queue answered strictly one after another by one task (pymodbus'
+handler would answer the latest frame for each, defect 2), and a response counts as written only
+once pymodbus' serial transport, which otherwise writes later from the event loop, has handed it
+to the device (the handler flushes it at once and waits until its buffer is empty).
+
 Known defects of pymodbus 3.16.1's server (reproduced), and how the harness copes:
 1. Two requests in one TCP segment: only the first is answered.
 2. A second request arriving while the first is being processed (e.g. during delay_ms): both
@@ -65,6 +95,17 @@ Known defects of pymodbus 3.16.1's server (reproduced), and how the harness cope
 3. A request for a unit id the server does not configure is answered with an exception
    (4, SLAVE DEVICE FAILURE, with pymodbus' own datastores; 11, GATEWAY TARGET FAILED TO
    RESPOND, with this script's) rather than with silence as a real device would.
+4. Over RTU the same three in their serial forms, and worse: a chunk read from the device that
+   holds two frames is decoded as the first frame alone and the rest is thrown away
+   (FramerRTU.decode returns the whole buffer's length as the length it used, not the frame's;
+   on a CRC error it throws away the whole buffer too); while one frame is being answered a
+   second replaces it (handle_request reads the handler's last_pdu after its await); an unknown
+   unit id gets exception 11 unless ignore_missing_devices is set; and ModbusProtocol.send
+   empties the receive buffer, so the part of the next request received before a response goes
+   out is thrown away (over TCP as well). --serial mode has its own handler (RtuHandler), with
+   its own receive buffer and a fixed decode (fixed_rtu_decode), that decodes every frame,
+   answers them in order and stays silent for unknown units, so none of these reaches a test
+   over RTU.
 The agent's client never pipelines requests (it waits for each response before sending the
 next), so 1 and 2 never arise with a correct client; the request log's start/end lets a test
 prove that. Every unit id a test uses is configured in its SPEC, so 3 never arises either.
@@ -77,13 +118,16 @@ import os
 import struct
 import sys
 import time
+import traceback
 
 import sunspec2
 from pymodbus.constants import ExcCodes
 from pymodbus.datastore import ModbusServerContext
 from pymodbus.exceptions import NoSuchIdException
 from pymodbus.pdu import ExceptionResponse
-from pymodbus.server import ModbusTcpServer
+from pymodbus.exceptions import ModbusIOException
+from pymodbus.framer import FramerRTU
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.server.requesthandler import ServerRequestHandler
 
 MODELS_DIR = os.path.join(os.path.dirname(sunspec2.__file__), "models", "json")
@@ -298,6 +342,136 @@ class Handler(ServerRequestHandler):
         super().server_send(pdu, addr)
 
 
+def fixed_rtu_decode(framer, data):
+    """pymodbus 3.16.1's FramerRTU.decode, but returning the length of the frame it found (it
+    returns len(data), which swallows any frame after the first), and on a CRC error skipping
+    one byte to resynchronise (it drops the whole buffer)."""
+    data_len = len(data)
+    for used_len in range(data_len):
+        if data_len - used_len < framer.MIN_SIZE:
+            return used_len, 0, 0, framer.EMPTY
+        dev_id = int(data[used_len])
+        if not (pdu_class := framer.decoder.lookupPduClass(data[used_len:])):
+            continue
+        if not (size := pdu_class.calculateRtuFrameSize(data[used_len:])):
+            return used_len, dev_id, 0, framer.EMPTY
+        if data_len < used_len + size:
+            return used_len, dev_id, 0, framer.EMPTY
+        crc_start = used_len + size - 2
+        crc = data[crc_start:crc_start + 2]
+        if not FramerRTU.check_CRC(data[used_len:crc_start], (crc[0] << 8) + crc[1]):
+            return used_len + 1, 0, 0, framer.EMPTY
+        return used_len + size, dev_id, 0, data[used_len + 1:crc_start]
+    return data_len, 0, 0, framer.EMPTY
+
+
+class RtuHandler(Handler):
+    """The one "connection" of a serial bus: overlap detection, in-order answers, silence for
+    unknown units (see the docstring's RTU section)."""
+
+    def __init__(self, owner, *args):
+        super().__init__(owner, *args)
+        self.conn = 0
+        self.framer.decode = lambda data: fixed_rtu_decode(self.framer, data)
+        self.rx = b""  # bytes of a request not yet complete (not pymodbus' recv_buffer: defect 4)
+        self.pending = []  # decoded requests not yet completely answered, oldest first
+        self.queue = asyncio.Queue()
+        self.worker = None
+
+    def callback_connected(self):
+        ServerRequestHandler.callback_connected(self)
+        if self.worker is None:
+            self.worker = asyncio.get_running_loop().create_task(self.answer_all())
+        self.server.connected.set()
+
+    def callback_disconnected(self, exc):
+        super().callback_disconnected(exc)
+        self.server.connected.clear()
+
+    def data_received(self, data):
+        at = time.time()
+        if self.pending:
+            self.log_overlap(at, len(data), self.pending[0])
+        self.rx += data
+        while self.rx:
+            try:
+                used, pdu = self.framer.handleFrame(self.rx, 0, 0)
+            except ModbusIOException:
+                log_line({"conn": 0, "event": "undecodable request", "time": at})
+                self.rx = b""
+                break
+            self.rx = self.rx[used:]
+            if pdu is None:
+                if used:
+                    continue  # skipped garbage; look again
+                break
+            if pdu.dev_id not in self.server.context.maps:
+                log_line({"conn": 0, "event": "unanswered: unknown unit", "unit": pdu.dev_id,
+                          "request": {"function": pdu.function_code,
+                                      "address": getattr(pdu, "address", None)},
+                          "time": at})
+                continue
+            if self.rx:
+                # Bytes of the next request came in the same read as the end of this one: the
+                # client sent them before it could have had this one's answer.
+                self.log_overlap(at, len(self.rx), pdu)
+            self.pending.append(pdu)
+            self.queue.put_nowait(pdu)
+
+    def log_overlap(self, at, nbytes, pdu):
+        log_line({"conn": 0, "event": "overlap", "at": at, "bytes": nbytes,
+                  "during": {"unit": pdu.dev_id, "function": pdu.function_code,
+                             "address": getattr(pdu, "address", None)}})
+
+    def callback_data(self, data, addr=None):
+        # Never called: data_received above does the framing.
+        raise AssertionError("RtuHandler.callback_data")
+
+    async def answer_all(self):
+        try:
+            while True:
+                await self.answer(await self.queue.get())
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            # A dead worker would leave the bus silent for good: say why, and die loudly.
+            traceback.print_exc()
+            os._exit(70)
+
+    async def answer(self, pdu):
+        """Answers one request; it is outstanding until the device has the whole response."""
+        start = time.time()
+        if self.server.delay:
+            await asyncio.sleep(self.server.delay)
+        try:
+            response = await pdu.datastore_update(self.server.context, pdu.dev_id)
+        except Exception:  # pylint: disable=broad-except
+            response = ExceptionResponse(pdu.function_code, ExcCodes.DEVICE_FAILURE)
+        response.transaction_id = 0
+        response.dev_id = pdu.dev_id
+        self.current = (pdu, start)
+        self.server_send(response, None)
+        # pymodbus' serial transport writes from the event loop later; hand it over now and
+        # count the request outstanding until the device has all of it.
+        transport = self.transport
+        if transport is not None and hasattr(transport, "intern_write_ready"):
+            transport.intern_write_ready()
+            while transport.get_write_buffer_size():
+                await asyncio.sleep(0.001)
+        self.pending.remove(pdu)
+
+
+class RtuServer(ModbusSerialServer):
+    def __init__(self, context, device, delay):
+        super().__init__(context, port=device, reconnect_delay=0.1)
+        self.delay = delay
+        self.single_client = False
+        self.connected = asyncio.Event()
+
+    def callback_new_connection(self):
+        return RtuHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
+
+
 class Server(ModbusTcpServer):
     def __init__(self, context, port, delay, single_client):
         super().__init__(context, address=("127.0.0.1", port))
@@ -320,6 +494,16 @@ async def serve(args):
     with open(args.spec) as f:
         spec = json.load(f)
     context = SunSpecContext(spec["units"])
+    if args.serial:
+        server = RtuServer(context, args.serial, spec.get("delay_ms", 0) / 1000.0)
+        await server.serve_forever(background=True)
+        try:
+            await asyncio.wait_for(server.connected.wait(), 10)
+        except asyncio.TimeoutError:
+            raise SystemExit("could not open %s" % args.serial) from None
+        write_port_file(args.port_file, args.serial)
+        await server.serving
+        return
     server = Server(
         context,
         args.port,
@@ -330,11 +514,15 @@ async def serve(args):
     if not server.transport:
         raise SystemExit("could not listen on 127.0.0.1:%d" % args.port)
     port = server.transport.sockets[0].getsockname()[1]
-    tmp = args.port_file + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("%d\n" % port)
-    os.rename(tmp, args.port_file)
+    write_port_file(args.port_file, str(port))
     await server.serving
+
+
+def write_port_file(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+    os.rename(tmp, path)
 
 
 def main():
@@ -343,6 +531,7 @@ def main():
     parser.add_argument("--spec", required=True)
     parser.add_argument("--port-file", required=True)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--serial", help="serve Modbus RTU on this serial device, not TCP")
     parser.add_argument("--log")
     args = parser.parse_args()
     if args.log:
