@@ -23,10 +23,15 @@ const KNOWN: [u16; 22] = [
 
 /// Runs `texture-agent discover --tcp 127.0.0.1:PORT ARGS... --json`: exit code and output.
 fn discover(port: u16, args: &[&str]) -> (Option<i32>, Value, String) {
+    discover_on(&["--tcp", &format!("127.0.0.1:{port}")], args)
+}
+
+/// Runs `texture-agent discover LINK... ARGS... --json` (LINK: `--tcp HOST:PORT` or
+/// `--serial PATH`): exit code and output.
+fn discover_on(link: &[&str], args: &[&str]) -> (Option<i32>, Value, String) {
     let out = Command::new(BIN)
         .arg("discover")
-        .arg("--tcp")
-        .arg(format!("127.0.0.1:{port}"))
+        .args(link)
         .args(args)
         .arg("--json")
         .output()
@@ -378,6 +383,53 @@ fn a_slow_device_needs_a_long_enough_timeout() {
     assert!(error.contains("no answer within 100 ms"), "{error}");
 }
 
+/// Modbus RTU: two units on one simulated RS-485 bus (a socat pty pair) are found over the one
+/// serial port, an absent third unit is reported without hiding them, and no request ever
+/// overlaps another on the bus; with the devices gone, discover fails saying so.
+#[test]
+fn discover_over_a_serial_bus_finds_every_unit_on_it() {
+    let dir = tmp();
+    let mut server = SunSpecServer::start_serial(
+        dir.path(),
+        &json!({"units": {
+            "1": {"models": [{"id": 1, "points": {"Mn": "Texture", "SN": "RTU-1"}},
+                             {"id": 103, "points": {"W": 2500, "W_SF": 0}}]},
+            "2": {"models": [{"id": 1, "points": {"SN": "RTU-2"}},
+                             {"id": 203, "points": {"W": 1500, "W_SF": 0}}]},
+        }}),
+    );
+    let path = server.serial_path().unwrap();
+    let link = ["--serial", path.to_str().unwrap(), "--baud", "19200"];
+    let (code, found, stderr) = discover_on(&link, &["--units", "1-3", "--timeout-ms", "300"]);
+    assert_eq!(code, Some(0), "{stderr}\n{found}");
+    assert_eq!(unit(&found, 1)["serial"], "RTU-1");
+    assert_eq!(unit(&found, 1)["manufacturer"], "Texture");
+    assert_eq!(unit(&found, 2)["serial"], "RTU-2");
+    assert!(model(unit(&found, 2), 203).is_object(), "{found}");
+    let errors = found["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{found}");
+    assert_eq!(errors[0]["unit"], 3);
+    assert!(
+        errors[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 300 ms"),
+        "{found}"
+    );
+    let units: std::collections::BTreeSet<u64> = server
+        .requests()
+        .iter()
+        .map(|r| r["unit"].as_u64().unwrap())
+        .collect();
+    assert_eq!(units, [1, 2].into(), "requests answered per unit");
+    assert_eq!(server.overlaps(), Vec::<Value>::new());
+
+    server.kill();
+    let (code, found, stderr) = discover_on(&link, &["--units", "1-2", "--timeout-ms", "200"]);
+    assert_eq!(code, Some(1), "{found}");
+    assert!(stderr.contains("no SunSpec device answered"), "{stderr}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The `sunspec` driver end to end: a real agent, mosquitto with mutual TLS, the platform peer,
 // and pymodbus SunSpec devices.
@@ -442,14 +494,15 @@ mod driver {
         }
     }
 
-    async fn ask(
+    /// Publishes a server-key command `id` for `device`, signed by the platform.
+    async fn send(
         peer: &mut kit::Peer,
         signer: &PlatformSigner,
         id: &str,
         device: &str,
         slug: &str,
         input: Value,
-    ) -> Value {
+    ) {
         let key = ApiKey::server("key-server", WORKSPACE);
         let claims = signer.claims(
             &key,
@@ -463,11 +516,28 @@ mod driver {
             false,
         )
         .await;
+    }
+
+    /// The reply to command `id`.
+    async fn reply(peer: &mut kit::Peer, id: &str) -> Value {
         peer.expect(&device_topic(GATEWAY, "replies"), WAIT, |m| {
             m.json()["commandId"] == id
         })
         .await
         .json()
+    }
+
+    /// [`send`], then its [`reply`].
+    async fn ask(
+        peer: &mut kit::Peer,
+        signer: &PlatformSigner,
+        id: &str,
+        device: &str,
+        slug: &str,
+        input: Value,
+    ) -> Value {
+        send(peer, signer, id, device, slug, input).await;
+        reply(peer, id).await
     }
 
     /// Discovery, then telemetry in the device model with the meter's grid reading; a signed
@@ -779,6 +849,155 @@ mod driver {
         assert!(
             server.requests().iter().all(|r| r["function"] == 3),
             "a write reached the device"
+        );
+    }
+
+    /// Modbus RTU end to end: a hybrid inverter (unit 1) and a battery (unit 2) on one RS-485
+    /// bus, polled every 500 ms (the shortest poll the configuration allows) while a burst of
+    /// signed reserve commands for both arrives. Every command is answered, and each one run is
+    /// written once and read back; the bus never carries two requests at once
+    /// (the server logs any byte that arrives before its previous response is out, and the test
+    /// fails on one); and when the devices fall silent they are reported offline, then back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_units_on_one_serial_bus_take_commands_under_polling_without_overlap() {
+        let Testbed {
+            pki,
+            broker,
+            signer,
+            mut peer,
+        } = Testbed::start(
+            PlatformSigner::generate("platform-rtu"),
+            &[
+                &device_topic(GATEWAY, "replies"),
+                &device_topic(GATEWAY, "telemetry"),
+            ],
+        )
+        .await;
+        let mut server = SunSpecServer::start_serial(
+            pki.path(),
+            &json!({"units": {
+                "1": {"models": [
+                    {"id": 1, "points": {"SN": "RTU-1"}},
+                    {"id": 103, "points": {"W": 3000, "W_SF": 0}},
+                    {"id": 124, "points": {"ChaState": 40, "ChaState_SF": 0, "MinRsvPct": 20,
+                                           "MinRsvPct_SF": 0, "ChaSt": 3}},
+                ]},
+                "2": {"models": [
+                    {"id": 1, "points": {"SN": "RTU-2"}},
+                    {"id": 802, "points": {"SoC": 70, "SoC_SF": 0, "SoCRsvMin": 10,
+                                           "ChaSt": 3}},
+                ]},
+            }}),
+        );
+        let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, WORKSPACE);
+        cfg.extra_toml = format!(
+            "[telemetry]\nbatch_max_ms = 100\nhealth_interval_secs = 3600\n\n\
+             [[drivers]]\nkind = \"sunspec\"\nname = \"bus\"\nserial = \"{}\"\n\
+             baud = 115200\nparity = \"even\"\nunits = [1, 2]\npoll_ms = 500\ntimeout_ms = 500\n",
+            server.serial_path().unwrap().display()
+        );
+        let agent = Agent::spawn(BIN, &cfg.write(pki.path()));
+        let devices = ["sunspec-RTU-1-battery", "sunspec-RTU-2-battery"];
+        for device in devices {
+            state_of(&mut peer, device, |s| s["chargePercentage"].is_number()).await;
+        }
+
+        // Six commands at once, alternating between the units, while polling goes on.
+        for i in 0..6u32 {
+            let device = devices[i as usize % 2];
+            let reserve = 21 + i;
+            send(
+                &mut peer,
+                &signer,
+                &format!("cmd-{i}"),
+                device,
+                "battery:set-reserve",
+                json!({"chargePercentage": reserve}),
+            )
+            .await;
+        }
+        // Each is run, or superseded (409) by a later one for the same device while it waited;
+        // the last of each device runs.
+        let mut ran = [0usize; 2];
+        for i in 0..6u32 {
+            let answer = reply(&mut peer, &format!("cmd-{i}")).await;
+            if answer["type"] == "command.succeeded" {
+                assert_eq!(
+                    answer["result"],
+                    json!({"backupReserve": f64::from(21 + i)})
+                );
+                ran[i as usize % 2] += 1;
+            } else {
+                assert!(i < 4, "the last command of its device: {answer}");
+                assert_eq!(answer["status"], 409, "{answer}");
+                assert_eq!(answer["error"]["code"], "SUPERSEDED", "{answer}");
+            }
+        }
+        // The last write of each unit stands: 25 % on unit 1, 26 % on unit 2.
+        state_of(&mut peer, devices[0], |s| s["backupReserve"] == 25.0).await;
+        state_of(&mut peer, devices[1], |s| s["backupReserve"] == 26.0).await;
+        let requests = server.requests();
+        let writes = |unit: u64| {
+            requests
+                .iter()
+                .filter(|r| r["unit"] == unit && (r["function"] == 6 || r["function"] == 16))
+                .count()
+        };
+        // A command superseded while it waited behind a poll is dropped unwritten; one
+        // superseded after its write started still wrote. Every command is one or the other.
+        let dropped = |device: &str| {
+            agent
+                .logs_with_message(
+                    "sunspec: command answered before its turn on the link; nothing written",
+                )
+                .iter()
+                .filter(|l| l["device_id"] == device)
+                .count()
+        };
+        for (unit, device) in [(1, devices[0]), (2, devices[1])] {
+            let (w, d, r) = (writes(unit), dropped(device), ran[unit as usize - 1]);
+            assert_eq!(w + d, 3, "unit {unit}: {w} written, {d} dropped");
+            assert!(w >= r, "unit {unit}: {w} written, {r} run");
+        }
+        let reads = requests.iter().filter(|r| r["function"] == 3).count();
+        assert!(reads > 20, "only {reads} reads: the bus was hardly loaded");
+        assert_eq!(
+            server.overlaps(),
+            Vec::<Value>::new(),
+            "requests overlapped"
+        );
+
+        // Silence on the bus: both units offline (the hybrid's inverter too); then back.
+        server.kill();
+        let gone = ["sunspec-RTU-1", devices[0], devices[1]];
+        let mut offline = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while offline.len() < gone.len() {
+            assert!(Instant::now() < deadline, "offline: only {offline:?}");
+            let batch = peer
+                .expect(&device_topic(GATEWAY, "telemetry"), WAIT, |_| true)
+                .await
+                .json();
+            for p in batch["points"].as_array().unwrap() {
+                if p.get("availability").is_some_and(|a| a["online"] == false) {
+                    offline.push(p["deviceId"].as_str().unwrap().to_owned());
+                }
+            }
+        }
+        offline.sort();
+        assert_eq!(offline, gone);
+        agent.wait_for_log(
+            "sunspec: unit not answering; its devices report nothing until it does",
+            WAIT,
+        );
+        server.restart();
+        for device in devices {
+            state_of(&mut peer, device, |s| s["chargePercentage"].is_number()).await;
+        }
+        assert_eq!(
+            server.overlaps(),
+            Vec::<Value>::new(),
+            "requests overlapped"
         );
     }
 }

@@ -518,6 +518,16 @@ impl Driver {
     }
 
     async fn command(&mut self, command: DriverCommand) {
+        // Commands wait here behind a poll round or an earlier command. One the runner has
+        // already answered while it waited (superseded by a newer one for its device, or timed
+        // out) has its answer channel dropped: it must not reach the device, or an older
+        // setpoint would land after the platform was told it did not. One whose writes have
+        // started is carried to the end: half a plan is worse than an older one.
+        if command.done.is_closed() {
+            tracing::info!(command_id = %command.command_id, device_id = %command.device_id,
+                "sunspec: command answered before its turn on the link; nothing written");
+            return;
+        }
         let outcome = self.execute(&command).await;
         let _ = command.done.send(outcome.map_err(CommandFailure::Reported));
     }

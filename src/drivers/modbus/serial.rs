@@ -74,6 +74,15 @@ impl Parity {
         }
     }
 
+    /// As the configuration spells it.
+    fn name(self) -> &'static str {
+        match self {
+            Parity::None => "none",
+            Parity::Even => "even",
+            Parity::Odd => "odd",
+        }
+    }
+
     fn letter(self) -> char {
         match self {
             Parity::None => 'N',
@@ -195,6 +204,9 @@ fn speed(baud: u32) -> io::Result<libc::speed_t> {
         })
 }
 
+/// The line bits that make a frame: data bits, parity and stop bits.
+const FRAME_BITS: libc::tcflag_t = libc::CSIZE | libc::PARENB | libc::PARODD | libc::CSTOPB;
+
 fn configure(fd: &OwnedFd, s: &SerialSettings) -> io::Result<()> {
     let raw = fd.as_raw_fd();
     let check = |r: libc::c_int| {
@@ -204,12 +216,13 @@ fn configure(fd: &OwnedFd, s: &SerialSettings) -> io::Result<()> {
             Err(io::Error::last_os_error())
         }
     };
+    let rate = speed(s.baud)?;
     // SAFETY: termios is plain data; every call gets a valid descriptor and pointer.
     unsafe {
         let mut t: libc::termios = std::mem::zeroed();
         check(libc::tcgetattr(raw, &mut t))?;
         libc::cfmakeraw(&mut t);
-        t.c_cflag &= !(libc::CSIZE | libc::PARENB | libc::PARODD | libc::CSTOPB | libc::CRTSCTS);
+        t.c_cflag &= !(FRAME_BITS | libc::CRTSCTS);
         t.c_cflag |= libc::CS8 | libc::CLOCAL | libc::CREAD;
         match s.parity {
             Parity::None => {}
@@ -223,13 +236,74 @@ fn configure(fd: &OwnedFd, s: &SerialSettings) -> io::Result<()> {
         // Non-blocking reads through the reactor: no minimum, no inter-byte timer.
         t.c_cc[libc::VMIN] = 0;
         t.c_cc[libc::VTIME] = 0;
-        let rate = speed(s.baud)?;
         check(libc::cfsetispeed(&mut t, rate))?;
         check(libc::cfsetospeed(&mut t, rate))?;
-        check(libc::tcsetattr(raw, libc::TCSANOW, &t))?;
+        // What tcsetattr returns says little: POSIX lets it succeed when any one change took,
+        // and glibc fails it with EINVAL when none did (a port already at the right speed whose
+        // driver ignores parity, such as a pty opened a second time), while musl does not check
+        // at all. What counts is what the port now does, so that is read back and compared.
+        if libc::tcsetattr(raw, libc::TCSANOW, &t) != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+        }
+        let mut now: libc::termios = std::mem::zeroed();
+        check(libc::tcgetattr(raw, &mut now))?;
+        // A pseudo-terminal has no line: its driver keeps no parity or stop bits, and its speed
+        // means nothing. Anything else must run as configured, or its frames are garbage.
+        if !is_pty(fd)? {
+            let took = (libc::cfgetospeed(&now), now.c_cflag & FRAME_BITS);
+            if let Some(missing) = untaken((rate, t.c_cflag & FRAME_BITS), took, s) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} did not take {missing}: its driver does not support it, or it is \
+                         no RS-485 adapter",
+                        s.path.display()
+                    ),
+                ));
+            }
+        }
         check(libc::tcflush(raw, libc::TCIOFLUSH))?;
     }
     Ok(())
+}
+
+/// Of the speed and frame bits asked for (`wanted`), the first the port did not take (`took`),
+/// named as an installer configured it.
+fn untaken(
+    wanted: (libc::speed_t, libc::tcflag_t),
+    took: (libc::speed_t, libc::tcflag_t),
+    s: &SerialSettings,
+) -> Option<String> {
+    if wanted.0 != took.0 {
+        return Some(format!("{} baud", s.baud));
+    }
+    let differs = |bits: libc::tcflag_t| wanted.1 & bits != took.1 & bits;
+    if differs(libc::PARENB | libc::PARODD) {
+        return Some(format!("parity {}", s.parity.name()));
+    }
+    if differs(libc::CSTOPB) {
+        return Some(format!("{} stop bits", s.stop_bits));
+    }
+    if differs(libc::CSIZE) {
+        return Some("8 data bits".into());
+    }
+    None
+}
+
+/// Whether `fd` is the terminal end of a pseudo-terminal (Unix 98 pty, majors 136 to 143).
+fn is_pty(fd: &OwnedFd) -> io::Result<bool> {
+    // SAFETY: fstat fills a plain struct for a descriptor we own.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        st
+    };
+    Ok((136..=143).contains(&libc::major(st.st_rdev)))
 }
 
 impl AsyncRead for SerialPort {
@@ -323,6 +397,69 @@ mod tests {
         assert_eq!(at(1_200).frame_gap(), Duration::from_micros(32_083));
         assert_eq!(at(115_200).frame_gap(), Duration::from_micros(1_750));
         assert_eq!(at(19_200).describe(), "/dev/null 19200 8N1");
+    }
+
+    #[test]
+    fn a_setting_the_port_did_not_take_is_named_as_configured() {
+        let s = SerialSettings {
+            path: "/dev/ttyUSB0".into(),
+            baud: 19_200,
+            parity: Parity::Odd,
+            stop_bits: 2,
+        };
+        let frame = libc::CS8 | libc::PARENB | libc::PARODD | libc::CSTOPB;
+        let wanted = (libc::B19200, frame);
+        assert_eq!(untaken(wanted, wanted, &s), None);
+        assert_eq!(
+            untaken(wanted, (libc::B9600, frame), &s).as_deref(),
+            Some("19200 baud")
+        );
+        assert_eq!(
+            untaken(wanted, (libc::B19200, libc::CS8 | libc::CSTOPB), &s).as_deref(),
+            Some("parity odd")
+        );
+        assert_eq!(
+            untaken(wanted, (libc::B19200, frame & !libc::CSTOPB), &s).as_deref(),
+            Some("2 stop bits")
+        );
+        assert_eq!(
+            untaken(wanted, (libc::B19200, frame & !libc::CSIZE | libc::CS7), &s).as_deref(),
+            Some("8 data bits")
+        );
+    }
+
+    /// A pty takes no parity; opening it twice in a row, as the link does after a timeout, must
+    /// work even where glibc's tcsetattr then reports that nothing changed.
+    #[test]
+    fn a_pty_opens_again_with_parity_it_cannot_keep() {
+        // SAFETY: posix_openpt/grantpt/unlockpt/ptsname on a descriptor owned below.
+        let (master, path) = unsafe {
+            let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+            assert!(m >= 0, "{}", io::Error::last_os_error());
+            assert_eq!(libc::grantpt(m), 0);
+            assert_eq!(libc::unlockpt(m), 0);
+            let name = std::ffi::CStr::from_ptr(libc::ptsname(m));
+            (
+                OwnedFd::from_raw_fd(m),
+                PathBuf::from(name.to_str().unwrap()),
+            )
+        };
+        let settings = SerialSettings {
+            path,
+            baud: 115_200,
+            parity: Parity::Even,
+            stop_bits: 1,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for _ in 0..3 {
+                drop(SerialPort::open(&settings).expect("open the pty"));
+            }
+        });
+        drop(master);
     }
 
     #[test]
