@@ -1000,4 +1000,96 @@ mod driver {
             "requests overlapped"
         );
     }
+
+    /// A device answering "busy" (exception 6) while its neighbour on the same link answers:
+    /// its readings are skipped (no state, so no zeros and no stale repeat) for two rounds, it
+    /// is reported offline with the exception on the third, the neighbour reports throughout,
+    /// and it is back once it answers again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_device_is_skipped_then_offline_and_never_freezes_its_neighbour() {
+        let Testbed {
+            pki,
+            broker,
+            signer,
+            mut peer,
+        } = Testbed::start(
+            PlatformSigner::generate("platform-busy"),
+            &[&device_topic(GATEWAY, "telemetry")],
+        )
+        .await;
+        let busy = pki.path().join("unit-1-busy");
+        let server = SunSpecServer::start(
+            pki.path(),
+            &json!({"units": {
+                "1": {"busy_file": busy, "models": [
+                    {"id": 1, "points": {"SN": "BUSY-1"}},
+                    {"id": 103, "points": {"W": 1000, "W_SF": 0}},
+                ]},
+                "2": {"models": [
+                    {"id": 1, "points": {"SN": "CALM-2"}},
+                    {"id": 103, "points": {"W": 2000, "W_SF": 0}},
+                ]},
+            }}),
+        );
+        let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, WORKSPACE);
+        cfg.extra_toml = format!(
+            "[telemetry]\nbatch_max_ms = 100\nhealth_interval_secs = 3600\n\n\
+             [[drivers]]\nkind = \"sunspec\"\nname = \"pair\"\ntcp = \"127.0.0.1:{}\"\n\
+             units = [1, 2]\npoll_ms = 500\ntimeout_ms = 500\n",
+            server.port
+        );
+        let agent = Agent::spawn(BIN, &cfg.write(pki.path()));
+        for device in ["sunspec-BUSY-1", "sunspec-CALM-2"] {
+            state_of(&mut peer, device, |s| s["power"].is_number()).await;
+        }
+
+        std::fs::write(&busy, b"").unwrap();
+        // Until BUSY-1 is reported offline: every state of it has its real power, and CALM-2
+        // keeps reporting.
+        let mut calm = 0;
+        let deadline = Instant::now() + WAIT;
+        let offline = loop {
+            assert!(Instant::now() < deadline, "BUSY-1 never reported offline");
+            let batch = peer
+                .expect(&device_topic(GATEWAY, "telemetry"), WAIT, |_| true)
+                .await
+                .json();
+            let mut gone = None;
+            for p in batch["points"].as_array().unwrap() {
+                match (p["deviceId"].as_str().unwrap(), p.get("state")) {
+                    ("sunspec-BUSY-1", Some(state)) => assert_eq!(state["power"], 1000.0, "{p}"),
+                    ("sunspec-CALM-2", Some(_)) => calm += 1,
+                    ("sunspec-BUSY-1", None) => gone = p.get("availability").cloned(),
+                    _ => {}
+                }
+            }
+            if let Some(availability) = gone {
+                break availability;
+            }
+        };
+        assert_eq!(offline["online"], false, "{offline}");
+        let reason = offline["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("Modbus exception 6 (Server device busy)"),
+            "{reason}"
+        );
+        // Two rounds skipped, the third reports it: CALM-2 was read in each.
+        let skipped =
+            agent.logs_with_message("sunspec: unit busy; its reading is skipped this round");
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(
+            calm >= 2,
+            "CALM-2 reported {calm} times while BUSY-1 was busy"
+        );
+        // Each round stops at the unit's first busy answer (and more rounds may have run since).
+        let answered_busy = server
+            .requests()
+            .iter()
+            .filter(|r| r["unit"] == 1 && r["exception"] == 6)
+            .count();
+        assert!(answered_busy >= 3, "{answered_busy} busy answers");
+
+        std::fs::remove_file(&busy).unwrap();
+        state_of(&mut peer, "sunspec-BUSY-1", |s| s["power"] == 1000.0).await;
+    }
 }

@@ -48,6 +48,9 @@ SPEC format (JSON):
   hold SunSpec's "not implemented" value for their type (see NOT_IMPLEMENTED below).
 - raw: address -> list of registers, written last (over anything the models wrote).
 - read_only: addresses a write may not touch (see writes below).
+- busy_file: a path; while a file exists there, every read of this unit is answered with
+  exception 6 (SERVER DEVICE BUSY), as a device busy with its own work answers. A test creates
+  and removes the file to make the device busy and back, with no restart.
 - delay_ms: every response is delayed this long (a slow device).
 - single_client: while one TCP client is connected, further connections are accepted and closed
   at once, as single-client inverters do.
@@ -256,6 +259,7 @@ class SunSpecContext(ModbusServerContext):
         self.simdevices = []
         self.maps = {int(uid): build_map(unit) for uid, unit in units.items()}
         self.read_only = {int(uid): set(unit.get("read_only", [])) for uid, unit in units.items()}
+        self.busy_file = {int(uid): unit.get("busy_file") for uid, unit in units.items()}
 
     def _map(self, device_id):
         if device_id not in self.maps:
@@ -266,6 +270,9 @@ class SunSpecContext(ModbusServerContext):
         registers = self._map(device_id)
         if func_code not in (3, 4, 6, 16, 23):
             return ExcCodes.ILLEGAL_FUNCTION
+        busy = self.busy_file[device_id]
+        if busy is not None and os.path.exists(busy):
+            return ExcCodes.DEVICE_BUSY
         addrs = range(address, address + count)
         if any(a not in registers for a in addrs):
             return ExcCodes.ILLEGAL_ADDRESS

@@ -289,7 +289,16 @@ struct Known {
     /// The last poll's reading, for commands (scale factors, addresses).
     last: Option<Unit>,
     answering: bool,
+    /// Rounds in a row the unit answered busy ([`BUSY_ROUNDS`]).
+    busy_rounds: u32,
 }
+
+/// Rounds in a row a unit may answer busy (Modbus exception 5 or 6) before its devices are
+/// reported offline. A device busy with its own work for a moment (an inverter changing mode)
+/// is still there, and reporting it offline at once would flap its availability and republish
+/// the capabilities each time. Meanwhile its reading is skipped: never reported as 0, nor as
+/// the last value again.
+const BUSY_ROUNDS: u32 = 3;
 
 /// Runs the driver until `stop` or until the agent drops its command channel.
 pub(crate) async fn run(
@@ -369,6 +378,7 @@ impl Driver {
                 .collect();
             match self.read_unit(unit, &headers).await {
                 Ok(blocks) => {
+                    self.units[i].busy_rounds = 0;
                     if !self.units[i].answering {
                         tracing::info!(driver = %name, unit, "sunspec: unit answering");
                         self.units[i].answering = true;
@@ -391,6 +401,16 @@ impl Driver {
                         self.not_answering(j, &reason).await;
                     }
                     break;
+                }
+                Err(e)
+                    if e.is_busy()
+                        && self.units[i].answering
+                        && self.units[i].busy_rounds + 1 < BUSY_ROUNDS =>
+                {
+                    self.units[i].busy_rounds += 1;
+                    tracing::debug!(driver = %name, unit, error = %e,
+                        rounds = self.units[i].busy_rounds,
+                        "sunspec: unit busy; its reading is skipped this round");
                 }
                 // This unit: an exception, or a timeout or broken answer (the link closed the
                 // connection; the next unit connects again), so one silent unit behind a
@@ -483,6 +503,7 @@ impl Driver {
                         discovered: found,
                         last: None,
                         answering: false,
+                        busy_rounds: 0,
                     });
                 }
                 Err(e) => {

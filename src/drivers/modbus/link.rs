@@ -126,6 +126,12 @@ impl ModbusError {
         matches!(self, ModbusError::Exception { .. })
     }
 
+    /// The device answered that it is busy: Modbus exception 5 (acknowledge: working on it) or
+    /// 6 (server device busy). It is there, and may answer the next round.
+    pub(crate) fn is_busy(&self) -> bool {
+        matches!(self, ModbusError::Exception { code: 5 | 6, .. })
+    }
+
     /// The endpoint cannot be reached at all, so no unit behind it can.
     pub(crate) fn is_unreachable(&self) -> bool {
         matches!(
