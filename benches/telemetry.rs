@@ -110,6 +110,7 @@ async fn agent_path(pki: &Pki, port: u16, points: u64) -> (f64, u64, u64, f64) {
             let sample = Sample {
                 device_id: device_id.clone(),
                 state: state.clone(),
+                commands: None,
             };
             if tx.send(sample).await.is_err() {
                 return;

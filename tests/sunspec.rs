@@ -573,6 +573,35 @@ mod driver {
         );
         let agent = Agent::spawn(BIN, &cfg.write(pki.path()));
 
+        // Each device lists the commands its models carry: the battery bank (802 alone) has
+        // no storage controls for an operating mode.
+        let listed = peer
+            .expect(&device_topic(GATEWAY, "capabilities"), WAIT, |m| {
+                m.json()["devices"].as_array().unwrap().len() == 3
+            })
+            .await
+            .json();
+        let slugs = |device: &str| -> Vec<String> {
+            let d = listed["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["deviceId"] == device)
+                .unwrap_or_else(|| panic!("{device} not listed: {listed}"));
+            d["availableCommands"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["slug"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(slugs("sunspec-HYB-1"), ["inverter:set-export-limit"]);
+        assert_eq!(
+            slugs("sunspec-HYB-1-battery"),
+            ["battery:set-reserve", "battery:set-operating-mode"]
+        );
+        assert_eq!(slugs("sunspec-BAT-3-battery"), ["battery:set-reserve"]);
+
         let inverter = state_of(&mut peer, "sunspec-HYB-1", |_| true).await;
         assert_eq!(
             inverter,
@@ -641,10 +670,11 @@ mod driver {
             json!({"operatingMode": "idle"}),
         )
         .await;
+        assert_eq!(unsupported["status"], 400, "{unsupported}");
         assert_eq!(
             unsupported["error"]["message"],
-            "unit 3 has no storage controls (model 124): battery:set-operating-mode needs its \
-             StorCtl_Mod, InWRte and OutWRte",
+            "deviceId: \"sunspec-BAT-3-battery\" does not carry out battery:set-operating-mode; \
+             its availableCommands: battery:set-reserve",
         );
 
         // A forced charge on the hybrid's storage controls (124 at 40122): the revert timer

@@ -35,6 +35,11 @@ pub const STOP_BUDGET: std::time::Duration = std::time::Duration::from_millis(1_
 pub struct Sample {
     pub device_id: String,
     pub state: DeviceState,
+    /// The slugs the device carries out, where its driver knows them to be fewer than its
+    /// type's whole catalog (a SunSpec battery without storage controls has no
+    /// `battery:set-operating-mode`): the capabilities list only these, and a command for any
+    /// other is refused before it reaches the driver. `None`: every slug of its type.
+    pub commands: Option<Arc<[&'static str]>>,
 }
 
 /// A driver lost a device, or has it back (PROTOCOL 14.7): reported in telemetry as an
@@ -156,6 +161,27 @@ struct Device {
     state: DeviceState,
     /// `false` from when its driver says it is not answering until it says it is back.
     online: bool,
+    /// [`Sample::commands`], from its latest sample.
+    commands: Option<Arc<[&'static str]>>,
+}
+
+/// One device as the capabilities message lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KnownDevice {
+    pub device_id: String,
+    pub device_type: DeviceType,
+    pub online: bool,
+    /// [`Sample::commands`].
+    pub commands: Option<Arc<[&'static str]>>,
+}
+
+impl KnownDevice {
+    /// Whether the device carries out `slug` (one of its type's).
+    pub fn takes(&self, slug: &str) -> bool {
+        self.commands
+            .as_ref()
+            .is_none_or(|commands| commands.contains(&slug))
+    }
 }
 
 impl DriverRegistry {
@@ -168,6 +194,12 @@ impl DriverRegistry {
             .map(|d| (d.route.clone(), d.state.device_type()))
     }
 
+    /// `device_id` as the capabilities list it.
+    pub fn device(&self, device_id: &str) -> Option<KnownDevice> {
+        let inner = self.inner.lock().expect("registry lock");
+        inner.devices.get(device_id).map(|d| known(device_id, d))
+    }
+
     /// Every known device with its latest state, ordered by id.
     pub fn states(&self) -> Vec<(String, DeviceState)> {
         let inner = self.inner.lock().expect("registry lock");
@@ -178,14 +210,11 @@ impl DriverRegistry {
             .collect()
     }
 
-    /// Every known device with its type and whether it is online, ordered by id.
-    pub fn devices(&self) -> Vec<(String, DeviceType, bool)> {
+    /// Every known device with its type, whether it is online and the commands it takes,
+    /// ordered by id.
+    pub fn devices(&self) -> Vec<KnownDevice> {
         let inner = self.inner.lock().expect("registry lock");
-        inner
-            .devices
-            .iter()
-            .map(|(id, d)| (id.clone(), d.state.device_type(), d.online))
-            .collect()
+        inner.devices.iter().map(|(id, d)| known(id, d)).collect()
     }
 
     /// Records that `device_id` is online or not; `true` when that changed for a known device
@@ -227,23 +256,36 @@ impl DriverRegistry {
         let known = inner
             .devices
             .get(&sample.device_id)
-            .map(|d| (d.state.device_type(), d.online));
+            .map(|d| (d.state.device_type(), d.online, d.commands.clone()));
         // Availability is the driver's to say (`set_online`): a state racing ahead of the
         // driver's "back online" must not swallow that point.
-        let online = known.is_none_or(|(_, online)| online);
+        let online = known.as_ref().is_none_or(|(_, online, _)| *online);
         inner.devices.insert(
             sample.device_id.clone(),
             Device {
                 route: route.clone(),
                 state: sample.state.clone(),
                 online,
+                commands: sample.commands.clone(),
             },
         );
         drop(inner);
-        if known.map(|(t, _)| t) != Some(sample.state.device_type()) {
+        // What the capabilities message lists changed: a new device, another type, or other
+        // commands (a SunSpec device rediscovered with other models).
+        let listed = (sample.state.device_type(), &sample.commands);
+        if known.as_ref().map(|(t, _, c)| (*t, c)) != Some(listed) {
             self.changed.send_modify(|n| *n += 1);
         }
         true
+    }
+}
+
+fn known(device_id: &str, d: &Device) -> KnownDevice {
+    KnownDevice {
+        device_id: device_id.to_owned(),
+        device_type: d.state.device_type(),
+        online: d.online,
+        commands: d.commands.clone(),
     }
 }
 

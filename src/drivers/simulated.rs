@@ -334,7 +334,7 @@ pub async fn run(
             _ = ticker.tick() => {
                 let time_of_day = crate::model::clock::system_secs() % 86_400;
                 let state = device.step(interval.as_secs_f64(), time_of_day).clone();
-                let sample = super::Sample { device_id: device_id.clone(), state };
+                let sample = super::Sample { device_id: device_id.clone(), state, commands: None };
                 if samples.send(sample).await.is_err() {
                     return;
                 }

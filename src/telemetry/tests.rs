@@ -141,6 +141,7 @@ fn sample(i: u64) -> Sample {
     Sample {
         device_id: format!("bat-{i}"),
         state: device.step(1.0, 43_200).clone(),
+        commands: None,
     }
 }
 

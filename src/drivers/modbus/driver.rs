@@ -425,6 +425,7 @@ impl Driver {
             let sample = Sample {
                 device_id: device.device_id.clone(),
                 state,
+                commands: Some(device.commands.clone()),
             };
             if samples.send(sample).await.is_err() {
                 break;

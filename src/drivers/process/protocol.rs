@@ -94,7 +94,11 @@ pub(super) fn parse_line(line: &[u8]) -> Result<FromDriver, MalformedLine> {
             if device_id.is_empty() {
                 return Err(MalformedLine::EmptyDeviceId);
             }
-            FromDriver::State(Sample { device_id, state })
+            FromDriver::State(Sample {
+                device_id,
+                state,
+                commands: None,
+            })
         }
         WireMessage::Result {
             command_id,

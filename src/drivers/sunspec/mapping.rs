@@ -17,6 +17,8 @@
 //! serial number of the common model (`sunspec-<serial>`, `sunspec-<serial>-battery`), or,
 //! without one, from the driver's name and the unit id.
 
+use std::sync::Arc;
+
 use super::chain::{Block, Common};
 use crate::model::device::{
     BatteryState, ChargingState, DeviceState, DeviceType, GridStatus, InverterState,
@@ -54,6 +56,8 @@ pub(crate) struct DeviceSpec {
     pub(crate) device_id: String,
     pub(crate) device_type: DeviceType,
     pub(crate) unit: u8,
+    /// The slugs it carries out: those whose models its unit has (PROTOCOL 16.4).
+    pub(crate) commands: Arc<[&'static str]>,
 }
 
 /// The devices `unit` provides, from the models it has (known after discovery, before any
@@ -61,12 +65,25 @@ pub(crate) struct DeviceSpec {
 pub(crate) fn devices(driver: &str, unit: &Unit) -> Vec<DeviceSpec> {
     let base = base_id(driver, unit);
     let has = |ids: &[u16]| unit.blocks.iter().any(|b| ids.contains(&b.header.id));
+    // Which slugs: each needs the models its writes go to (its points, lengths and scale
+    // factors are checked again when it runs).
+    let only = |slugs: &[(&'static str, bool)]| -> Arc<[&'static str]> {
+        slugs
+            .iter()
+            .filter(|(_, ok)| *ok)
+            .map(|(slug, _)| *slug)
+            .collect()
+    };
     let mut devices = Vec::new();
     if has(&INVERTERS) {
         devices.push(DeviceSpec {
             device_id: base.clone(),
             device_type: DeviceType::Inverter,
             unit: unit.unit,
+            commands: only(&[(
+                "inverter:set-export-limit",
+                has(&[CONTROLS]) && has(&[SETTINGS, NAMEPLATE]),
+            )]),
         });
     }
     if has(&[BATTERY, STORAGE]) {
@@ -74,6 +91,10 @@ pub(crate) fn devices(driver: &str, unit: &Unit) -> Vec<DeviceSpec> {
             device_id: format!("{base}-battery"),
             device_type: DeviceType::Battery,
             unit: unit.unit,
+            commands: only(&[
+                ("battery:set-reserve", true),
+                ("battery:set-operating-mode", has(&[STORAGE])),
+            ]),
         });
     }
     devices

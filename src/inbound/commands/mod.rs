@@ -148,6 +148,20 @@ pub fn plan(
                     ),
                 );
             }
+            if let Some(device) = registry
+                .device(device_id)
+                .filter(|d| !d.takes(slug.as_str()))
+            {
+                let takes = device.commands.as_deref().unwrap_or_default().join(", ");
+                return fail(
+                    ErrorCode::ValidationError,
+                    format!(
+                        "deviceId: {device_id:?} does not carry out {}; its availableCommands: {}",
+                        slug.as_str(),
+                        if takes.is_empty() { "none" } else { &takes }
+                    ),
+                );
+            }
             Plan::Device(DeviceRun {
                 device_id: device_id.to_owned(),
                 device_type,
@@ -196,8 +210,12 @@ pub fn capabilities(gateway_id: &str, registry: &DriverRegistry) -> Vec<u8> {
     let devices: Vec<Value> = registry
         .devices()
         .into_iter()
-        .map(|(id, t, online)| {
-            json!({ "deviceId": id, "type": t, "online": online, "availableCommands": catalog::available_commands(t) })
+        .map(|d| {
+            let commands: Vec<_> = catalog::available_commands(d.device_type)
+                .into_iter()
+                .filter(|c| d.takes(c.slug))
+                .collect();
+            json!({ "deviceId": d.device_id, "type": d.device_type, "online": d.online, "availableCommands": commands })
         })
         .collect();
     let agent: Vec<Value> = [Slug::AgentPing, Slug::AgentGetState, Slug::AgentUnpair]
