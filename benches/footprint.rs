@@ -7,6 +7,7 @@
 //!     FOOTPRINT_SMAPS=1 cargo bench --bench footprint     # and where the RSS is
 //!     FOOTPRINT_LIMITS=0 cargo bench --bench footprint    # no [[limits]] (no safety controls)
 //!     FOOTPRINT_SUNSPEC=1 cargo bench --bench footprint   # and a sunspec driver, two units
+//!     FOOTPRINT_SUNSPEC=rtu cargo bench --bench footprint # the same over Modbus RTU (a pty bus)
 //!
 //! "Idle" is a gateway's normal state: `FOOTPRINT_DRIVERS` simulated devices (default 4) each
 //! reporting every 5 s, telemetry batched and published as in production. Start-up times come
@@ -64,22 +65,35 @@ fn main() {
         }
     }
     // FOOTPRINT_SUNSPEC=1: and a sunspec driver polling a hybrid inverter and its meter (two
-    // units of a pymodbus SunSpec server) every 5 s, for the driver's cost.
-    let sunspec = std::env::var("FOOTPRINT_SUNSPEC").is_ok_and(|v| v == "1");
-    let _server = sunspec.then(|| {
-        let server = kit::SunSpecServer::start(
-            pki.path(),
-            &serde_json::json!({"units": {
-                "1": {"models": [{"id": 1, "points": {"SN": "HYB-1"}},
-                                 {"id": 103, "points": {"W": 4521, "W_SF": -1}},
-                                 {"id": 124, "points": {"ChaState": 655, "ChaState_SF": -1}}]},
-                "2": {"models": [{"id": 1, "points": {"SN": "MTR-2"}},
-                                 {"id": 203, "points": {"W": -1200, "W_SF": 0}}]},
-            }}),
-        );
+    // units of a pymodbus SunSpec server) every 5 s, for the driver's cost; =rtu: the same two
+    // units on a simulated RS-485 bus (a socat pty pair), for the serial port's.
+    let sunspec = match std::env::var("FOOTPRINT_SUNSPEC").as_deref() {
+        Ok("1") => "tcp",
+        Ok("rtu") => "rtu",
+        _ => "none",
+    };
+    let _server = (sunspec != "none").then(|| {
+        let spec = serde_json::json!({"units": {
+            "1": {"models": [{"id": 1, "points": {"SN": "HYB-1"}},
+                             {"id": 103, "points": {"W": 4521, "W_SF": -1}},
+                             {"id": 124, "points": {"ChaState": 655, "ChaState_SF": -1}}]},
+            "2": {"models": [{"id": 1, "points": {"SN": "MTR-2"}},
+                             {"id": 203, "points": {"W": -1200, "W_SF": 0}}]},
+        }});
+        let (server, link) = if sunspec == "rtu" {
+            let server = kit::SunSpecServer::start_serial(pki.path(), &spec);
+            let path = server.serial_path().unwrap();
+            (
+                server,
+                format!("serial = \"{}\"\nbaud = 19200", path.display()),
+            )
+        } else {
+            let server = kit::SunSpecServer::start(pki.path(), &spec);
+            let port = server.port;
+            (server, format!("tcp = \"127.0.0.1:{port}\""))
+        };
         cfg.extra_toml.push_str(&format!(
-            "[[drivers]]\nkind = \"sunspec\"\nname = \"hybrid\"\ntcp = \"127.0.0.1:{}\"\nunits = [1, 2]\n\n",
-            server.port
+            "[[drivers]]\nkind = \"sunspec\"\nname = \"hybrid\"\n{link}\nunits = [1, 2]\n\n"
         ));
         server
     });
