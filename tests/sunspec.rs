@@ -450,10 +450,12 @@ mod driver {
     const WORKSPACE: &str = "ws-sunspec";
     const WAIT: Duration = Duration::from_secs(20);
 
-    /// A hybrid inverter (1, 103, 124, with settings 121 and controls 123) on unit 1, a grid meter (1, 203) on unit 2, and a
-    /// battery (1, 802) on unit 3 whose reserve register refuses writes.
+    /// A hybrid inverter (1, 103, 124, with settings 121 and controls 123) on unit 1, a grid
+    /// meter (1, 203) on unit 2, and a battery (1, 802) on unit 3 whose reserve register refuses
+    /// writes, behind one single-client endpoint: a second connection from the agent (for a
+    /// command, say) would be refused, and its reads and commands would fail.
     fn site() -> Value {
-        json!({"units": {
+        json!({"single_client": true, "units": {
             "1": {"models": [
                 {"id": 1, "points": {"Mn": "Texture", "Md": "HY-10", "SN": "HYB-1"}},
                 {"id": 103, "points": {"W": 4521, "W_SF": -1}},
@@ -757,6 +759,14 @@ mod driver {
             "sunspec-HYB-1",
             "sunspec-HYB-1-battery",
         ];
+        // Discovery, polling and every command so far went over the one connection.
+        let conns: std::collections::BTreeSet<u64> = server
+            .requests()
+            .iter()
+            .map(|r| r["conn"].as_u64().unwrap())
+            .collect();
+        assert_eq!(conns.len(), 1, "connections {conns:?}");
+
         peer.forget(&device_topic(GATEWAY, "capabilities"));
         server.kill();
         let mut offline = Vec::new();
