@@ -21,18 +21,24 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 
-# The Modbus/SunSpec tests' servers (tests/modbus/*.py) run in a private venv with pinned
-# packages; testkit/src/modbus.rs pins the same versions and creates it too if a test runs first.
+# The Modbus/SunSpec tests' servers (tests/modbus/*.py) and the OCPP tests' charge points
+# (tests/ocpp/*.py) run in a private venv with pinned packages; testkit/src/pyenv.rs pins the same
+# versions and creates it too if a test runs first.
 echo "==> python test environment (target/pyenv)"
 pyenv=target/pyenv
 pymodbus_version=3.16.1
 pysunspec2_version=1.3.7
 # pymodbus' serial (RTU) server needs pyserial but does not depend on it.
 pyserial_version=3.5
-pins=("pymodbus==$pymodbus_version" "pysunspec2==$pysunspec2_version" "pyserial==$pyserial_version")
+# mobilityhouse's ocpp: the simulated charge points (its defects: tests/ocpp/charge_point.py).
+ocpp_version=2.1.0
+# ocpp depends on no WebSocket library; 15.0.1 was current when ocpp 2.1.0 came out.
+websockets_version=15.0.1
+pins=("pymodbus==$pymodbus_version" "pysunspec2==$pysunspec2_version" "pyserial==$pyserial_version"
+      "ocpp==$ocpp_version" "websockets==$websockets_version")
 pyenv_ok() {
-  "$pyenv/bin/python" -c "import importlib.metadata as m, pymodbus, serial, sunspec2, sys
-sys.exit(0 if pymodbus.__version__ == '$pymodbus_version' and m.version('pysunspec2') == '$pysunspec2_version' and m.version('pyserial') == '$pyserial_version' else 1)" 2>/dev/null
+  "$pyenv/bin/python" -c "import importlib.metadata as m, pymodbus, serial, sunspec2, ocpp, websockets, sys
+sys.exit(0 if m.version('pymodbus') == '$pymodbus_version' and m.version('pysunspec2') == '$pysunspec2_version' and m.version('pyserial') == '$pyserial_version' and m.version('ocpp') == '$ocpp_version' and m.version('websockets') == '$websockets_version' else 1)" 2>/dev/null
 }
 if ! pyenv_ok; then
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing_venv=1

@@ -10,7 +10,9 @@
 //! | [`schema`], [`regex`] | a small JSON Schema evaluator for the catalog's schemas |
 //! | [`procfs`] | RSS and CPU time of a process, from /proc |
 //! | [`fleet`] | a fleet of in-process agent sessions against one broker |
-//! | [`modbus`] | real Modbus TCP servers (pymodbus) that look like SunSpec devices, maps generated from the official model definitions; the pinned Python environment in `target/pyenv` |
+//! | [`modbus`] | real Modbus TCP servers (pymodbus) that look like SunSpec devices, maps generated from the official model definitions |
+//! | [`ocpp`] | real OCPP 1.6J charge points (mobilityhouse's `ocpp`), driven by JSON control lines, every frame logged raw |
+//! | [`pyenv`] | the pinned Python environment in `target/pyenv` that both run in |
 //!
 //! Nothing here touches a fixed port or a file outside the test's temporary directory, so tests
 //! run in parallel and leave nothing behind. What only the agent's own test targets know (the
@@ -20,15 +22,19 @@ pub mod agent;
 pub mod fleet;
 pub mod modbus;
 pub mod mosquitto;
+pub mod ocpp;
 pub mod pki;
 pub mod platform;
 pub mod procfs;
+pub mod pyenv;
 pub mod regex;
 pub mod schema;
 
 pub use agent::{agent_binary, agent_command, agent_process, Agent, AgentConfig};
-pub use modbus::{pyenv_python, sunspec_model_json, SunSpecServer};
+pub use modbus::{sunspec_model_json, SunSpecServer};
 pub use mosquitto::{free_port, Mosquitto, PLATFORM_CLIENT};
+pub use ocpp::ChargePoint;
 pub use pki::{Ca, CertFiles, Pki, BROKER_NAME};
 pub use platform::{device_topic, platform_peer, Peer, Seen, Testbed};
 pub use procfs::{cpu_seconds, proc_status_kib};
+pub use pyenv::pyenv_python;

@@ -4,137 +4,25 @@
 //! model definitions that pysunspec2 ships. The script's docstring documents the SPEC a test
 //! passes to [`SunSpecServer::start`] and the pymodbus server defects the harness works around.
 //!
-//! The Python environment lives at `<workspace>/target/pyenv` (`scripts/test.sh` creates it
-//! before `cargo test`; [`pyenv_python`] creates it when a test runs first), so it survives
-//! `cargo clean -p` but not `rm -rf target`, and never touches the system's Python.
+//! The Python environment is [`crate::pyenv`]'s, shared with the OCPP charge points.
 
 use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The pinned pymodbus; `scripts/test.sh` installs the same version.
-pub const PYMODBUS_VERSION: &str = "3.16.1";
-/// The pinned pysunspec2 (the model definitions and the reference client); as in `scripts/test.sh`.
-pub const PYSUNSPEC2_VERSION: &str = "1.3.7";
-/// The pinned pyserial: pymodbus' serial (RTU) server needs it and does not depend on it itself;
-/// as in `scripts/test.sh`.
-pub const PYSERIAL_VERSION: &str = "3.5";
+use crate::pyenv::workspace_root;
+pub use crate::pyenv::{pyenv_python, PYMODBUS_VERSION, PYSERIAL_VERSION, PYSUNSPEC2_VERSION};
 
 /// How long a server may take to start listening (the first import of pymodbus is slow on a
 /// cold cache, and parallel tests share the CPU).
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The workspace root: the testkit's manifest directory's parent, so each worktree or clone uses
-/// its own environment and scripts.
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("testkit/ has a parent")
-        .to_path_buf()
-}
-
 /// `tests/modbus/`: the server script and the tests' Python helpers (such as `scan.py`).
 pub fn modbus_script_dir() -> PathBuf {
     workspace_root().join("tests/modbus")
-}
-
-/// Whether `python` imports both packages at exactly the pinned versions.
-fn pyenv_ready(python: &Path) -> bool {
-    let check = format!(
-        "import importlib.metadata as m, pymodbus, serial, sunspec2, sys\n\
-         sys.exit(0 if pymodbus.__version__ == '{PYMODBUS_VERSION}' \
-         and m.version('pysunspec2') == '{PYSUNSPEC2_VERSION}' \
-         and m.version('pyserial') == '{PYSERIAL_VERSION}' else 1)"
-    );
-    Command::new(python)
-        .args(["-c", &check])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Runs `cmd` to completion, panicking with its output when it fails: a broken environment
-/// should say what broke, not surface later as a server that never starts.
-fn run_or_panic(cmd: &mut Command, what: &str) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{what} failed ({}): {cmd:?}\n--- stdout\n{}\n--- stderr\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-/// The Python of `<workspace>/target/pyenv`, created with pymodbus, pysunspec2 and pyserial at the pinned
-/// versions when missing or different.
-///
-/// An exclusive `flock` on `target/pyenv.lock` serialises the check-and-install across the
-/// parallel test binaries and threads that call this at once, so pip never runs twice into the
-/// same venv; the answer is then cached for the process.
-pub fn pyenv_python() -> PathBuf {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON
-        .get_or_init(|| {
-            let target = workspace_root().join("target");
-            let venv = target.join("pyenv");
-            let python = venv.join("bin/python");
-            std::fs::create_dir_all(&target).unwrap();
-            let lock = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(target.join("pyenv.lock"))
-                .expect("open target/pyenv.lock");
-            // Held until `lock` is dropped at the end of this closure.
-            // SAFETY: flock on a file descriptor we own, for the lifetime of `lock`.
-            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                panic!(
-                    "flock target/pyenv.lock: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            if !pyenv_ready(&python) {
-                if !python.exists() {
-                    run_or_panic(
-                        Command::new("python3").arg("-m").arg("venv").arg(&venv),
-                        "creating the Python test environment (is python3-venv installed?)",
-                    );
-                }
-                run_or_panic(
-                    Command::new(&python).args([
-                        "-m",
-                        "pip",
-                        "install",
-                        "--quiet",
-                        "--disable-pip-version-check",
-                        &format!("pymodbus=={PYMODBUS_VERSION}"),
-                        &format!("pysunspec2=={PYSUNSPEC2_VERSION}"),
-                        &format!("pyserial=={PYSERIAL_VERSION}"),
-                    ]),
-                    "installing pymodbus, pysunspec2 and pyserial into target/pyenv",
-                );
-                if !pyenv_ready(&python) {
-                    panic!(
-                        "target/pyenv still lacks pymodbus=={PYMODBUS_VERSION}, \
-                         pysunspec2=={PYSUNSPEC2_VERSION} or pyserial=={PYSERIAL_VERSION} \
-                         after pip install; \
-                         remove target/pyenv and retry"
-                    );
-                }
-            }
-            drop(lock);
-            python
-        })
-        .clone()
 }
 
 /// The installed `sunspec2` package directory.
