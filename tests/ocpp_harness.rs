@@ -418,18 +418,42 @@ fn the_charge_point_answers_errors_in_ocpp_j_1_6_terms_and_flags_the_frames() {
     );
     assert_eq!(cs.wait_for(|l| l["ref"] == "silent")["outcome"], "timeout");
 
+    // An answer to the charge point's own CALL that breaks the 1.6 schema: the op's outcome is
+    // still the raw answer, flagged, and the library's own verdict is reported beside it.
+    let seq = cp.send(json!({"op": "authorize", "id_tag": "TAG"}));
+    let call = cs.wait_for(|l| {
+        l["dir"] == "received" && l["text"].as_str().unwrap().contains("\"Authorize\"")
+    });
+    let id = parse(call["text"].as_str().unwrap())[1].clone();
+    let bad = json!([3, id, {"idTagInfo": {"status": "Bogus"}}]).to_string();
+    cs.send(json!({"op": "send_raw", "cp": "CP1", "text": bad}));
+    let outcome = cp.outcome(seq, WAIT);
+    assert_eq!(outcome["outcome"], "result", "{outcome}");
+    assert_eq!(outcome["frame"], bad.as_str());
+    assert_eq!(
+        outcome["payload"],
+        json!({"idTagInfo": {"status": "Bogus"}})
+    );
+    let why = outcome["violations"].to_string();
+    assert!(
+        why.contains("PropertyConstraintViolation") && why.contains("idTagInfo/status"),
+        "{why}"
+    );
+    assert_ne!(outcome["library"], "ok");
+
     let flagged: Vec<String> = cp
         .violations()
         .iter()
         .map(|l| format!("{} {}", l["unique_id"], l["violations"]))
         .collect();
-    assert_eq!(flagged.len(), 5, "{flagged:#?}");
+    assert_eq!(flagged.len(), 6, "{flagged:#?}");
     for (id, why) in [
         ("\"u1\"", "unknown action"),
         ("\"u2\"", "OccurenceConstraintViolation"),
         ("\"u3\"", "TypeConstraintViolation"),
         ("null", "not JSON"),
         ("\"nobody\"", "not in the OCPP-J 1.6 table"),
+        (&id.to_string(), "schema: PropertyConstraintViolation"),
     ] {
         assert!(
             flagged.iter().any(|f| f.starts_with(id) && f.contains(why)),
@@ -625,6 +649,178 @@ fn disconnect_reconnect_and_a_call_raced_against_the_close() {
     cp.call(json!({"op": "disconnect", "abrupt": true}), WAIT);
     cs.wait_for(|l| l["event"] == "closed" && l["code"] == 1006);
     assert!(cp.is_running());
-    cp.kill();
+    // Closing its stdin stops it cleanly.
+    cp.stop(WAIT);
     assert!(!cp.is_running());
+    assert_eq!(cp.log().last().unwrap()["event"], "exit");
+}
+
+#[test]
+fn a_remote_start_then_a_transaction_with_meter_values_and_its_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let cs = central_system(dir.path());
+    let mut spec = cp1_spec(&cs);
+    // A charger that, once it accepted a remote start, plugs in and starts the transaction.
+    spec["answers"] = json!({"RemoteStartTransaction": {"status": "Accepted", "then": [
+        {"op": "status", "connector": 1, "status": "Preparing", "ref": "then-status"},
+        {"op": "start_transaction", "connector": 1, "id_tag": "TAG7", "meter_start": 1000,
+         "ref": "then-start"}]}});
+    let cp = ChargePoint::start(dir.path(), &spec);
+    let outcome = cs.call(
+        "CP1",
+        "RemoteStartTransaction",
+        json!({"idTag": "TAG7", "connectorId": 1}),
+        "rs",
+    );
+    assert_eq!(
+        parse(outcome["frame"].as_str().unwrap())[2],
+        json!({"status": "Accepted"})
+    );
+    let start = cp.wait_for(|l| l["event"] == "op" && l["ref"] == "then-start", WAIT);
+    assert_eq!(start["outcome"], "result", "{start}");
+    let transaction = start["payload"]["transactionId"].clone();
+    assert!(transaction.is_u64(), "{start}");
+    let status = cp.wait_for(|l| l["event"] == "op" && l["ref"] == "then-status", WAIT);
+    assert!(
+        status["t"].as_f64() < start["t"].as_f64(),
+        "then-ops run in order"
+    );
+
+    // Meter values without a transaction id carry the one StartTransaction got; the sampled
+    // values go out as given (values are strings in 1.6).
+    let meter = cp.call(
+        json!({"op": "meter_values", "connector": 1, "timestamp": "2026-12-03T10:00:00Z",
+               "sampled": [{"measurand": "Power.Active.Import", "value": "7200", "unit": "W"},
+                           {"measurand": "Current.Import", "value": 31.5, "unit": "A",
+                            "phase": "L1"}]}),
+        WAIT,
+    );
+    assert_eq!(meter["outcome"], "result", "{meter}");
+    let id = meter["unique_id"].as_str().unwrap();
+    let received = with_id(&cs.frames("received"), id);
+    assert_eq!(
+        parse(&received[0]),
+        json!([2, id, "MeterValues", {"connectorId": 1, "transactionId": transaction,
+               "meterValue": [{"timestamp": "2026-12-03T10:00:00Z", "sampledValue": [
+                   {"value": "7200", "measurand": "Power.Active.Import", "unit": "W"},
+                   {"value": "31.5", "measurand": "Current.Import", "unit": "A", "phase": "L1"}]}]}])
+    );
+
+    let stop = cp.call(
+        json!({"op": "stop_transaction", "meter_stop": 8200, "reason": "Remote"}),
+        WAIT,
+    );
+    assert_eq!(stop["outcome"], "result", "{stop}");
+    let id = stop["unique_id"].as_str().unwrap();
+    let sent = parse(&with_id(&cs.frames("received"), id)[0]);
+    assert_eq!(sent[2], "StopTransaction");
+    assert_eq!(
+        (
+            sent[3]["transactionId"].clone(),
+            sent[3]["meterStop"].clone(),
+            sent[3]["reason"].clone()
+        ),
+        (transaction, json!(8200), json!("Remote"))
+    );
+    // A field the library's dataclass lacks is refused before anything is sent.
+    let bad = cp.call(
+        json!({"op": "authorize", "id_tag": "T", "payload": {"colour": "red"}}),
+        WAIT,
+    );
+    assert_eq!(bad["outcome"], "invalid_request", "{bad}");
+    assert!(cp.violations().is_empty(), "{:?}", cp.violations());
+}
+
+#[test]
+fn two_charge_points_at_once_each_answer_their_own_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cs = central_system(dir.path());
+    let mut spec1 = cp1_spec(&cs);
+    spec1["answers"] = json!({"RemoteStopTransaction": {"status": "Accepted"}});
+    let cp1 = ChargePoint::start(dir.path(), &spec1);
+    // CP2 has no password configured and sends none.
+    let cp2 = ChargePoint::start(
+        dir.path(),
+        &json!({"url": cs.url("CP2"), "id": "CP2", "heartbeat": "off",
+                "answers": {"RemoteStopTransaction": {"status": "Rejected"}}}),
+    );
+    assert_eq!(
+        (cp1.ready_state(), cp2.ready_state()),
+        ("connected".into(), "connected".into())
+    );
+    let one = cs.call(
+        "CP1",
+        "RemoteStopTransaction",
+        json!({"transactionId": 1}),
+        "one",
+    );
+    let two = cs.call(
+        "CP2",
+        "RemoteStopTransaction",
+        json!({"transactionId": 2}),
+        "two",
+    );
+    assert_eq!(
+        parse(one["frame"].as_str().unwrap())[2]["status"],
+        "Accepted"
+    );
+    assert_eq!(
+        parse(two["frame"].as_str().unwrap())[2]["status"],
+        "Rejected"
+    );
+    let id1 = one["unique_id"].as_str().unwrap();
+    let id2 = two["unique_id"].as_str().unwrap();
+    assert_eq!(with_id(&cp1.frames_received(), id1).len(), 1);
+    assert!(with_id(&cp1.frames_received(), id2).is_empty());
+    assert_eq!(with_id(&cp2.frames_received(), id2).len(), 1);
+    assert!(with_id(&cp2.frames_received(), id1).is_empty());
+}
+
+#[test]
+fn reconnect_ms_reconnects_after_a_remote_close_and_boot_on_connect_boots_each_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let cs = central_system(dir.path());
+    let mut spec = cp1_spec(&cs);
+    spec["reconnect_ms"] = json!(200);
+    spec["boot_on_connect"] = json!(true);
+    let cp = ChargePoint::start(dir.path(), &spec);
+    let boots = || {
+        cp.log()
+            .into_iter()
+            .filter(|l| l["event"] == "op" && l["ref"] == "boot_on_connect")
+            .collect::<Vec<_>>()
+    };
+    cp.wait_for(|_| boots().len() == 1, WAIT);
+    assert_eq!(boots()[0]["outcome"], "result");
+
+    cs.send(json!({"op": "close", "cp": "CP1", "code": 1012, "reason": "restart"}));
+    let closed = cp.wait_for(|l| l["event"] == "closed", WAIT);
+    assert_eq!(
+        (closed["code"].clone(), closed["local"].clone()),
+        (json!(1012), json!(false))
+    );
+    let again = cp.wait_for(|l| l["event"] == "connected" && l["conn"] == 2, WAIT);
+    assert!(again["t"].as_f64().unwrap() - closed["t"].as_f64().unwrap() >= 0.2);
+    cp.wait_for(|_| boots().len() == 2, WAIT);
+
+    // A close the charge point asked for is not followed by a reconnect.
+    cp.call(json!({"op": "disconnect"}), WAIT);
+    let deadline = Instant::now() + Duration::from_millis(800);
+    while Instant::now() < deadline {
+        assert!(
+            cp.log().iter().all(|l| l["conn"] != 3),
+            "reconnected after a local close"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // "connect": false starts idle until told.
+    let mut spec = cp1_spec(&cs);
+    spec["connect"] = json!(false);
+    let idle = ChargePoint::start(dir.path(), &spec);
+    assert_eq!(idle.ready_state(), "idle");
+    assert_eq!(
+        idle.call(json!({"op": "connect"}), WAIT)["outcome"],
+        "connected"
+    );
 }

@@ -264,6 +264,17 @@ impl ChargePoint {
             .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
+    /// Stops the script the way it stops by itself: closes its stdin, so it closes its connection
+    /// (code 1001) and exits; SIGKILLs it if it has not exited within `timeout`. Idempotent.
+    pub fn stop(&self, timeout: Duration) {
+        self.stdin.lock().unwrap().take();
+        let deadline = Instant::now() + timeout;
+        while self.is_running() && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        self.kill();
+    }
+
     /// SIGKILLs the script and reaps it. Idempotent.
     pub fn kill(&self) {
         self.stdin.lock().unwrap().take();

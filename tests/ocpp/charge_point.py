@@ -41,8 +41,8 @@ TriggerMessage (default {"status": "Accepted"} each):
     {"error": CODE, "description": D, "details": {...}}   CALLERROR with that code
     {"silent": true}                 no answer at all (a charger that hangs)
     {"raw": TEXT}                    TEXT as the whole answer frame, sent as it is
-plus "delay_ms" (before answering) and "then": [control ops, run after the answer is sent; e.g.
-a RemoteStartTransaction answered Accepted then {"op": "start_transaction", ...}]. A TriggerMessage
+plus "delay_ms" (before answering; for status answers) and "then": [control ops, run after a status
+answer is sent; e.g. a RemoteStartTransaction answered Accepted then {"op": "start_transaction", ...}]. A TriggerMessage
 answered Accepted is followed, as a real charger does, by the message it asks for
 (BootNotification, Heartbeat, StatusNotification with the connector's last status, default
 Available; others are only answered) unless its answer has "follow_up": false. Any other 1.6 action
@@ -150,6 +150,7 @@ import uuid
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from ocpp.charge_point import camel_to_snake_case
 from ocpp.messages import get_validator
 from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint as LibChargePoint
@@ -702,7 +703,7 @@ class Sim:
         if cls is None:
             return {"outcome": "invalid_request", "error": f"ocpp.v16.call has no {action}"}
         try:
-            request = cls(**camel_to_snake(payload))
+            request = cls(**camel_to_snake_case(payload))
         except TypeError as e:
             return {"outcome": "invalid_request", "error": f"{type(e).__name__}: {e}"}
         unique_id = str(uuid.uuid4())
@@ -780,11 +781,6 @@ def verdict(task):
         return "cancelled"
     e = task.exception()
     return "ok" if e is None else f"{type(e).__name__}: {e}"
-
-
-def camel_to_snake(payload):
-    from ocpp.charge_point import camel_to_snake_case
-    return camel_to_snake_case(payload)
 
 
 async def main():
