@@ -88,11 +88,13 @@ impl CentralSystem {
     }
 
     fn wait_for(&self, pred: impl Fn(&Value) -> bool) -> Value {
-        let what = format!(
-            "central system (stderr: {})",
-            std::fs::read_to_string(&self.stderr).unwrap_or_default()
-        );
-        wait_for_line(&what, WAIT, || self.log(), pred)
+        let what = || {
+            format!(
+                "central system (stderr: {})",
+                std::fs::read_to_string(&self.stderr).unwrap_or_default()
+            )
+        };
+        wait_for_line(what, WAIT, || self.log(), pred)
     }
 
     /// Sends a CALL to charge point `cp` and returns the op's outcome line (the raw answer).
@@ -564,6 +566,18 @@ fn send_raw_reaches_the_central_system_byte_for_byte() {
     let answer = cp.wait_for(|l| l["dir"] == "received" && l["unique_id"] == "r1", WAIT);
     assert_eq!(parse(answer["text"].as_str().unwrap())[2], "NotSupported");
     assert_eq!(answer["violations"], json!([]));
+
+    // A frame over the central system's limit (websockets' default, 1 MiB) is sent whole, and
+    // the close it earns (1009, message too big) is what the charge point logs.
+    let oversized = "x".repeat(2 << 20);
+    let outcome = cp.call(json!({"op": "send_raw", "text": oversized}), WAIT);
+    assert_eq!(outcome["outcome"], "sent");
+    let closed = cp.wait_for(|l| l["event"] == "closed", WAIT);
+    assert_eq!(
+        (closed["code"].clone(), closed["local"].clone()),
+        (json!(1009), json!(false))
+    );
+    assert_eq!(cp.frames_sent().last().unwrap().len(), 2 << 20);
 }
 
 #[test]

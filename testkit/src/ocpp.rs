@@ -53,10 +53,11 @@ pub fn json_lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// Polls `lines` until one satisfies `pred` and returns it; panics after `timeout` with `what` and
-/// the last lines, so a failing test shows what happened instead.
+/// Polls `lines` until one satisfies `pred` and returns it; panics after `timeout` with `what()`
+/// (evaluated then, so it can read a stderr written meanwhile) and the last lines, so a failing
+/// test shows what happened instead.
 pub fn wait_for_line(
-    what: &str,
+    what: impl Fn() -> String,
     timeout: Duration,
     lines: impl Fn() -> Vec<Value>,
     pred: impl Fn(&Value) -> bool,
@@ -76,7 +77,8 @@ pub fn wait_for_line(
                 .map(Value::to_string)
                 .collect();
             panic!(
-                "{what}: no matching log line after {timeout:?}; last lines:\n{}",
+                "{}: no matching log line after {timeout:?}; last lines:\n{}",
+                what(),
                 tail.join("\n")
             );
         }
@@ -210,12 +212,14 @@ impl ChargePoint {
     /// The first log line, from the start of the log, that satisfies `pred`, polling until one
     /// does; panics after `timeout` with the log's last lines and the script's stderr.
     pub fn wait_for(&self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
-        let what = format!(
-            "charge point {} (stderr: {})",
-            self.id,
-            self.stderr_text().trim_end()
-        );
-        wait_for_line(&what, timeout, || self.log(), pred)
+        let what = || {
+            format!(
+                "charge point {} (stderr: {})",
+                self.id,
+                self.stderr_text().trim_end()
+            )
+        };
+        wait_for_line(what, timeout, || self.log(), pred)
     }
 
     /// The raw text of every frame received from the central system, in order.

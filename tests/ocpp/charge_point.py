@@ -123,8 +123,8 @@ Known defects of ocpp 2.1.0 (reproduced), and why none of them can hide a fault 
    own timeout, and its outcome is decided by the raw answer frame (matched by unique id), never
    by call()'s return; call()'s verdict is only reported in "library".
 5. Handlers receive Decimal numbers (validate_payload re-parses SetChargingProfile and
-   RemoteStartTransaction with parse_float=Decimal), and its JSON encoder rounds a Decimal to one
-   decimal place when sending. Payloads in the log are parsed from the raw text with the standard
+   RemoteStartTransaction with parse_float=Decimal), and its JSON encoder writes a Decimal with
+   one decimal place when sending (Decimal("6.55") goes out as 6.5, Decimal("16") as 16.0). Payloads in the log are parsed from the raw text with the standard
    json module (numbers stay JSON numbers, exact); handlers' arguments are never logged, and any
    Decimal that reaches the log is written as a JSON number (integral ones as integers).
 Found here besides: call() builds its dataclass from snake_case names and turns them back into
