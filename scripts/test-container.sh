@@ -3,7 +3,8 @@
 # minimal Debian bookworm container (systemd-nspawn, no Docker), boots the container and checks
 # what the unit promises (packaging/test/container-checks.sh): Type=notify readiness, the
 # unprivileged user without capabilities, a process driver (the example) that runs in its sandbox
-# and cannot see the agent's state, watchdog restart of a hung agent, graceful stop with
+# and cannot see the agent's state, a Modbus RTU device on a serial port reached through the
+# documented drop-in, watchdog restart of a hung agent, graceful stop with
 # the offline status published and no telemetry lost, structured journald fields, and a
 # `systemd-analyze security` exposure of at most 1.6. The agent talks mutual TLS to a mosquitto
 # this script runs on the host (127.0.0.1, a free port; nspawn shares the host's network) with
@@ -216,14 +217,55 @@ mosquitto_sub -h 127.0.0.1 -p "$port" --cafile "$pki/ca.pem" --cert "$pki/platfo
 pids+=($!)
 say "mosquitto with mutual TLS on 127.0.0.1:$port; platform subscriber attached"
 
+# --- a Modbus RTU battery on a simulated RS-485 bus, for the serial-port drop-in ------------
+# A socat pty pair is the bus; the pymodbus SunSpec server of the integration tests
+# (tests/modbus/sunspec_server.py, in the virtualenv scripts/test.sh makes) serves a battery on
+# one end, and the other end's pty node goes into the container as /dev/ttyRTU0, owned by
+# root:dialout 0660 like a USB serial adapter, so only the documented drop-in (OPERATIONS.md 7:
+# BindPaths=, DeviceAllow=, SupplementaryGroups=dialout) lets the hardened service open it.
+pyenv_python=target/pyenv/bin/python
+if ! "$pyenv_python" -c 'import pymodbus, serial, sunspec2' 2>/dev/null; then
+  echo "scripts/test-container.sh needs target/pyenv with pymodbus (scripts/test.sh creates it)" >&2
+  exit 1
+fi
+command -v socat >/dev/null || { echo "scripts/test-container.sh needs socat" >&2; exit 1; }
+socat pty,raw,echo=0,link="$work/bus-agent" pty,raw,echo=0,link="$work/bus-device" \
+  2>"$work/socat.log" &
+pids+=($!)
+for _ in $(seq 100); do
+  [ -e "$work/bus-agent" ] && [ -e "$work/bus-device" ] && break
+  sleep 0.1
+done
+bus_pty=$(readlink -f "$work/bus-agent")
+[ -c "$bus_pty" ] || { echo "socat made no pty pair: $(cat "$work/socat.log")" >&2; exit 1; }
+chgrp dialout "$bus_pty"
+chmod 0660 "$bus_pty"
+cat >"$work/rtu-spec.json" <<'SPEC'
+{"units": {"1": {"models": [
+  {"id": 1, "points": {"Mn": "Texture", "SN": "NSPAWN-RTU"}},
+  {"id": 802, "points": {"SoC": 64, "SoC_SF": 0, "SoCRsvMin": 15, "ChaSt": 3}}]}}}
+SPEC
+PYTHONDONTWRITEBYTECODE=1 "$pyenv_python" tests/modbus/sunspec_server.py \
+  --spec "$work/rtu-spec.json" --port-file "$work/rtu.ready" --serial "$work/bus-device" \
+  --log "$work/rtu-requests.log" 2>"$work/rtu-server.log" &
+pids+=($!)
+for _ in $(seq 150); do
+  [ -e "$work/rtu.ready" ] && break
+  sleep 0.1
+done
+[ -e "$work/rtu.ready" ] || { echo "the RTU server did not start: $(cat "$work/rtu-server.log")" >&2; exit 1; }
+say "Modbus RTU battery on a pty bus ($bus_pty, root:dialout 0660)"
+
 printf 'BROKER_PORT=%s\nDEVICE_ID=%s\n' "$port" "$device" >"$shared/env"
 cp "$deb" "$shared/texture-agent.deb"
 cp packaging/test/setup.sh packaging/test/container-checks.sh packaging/test/texture-test.service \
-  packaging/test/texture-agent-test.conf packaging/test/sandbox-probe.sh \
+  packaging/test/texture-agent-test.conf packaging/test/texture-agent-serial.conf \
+  packaging/test/sandbox-probe.sh \
   examples/drivers/example-battery.py "$shared/test/"
 : >"$shared/results"
 
-nspawn=(systemd-nspawn --quiet --register=no --keep-unit -D "$rootfs" --bind="$shared:/texture-test")
+nspawn=(systemd-nspawn --quiet --register=no --keep-unit -D "$rootfs" --bind="$shared:/texture-test"
+  --bind="$bus_pty:/dev/ttyRTU0")
 
 # --- install the package (no boot), then boot and run the checks ------------------------------
 say "installing the package into the container"
@@ -257,7 +299,7 @@ rm -rf "$report"
 mkdir -p "$report"
 cp "$shared"/results "$shared"/*.txt "$shared"/*.json "$shared"/*.log "$work"/*.log "$report/" 2>/dev/null || true
 expected=(package-install check-config ready ready-gated connected unprivileged journald-fields
-  driver-sandbox exposure watchdog-pings watchdog-restart graceful-stop outbox-no-loss package-upgrade
+  driver-sandbox serial-port exposure watchdog-pings watchdog-restart graceful-stop outbox-no-loss package-upgrade
   package-purge)
 results=$shared/results
 echo

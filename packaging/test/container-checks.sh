@@ -130,6 +130,21 @@ else
   fail driver-sandbox "probe logged: $(probe_logged && echo yes || echo no), bat-ext-1 seen: $(battery_seen && echo yes || echo no); $(journalctl -u "$unit" --no-pager -o cat | grep -m2 -i 'driver' | tr '\n' ' ' | head -c 400)"
 fi
 
+# --- serial port: a Modbus RTU battery through the drop-in of OPERATIONS.md 7 ---------------
+# The host's pty bus is /dev/ttyRTU0 here (root:dialout 0660); 60-serial.conf is the documented
+# drop-in. The battery's state reaching the platform proves the service opened the port, with
+# the device cgroup still closed to everything else.
+rtu_seen() {
+  grep "^texture/v1/devices/$DEVICE_ID/telemetry " "$mqtt" |
+    grep -q '"deviceId":"sunspec-NSPAWN-RTU-battery","state":{"type":"battery","chargePercentage":64'
+}
+policy=$(prop DevicePolicy) groups=$(prop SupplementaryGroups)
+if until_true 30 rtu_seen && [ "$policy" = closed ]; then
+  pass serial-port "sunspec-NSPAWN-RTU-battery read over Modbus RTU from /dev/ttyRTU0 (root:dialout 0660) with DevicePolicy=closed, SupplementaryGroups=$groups"
+else
+  fail serial-port "seen: $(rtu_seen && echo yes || echo no), DevicePolicy=$policy; $(journalctl -u "$unit" --no-pager -o json | grep -m1 'sunspec' | head -c 700)"
+fi
+
 # --- exposure: systemd-analyze security -----------------------------------------------------
 # 1.1 before the driver sandbox; user and mnt namespaces and mount(2), which the sandbox needs
 # (systemd/texture-agent.service), cost 0.5 on systemd's scale, which counts what the service

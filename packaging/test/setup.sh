@@ -75,6 +75,16 @@ device_type = "charger"
 interval_ms = 100
 seed = 1
 
+# A SunSpec battery over Modbus RTU: the host's simulated bus, at /dev/ttyRTU0 (root:dialout
+# 0660), reached through the serial-port drop-in of docs/OPERATIONS.md 7.
+[[drivers]]
+kind = "sunspec"
+name = "rtu-bus"
+serial = "/dev/ttyRTU0"
+baud = 19200
+units = [1]
+poll_ms = 1000
+
 # The example process driver, behind a probe that reports on stderr (the journal) what of the
 # agent's state it can see from inside the driver sandbox.
 [[drivers]]
@@ -94,6 +104,7 @@ fi
 
 mkdir -p /etc/systemd/system/texture-agent.service.d /usr/local/lib/texture-test
 install -m 0644 "$shared/test/texture-agent-test.conf" /etc/systemd/system/texture-agent.service.d/50-test.conf
+install -m 0644 "$shared/test/texture-agent-serial.conf" /etc/systemd/system/texture-agent.service.d/60-serial.conf
 install -m 0755 "$shared/test/container-checks.sh" /usr/local/lib/texture-test/container-checks.sh
 install -m 0644 "$shared/test/texture-test.service" /etc/systemd/system/texture-test.service
 systemctl enable texture-test.service >/dev/null 2>&1
