@@ -245,3 +245,67 @@ fn sunspec_drivers_load_with_defaults_and_one_endpoint_per_entry() {
         .to_string();
     assert!(e.contains("baud"), "{e}");
 }
+
+#[test]
+fn ocpp_drivers_load_with_defaults_keep_passwords_out_of_the_dump_and_listen_apart() {
+    let d = tempfile::tempdir().unwrap();
+    let entry = |name: &str, listen: &str, cp: &str| {
+        format!(
+            "[[drivers]]\nkind = \"ocpp\"\nname = \"{name}\"\nlisten = \"{listen}\"\n\
+             authorize = \"accept-all\"\n\
+             charge_points = [{{ id = \"{cp}\", password = \"garage-door-1234\", max_current_a = 16 }}]\n\n"
+        )
+    };
+    let body = minimal(d.path()) + &entry("garage", "0.0.0.0:8887", "CP-1");
+    let s = load_from(&write(d.path(), &body), []).unwrap();
+    let crate::drivers::DriverSettings::Ocpp(garage) = &s.drivers[0] else {
+        panic!("{:?}", s.drivers[0])
+    };
+    assert_eq!(
+        (
+            garage.path.as_str(),
+            garage.heartbeat_secs,
+            garage.max_message_bytes,
+            garage.max_messages_per_sec
+        ),
+        ("/ocpp", 300, 65_536, 10)
+    );
+    assert_eq!(
+        garage.charge_points[0].password.as_ref().unwrap().expose(),
+        "garage-door-1234"
+    );
+    let dump = s.redacted_dump();
+    assert!(
+        dump.contains("CP-1") && dump.contains("<redacted>"),
+        "{dump}"
+    );
+    assert!(!dump.contains("garage-door-1234"), "{dump}");
+    assert!(!format!("{s:?}").contains("garage-door-1234"));
+
+    let body = minimal(d.path())
+        + &entry("a", "0.0.0.0:8887", "CP-1")
+        + &entry("b", "0.0.0.0:8887", "CP-2");
+    let e = load_from(&write(d.path(), &body), [])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("driver #2 (b): 0.0.0.0:8887 is where another ocpp driver listens"),
+        "{e}"
+    );
+    let body = minimal(d.path())
+        + &entry("a", "0.0.0.0:8887", "CP-1")
+        + &entry("b", "0.0.0.0:8888", "CP-1");
+    let e = load_from(&write(d.path(), &body), [])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("\"CP-1\" is a charge point of another ocpp driver"),
+        "{e}"
+    );
+    let body =
+        minimal(d.path()) + &entry("a", "0.0.0.0:8887", "CP-1").replace("16 }", "16, pin = 1 }");
+    let e = load_from(&write(d.path(), &body), [])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pin"), "{e}");
+}

@@ -49,6 +49,7 @@ impl Settings {
 fn validate_drivers(drivers: &[DriverSettings]) -> Result<(), Rejection> {
     let mut names = HashSet::new();
     let mut endpoints = HashSet::new();
+    let mut charge_points = HashSet::new();
     for (i, d) in drivers.iter().enumerate() {
         let n = i + 1;
         match d {
@@ -104,6 +105,40 @@ fn validate_drivers(drivers: &[DriverSettings]) -> Result<(), Rejection> {
                     ));
                 }
             }
+            DriverSettings::Ocpp(settings) => {
+                settings.validate(n)?;
+                if !names.insert(settings.name.clone()) {
+                    return Err(Rejection::new(
+                        "drivers.name",
+                        format!("driver #{n}: {:?} is used twice", settings.name),
+                    ));
+                }
+                // Validated just above.
+                let addr = settings
+                    .listen_addr()
+                    .map_err(|p| Rejection::new("drivers.listen", p))?;
+                if !endpoints.insert(format!("listen {addr}")) {
+                    return Err(Rejection::new(
+                        "drivers.listen",
+                        format!(
+                            "driver #{n} ({}): {addr} is where another ocpp driver listens",
+                            settings.name
+                        ),
+                    ));
+                }
+                // Each charge point is a device: two drivers may not both have it.
+                for cp in &settings.charge_points {
+                    if !charge_points.insert(cp.id.clone()) {
+                        return Err(Rejection::new(
+                            "drivers.charge_points.id",
+                            format!(
+                                "driver #{n} ({}): {:?} is a charge point of another ocpp driver",
+                                settings.name, cp.id
+                            ),
+                        ));
+                    }
+                }
+            }
             DriverSettings::Process {
                 name,
                 command,
@@ -154,7 +189,7 @@ fn validate_limits(limits: &[DeviceLimits], drivers: &[DriverSettings]) -> Resul
     let any_process = drivers.iter().any(|d| {
         matches!(
             d,
-            DriverSettings::Process { .. } | DriverSettings::Sunspec(_)
+            DriverSettings::Process { .. } | DriverSettings::Sunspec(_) | DriverSettings::Ocpp(_)
         )
     });
     let mut seen = HashSet::new();
@@ -188,7 +223,7 @@ fn validate_limits(limits: &[DeviceLimits], drivers: &[DriverSettings]) -> Resul
                     "limits.device_id",
                     format!(
                         "limits #{n}: no device {id:?} behind this gateway: no simulated driver \
-                         has that id and no process or sunspec driver is configured"
+                         has that id and no process, sunspec or ocpp driver is configured"
                     ),
                 ))
             }

@@ -3,10 +3,12 @@
 //! drivers → telemetry → outbox → link (state), and the command runner → drivers (commands).
 //!
 //! Two kinds: [`sim`] devices built into the agent (deterministic given a seed, for the demo
-//! and tests), and external [`process`] drivers that integrators write in any language and that
+//! and tests), the built-in protocol drivers ([`modbus`] for SunSpec, [`ocpp`] for charge
+//! points), and external [`process`] drivers that integrators write in any language and that
 //! speak JSON lines over stdin/stdout (docs/PROTOCOL.md, "Driver protocol").
 
 pub mod modbus;
+pub(crate) mod ocpp;
 pub mod process;
 pub mod simulated;
 pub(crate) mod sunspec;
@@ -112,6 +114,8 @@ pub enum DriverSettings {
     },
     /// SunSpec devices over one Modbus TCP link, found by discovery.
     Sunspec(modbus::driver::SunSpecSettings),
+    /// An OCPP 1.6J central system: the charge points that connect to it are chargers.
+    Ocpp(ocpp::OcppSettings),
     /// An external driver process (argv, no shell).
     Process {
         name: String,
@@ -358,7 +362,7 @@ async fn forward_availability(
 }
 
 /// Starts every configured driver; their samples go to `samples`, and their availability
-/// changes (only the sunspec driver has any) to `availability`. Process drivers run in
+/// changes (the sunspec and ocpp drivers have any) to `availability`. Process drivers run in
 /// `sandbox` unless their settings say `sandbox = false`.
 ///
 /// Returns the registry of their devices, the counters of each process driver in configuration
@@ -421,6 +425,21 @@ pub fn start(
                     registry.clone(),
                 )));
                 tasks.push(tokio::spawn(modbus::driver::run(
+                    settings.clone(),
+                    sample_tx,
+                    availability_tx,
+                    command_rx,
+                    shutdown.clone(),
+                )));
+            }
+            DriverSettings::Ocpp(settings) => {
+                let (availability_tx, availability_rx) = mpsc::channel(SAMPLE_QUEUE);
+                tasks.push(tokio::spawn(forward_availability(
+                    availability_rx,
+                    availability.clone(),
+                    registry.clone(),
+                )));
+                tasks.push(tokio::spawn(ocpp::run(
                     settings.clone(),
                     sample_tx,
                     availability_tx,

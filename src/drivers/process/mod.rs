@@ -99,7 +99,9 @@ impl ProcessDriver {
                 max_line_bytes: *max_line_bytes,
                 sandbox: confined.then(|| sandbox.clone()),
             }),
-            DriverSettings::Simulated { .. } | DriverSettings::Sunspec(_) => None,
+            DriverSettings::Simulated { .. }
+            | DriverSettings::Sunspec(_)
+            | DriverSettings::Ocpp(_) => None,
         }
     }
 

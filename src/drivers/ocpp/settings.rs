@@ -1,0 +1,414 @@
+//! `[[drivers]] kind = "ocpp"`: where the central system listens, which charge points may
+//! connect and with what password, how their id tags are authorized, and the limits every
+//! connection lives within (README, "Configuration"; docs/PROTOCOL.md 17).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Secret;
+use crate::model::rejection::Rejection;
+
+/// The longest charge point id: `ocpp-` and the id must fit a device id (64 characters).
+pub(crate) const MAX_ID_LEN: usize = 48;
+
+/// The most charge points one entry may list: each is a connection and a device.
+pub(crate) const MAX_CHARGE_POINTS: usize = 32;
+
+/// OCPP 1.6 `IdToken` is a CiString20.
+const MAX_ID_TAG_LEN: usize = 20;
+
+/// One `[[drivers]] kind = "ocpp"` entry: one listening socket, the charge points it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OcppSettings {
+    /// Names the driver in logs.
+    pub name: String,
+    /// `ADDRESS:PORT` the WebSocket server listens on (`0.0.0.0:8887`, `[::]:8887`).
+    pub listen: String,
+    /// The URL path before the charge point id: charge points connect to
+    /// `ws://HOST:PORT<path>/<chargePointId>`.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// The only charge points accepted; their number is the connection limit.
+    pub charge_points: Vec<ChargePointSettings>,
+    /// `"accept-all"`: every id tag is accepted. Exactly one of `authorize` and `id_tags`.
+    #[serde(default)]
+    pub authorize: Option<Authorize>,
+    /// The id tags accepted (a local list); any other is `Invalid`.
+    #[serde(default)]
+    pub id_tags: Option<Vec<String>>,
+    /// The heartbeat interval given in the BootNotification answer, seconds (1 to 86400). A
+    /// charge point silent for twice this and [`SILENCE_MARGIN_SECS`] is reported offline.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    /// The largest WebSocket message accepted, bytes (1024 to 1048576); a larger one closes
+    /// the connection (1009).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Messages per second one connection may send (1 to 1000); more closes it (1008).
+    #[serde(default = "default_max_messages_per_sec")]
+    pub max_messages_per_sec: u32,
+}
+
+/// One charge point allowed to connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChargePointSettings {
+    /// Its OCPP identity, the last path segment of its URL: letters, digits, `.`, `_`, `-`.
+    pub id: String,
+    /// HTTP Basic password (OCPP security profile 1); none: the charge point connects without
+    /// one. Redacted in `check-config` and logs.
+    #[serde(default)]
+    pub password: Option<Secret<String>>,
+    /// The installer's current limit for this charge point, amperes (6 to 80). Checked and
+    /// documented now; programming it as a ChargePointMaxProfile is the next slice's.
+    #[serde(default)]
+    pub max_current_a: Option<u32>,
+}
+
+/// How id tags are authorized when no local list is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Authorize {
+    AcceptAll,
+}
+
+/// Added to `2 × heartbeat_secs` before a silent charge point is offline: a heartbeat sent
+/// right on time still crosses a slow Wi-Fi link.
+pub(crate) const SILENCE_MARGIN_SECS: u64 = 10;
+
+fn default_path() -> String {
+    "/ocpp".into()
+}
+fn default_heartbeat_secs() -> u64 {
+    300
+}
+fn default_max_message_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_messages_per_sec() -> u32 {
+    10
+}
+
+impl OcppSettings {
+    /// Checks entry `n` (1-based) of `[[drivers]]`; the message names the entry and the key.
+    pub(crate) fn validate(&self, n: usize) -> Result<(), Rejection> {
+        let bad = |key: &'static str, problem: String| {
+            Rejection::new(key, format!("driver #{n} ({}): {problem}", self.name))
+        };
+        if self.name.is_empty() {
+            return Err(bad("drivers.name", "must not be empty".into()));
+        }
+        self.listen_addr()
+            .map_err(|problem| bad("drivers.listen", problem))?;
+        check_path(&self.path).map_err(|problem| bad("drivers.path", problem))?;
+        if self.charge_points.is_empty() {
+            return Err(bad(
+                "drivers.charge_points",
+                "list at least one charge point".into(),
+            ));
+        }
+        if self.charge_points.len() > MAX_CHARGE_POINTS {
+            return Err(bad(
+                "drivers.charge_points",
+                format!(
+                    "{} charge points; at most {MAX_CHARGE_POINTS}",
+                    self.charge_points.len()
+                ),
+            ));
+        }
+        let mut ids = HashSet::new();
+        for cp in &self.charge_points {
+            check_id(&cp.id).map_err(|problem| bad("drivers.charge_points.id", problem))?;
+            if !ids.insert(cp.id.as_str()) {
+                return Err(bad(
+                    "drivers.charge_points.id",
+                    format!("{:?} is listed twice", cp.id),
+                ));
+            }
+            if let Some(password) = &cp.password {
+                let len = password.expose().chars().count();
+                // The message names the charge point, never the password.
+                if !(8..=64).contains(&len) || password.expose().contains(char::is_control) {
+                    return Err(bad(
+                        "drivers.charge_points.password",
+                        format!("{}: expected 8 to 64 printable characters", cp.id),
+                    ));
+                }
+            }
+            if let Some(amps) = cp.max_current_a {
+                if !(6..=80).contains(&amps) {
+                    return Err(bad(
+                        "drivers.charge_points.max_current_a",
+                        format!("{}: expected 6 to 80, found {amps}", cp.id),
+                    ));
+                }
+            }
+        }
+        match (&self.authorize, &self.id_tags) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "drivers.id_tags",
+                    "give authorize = \"accept-all\" or id_tags, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(bad(
+                    "drivers.authorize",
+                    "give authorize = \"accept-all\" or a local list id_tags = [...]".into(),
+                ))
+            }
+            (None, Some(tags)) => {
+                let mut seen = HashSet::new();
+                for tag in tags {
+                    if tag.is_empty() || tag.len() > MAX_ID_TAG_LEN || !tag.is_ascii() {
+                        return Err(bad(
+                            "drivers.id_tags",
+                            format!("{tag:?}: expected 1 to 20 ASCII characters (IdToken)"),
+                        ));
+                    }
+                    // IdToken is case-insensitive (CiString20).
+                    if !seen.insert(tag.to_ascii_lowercase()) {
+                        return Err(bad("drivers.id_tags", format!("{tag:?} is listed twice")));
+                    }
+                }
+            }
+            (Some(_), None) => {}
+        }
+        let ranges: [(&'static str, u64, u64, u64); 3] = [
+            ("drivers.heartbeat_secs", self.heartbeat_secs, 1, 86_400),
+            (
+                "drivers.max_message_bytes",
+                self.max_message_bytes as u64,
+                1024,
+                1 << 20,
+            ),
+            (
+                "drivers.max_messages_per_sec",
+                u64::from(self.max_messages_per_sec),
+                1,
+                1000,
+            ),
+        ];
+        for (key, value, lo, hi) in ranges {
+            if !(lo..=hi).contains(&value) {
+                return Err(bad(key, format!("expected {lo} to {hi}, found {value}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket address to bind.
+    pub(crate) fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.listen.parse().map_err(|_| {
+            format!(
+                "{:?}: expected ADDRESS:PORT, such as 0.0.0.0:8887 or [::]:8887",
+                self.listen
+            )
+        })
+    }
+
+    /// Whether `tag` is accepted (a local list compares case-insensitively, as IdToken is).
+    pub(crate) fn accepts(&self, tag: &str) -> bool {
+        match (&self.authorize, &self.id_tags) {
+            (Some(Authorize::AcceptAll), _) => true,
+            (None, Some(tags)) => tags.iter().any(|t| t.eq_ignore_ascii_case(tag)),
+            (None, None) => false,
+        }
+    }
+
+    /// How long a connected charge point may stay silent before it is offline.
+    pub(crate) fn silence_limit(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(2 * self.heartbeat_secs + SILENCE_MARGIN_SECS)
+    }
+}
+
+/// The device id of a charge point's connector 1.
+pub(crate) fn device_id(charge_point: &str) -> String {
+    format!("ocpp-{charge_point}")
+}
+
+fn check_path(path: &str) -> Result<(), String> {
+    let ok = path.starts_with('/')
+        && path.len() > 1
+        && !path.ends_with('/')
+        && path
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{path:?}: expected an absolute URL path without a trailing /, such as /ocpp"
+        ))
+    }
+}
+
+fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(format!("{id:?}: expected 1 to {MAX_ID_LEN} characters"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{id:?}: {c:?} is not a letter, a digit, '.', '_' or '-'"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn settings() -> OcppSettings {
+        OcppSettings {
+            name: "garage".into(),
+            listen: "0.0.0.0:8887".into(),
+            path: default_path(),
+            charge_points: vec![ChargePointSettings {
+                id: "CP-1".into(),
+                password: Some(Secret::new("correct-horse".into())),
+                max_current_a: Some(16),
+            }],
+            authorize: Some(Authorize::AcceptAll),
+            id_tags: None,
+            heartbeat_secs: 300,
+            max_message_bytes: 65_536,
+            max_messages_per_sec: 10,
+        }
+    }
+
+    #[test]
+    fn bad_settings_are_refused_naming_the_entry_and_the_key() {
+        assert!(settings().validate(1).is_ok());
+        type Case = (fn(&mut OcppSettings), &'static str, &'static str);
+        let cases: [Case; 15] = [
+            (|s| s.name.clear(), "drivers.name", "driver #2 (): must not be empty"),
+            (
+                |s| s.listen = "0.0.0.0".into(),
+                "drivers.listen",
+                "driver #2 (garage): \"0.0.0.0\": expected ADDRESS:PORT, such as 0.0.0.0:8887 or [::]:8887",
+            ),
+            (
+                |s| s.path = "/ocpp/".into(),
+                "drivers.path",
+                "driver #2 (garage): \"/ocpp/\": expected an absolute URL path without a trailing /, such as /ocpp",
+            ),
+            (
+                |s| s.charge_points.clear(),
+                "drivers.charge_points",
+                "driver #2 (garage): list at least one charge point",
+            ),
+            (
+                |s| {
+                    let cp = s.charge_points[0].clone();
+                    s.charge_points = (0..33)
+                        .map(|i| ChargePointSettings { id: format!("CP{i}"), ..cp.clone() })
+                        .collect();
+                },
+                "drivers.charge_points",
+                "driver #2 (garage): 33 charge points; at most 32",
+            ),
+            (
+                |s| s.charge_points[0].id = "CP 1".into(),
+                "drivers.charge_points.id",
+                "driver #2 (garage): \"CP 1\": ' ' is not a letter, a digit, '.', '_' or '-'",
+            ),
+            (
+                |s| {
+                    let cp = s.charge_points[0].clone();
+                    s.charge_points.push(cp);
+                },
+                "drivers.charge_points.id",
+                "driver #2 (garage): \"CP-1\" is listed twice",
+            ),
+            (
+                |s| s.charge_points[0].password = Some(Secret::new("short".into())),
+                "drivers.charge_points.password",
+                "driver #2 (garage): CP-1: expected 8 to 64 printable characters",
+            ),
+            (
+                |s| s.charge_points[0].max_current_a = Some(100),
+                "drivers.charge_points.max_current_a",
+                "driver #2 (garage): CP-1: expected 6 to 80, found 100",
+            ),
+            (
+                |s| s.authorize = None,
+                "drivers.authorize",
+                "driver #2 (garage): give authorize = \"accept-all\" or a local list id_tags = [...]",
+            ),
+            (
+                |s| s.id_tags = Some(vec!["TAG".into()]),
+                "drivers.id_tags",
+                "driver #2 (garage): give authorize = \"accept-all\" or id_tags, not both",
+            ),
+            (
+                |s| {
+                    s.authorize = None;
+                    s.id_tags = Some(vec!["tag-1".into(), "TAG-1".into()]);
+                },
+                "drivers.id_tags",
+                "driver #2 (garage): \"TAG-1\" is listed twice",
+            ),
+            (
+                |s| s.heartbeat_secs = 0,
+                "drivers.heartbeat_secs",
+                "driver #2 (garage): expected 1 to 86400, found 0",
+            ),
+            (
+                |s| s.max_message_bytes = 100,
+                "drivers.max_message_bytes",
+                "driver #2 (garage): expected 1024 to 1048576, found 100",
+            ),
+            (
+                |s| s.max_messages_per_sec = 0,
+                "drivers.max_messages_per_sec",
+                "driver #2 (garage): expected 1 to 1000, found 0",
+            ),
+        ];
+        for (change, key, problem) in cases {
+            let mut s = settings();
+            change(&mut s);
+            let e = s.validate(2).expect_err(problem);
+            assert_eq!((e.key, e.problem.as_str()), (key, problem));
+        }
+    }
+
+    #[test]
+    fn a_password_never_reaches_the_rejection_or_the_debug_output() {
+        let mut s = settings();
+        s.charge_points[0].password = Some(Secret::new("tiny\u{7}pw".into()));
+        let e = s.validate(1).unwrap_err();
+        assert!(!e.problem.contains("tiny"), "{}", e.problem);
+        assert!(!format!("{s:?}").contains("correct-horse"));
+        assert!(!serde_json::to_string(&settings())
+            .unwrap()
+            .contains("correct-horse"));
+    }
+
+    #[test]
+    fn id_tags_are_a_case_insensitive_local_list_or_everything_is_accepted() {
+        let mut s = settings();
+        assert!(s.accepts("ANY-TAG"));
+        s.authorize = None;
+        s.id_tags = Some(vec!["Tag-1".into()]);
+        assert!(s.validate(1).is_ok());
+        assert!(s.accepts("TAG-1") && s.accepts("tag-1"));
+        assert!(!s.accepts("TAG-2"));
+    }
+
+    #[test]
+    fn the_silence_limit_is_two_heartbeats_and_a_margin() {
+        let s = OcppSettings {
+            heartbeat_secs: 30,
+            ..settings()
+        };
+        assert_eq!(s.silence_limit().as_secs(), 70);
+        assert_eq!(device_id("CP-1"), "ocpp-CP-1");
+    }
+}
