@@ -1,0 +1,475 @@
+//! The OCPP 1.6J central system (`[[drivers]] kind = "ocpp"`, docs/PROTOCOL.md 17) end to end:
+//! the agent as a process, mosquitto and the platform peer, and real charge points
+//! (testkit::ocpp, the mobilityhouse `ocpp` package) as its clients. Every assertion on what the
+//! agent said reads the raw frames the charge point logged, never what the library made of them
+//! (tests/ocpp/charge_point.py lists the library's defects that this guards against).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use texture_agent::sim::platform::PlatformSigner;
+use texture_agent_testkit as kit;
+
+use kit::{device_topic, free_port, Agent, AgentConfig, ChargePoint, Testbed};
+
+const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
+const GATEWAY: &str = "gw-ocpp";
+const WORKSPACE: &str = "ws-ocpp";
+const WAIT: Duration = Duration::from_secs(20);
+const PASSWORD: &str = "garage-door-1234";
+
+/// Runs a blocking charge point call without starving the test's async peer.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// An agent whose ocpp driver listens on `port` for CP-1 (with [`PASSWORD`]) and CP-2 (none).
+struct Site {
+    agent: Agent,
+    port: u16,
+    peer: kit::Peer,
+    // Kept alive for the agent: the broker and the PKI's files.
+    _broker: kit::Mosquitto,
+    pki: kit::Pki,
+}
+
+async fn site(heartbeat_secs: u64) -> Site {
+    let Testbed {
+        pki,
+        broker,
+        signer,
+        peer,
+    } = Testbed::start(
+        PlatformSigner::generate("platform-ocpp"),
+        &[
+            &device_topic(GATEWAY, "telemetry"),
+            &device_topic(GATEWAY, "capabilities"),
+        ],
+    )
+    .await;
+    let port = free_port();
+    let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, WORKSPACE);
+    cfg.extra_toml = format!(
+        "[telemetry]\nbatch_max_ms = 100\nhealth_interval_secs = 3600\n\n\
+         [[drivers]]\nkind = \"ocpp\"\nname = \"garage\"\nlisten = \"127.0.0.1:{port}\"\n\
+         id_tags = [\"GOOD-TAG\"]\nheartbeat_secs = {heartbeat_secs}\nmax_message_bytes = 4096\n\
+         charge_points = [{{ id = \"CP-1\", password = \"{PASSWORD}\", max_current_a = 16 }}, \
+         {{ id = \"CP-2\" }}]\n"
+    );
+    let agent = Agent::spawn(BIN, &cfg.write(pki.path()));
+    blocking(|| agent.wait_for_log("ocpp: central system listening", WAIT));
+    Site {
+        agent,
+        port,
+        peer,
+        _broker: broker,
+        pki,
+    }
+}
+
+impl Site {
+    fn dir(&self) -> &Path {
+        self.pki.path()
+    }
+
+    /// A charge point SPEC for `id` on this site, with heartbeats off unless a test turns them on.
+    fn spec(&self, id: &str) -> Value {
+        json!({
+            "url": format!("ws://127.0.0.1:{}/ocpp/{id}", self.port),
+            "id": id,
+            "password": if id == "CP-1" { json!(PASSWORD) } else { Value::Null },
+            "subprotocols": ["ocpp1.6"],
+            "heartbeat": "off",
+        })
+    }
+
+    fn connect(&self, spec: &Value) -> ChargePoint {
+        let cp = blocking(|| ChargePoint::start(self.dir(), spec));
+        assert_eq!(cp.ready_state(), "connected", "{}", cp.stderr_text());
+        let connected = cp.wait_for(|l| l["event"] == "connected", WAIT);
+        assert_eq!(connected["subprotocol"], "ocpp1.6");
+        cp
+    }
+
+    /// The next telemetry point of `device` satisfying `pred`.
+    async fn point(&mut self, device: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(Instant::now() < deadline, "no matching point of {device}");
+            let batch = self
+                .peer
+                .expect(&device_topic(GATEWAY, "telemetry"), WAIT, |_| true)
+                .await
+                .json();
+            for p in batch["points"].as_array().unwrap() {
+                if p["deviceId"] == device && pred(p) {
+                    return p.clone();
+                }
+            }
+        }
+    }
+}
+
+fn parse(frame: &str) -> Value {
+    serde_json::from_str(frame).unwrap_or_else(|e| panic!("{frame:?}: {e}"))
+}
+
+/// The raw frame the charge point received with unique id `id`, parsed.
+fn received(cp: &ChargePoint, id: &str) -> Value {
+    let frame = cp.wait_for(
+        |l| {
+            l["event"] == "frame"
+                && l["dir"] == "received"
+                && l["text"]
+                    .as_str()
+                    .and_then(|t| serde_json::from_str::<Value>(t).ok())
+                    .is_some_and(|f| f[1] == id)
+        },
+        WAIT,
+    );
+    parse(frame["text"].as_str().unwrap())
+}
+
+/// The op's answer, as the raw frame the agent sent.
+fn answer(cp: &ChargePoint, op: Value) -> Value {
+    let outcome = blocking(|| cp.call(op.clone(), WAIT));
+    assert!(
+        outcome["outcome"] == "result" || outcome["outcome"] == "error",
+        "{op}: {outcome}"
+    );
+    parse(outcome["frame"].as_str().unwrap())
+}
+
+/// The TCP ports process `pid` listens on (its sockets in /proc/net/tcp{,6} in state LISTEN).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy().into_owned();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table).unwrap().lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // local_address is ADDR:PORT in hex, st 0A is LISTEN, the inode is column 10.
+            if cols[3] == "0A" && inodes.iter().any(|i| i == cols[9]) {
+                let port = cols[1].rsplit(':').next().unwrap();
+                ports.push(u16::from_str_radix(port, 16).unwrap());
+            }
+        }
+    }
+    ports
+}
+
+/// BootNotification, Heartbeat, Authorize and a transaction are answered as PROTOCOL 17.2
+/// says, with every answer valid 1.6 and the heartbeats at the interval the boot gave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_heartbeat_authorize_and_a_transaction_are_answered() {
+    let site = site(2).await;
+    let mut spec = site.spec("CP-1");
+    spec["heartbeat"] = json!("boot");
+    let cp = site.connect(&spec);
+
+    let boot = answer(&cp, json!({"op": "boot"}));
+    assert_eq!(
+        (&boot[0], &boot[2]["status"], &boot[2]["interval"]),
+        (&json!(3), &json!("Accepted"), &json!(2))
+    );
+    assert!(
+        boot[2]["currentTime"].as_str().unwrap().ends_with('Z'),
+        "{boot}"
+    );
+    let beat = answer(&cp, json!({"op": "heartbeat"}));
+    assert_eq!(beat[0], 3);
+    assert!(beat[2]["currentTime"].is_string(), "{beat}");
+    // The charge point's own heartbeats, every 2 s after the Accepted boot, are answered too.
+    let deadline = Instant::now() + WAIT;
+    while cp
+        .frames_received()
+        .iter()
+        .filter(|f| f.contains("currentTime") && !f.contains("interval"))
+        .count()
+        < 3
+    {
+        assert!(Instant::now() < deadline, "no heartbeats answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let good = answer(&cp, json!({"op": "authorize", "id_tag": "good-tag"}));
+    assert_eq!(good[2], json!({"idTagInfo": {"status": "Accepted"}}));
+    let bad = answer(&cp, json!({"op": "authorize", "id_tag": "STOLEN"}));
+    assert_eq!(bad[2], json!({"idTagInfo": {"status": "Invalid"}}));
+    let start = answer(
+        &cp,
+        json!({"op": "start_transaction", "connector": 1, "id_tag": "GOOD-TAG", "meter_start": 100}),
+    );
+    assert_eq!(start[2]["idTagInfo"], json!({"status": "Accepted"}));
+    let transaction = start[2]["transactionId"].as_i64().unwrap();
+    assert!(transaction > 0, "{start}");
+    let second = answer(
+        &cp,
+        json!({"op": "start_transaction", "connector": 1, "id_tag": "STOLEN", "meter_start": 0}),
+    );
+    assert_eq!(second[2]["idTagInfo"], json!({"status": "Invalid"}));
+    assert_ne!(second[2]["transactionId"].as_i64().unwrap(), transaction);
+    let stop = answer(
+        &cp,
+        json!({"op": "stop_transaction", "transaction_id": transaction, "meter_stop": 2100, "id_tag": "GOOD-TAG"}),
+    );
+    assert_eq!(stop[2], json!({"idTagInfo": {"status": "Accepted"}}));
+    let status = answer(
+        &cp,
+        json!({"op": "status", "connector": 1, "status": "Available"}),
+    );
+    assert_eq!(status, json!([3, status[1], {}]));
+
+    assert_eq!(cp.violations(), Vec::<Value>::new());
+    // The agent listens on the one port of its ocpp driver.
+    assert_eq!(listening_ports(site.agent.pid()), vec![site.port]);
+}
+
+/// Status and meter values become the `charger` device's telemetry with the values the charge
+/// point sent (kW as W); a disconnect is an offline availability point, a reconnect an online
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_meter_values_are_charger_telemetry_and_a_disconnect_takes_it_offline() {
+    let mut site = site(300).await;
+    let cp = site.connect(&site.spec("CP-1"));
+    answer(&cp, json!({"op": "boot"}));
+    answer(
+        &cp,
+        json!({"op": "status", "connector": 1, "status": "Charging"}),
+    );
+    let meter = answer(
+        &cp,
+        json!({"op": "meter_values", "connector": 1, "transaction_id": 7, "sampled": [
+        {"measurand": "Voltage", "value": "231.5", "unit": "V"},
+        {"measurand": "Current.Import", "value": "15.5", "unit": "A"},
+        {"measurand": "Power.Active.Import", "value": "3.58", "unit": "kW"},
+        {"measurand": "Energy.Active.Import.Register", "value": "1200", "unit": "Wh"}]}),
+    );
+    assert_eq!(meter[2], json!({}));
+    let charging = site.point("ocpp-CP-1", |p| p.get("state").is_some()).await;
+    assert_eq!(
+        charging["state"],
+        json!({"type": "charger", "chargingState": "charging", "isPluggedIn": true,
+               "chargerVoltage": 231.5, "chargerCurrent": 15.5, "chargerWattage": 3580.0})
+    );
+    answer(
+        &cp,
+        json!({"op": "status", "connector": 1, "status": "SuspendedEV"}),
+    );
+    let suspended = site
+        .point("ocpp-CP-1", |p| p["state"]["chargingState"] == "idle")
+        .await;
+    assert_eq!(suspended["state"]["isPluggedIn"], true);
+    answer(
+        &cp,
+        json!({"op": "status", "connector": 1, "status": "Available"}),
+    );
+    let unplugged = site
+        .point("ocpp-CP-1", |p| p["state"]["isPluggedIn"] == false)
+        .await;
+    assert_eq!(
+        unplugged["state"],
+        json!({"type": "charger", "chargingState": "idle", "isPluggedIn": false,
+               "chargerVoltage": 231.5, "chargerCurrent": 0.0, "chargerWattage": 0.0})
+    );
+
+    blocking(|| cp.call(json!({"op": "disconnect", "code": 1000}), WAIT));
+    let offline = site
+        .point("ocpp-CP-1", |p| p.get("availability").is_some())
+        .await;
+    assert_eq!(offline["availability"]["online"], false, "{offline}");
+    assert!(
+        offline["availability"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("closed"),
+        "{offline}"
+    );
+    blocking(|| cp.call(json!({"op": "connect"}), WAIT));
+    let online = site
+        .point("ocpp-CP-1", |p| p.get("availability").is_some())
+        .await;
+    assert_eq!(online["availability"], json!({"online": true}));
+    assert_eq!(cp.violations(), Vec::<Value>::new());
+}
+
+/// A wrong or missing password, an unknown id or path, and a missing subprotocol are refused at
+/// the upgrade with 401, 404 and 400; the refused charge point never connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_unknown_id_and_missing_subprotocol_are_refused() {
+    let site = site(300).await;
+    let refused = |spec: &Value| {
+        let cp = blocking(|| ChargePoint::start(site.dir(), spec));
+        assert_eq!(cp.ready_state(), "refused", "{spec}");
+        assert!(cp.log().iter().all(|l| l["event"] != "connected"));
+        cp.wait_for(|l| l["event"] == "refused", WAIT)["status"].clone()
+    };
+    let mut wrong = site.spec("CP-1");
+    wrong["password"] = json!("garage-door-1235");
+    assert_eq!(refused(&wrong), 401);
+    let mut missing = site.spec("CP-1");
+    missing["password"] = Value::Null;
+    assert_eq!(refused(&missing), 401);
+    // CP-2's password is not CP-1's: the Basic user must be the charge point's own id.
+    let mut other_user = site.spec("CP-1");
+    other_user["auth_user"] = json!("CP-2");
+    assert_eq!(refused(&other_user), 401);
+    let mut unknown = site.spec("CP-9");
+    unknown["password"] = json!(PASSWORD);
+    assert_eq!(refused(&unknown), 404);
+    let mut path = site.spec("CP-1");
+    path["url"] = json!(format!("ws://127.0.0.1:{}/other/CP-1", site.port));
+    assert_eq!(refused(&path), 404);
+    for offered in [json!([]), json!(["ocpp2.0.1"])] {
+        let mut spec = site.spec("CP-1");
+        spec["subprotocols"] = offered;
+        assert_eq!(refused(&spec), 400);
+    }
+    // And the right credentials with 1.6 among other versions connect.
+    let mut right = site.spec("CP-1");
+    right["subprotocols"] = json!(["ocpp2.0.1", "ocpp1.6"]);
+    site.connect(&right);
+    assert_eq!(site.agent.logs_with_message("ocpp: connected").len(), 1);
+}
+
+/// Malformed JSON is answered FormationViolation (1.6's spelling) under the unique id it
+/// carries, an unknown action NotImplemented, a 1.6 action the gateway does not take
+/// NotSupported; the connection stays up. An oversized frame closes its connection (1009). The
+/// other charge point is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_and_unknown_actions_get_1_6_callerrors_and_the_other_charger_is_served() {
+    let site = site(300).await;
+    let bad = site.connect(&site.spec("CP-1"));
+    let other = site.connect(&site.spec("CP-2"));
+
+    blocking(|| bad.send(json!({"op": "send_raw", "text": "[2, \"broken-1\", \"Heartbeat\", {"})));
+    let formation = received(&bad, "broken-1");
+    assert_eq!(
+        (&formation[0], &formation[2]),
+        (&json!(4), &json!("FormationViolation")),
+        "{formation}"
+    );
+    assert_eq!(
+        (formation.as_array().unwrap().len(), &formation[4]),
+        (5, &json!({}))
+    );
+    blocking(|| {
+        bad.send(json!({"op": "send_raw", "text": "[2, \"unknown-1\", \"FlyToTheMoon\", {}]"}))
+    });
+    assert_eq!(received(&bad, "unknown-1")[2], "NotImplemented");
+    let data = answer(
+        &bad,
+        json!({"op": "call", "action": "DataTransfer", "payload": {"vendorId": "Texture"}}),
+    );
+    assert_eq!(data[2], "NotSupported", "{data}");
+    blocking(|| {
+        bad.send(json!({"op": "send_raw", "text": "[2, \"missing-1\", \"Authorize\", {}]"}))
+    });
+    assert_eq!(
+        received(&bad, "missing-1")[2],
+        "OccurenceConstraintViolation"
+    );
+    // Text that is not even a CALL gets no answer, and the connection carries on.
+    blocking(|| bad.send(json!({"op": "send_raw", "text": "}{"})));
+    assert_eq!(answer(&bad, json!({"op": "heartbeat"}))[0], 3);
+    assert_eq!(answer(&other, json!({"op": "heartbeat"}))[0], 3);
+
+    // 5000 bytes, over the site's max_message_bytes of 4096.
+    let huge = format!(
+        "[2, \"huge-1\", \"DataTransfer\", {{\"vendorId\": \"{}\"}}]",
+        "x".repeat(5000)
+    );
+    blocking(|| bad.send(json!({"op": "send_raw", "text": huge})));
+    let closed = bad.wait_for(|l| l["event"] == "closed", WAIT);
+    assert_eq!(
+        (closed["code"].clone(), closed["local"].clone()),
+        (json!(1009), json!(false)),
+        "{closed}"
+    );
+    assert_eq!(answer(&other, json!({"op": "heartbeat"}))[0], 3);
+    // The script cannot tell a CALL whose JSON it sent broken from no CALL at all, so the answer
+    // to broken-1 is flagged as answering nothing; any other violation is the agent's.
+    let violations: Vec<Value> = bad
+        .violations()
+        .into_iter()
+        .filter(|v| {
+            v["unique_id"] != "broken-1"
+                || v["violations"] != json!(["answers no CALL this charge point sent"])
+        })
+        .collect();
+    assert_eq!(violations, Vec::<Value>::new());
+    assert_eq!(other.violations(), Vec::<Value>::new());
+    // The agent logged each frame it could not take.
+    assert!(
+        site.agent.logs_with_message("ocpp: frame").len() >= 4,
+        "{}",
+        site.agent.log_dump()
+    );
+}
+
+/// A charge point whose socket stays open but that sends nothing for `2 × heartbeat_secs + 10`
+/// seconds is closed (1001) and reported offline, with silence as the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_charge_point_is_closed_and_reported_offline() {
+    let mut site = site(1).await;
+    let cp = site.connect(&site.spec("CP-2"));
+    answer(
+        &cp,
+        json!({"op": "status", "connector": 1, "status": "Preparing"}),
+    );
+    answer(
+        &cp,
+        json!({"op": "meter_values", "connector": 1, "sampled": [
+        {"measurand": "Voltage", "value": "230"},
+        {"measurand": "Current.Import", "value": "0"},
+        {"measurand": "Power.Active.Import", "value": "0"}]}),
+    );
+    let silent_from = Instant::now();
+    let preparing = site.point("ocpp-CP-2", |p| p.get("state").is_some()).await;
+    assert_eq!(preparing["state"]["isPluggedIn"], true);
+    let offline = site
+        .point("ocpp-CP-2", |p| p.get("availability").is_some())
+        .await;
+    assert_eq!(
+        offline["availability"],
+        json!({"online": false, "reason": "silent for more than 12 s"})
+    );
+    assert!(
+        silent_from.elapsed() >= Duration::from_secs(12),
+        "{:?}",
+        silent_from.elapsed()
+    );
+    let closed = cp.wait_for(|l| l["event"] == "closed", WAIT);
+    assert_eq!(
+        (closed["code"].clone(), closed["local"].clone()),
+        (json!(1001), json!(false))
+    );
+}
+
+/// An agent without an ocpp driver listens on no TCP port at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_an_ocpp_driver_opens_no_port() {
+    let Testbed {
+        pki,
+        broker,
+        signer,
+        mut peer,
+    } = Testbed::start(
+        PlatformSigner::generate("platform-ocpp"),
+        &[&device_topic(GATEWAY, "capabilities")],
+    )
+    .await;
+    let cfg = AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, WORKSPACE);
+    let agent = Agent::spawn(BIN, &cfg.write(pki.path()));
+    // Connected and running: it has published its capabilities.
+    peer.expect(&device_topic(GATEWAY, "capabilities"), WAIT, |_| true)
+        .await;
+    assert_eq!(listening_ports(agent.pid()), Vec::<u16>::new());
+}
