@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use texture_agent::sim::platform::PlatformSigner;
+use texture_agent::model::clock::system_secs;
+use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
 use texture_agent_testkit as kit;
 
 use kit::{device_topic, free_port, Agent, AgentConfig, ChargePoint, Testbed};
@@ -29,6 +30,7 @@ struct Site {
     agent: Agent,
     port: u16,
     peer: kit::Peer,
+    signer: PlatformSigner,
     // Kept alive for the agent: the broker and the PKI's files.
     _broker: kit::Mosquitto,
     pki: kit::Pki,
@@ -45,6 +47,7 @@ async fn site(heartbeat_secs: u64) -> Site {
         &[
             &device_topic(GATEWAY, "telemetry"),
             &device_topic(GATEWAY, "capabilities"),
+            &device_topic(GATEWAY, "replies"),
         ],
     )
     .await;
@@ -63,6 +66,7 @@ async fn site(heartbeat_secs: u64) -> Site {
         agent,
         port,
         peer,
+        signer,
         _broker: broker,
         pki,
     }
@@ -108,6 +112,33 @@ impl Site {
                 }
             }
         }
+    }
+}
+
+impl Site {
+    /// Publishes a server-key command for `device`, signed by the platform, and returns its
+    /// reply.
+    async fn ask(&mut self, id: &str, device: &str, slug: &str, input: Value) -> Value {
+        let key = ApiKey::server("key-server", WORKSPACE);
+        let claims = self.signer.claims(
+            &key,
+            AttestedCommand::new(GATEWAY, id, slug, input).for_device(device),
+            system_secs(),
+            300,
+        );
+        self.peer
+            .publish(
+                &device_topic(GATEWAY, "commands"),
+                self.signer.attest(&claims).into_bytes(),
+                false,
+            )
+            .await;
+        self.peer
+            .expect(&device_topic(GATEWAY, "replies"), WAIT, |m| {
+                m.json()["commandId"] == id
+            })
+            .await
+            .json()
     }
 }
 
@@ -451,6 +482,117 @@ async fn a_silent_charge_point_is_closed_and_reported_offline() {
         (closed["code"].clone(), closed["local"].clone()),
         (json!(1001), json!(false))
     );
+}
+
+/// The CALL the charge point received with action `action`, the `n`th (from 0), parsed.
+fn call_received(cp: &ChargePoint, action: &str, n: usize) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let calls: Vec<Value> = cp
+            .frames_received()
+            .iter()
+            .map(|f| parse(f))
+            .filter(|f| f[0] == 2 && f[2] == action)
+            .collect();
+        if let Some(call) = calls.get(n) {
+            return call.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no CALL {action} #{n}: {:?}",
+            cp.frames_received()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `charger:set-operating-mode` reaches the charge point as RemoteStartTransaction (connector
+/// 1, the local list's first tag) and RemoteStopTransaction (the transaction it started); the
+/// reply waits for the charger's answer, and a Rejected start fails the command with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_operating_mode_is_a_remote_start_or_stop_answered_by_the_charger() {
+    let mut site = site(300).await;
+    let mut spec = site.spec("CP-1");
+    spec["answers"] = json!({"RemoteStartTransaction": {"status": "Accepted", "delay_ms": 300,
+        "then": [{"op": "start_transaction", "connector": 1, "id_tag": "GOOD-TAG", "meter_start": 0}]}});
+    let cp = site.connect(&spec);
+    answer(
+        &cp,
+        json!({"op": "status", "connector": 1, "status": "Preparing"}),
+    );
+    answer(
+        &cp,
+        json!({"op": "meter_values", "connector": 1, "sampled": [
+        {"measurand": "Voltage", "value": "230"},
+        {"measurand": "Current.Import", "value": "0"},
+        {"measurand": "Power.Active.Import", "value": "0"}]}),
+    );
+    site.point("ocpp-CP-1", |p| p.get("state").is_some()).await;
+
+    let start_mode = json!({"operatingMode": "start-charging"});
+    let asked = Instant::now();
+    let started = site
+        .ask(
+            "cmd-start",
+            "ocpp-CP-1",
+            "charger:set-operating-mode",
+            start_mode.clone(),
+        )
+        .await;
+    assert_eq!(started["type"], "command.succeeded", "{started}");
+    assert_eq!(started["result"], json!({"status": "Accepted"}));
+    let remote_start = call_received(&cp, "RemoteStartTransaction", 0);
+    assert_eq!(
+        remote_start[3],
+        json!({"connectorId": 1, "idTag": "GOOD-TAG"})
+    );
+    // The charger answers 300 ms after the CALL, and the reply waited for it.
+    assert!(
+        asked.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        asked.elapsed()
+    );
+    let transaction = cp.wait_for(
+        |l| l["event"] == "op" && l["op"] == "start_transaction",
+        WAIT,
+    );
+    let transaction_id = transaction["payload"]["transactionId"].as_i64().unwrap();
+
+    let stopped = site
+        .ask(
+            "cmd-stop",
+            "ocpp-CP-1",
+            "charger:set-operating-mode",
+            json!({"operatingMode": "stop-charging"}),
+        )
+        .await;
+    assert_eq!(stopped["type"], "command.succeeded", "{stopped}");
+    let remote_stop = call_received(&cp, "RemoteStopTransaction", 0);
+    assert_eq!(remote_stop[3], json!({"transactionId": transaction_id}));
+
+    blocking(|| {
+        cp.call(
+            json!({"op": "set_answer", "action": "RemoteStartTransaction",
+        "answer": {"status": "Rejected"}}),
+            WAIT,
+        )
+    });
+    let rejected = site
+        .ask(
+            "cmd-rejected",
+            "ocpp-CP-1",
+            "charger:set-operating-mode",
+            start_mode,
+        )
+        .await;
+    assert_eq!(rejected["type"], "command.failed", "{rejected}");
+    assert_eq!(rejected["status"], 500, "{rejected}");
+    assert_eq!(
+        rejected["error"]["message"], "CP-1 answered RemoteStartTransaction with Rejected",
+        "{rejected}"
+    );
+    call_received(&cp, "RemoteStartTransaction", 1);
+    assert_eq!(cp.violations(), Vec::<Value>::new());
 }
 
 /// An agent without an ocpp driver listens on no TCP port at all.

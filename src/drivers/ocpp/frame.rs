@@ -52,13 +52,12 @@ pub(crate) enum Frame {
         action: String,
         payload: Map<String, Value>,
     },
-    /// An answer to a CALL of ours (none are sent in this slice: logged and dropped).
-    CallResult {
-        unique_id: String,
-    },
+    /// An answer to a CALL of ours.
+    CallResult { unique_id: String, payload: Value },
     CallError {
         unique_id: String,
         code: String,
+        description: String,
     },
 }
 
@@ -106,10 +105,14 @@ pub(crate) fn decode(text: &str) -> Result<Frame, Unreadable> {
                 "a CALL is [2, uniqueId, action (a string), payload (an object)]",
             )),
         },
-        Some(3) if items.len() == 3 => Ok(Frame::CallResult { unique_id }),
+        Some(3) if items.len() == 3 => Ok(Frame::CallResult {
+            unique_id,
+            payload: items[2].clone(),
+        }),
         Some(4) if items.len() == 5 => Ok(Frame::CallError {
             unique_id,
             code: items[2].as_str().unwrap_or_default().to_owned(),
+            description: items[3].as_str().unwrap_or_default().to_owned(),
         }),
         _ => Err(broken("not a CALL (2), CALLRESULT (3) or CALLERROR (4)")),
     }
@@ -128,6 +131,11 @@ fn salvage_call_id(text: &str) -> Option<String> {
         && !id.contains('\\')
         && !id.chars().any(char::is_control);
     plain.then(|| id.to_owned())
+}
+
+/// `[2, id, action, payload]`: a CALL of the central system's.
+pub(crate) fn call(unique_id: &str, action: &str, payload: Value) -> String {
+    json!([2, unique_id, action, payload]).to_string()
 }
 
 /// `[3, id, payload]`.
@@ -184,14 +192,16 @@ mod tests {
         assert_eq!(
             decode(r#"[3,"a",{}]"#),
             Ok(Frame::CallResult {
-                unique_id: "a".into()
+                unique_id: "a".into(),
+                payload: json!({})
             })
         );
         assert_eq!(
             decode(r#"[4,"a","NotSupported","",{}]"#),
             Ok(Frame::CallError {
                 unique_id: "a".into(),
-                code: "NotSupported".into()
+                code: "NotSupported".into(),
+                description: String::new()
             })
         );
     }

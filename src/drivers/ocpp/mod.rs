@@ -8,6 +8,9 @@
 //! [`messages`] (the 1.6 payloads), [`session`] (answers and the device state, pure), `server`
 //! (sockets). A charge point is online from its upgrade until its socket closes or it has been
 //! silent for `2 × heartbeat_secs` and a margin; offline, it reports nothing.
+//!
+//! `charger:set-operating-mode` is a CALL to the charger (RemoteStartTransaction or
+//! RemoteStopTransaction), and the command's outcome waits for its answer.
 
 pub(crate) mod frame;
 pub(crate) mod messages;
@@ -77,6 +80,8 @@ pub(crate) async fn run(
         next_transaction: i64::try_from(crate::model::clock::system_secs() % (1 << 30))
             .unwrap_or(1)
             .max(1),
+        pending: Vec::new(),
+        next_call: 0,
         settings,
         samples,
         availability,
@@ -91,13 +96,7 @@ pub(crate) async fn run(
             },
             _ = silence.tick() => driver.check_silence().await,
             command = commands.recv() => match command {
-                // Charger commands are the next slice's (docs/PROTOCOL.md 17): the device lists
-                // none, so the command runner refuses them before they get here.
-                Some(command) => {
-                    let _ = command.done.send(Err(CommandFailure::Reported(
-                        "the ocpp driver takes no commands yet".into(),
-                    )));
-                }
+                Some(command) => driver.command(command).await,
                 None => break,
             },
         }
@@ -117,7 +116,24 @@ struct Driver {
     /// By the index of the charge point in the settings.
     connected: Vec<Option<Connected>>,
     next_transaction: i64,
+    /// Commands sent to a charge point as a CALL, waiting for its answer.
+    pending: Vec<Pending>,
+    next_call: u64,
 }
+
+/// A command waiting for a charge point's answer to its CALL.
+struct Pending {
+    unique_id: String,
+    cp: usize,
+    action: &'static str,
+    done: tokio::sync::oneshot::Sender<Result<serde_json::Value, CommandFailure>>,
+}
+
+/// CALLs one charge point may have unanswered at once; more commands fail at once.
+const MAX_PENDING: usize = 4;
+
+/// The commands the devices carry out.
+const COMMANDS: [&str; 1] = ["charger:set-operating-mode"];
 
 impl Driver {
     fn current(&mut self, id: ConnId) -> Option<&mut Connected> {
@@ -183,11 +199,14 @@ impl Driver {
                 let _ = outgoing.try_send(Outgoing::Close(CloseCode::Policy, "not reading"));
             }
         }
+        if let Some((unique_id, answer)) = reaction.answered {
+            self.resolve(id.cp, &unique_id, answer);
+        }
         if let Some(state) = reaction.state {
             let sample = Sample {
                 device_id: settings::device_id(cp),
                 state: DeviceState::Charger(state),
-                commands: Some(Arc::from(Vec::<&'static str>::new())),
+                commands: Some(Arc::from(COMMANDS.as_slice())),
             };
             let _ = self.samples.send(sample).await;
         }
@@ -212,7 +231,96 @@ impl Driver {
         }
     }
 
+    /// Sends a `charger:set-operating-mode` to its charge point as a CALL; the command's
+    /// outcome waits for the charger's answer ([`Driver::resolve`]).
+    async fn command(&mut self, command: DriverCommand) {
+        let fail = |command: DriverCommand, why: String| {
+            let _ = command.done.send(Err(CommandFailure::Reported(why)));
+        };
+        let Some(cp) = self
+            .settings
+            .charge_points
+            .iter()
+            .position(|c| settings::device_id(&c.id) == command.device_id)
+        else {
+            let why = format!("no charge point is {}", command.device_id);
+            return fail(command, why);
+        };
+        if command.slug != COMMANDS[0] {
+            let why = format!("the ocpp driver does not carry out {}", command.slug);
+            return fail(command, why);
+        }
+        let mode = match session::OperatingMode::parse(&command.input) {
+            Ok(mode) => mode,
+            Err(why) => return fail(command, why),
+        };
+        self.pending.retain(|p| !p.done.is_closed());
+        if self.pending.iter().filter(|p| p.cp == cp).count() >= MAX_PENDING {
+            let why = format!("{MAX_PENDING} commands are already waiting for the charge point");
+            return fail(command, why);
+        }
+        self.next_call += 1;
+        let unique_id = format!("ta-{}", self.next_call);
+        let settings = self.settings.clone();
+        let Some(c) = self.connected[cp].as_mut() else {
+            return fail(command, "the charge point is not connected".into());
+        };
+        let frame = match c.session.operating_mode_call(mode, &unique_id, &settings) {
+            Ok(frame) => frame,
+            Err(why) => return fail(command, why),
+        };
+        if c.outgoing.try_send(Outgoing::Text(frame)).is_err() {
+            return fail(command, "the charge point is not reading".into());
+        }
+        tracing::info!(driver = %settings.name, charge_point = %settings.charge_points[cp].id,
+            command_id = %command.command_id, action = mode.action(), unique_id, "ocpp: call sent");
+        self.pending.push(Pending {
+            unique_id,
+            cp,
+            action: mode.action(),
+            done: command.done,
+        });
+    }
+
+    /// The charge point's answer to a CALL of ours becomes its command's outcome: `Accepted`
+    /// succeeds, any other status or a CALLERROR fails with what the charger said.
+    fn resolve(&mut self, cp: usize, unique_id: &str, answer: session::CallAnswer) {
+        let Some(i) = self
+            .pending
+            .iter()
+            .position(|p| p.cp == cp && p.unique_id == unique_id)
+        else {
+            tracing::warn!(driver = %self.settings.name, unique_id, "ocpp: an answer to no pending CALL");
+            return;
+        };
+        let pending = self.pending.swap_remove(i);
+        let id = &self.settings.charge_points[cp].id;
+        let outcome = match answer {
+            Ok(payload) => match payload["status"].as_str() {
+                Some("Accepted") => Ok(serde_json::json!({"status": "Accepted"})),
+                Some(status) => Err(format!("{id} answered {} with {status}", pending.action)),
+                None => Err(format!("{id} answered {} without a status", pending.action)),
+            },
+            Err((code, description)) => Err(format!(
+                "{id} answered {} with CALLERROR {code}: {description}",
+                pending.action
+            )),
+        };
+        let _ = pending.done.send(outcome.map_err(CommandFailure::Reported));
+    }
+
     async fn gone(&mut self, cp: usize, why: &str) {
+        // Its pending commands will never be answered: they fail now, not at their timeout.
+        let (lost, kept) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.cp == cp);
+        self.pending = kept;
+        for p in lost {
+            let _ = p.done.send(Err(CommandFailure::Reported(format!(
+                "the charge point went offline before answering {}: {why}",
+                p.action
+            ))));
+        }
         tracing::warn!(driver = %self.settings.name,
             charge_point = %self.settings.charge_points[cp].id, why, "ocpp: charge point offline");
         self.announce(cp, false, Some(why.to_owned())).await;

@@ -33,7 +33,14 @@ pub(crate) struct Reaction {
     pub(crate) state: Option<ChargerState>,
     /// Something for the log: a frame that could not be answered, or was answered with an error.
     pub(crate) problem: Option<String>,
+    /// The charge point's answer to a CALL of ours: its unique id, and the CALLRESULT payload
+    /// or the CALLERROR's code and description.
+    pub(crate) answered: Option<(String, CallAnswer)>,
 }
+
+/// A charger's answer to a CALL of ours: the CALLRESULT payload, or the CALLERROR's code and
+/// description.
+pub(crate) type CallAnswer = Result<Value, (String, String)>;
 
 /// Connector 1, as far as the charge point has told it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -75,6 +82,34 @@ impl Connector {
     }
 }
 
+/// The `charger:set-operating-mode` modes, as OCPP CALLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OperatingMode {
+    /// RemoteStartTransaction on connector 1.
+    StartCharging,
+    /// RemoteStopTransaction of connector 1's transaction.
+    StopCharging,
+}
+
+impl OperatingMode {
+    pub(crate) fn parse(input: &Map<String, Value>) -> Result<OperatingMode, String> {
+        match input.get("operatingMode").and_then(Value::as_str) {
+            Some("start-charging") => Ok(OperatingMode::StartCharging),
+            Some("stop-charging") => Ok(OperatingMode::StopCharging),
+            other => Err(format!(
+                "operatingMode: {other:?} is not start-charging or stop-charging"
+            )),
+        }
+    }
+
+    pub(crate) fn action(self) -> &'static str {
+        match self {
+            OperatingMode::StartCharging => "RemoteStartTransaction",
+            OperatingMode::StopCharging => "RemoteStopTransaction",
+        }
+    }
+}
+
 /// Whether a vehicle is connected in this status (OCPP 1.6, 4.9, the connector statuses).
 fn plugged_in(status: ChargePointStatus) -> bool {
     matches!(
@@ -93,9 +128,34 @@ pub(crate) struct Session {
     connector: Connector,
     /// The last state reported, so an unchanged one is not sent again.
     reported: Option<ChargerState>,
+    /// The transaction running on connector 1, from its StartTransaction until its
+    /// StopTransaction: what a RemoteStopTransaction names.
+    transaction: Option<i64>,
 }
 
 impl Session {
+    /// The CALL that carries out `mode`, under `unique_id`; `Err` when there is nothing to do it
+    /// to (no transaction to stop).
+    pub(crate) fn operating_mode_call(
+        &self,
+        mode: OperatingMode,
+        unique_id: &str,
+        settings: &OcppSettings,
+    ) -> Result<String, String> {
+        let payload = match mode {
+            OperatingMode::StartCharging => {
+                serde_json::json!({"connectorId": 1, "idTag": settings.remote_id_tag()})
+            }
+            OperatingMode::StopCharging => {
+                let transaction = self
+                    .transaction
+                    .ok_or("no transaction is running on connector 1")?;
+                serde_json::json!({"transactionId": transaction})
+            }
+        };
+        Ok(frame::call(unique_id, mode.action(), payload))
+    }
+
     /// Reads one text frame and answers it.
     pub(crate) fn on_text(&mut self, text: &str, cx: &mut Context<'_>) -> Reaction {
         match frame::decode(text) {
@@ -126,12 +186,19 @@ impl Session {
                     reply: Some(reply),
                     state,
                     problem,
+                    answered: None,
                 }
             }
-            Ok(Frame::CallResult { unique_id } | Frame::CallError { unique_id, .. }) => Reaction {
-                problem: Some(format!(
-                    "an answer to {unique_id}, which is no CALL of ours"
-                )),
+            Ok(Frame::CallResult { unique_id, payload }) => Reaction {
+                answered: Some((unique_id, Ok(payload))),
+                ..Reaction::default()
+            },
+            Ok(Frame::CallError {
+                unique_id,
+                code,
+                description,
+            }) => Reaction {
+                answered: Some((unique_id, Err((code, description)))),
                 ..Reaction::default()
             },
             Err(unreadable) => Reaction {
@@ -139,7 +206,7 @@ impl Session {
                     frame::call_error(id, ErrorCode::FormationViolation, &unreadable.problem)
                 }),
                 problem: Some(unreadable.problem),
-                state: None,
+                ..Reaction::default()
             },
         }
     }
@@ -184,6 +251,9 @@ impl Session {
                 let start: m::StartTransaction = read(payload)?;
                 let transaction_id = *cx.next_transaction;
                 *cx.next_transaction = cx.next_transaction.wrapping_add(1).max(1);
+                if start.connector_id == 1 {
+                    self.transaction = Some(transaction_id);
+                }
                 tracing::info!(
                     connector = start.connector_id,
                     transaction_id,
@@ -196,6 +266,9 @@ impl Session {
             }
             "StopTransaction" => {
                 let stop: m::StopTransaction = read(payload)?;
+                if self.transaction == Some(stop.transaction_id) {
+                    self.transaction = None;
+                }
                 tracing::info!(
                     transaction_id = stop.transaction_id,
                     "ocpp: transaction stopped"
@@ -549,6 +622,83 @@ mod tests {
             {"connectorId": 2, "errorCode": "NoError", "status": "Charging"}]),
         );
         assert_eq!(s.connector, Connector::default());
+    }
+
+    #[test]
+    fn set_operating_mode_is_a_remote_start_on_connector_1_or_a_remote_stop_of_its_transaction() {
+        let settings = settings();
+        let mut s = Session::default();
+        let start = OperatingMode::parse(
+            json!({"operatingMode": "start-charging"})
+                .as_object()
+                .unwrap(),
+        );
+        let stop = OperatingMode::parse(
+            json!({"operatingMode": "stop-charging"})
+                .as_object()
+                .unwrap(),
+        );
+        assert_eq!(
+            (start, stop),
+            (
+                Ok(OperatingMode::StartCharging),
+                Ok(OperatingMode::StopCharging)
+            )
+        );
+        assert!(
+            OperatingMode::parse(json!({"operatingMode": "fly"}).as_object().unwrap()).is_err()
+        );
+        assert_eq!(
+            s.operating_mode_call(OperatingMode::StartCharging, "ta-1", &settings),
+            Ok(
+                r#"[2,"ta-1","RemoteStartTransaction",{"connectorId":1,"idTag":"texture-agent"}]"#
+                    .into()
+            )
+        );
+        assert_eq!(
+            s.operating_mode_call(OperatingMode::StopCharging, "ta-2", &settings),
+            Err("no transaction is running on connector 1".into())
+        );
+        let (started, _) = answer_to(
+            &mut s,
+            json!([2, "t", "StartTransaction",
+            {"connectorId": 1, "idTag": "X", "meterStart": 0, "timestamp": "2026-12-03T07:00:00Z"}]),
+        );
+        assert_eq!(
+            s.operating_mode_call(OperatingMode::StopCharging, "ta-3", &settings),
+            Ok(format!(
+                r#"[2,"ta-3","RemoteStopTransaction",{{"transactionId":{}}}]"#,
+                started[2]["transactionId"]
+            ))
+        );
+        answer_to(
+            &mut s,
+            json!([2, "p", "StopTransaction",
+            {"transactionId": 41, "meterStop": 10, "timestamp": "2026-12-03T08:00:00Z"}]),
+        );
+        assert!(s
+            .operating_mode_call(OperatingMode::StopCharging, "ta-4", &settings)
+            .is_err());
+        // The charger's answers to our CALLs come back with their unique id.
+        let mut next = 1;
+        let mut cx = Context {
+            settings: &settings,
+            now_unix: 0,
+            next_transaction: &mut next,
+        };
+        let r = s.on_text(r#"[3,"ta-1",{"status":"Rejected"}]"#, &mut cx);
+        assert_eq!(
+            (r.reply, r.answered),
+            (
+                None,
+                Some(("ta-1".into(), Ok(json!({"status": "Rejected"}))))
+            )
+        );
+        let r = s.on_text(r#"[4,"ta-2","NotSupported","no",{}]"#, &mut cx);
+        assert_eq!(
+            r.answered,
+            Some(("ta-2".into(), Err(("NotSupported".into(), "no".into()))))
+        );
     }
 
     #[test]

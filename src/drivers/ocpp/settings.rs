@@ -219,6 +219,15 @@ impl OcppSettings {
         }
     }
 
+    /// The id tag a RemoteStartTransaction names: the first of the local list (so the
+    /// transaction it starts is accepted like a card's), or `texture-agent` with accept-all.
+    pub(crate) fn remote_id_tag(&self) -> &str {
+        self.id_tags
+            .as_ref()
+            .and_then(|tags| tags.first())
+            .map_or("texture-agent", String::as_str)
+    }
+
     /// How long a connected charge point may stay silent before it is offline.
     pub(crate) fn silence_limit(&self) -> std::time::Duration {
         std::time::Duration::from_secs(2 * self.heartbeat_secs + SILENCE_MARGIN_SECS)
