@@ -119,6 +119,12 @@ impl Site {
     /// Publishes a server-key command for `device`, signed by the platform, and returns its
     /// reply.
     async fn ask(&mut self, id: &str, device: &str, slug: &str, input: Value) -> Value {
+        self.send(id, device, slug, input).await;
+        self.reply(id).await
+    }
+
+    /// Publishes a server-key command for `device`, signed by the platform.
+    async fn send(&mut self, id: &str, device: &str, slug: &str, input: Value) {
         let key = ApiKey::server("key-server", WORKSPACE);
         let claims = self.signer.claims(
             &key,
@@ -133,6 +139,10 @@ impl Site {
                 false,
             )
             .await;
+    }
+
+    /// The reply to command `id`.
+    async fn reply(&mut self, id: &str) -> Value {
         self.peer
             .expect(&device_topic(GATEWAY, "replies"), WAIT, |m| {
                 m.json()["commandId"] == id
@@ -593,6 +603,33 @@ async fn set_operating_mode_is_a_remote_start_or_stop_answered_by_the_charger() 
     );
     call_received(&cp, "RemoteStartTransaction", 1);
     assert_eq!(cp.violations(), Vec::<Value>::new());
+
+    // A charger that never answers and then drops its socket fails the command at once.
+    blocking(|| {
+        cp.call(
+            json!({"op": "set_answer", "action": "RemoteStopTransaction",
+        "answer": {"silent": true}}),
+            WAIT,
+        )
+    });
+    site.send(
+        "cmd-lost",
+        "ocpp-CP-1",
+        "charger:set-operating-mode",
+        json!({"operatingMode": "stop-charging"}),
+    )
+    .await;
+    call_received(&cp, "RemoteStopTransaction", 1);
+    blocking(|| cp.call(json!({"op": "disconnect", "abrupt": true}), WAIT));
+    let lost = site.reply("cmd-lost").await;
+    assert_eq!(lost["type"], "command.failed", "{lost}");
+    assert!(
+        lost["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the charge point went offline before answering RemoteStopTransaction"),
+        "{lost}"
+    );
 }
 
 /// An agent without an ocpp driver listens on no TCP port at all.

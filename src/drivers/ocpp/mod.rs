@@ -148,6 +148,7 @@ impl Driver {
                 // One connection per charge point: the newer one is the charger after a
                 // restart; the old socket is most likely dead already.
                 if let Some(old) = self.connected[id.cp].take() {
+                    self.fail_pending(id.cp, "the charge point connected again");
                     let _ = old.outgoing.try_send(Outgoing::Close(
                         CloseCode::Normal,
                         "replaced by a new connection",
@@ -309,8 +310,9 @@ impl Driver {
         let _ = pending.done.send(outcome.map_err(CommandFailure::Reported));
     }
 
-    async fn gone(&mut self, cp: usize, why: &str) {
-        // Its pending commands will never be answered: they fail now, not at their timeout.
+    /// Fails the commands waiting for an answer on `cp`'s connection, which has ended: they
+    /// fail now, not at their timeout.
+    fn fail_pending(&mut self, cp: usize, why: &str) {
         let (lost, kept) = std::mem::take(&mut self.pending)
             .into_iter()
             .partition(|p| p.cp == cp);
@@ -321,6 +323,10 @@ impl Driver {
                 p.action
             ))));
         }
+    }
+
+    async fn gone(&mut self, cp: usize, why: &str) {
+        self.fail_pending(cp, why);
         tracing::warn!(driver = %self.settings.name,
             charge_point = %self.settings.charge_points[cp].id, why, "ocpp: charge point offline");
         self.announce(cp, false, Some(why.to_owned())).await;
