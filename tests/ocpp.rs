@@ -632,6 +632,32 @@ async fn set_operating_mode_is_a_remote_start_or_stop_answered_by_the_charger() 
     );
 }
 
+/// More than `max_messages_per_sec` (10 by default) messages within a second close the
+/// connection (1008) before all of 40 sent at once are answered; the charger may reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_point_over_the_message_rate_is_closed() {
+    let site = site(300).await;
+    let cp = site.connect(&site.spec("CP-2"));
+    for i in 0..40 {
+        let text = format!("[2, \"beat-{i}\", \"Heartbeat\", {{}}]");
+        blocking(|| cp.send(json!({"op": "send_raw", "text": text})));
+    }
+    let closed = cp.wait_for(|l| l["event"] == "closed", WAIT);
+    assert_eq!(
+        (closed["code"].clone(), closed["local"].clone()),
+        (json!(1008), json!(false)),
+        "{closed}"
+    );
+    assert_eq!(received(&cp, "beat-0")[0], 3);
+    let answered = cp.frames_received().len();
+    // The 10 admitted in the first second are all answered before the close; the rest are not.
+    assert!((10..40).contains(&answered), "{answered} answers");
+    assert_eq!(
+        blocking(|| cp.call(json!({"op": "connect"}), WAIT))["outcome"],
+        "connected"
+    );
+}
+
 /// An agent without an ocpp driver listens on no TCP port at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_without_an_ocpp_driver_opens_no_port() {

@@ -163,6 +163,17 @@ impl Driver {
                 self.announce(id.cp, true, None).await;
             }
             Event::Text { id, text } => self.on_text(id, &text).await,
+            Event::OverRate { id } => {
+                let name = self.settings.name.clone();
+                if let Some(c) = self.current(id) {
+                    tracing::warn!(driver = %name, "ocpp: over the message rate; closing");
+                    // Queued behind the answers already sent, which the charger still gets.
+                    let _ = c.outgoing.try_send(Outgoing::Close(
+                        CloseCode::Policy,
+                        "more messages per second than allowed",
+                    ));
+                }
+            }
             Event::Alive { id } => {
                 if let Some(c) = self.current(id) {
                     c.last_seen = Instant::now();

@@ -51,6 +51,10 @@ pub(crate) enum Event {
     Alive {
         id: ConnId,
     },
+    /// More messages than `max_messages_per_sec`; the connection drops the rest.
+    OverRate {
+        id: ConnId,
+    },
     Closed {
         id: ConnId,
         why: String,
@@ -225,6 +229,7 @@ async fn connection(
         return;
     }
     let mut rate = RateLimit::new(settings.max_messages_per_sec, std::time::Instant::now());
+    let mut over_rate = false;
     let why = loop {
         tokio::select! {
             out = to_send.recv() => match out {
@@ -234,22 +239,28 @@ async fn connection(
                     }
                 }
                 Some(Outgoing::Close(code, reason)) => {
-                    let _ = ws.close(Some(CloseFrame { code, reason: reason.into() })).await;
+                    close(&mut ws, Some(CloseFrame { code, reason: reason.into() })).await;
                     break format!("closed by the central system: {reason}");
                 }
                 None => {
-                    let _ = ws.close(None).await;
+                    close(&mut ws, None).await;
                     break "the driver stopped".to_owned();
                 }
             },
             incoming = ws.next() => match incoming {
                 Some(Ok(Message::Text(text))) => {
+                    if over_rate {
+                        // Dropped: the driver's close is on its way behind the answers.
+                        continue;
+                    }
                     if !rate.admit(std::time::Instant::now()) {
-                        let _ = ws.close(Some(CloseFrame {
-                            code: CloseCode::Policy,
-                            reason: "more messages per second than allowed".into(),
-                        })).await;
-                        break "over the message rate".to_owned();
+                        // The driver closes the connection (1008) once the frames admitted
+                        // before this one are answered, so their answers are not lost.
+                        over_rate = true;
+                        if events.send(Event::OverRate { id }).await.is_err() {
+                            break "the driver stopped".to_owned();
+                        }
+                        continue;
                     }
                     let text = text.as_str().to_owned();
                     if events.send(Event::Text { id, text }).await.is_err() {
@@ -264,7 +275,7 @@ async fn connection(
                     }
                 }
                 Some(Ok(Message::Binary(_))) => {
-                    let _ = ws.close(Some(CloseFrame {
+                    close(&mut ws, Some(CloseFrame {
                         code: CloseCode::Unsupported,
                         reason: "OCPP-J uses text frames".into(),
                     })).await;
@@ -276,7 +287,7 @@ async fn connection(
                 }
                 Some(Ok(Message::Frame(_))) => {}
                 Some(Err(WsError::Capacity(e))) => {
-                    let _ = ws.close(Some(CloseFrame {
+                    close(&mut ws, Some(CloseFrame {
                         code: CloseCode::Size,
                         reason: "message too big".into(),
                     })).await;
@@ -288,6 +299,26 @@ async fn connection(
         }
     };
     let _ = events.send(Event::Closed { id, why }).await;
+}
+
+/// How long a closed connection waits for the charger's own close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Sends a close frame and reads on until the charger answers it (or [`CLOSE_TIMEOUT`]): a
+/// socket dropped with the charger's frames still unread is reset by the kernel, and the
+/// charger would see 1006 instead of the close code that says why.
+async fn close(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>, frame: Option<CloseFrame>) {
+    if ws.close(frame).await.is_err() {
+        return;
+    }
+    let drain = async {
+        while let Some(Ok(message)) = ws.next().await {
+            if message.is_close() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain).await;
 }
 
 #[cfg(test)]
