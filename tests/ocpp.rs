@@ -8,8 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use texture_agent::model::clock::system_secs;
-use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
+use texture_agent::sim::platform::{AttestedCommand, PlatformSigner};
 use texture_agent_testkit as kit;
 
 use kit::{device_topic, free_port, Agent, AgentConfig, ChargePoint, Testbed};
@@ -125,30 +124,15 @@ impl Site {
 
     /// Publishes a server-key command for `device`, signed by the platform.
     async fn send(&mut self, id: &str, device: &str, slug: &str, input: Value) {
-        let key = ApiKey::server("key-server", WORKSPACE);
-        let claims = self.signer.claims(
-            &key,
-            AttestedCommand::new(GATEWAY, id, slug, input).for_device(device),
-            system_secs(),
-            300,
-        );
+        let command = AttestedCommand::new(GATEWAY, id, slug, input).for_device(device);
         self.peer
-            .publish(
-                &device_topic(GATEWAY, "commands"),
-                self.signer.attest(&claims).into_bytes(),
-                false,
-            )
+            .send_server_command(&self.signer, WORKSPACE, command)
             .await;
     }
 
     /// The reply to command `id`.
     async fn reply(&mut self, id: &str) -> Value {
-        self.peer
-            .expect(&device_topic(GATEWAY, "replies"), WAIT, |m| {
-                m.json()["commandId"] == id
-            })
-            .await
-            .json()
+        self.peer.reply(GATEWAY, id, WAIT).await
     }
 }
 

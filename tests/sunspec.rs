@@ -438,8 +438,7 @@ mod driver {
     use std::time::{Duration, Instant};
 
     use serde_json::{json, Value};
-    use texture_agent::model::clock::system_secs;
-    use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
+    use texture_agent::sim::platform::{AttestedCommand, PlatformSigner};
     use texture_agent_testkit as kit;
 
     use kit::{device_topic, Agent, AgentConfig, Testbed};
@@ -496,6 +495,29 @@ mod driver {
         }
     }
 
+    /// The devices of the next `n` availability points in telemetry, sorted; each must say
+    /// offline, with a reason.
+    async fn offline(peer: &mut kit::Peer, n: usize) -> Vec<String> {
+        let mut offline = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while offline.len() < n {
+            assert!(Instant::now() < deadline, "offline: only {offline:?}");
+            let batch = peer
+                .expect(&device_topic(GATEWAY, "telemetry"), WAIT, |_| true)
+                .await
+                .json();
+            for p in batch["points"].as_array().unwrap() {
+                if let Some(a) = p.get("availability") {
+                    assert_eq!(a["online"], false, "{p}");
+                    assert!(!a["reason"].as_str().unwrap().is_empty(), "{p}");
+                    offline.push(p["deviceId"].as_str().unwrap().to_owned());
+                }
+            }
+        }
+        offline.sort();
+        offline
+    }
+
     /// Publishes a server-key command `id` for `device`, signed by the platform.
     async fn send(
         peer: &mut kit::Peer,
@@ -505,28 +527,13 @@ mod driver {
         slug: &str,
         input: Value,
     ) {
-        let key = ApiKey::server("key-server", WORKSPACE);
-        let claims = signer.claims(
-            &key,
-            AttestedCommand::new(GATEWAY, id, slug, input).for_device(device),
-            system_secs(),
-            300,
-        );
-        peer.publish(
-            &device_topic(GATEWAY, "commands"),
-            signer.attest(&claims).into_bytes(),
-            false,
-        )
-        .await;
+        let command = AttestedCommand::new(GATEWAY, id, slug, input).for_device(device);
+        peer.send_server_command(signer, WORKSPACE, command).await;
     }
 
     /// The reply to command `id`.
     async fn reply(peer: &mut kit::Peer, id: &str) -> Value {
-        peer.expect(&device_topic(GATEWAY, "replies"), WAIT, |m| {
-            m.json()["commandId"] == id
-        })
-        .await
-        .json()
+        peer.reply(GATEWAY, id, WAIT).await
     }
 
     /// [`send`], then its [`reply`].
@@ -769,24 +776,7 @@ mod driver {
 
         peer.forget(&device_topic(GATEWAY, "capabilities"));
         server.kill();
-        let mut offline = Vec::new();
-        let deadline = Instant::now() + WAIT;
-        while offline.len() < devices.len() {
-            assert!(Instant::now() < deadline, "offline: only {offline:?}");
-            let batch = peer
-                .expect(&device_topic(GATEWAY, "telemetry"), WAIT, |_| true)
-                .await
-                .json();
-            for p in batch["points"].as_array().unwrap() {
-                if let Some(a) = p.get("availability") {
-                    assert_eq!(a["online"], false, "{p}");
-                    assert!(!a["reason"].as_str().unwrap().is_empty(), "{p}");
-                    offline.push(p["deviceId"].as_str().unwrap().to_owned());
-                }
-            }
-        }
-        offline.sort();
-        assert_eq!(offline, devices);
+        assert_eq!(offline(&mut peer, devices.len()).await, devices);
         let online_in = |m: &kit::Seen| -> Vec<(String, bool)> {
             m.json()["devices"]
                 .as_array()
@@ -1010,22 +1000,7 @@ mod driver {
         // Silence on the bus: both units offline (the hybrid's inverter too); then back.
         server.kill();
         let gone = ["sunspec-RTU-1", devices[0], devices[1]];
-        let mut offline = Vec::new();
-        let deadline = Instant::now() + WAIT;
-        while offline.len() < gone.len() {
-            assert!(Instant::now() < deadline, "offline: only {offline:?}");
-            let batch = peer
-                .expect(&device_topic(GATEWAY, "telemetry"), WAIT, |_| true)
-                .await
-                .json();
-            for p in batch["points"].as_array().unwrap() {
-                if p.get("availability").is_some_and(|a| a["online"] == false) {
-                    offline.push(p["deviceId"].as_str().unwrap().to_owned());
-                }
-            }
-        }
-        offline.sort();
-        assert_eq!(offline, gone);
+        assert_eq!(offline(&mut peer, gone.len()).await, gone);
         agent.wait_for_log(
             "sunspec: unit not answering; its devices report nothing until it does",
             WAIT,

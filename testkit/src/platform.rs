@@ -6,7 +6,7 @@ use std::time::Duration;
 use texture_agent::link::topics::Topics;
 use texture_agent::model::clock::system_secs;
 use texture_agent::sim::peer::{Inbox, PeerOptions, PlatformPeer};
-use texture_agent::sim::platform::PlatformSigner;
+use texture_agent::sim::platform::{ApiKey, AttestedCommand, PlatformSigner};
 
 use crate::mosquitto::{Mosquitto, PLATFORM_CLIENT};
 use crate::pki::Pki;
@@ -76,6 +76,30 @@ impl Peer {
     /// Collects everything that arrives on `topic` during `window`.
     pub async fn collect(&mut self, topic: &str, window: Duration) -> Vec<Seen> {
         self.inbox.collect(topic, window).await
+    }
+
+    /// Publishes `command` on its gateway's commands topic, attested by `signer` for the server
+    /// key `key-server` of `workspace`, issued now and valid for 300 s.
+    pub async fn send_server_command(
+        &self,
+        signer: &PlatformSigner,
+        workspace: &str,
+        command: AttestedCommand<'_>,
+    ) {
+        let key = ApiKey::server("key-server", workspace);
+        let topic = device_topic(command.gateway, "commands");
+        let claims = signer.claims(&key, command, system_secs(), 300);
+        self.publish(&topic, signer.attest(&claims).into_bytes(), false)
+            .await;
+    }
+
+    /// The reply to command `id` on `gateway`'s replies topic (which the peer subscribes to).
+    pub async fn reply(&mut self, gateway: &str, id: &str, timeout: Duration) -> serde_json::Value {
+        self.expect(&device_topic(gateway, "replies"), timeout, |m| {
+            m.json()["commandId"] == id
+        })
+        .await
+        .json()
     }
 }
 

@@ -40,11 +40,9 @@ Log lines (each with "t" and "event"):
 import argparse
 import asyncio
 import base64
-import datetime
 import json
 import os
 import sys
-import time
 import uuid
 
 from websockets.asyncio.server import serve
@@ -57,20 +55,7 @@ from ocpp.v16 import call as v16_call
 from ocpp.v16 import call_result
 from ocpp.v16.enums import Action
 
-
-def now_iso():
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class Log:
-    def __init__(self, path):
-        self.file = open(path, "a", encoding="utf-8")
-
-    def write(self, event, **fields):
-        line = {"t": time.time(), "event": event}
-        line.update(fields)
-        self.file.write(json.dumps(line, default=str) + "\n")
-        self.file.flush()
+from jsonlog import Log, now_iso  # tests/ocpp/jsonlog.py
 
 
 class LoggedConnection:

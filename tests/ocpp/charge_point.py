@@ -138,7 +138,6 @@ a test must check it.
 import argparse
 import asyncio
 import base64
-import datetime
 import decimal
 import json
 import os
@@ -158,6 +157,8 @@ from ocpp.v16 import call as v16_call
 from ocpp.v16 import call_result
 from ocpp.v16.enums import Action
 
+from jsonlog import Log, now_iso  # tests/ocpp/jsonlog.py
+
 # The OCPP-J 1.6 error codes (4.2.3). 2.0.1's FormatViolation and the correctly spelled
 # OccurrenceConstraintViolation are not among them.
 ERROR_CODES_16 = {
@@ -173,29 +174,6 @@ ANSWERED = [
 ]
 
 KNOWN_16_ACTIONS = {a.value for a in Action}
-
-
-def now_iso():
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def json_default(value):
-    if isinstance(value, decimal.Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    return repr(value)
-
-
-class Log:
-    def __init__(self, path):
-        self.file = open(path, "a", encoding="utf-8")
-
-    def write(self, event, **fields):
-        line = {"t": time.time(), "event": event}
-        line.update(fields)
-        self.file.write(json.dumps(line, default=json_default) + "\n")
-        self.file.flush()
 
 
 def schema_violation(message_type, action, payload):

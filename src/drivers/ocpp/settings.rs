@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Secret;
+use crate::model::gateway::{GatewayId, InvalidGatewayId};
 use crate::model::rejection::Rejection;
 
 /// The longest charge point id: `ocpp-` and the id must fit a device id (64 characters).
@@ -255,19 +256,19 @@ fn check_path(path: &str) -> Result<(), String> {
     }
 }
 
+/// A charge point id must make a device id (`ocpp-<id>`, PROTOCOL 1.1) with room for a
+/// connector suffix: the device-id grammar of [`GatewayId`], within [`MAX_ID_LEN`].
 fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(format!("{id:?}: expected 1 to {MAX_ID_LEN} characters"));
     }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
+    match GatewayId::parse(&device_id(id)) {
+        Err(InvalidGatewayId::BadCharacter(c)) => Err(format!(
             "{id:?}: {c:?} is not a letter, a digit, '.', '_' or '-'"
-        ));
+        )),
+        // Length was checked above, and the prefix makes it non-empty.
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]
