@@ -36,6 +36,11 @@ struct Site {
 }
 
 async fn site(heartbeat_secs: u64) -> Site {
+    site_with(heartbeat_secs, "").await
+}
+
+/// [`site`], with `extra` appended to the driver entry (driver keys, then any tables).
+async fn site_with(heartbeat_secs: u64, extra: &str) -> Site {
     let Testbed {
         pki,
         broker,
@@ -57,7 +62,7 @@ async fn site(heartbeat_secs: u64) -> Site {
          [[drivers]]\nkind = \"ocpp\"\nname = \"garage\"\nlisten = \"127.0.0.1:{port}\"\n\
          id_tags = [\"GOOD-TAG\"]\nheartbeat_secs = {heartbeat_secs}\nmax_message_bytes = 4096\n\
          charge_points = [{{ id = \"CP-1\", password = \"{PASSWORD}\", max_current_a = 16 }}, \
-         {{ id = \"CP-2\" }}]\n"
+         {{ id = \"CP-2\" }}]\n{extra}"
     );
     let agent = Agent::spawn(BIN, &cfg.write(pki.path()));
     blocking(|| agent.wait_for_log("ocpp: central system listening", WAIT));
@@ -661,4 +666,337 @@ async fn an_agent_without_an_ocpp_driver_opens_no_port() {
     peer.expect(&device_topic(GATEWAY, "capabilities"), WAIT, |_| true)
         .await;
     assert_eq!(listening_ports(agent.pid()), Vec::<u16>::new());
+}
+
+/// The position in `cp`'s log of the first line satisfying `pred`.
+fn position(cp: &ChargePoint, what: &str, pred: impl Fn(&Value) -> bool) -> usize {
+    let log = cp.log();
+    log.iter()
+        .position(pred)
+        .unwrap_or_else(|| panic!("no {what} in the charge point's log: {log:?}"))
+}
+
+/// Whether log line `l` is a frame in direction `dir` whose parsed text satisfies `pred`.
+fn is_frame(l: &Value, dir: &str, pred: impl Fn(&Value) -> bool) -> bool {
+    l["event"] == "frame"
+        && l["dir"] == dir
+        && l["text"]
+            .as_str()
+            .and_then(|t| serde_json::from_str::<Value>(t).ok())
+            .is_some_and(|f| pred(&f))
+}
+
+/// Unix seconds as the agent writes them in a profile (RFC 3339, UTC, whole seconds): fixed
+/// width, so two of them compare as the times do.
+fn at(unix: u64) -> String {
+    texture_agent::model::clock::rfc3339(unix)
+}
+
+fn now() -> u64 {
+    texture_agent::model::clock::system_secs()
+}
+
+/// Status and all three measurands, so the agent reports (and lists) the charger's device.
+fn report_charging(cp: &ChargePoint) {
+    answer(
+        cp,
+        json!({"op": "status", "connector": 1, "status": "Charging"}),
+    );
+    answer(
+        cp,
+        json!({"op": "meter_values", "connector": 1, "sampled": [
+        {"measurand": "Voltage", "value": "230"},
+        {"measurand": "Current.Import", "value": "16"},
+        {"measurand": "Power.Active.Import", "value": "3680"}]}),
+    );
+}
+
+/// The installer's limit reaches the charger at each connection, after its BootNotification
+/// is answered, as a ChargePointMaxProfile with no end; a `charger:set-charge-rate-limit`
+/// becomes a TxDefaultProfile whose `validTo` is at most `limit_valid_secs` ahead and never past
+/// the command's hold, and the agent renews it before it lapses and sends it again when the
+/// charger reconnects. Every CALL the charger receives validates against the 1.6 schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_installers_limit_is_a_max_profile_and_every_charge_limit_expires_on_the_charger() {
+    let lease = 12;
+    let mut site = site_with(
+        300,
+        &format!(
+            "limit_valid_secs = {lease}\n\n[[limits]]\ndevice_id = \"ocpp-CP-1\"\n\
+             device_type = \"charger\"\nmax_current_a = 16\ndefault_control = \
+             {{ command = \"charger:set-charge-rate-limit\", input = {{ currentLimit = 6 }} }}\n"
+        ),
+    )
+    .await;
+    let mut spec = site.spec("CP-1");
+    spec["boot_on_connect"] = json!(true);
+    let cp = site.connect(&spec);
+
+    // After the boot's answer: the max profile, then the triggers, one CALL at a time.
+    let max = call_received(&cp, "SetChargingProfile", 0);
+    assert_eq!(max[3]["connectorId"], 0, "{max}");
+    let profile = &max[3]["csChargingProfiles"];
+    assert_eq!(profile["chargingProfilePurpose"], "ChargePointMaxProfile");
+    assert_eq!(profile["chargingSchedule"]["chargingRateUnit"], "A");
+    assert_eq!(
+        profile["chargingSchedule"]["chargingSchedulePeriod"],
+        json!([{"startPeriod": 0, "limit": 16.0}])
+    );
+    assert!(profile.get("validTo").is_none(), "{max}");
+    let boot_answered = position(&cp, "the boot's answer", |l| {
+        is_frame(l, "received", |f| f[0] == 3 && f[2]["status"] == "Accepted")
+    });
+    let max_sent = position(&cp, "the max profile", |l| {
+        is_frame(l, "received", |f| f[2] == "SetChargingProfile")
+    });
+    assert!(boot_answered < max_sent, "{:?}", cp.log());
+    let triggers: Vec<Value> = (0..2)
+        .map(|n| call_received(&cp, "TriggerMessage", n)[3].clone())
+        .collect();
+    assert_eq!(
+        triggers,
+        [
+            json!({"requestedMessage": "StatusNotification", "connectorId": 1}),
+            json!({"requestedMessage": "MeterValues", "connectorId": 1})
+        ]
+    );
+    report_charging(&cp);
+    site.point("ocpp-CP-1", |p| p.get("state").is_some()).await;
+
+    // A held limit: the lease is shorter than the hold, so validTo is one lease ahead.
+    let before = now();
+    let held = site
+        .ask(
+            "cmd-limit",
+            "ocpp-CP-1",
+            "charger:set-charge-rate-limit",
+            json!({"currentLimit": 10, "holdSecs": 120}),
+        )
+        .await;
+    let after = now();
+    assert_eq!(held["type"], "command.succeeded", "{held}");
+    let set = call_received(&cp, "SetChargingProfile", 1);
+    let profile = &set[3]["csChargingProfiles"];
+    assert_eq!(set[3]["connectorId"], 1, "{set}");
+    assert_eq!(profile["chargingProfilePurpose"], "TxDefaultProfile");
+    assert_eq!(
+        profile["chargingSchedule"]["chargingSchedulePeriod"],
+        json!([{"startPeriod": 0, "limit": 10.0}])
+    );
+    let valid_to = profile["validTo"].as_str().unwrap().to_owned();
+    assert!(
+        at(before + lease) <= valid_to && valid_to <= at(after + lease),
+        "{valid_to} is not {lease} s after {}",
+        at(before)
+    );
+    assert_eq!(
+        held["result"],
+        json!({"status": "Accepted", "chargingRateUnit": "A", "limit": 10.0, "validTo": valid_to})
+    );
+
+    // Renewed before it lapses: the same limit, a later validTo.
+    let renewed = call_received(&cp, "SetChargingProfile", 2);
+    let again = &renewed[3]["csChargingProfiles"];
+    assert_eq!(
+        again["chargingSchedule"],
+        profile["chargingSchedule"]
+            .as_object()
+            .map(|s| {
+                let mut s = s.clone();
+                s["startSchedule"] = again["chargingSchedule"]["startSchedule"].clone();
+                Value::Object(s)
+            })
+            .unwrap()
+    );
+    let renewed_to = again["validTo"].as_str().unwrap();
+    assert!(
+        renewed_to > valid_to.as_str(),
+        "{renewed_to} after {valid_to}"
+    );
+    assert!(
+        renewed_to < at(now() + lease + 1).as_str(),
+        "the renewal is also one lease: {renewed_to}"
+    );
+
+    // A refused profile fails its command with the charger's status.
+    blocking(|| {
+        cp.call(
+            json!({"op": "set_answer", "action": "SetChargingProfile",
+        "answer": {"status": "Rejected"}}),
+            WAIT,
+        )
+    });
+    let rejected = site
+        .ask(
+            "cmd-rejected",
+            "ocpp-CP-1",
+            "charger:set-charge-rate-limit",
+            json!({"currentLimit": 12}),
+        )
+        .await;
+    assert_eq!(rejected["type"], "command.failed", "{rejected}");
+    assert_eq!(
+        rejected["error"]["message"], "CP-1 answered SetChargingProfile with Rejected",
+        "{rejected}"
+    );
+    blocking(|| {
+        cp.call(
+            json!({"op": "set_answer", "action": "SetChargingProfile",
+        "answer": {"status": "Accepted"}}),
+            WAIT,
+        )
+    });
+
+    // Reconnected, the charger gets the installer's profile and the standing limit (10 A,
+    // not the refused 12 A) again.
+    let before_reconnect = cp
+        .frames_received()
+        .iter()
+        .filter(|f| parse(f)[2] == "SetChargingProfile")
+        .count();
+    blocking(|| cp.call(json!({"op": "reconnect"}), WAIT));
+    let max_again = call_received(&cp, "SetChargingProfile", before_reconnect);
+    assert_eq!(
+        max_again[3]["csChargingProfiles"]["chargingProfilePurpose"],
+        "ChargePointMaxProfile"
+    );
+    let limit_again = call_received(&cp, "SetChargingProfile", before_reconnect + 1);
+    let profile = &limit_again[3]["csChargingProfiles"];
+    assert_eq!(profile["chargingProfilePurpose"], "TxDefaultProfile");
+    assert_eq!(
+        profile["chargingSchedule"]["chargingSchedulePeriod"][0]["limit"],
+        10.0
+    );
+    assert_eq!(cp.violations(), Vec::<Value>::new());
+}
+
+/// Two charge points at once, two commands for each: each charger gets its own CALLs and no
+/// other's, and each command the answer of its own charger. A charger with a CALL unanswered
+/// gets no second one until it answers (OCPP-J 4.1.1): here the profile sent at connection is
+/// answered slowly, and the triggers behind it wait. A charge point without `max_current_a` has
+/// our ChargePointMaxProfile cleared instead, and takes a limit in watts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_charge_points_at_once_get_their_own_commands_one_call_at_a_time() {
+    let mut site = site(300).await;
+    let slow = json!({"SetChargingProfile": {"status": "Accepted", "delay_ms": 700}});
+    let mut one = site.spec("CP-1");
+    one["boot_on_connect"] = json!(true);
+    one["answers"] = slow.clone();
+    let mut two = site.spec("CP-2");
+    two["boot_on_connect"] = json!(true);
+    two["answers"] = slow;
+    let cp1 = site.connect(&one);
+    let cp2 = site.connect(&two);
+    call_received(&cp1, "TriggerMessage", 1);
+    call_received(&cp2, "TriggerMessage", 1);
+    let max = call_received(&cp1, "SetChargingProfile", 0);
+    let max_id = max[1].clone();
+    let answered = position(&cp1, "the max profile's answer", |l| {
+        is_frame(l, "sent", |f| f[0] == 3 && f[1] == max_id)
+    });
+    let triggered = position(&cp1, "the first TriggerMessage", |l| {
+        is_frame(l, "received", |f| f[2] == "TriggerMessage")
+    });
+    assert!(answered < triggered, "{:?}", cp1.log());
+    let clear = call_received(&cp2, "ClearChargingProfile", 0);
+    assert_eq!(clear[3], json!({"id": 1}));
+    // One at a time: a batch holding both devices' points is read once.
+    report_charging(&cp1);
+    site.point("ocpp-CP-1", |p| p.get("state").is_some()).await;
+    report_charging(&cp2);
+    site.point("ocpp-CP-2", |p| p.get("state").is_some()).await;
+
+    // A newer command for a device supersedes its older one (PROTOCOL 4.4), so the two
+    // chargers are commanded at once, one command each at a time.
+    site.send(
+        "cmd-1-limit",
+        "ocpp-CP-1",
+        "charger:set-charge-rate-limit",
+        json!({"currentLimit": 8}),
+    )
+    .await;
+    site.send(
+        "cmd-2-limit",
+        "ocpp-CP-2",
+        "charger:set-charge-rate-limit",
+        json!({"powerLimit": 3680}),
+    )
+    .await;
+    let limited = [
+        site.reply("cmd-1-limit").await,
+        site.reply("cmd-2-limit").await,
+    ];
+    let start = json!({"operatingMode": "start-charging"});
+    site.send(
+        "cmd-1-start",
+        "ocpp-CP-1",
+        "charger:set-operating-mode",
+        start.clone(),
+    )
+    .await;
+    site.send(
+        "cmd-2-start",
+        "ocpp-CP-2",
+        "charger:set-operating-mode",
+        start,
+    )
+    .await;
+    let started = [
+        site.reply("cmd-1-start").await,
+        site.reply("cmd-2-start").await,
+    ];
+    for r in limited.iter().chain(&started) {
+        assert_eq!(r["type"], "command.succeeded", "{r}");
+    }
+    assert_eq!(limited[0]["result"]["chargingRateUnit"], "A");
+    assert_eq!(limited[0]["result"]["limit"], 8.0);
+    assert_eq!(limited[1]["result"]["chargingRateUnit"], "W");
+    assert_eq!(limited[1]["result"]["limit"], 3680.0);
+    assert_eq!(started[1]["result"], json!({"status": "Accepted"}));
+
+    for (cp, unit, limit) in [(&cp1, "A", 8.0), (&cp2, "W", 3680.0)] {
+        let calls: Vec<Value> = cp
+            .frames_received()
+            .iter()
+            .map(|f| parse(f))
+            .filter(|f| f[0] == 2)
+            .collect();
+        let profiles: Vec<&Value> = calls
+            .iter()
+            .filter(|f| {
+                f[2] == "SetChargingProfile"
+                    && f[3]["csChargingProfiles"]["chargingProfilePurpose"] == "TxDefaultProfile"
+            })
+            .collect();
+        assert_eq!(profiles.len(), 1, "{calls:?}");
+        let schedule = &profiles[0][3]["csChargingProfiles"]["chargingSchedule"];
+        assert_eq!(
+            (
+                schedule["chargingRateUnit"].clone(),
+                schedule["chargingSchedulePeriod"][0]["limit"].clone()
+            ),
+            (json!(unit), json!(limit)),
+            "{calls:?}"
+        );
+        let starts = calls
+            .iter()
+            .filter(|f| f[2] == "RemoteStartTransaction")
+            .count();
+        assert_eq!(starts, 1, "{calls:?}");
+        assert_eq!(cp.violations(), Vec::<Value>::new());
+    }
+    // No unique id was sent to both chargers.
+    let ids = |cp: &ChargePoint| -> Vec<Value> {
+        cp.frames_received()
+            .iter()
+            .map(|f| parse(f))
+            .filter(|f| f[0] == 2)
+            .map(|f| f[1].clone())
+            .collect()
+    };
+    let (ids1, ids2) = (ids(&cp1), ids(&cp2));
+    assert!(
+        ids1.iter().all(|id| !ids2.contains(id)),
+        "{ids1:?} {ids2:?}"
+    );
 }

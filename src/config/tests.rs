@@ -308,4 +308,30 @@ fn ocpp_drivers_load_with_defaults_keep_passwords_out_of_the_dump_and_listen_apa
         .unwrap_err()
         .to_string();
     assert!(e.contains("pin"), "{e}");
+
+    // [[limits]] of a charge point's device: one unit, and within the charge point's own limit.
+    let limits = |keys: &str| {
+        minimal(d.path())
+            + &entry("a", "0.0.0.0:8887", "CP-1")
+            + &format!("[[limits]]\ndevice_id = \"ocpp-CP-1\"\ndevice_type = \"charger\"\n{keys}")
+    };
+    let refused = |keys: &str| {
+        load_from(&write(d.path(), &limits(keys)), [])
+            .unwrap_err()
+            .to_string()
+    };
+    let e = refused("max_current_a = 16\nmax_power_w = 7400\n");
+    assert!(
+        e.contains("limits #1 (ocpp-CP-1): an OCPP charger takes a limit in amperes or in watts"),
+        "{e}"
+    );
+    let e = refused("max_current_a = 20\n");
+    assert!(
+        e.contains(
+            "limits #1 (ocpp-CP-1): max_current_a (20) is above the charge point's own \
+             max_current_a (16)"
+        ),
+        "{e}"
+    );
+    assert!(load_from(&write(d.path(), &limits("max_current_a = 10\n")), []).is_ok());
 }

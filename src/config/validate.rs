@@ -192,6 +192,15 @@ fn validate_limits(limits: &[DeviceLimits], drivers: &[DriverSettings]) -> Resul
             DriverSettings::Process { .. } | DriverSettings::Sunspec(_) | DriverSettings::Ocpp(_)
         )
     });
+    let charge_point = |id: &str| {
+        drivers.iter().find_map(|d| match d {
+            DriverSettings::Ocpp(o) => o
+                .charge_points
+                .iter()
+                .find(|cp| crate::drivers::ocpp::settings::device_id(&cp.id) == id),
+            _ => None,
+        })
+    };
     let mut seen = HashSet::new();
     for (i, l) in limits.iter().enumerate() {
         let n = i + 1;
@@ -203,6 +212,9 @@ fn validate_limits(limits: &[DeviceLimits], drivers: &[DriverSettings]) -> Resul
                 "limits.device_id",
                 format!("limits #{n}: {id:?} has limits already; give each device one entry"),
             ));
+        }
+        if let Some(cp) = charge_point(id) {
+            check_charge_point_limits(l, n, cp)?;
         }
         match simulated(id) {
             Some(t) if t != l.device_type => {
@@ -227,6 +239,38 @@ fn validate_limits(limits: &[DeviceLimits], drivers: &[DriverSettings]) -> Resul
                     ),
                 ))
             }
+        }
+    }
+    Ok(())
+}
+
+/// The `[[limits]]` of an OCPP charge point's device: one unit, as a 1.6 charging schedule
+/// has, and a current no higher than the charge point's own `max_current_a`, which its
+/// ChargePointMaxProfile enforces anyway (a limit above it would only read as a promise).
+fn check_charge_point_limits(
+    l: &DeviceLimits,
+    n: usize,
+    cp: &crate::drivers::ocpp::settings::ChargePointSettings,
+) -> Result<(), Rejection> {
+    let id = &l.device_id;
+    if l.max_current_a.is_some() && l.max_power_w.is_some() {
+        return Err(Rejection::new(
+            "limits.max_power_w",
+            format!(
+                "limits #{n} ({id}): an OCPP charger takes a limit in amperes or in watts, not \
+                 both; give max_current_a or max_power_w"
+            ),
+        ));
+    }
+    if let (Some(limit), Some(max)) = (l.max_current_a, cp.max_current_a) {
+        if limit > f64::from(max) {
+            return Err(Rejection::new(
+                "limits.max_current_a",
+                format!(
+                    "limits #{n} ({id}): max_current_a ({limit}) is above the charge point's \
+                     own max_current_a ({max})"
+                ),
+            ));
         }
     }
     Ok(())

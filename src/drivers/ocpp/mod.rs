@@ -12,8 +12,10 @@
 //! `charger:set-operating-mode` is a CALL to the charger (RemoteStartTransaction or
 //! RemoteStopTransaction), and the command's outcome waits for its answer.
 
+pub(crate) mod calls;
 pub(crate) mod frame;
 pub(crate) mod messages;
+pub(crate) mod profiles;
 pub(crate) mod server;
 pub(crate) mod session;
 pub(crate) mod settings;
@@ -27,6 +29,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::drivers::{Availability, CommandFailure, DriverCommand, Sample};
 use crate::model::device::DeviceState;
+use calls::{Call, Calls};
+use profiles::Standing;
 use server::{ConnId, Event, Outgoing};
 use session::{Context, Session};
 pub use settings::OcppSettings;
@@ -43,6 +47,11 @@ struct Connected {
     outgoing: mpsc::Sender<Outgoing>,
     session: Session,
     last_seen: Instant,
+    /// Our CALLs to it, one at a time.
+    calls: Calls,
+    /// Whether the CALLs every connection starts with have been queued: after the charger's
+    /// first CALL is answered, so they follow its BootNotification. Nothing is sent before.
+    set_up: bool,
 }
 
 /// Runs the central system until `stop` or until the agent drops its command channel. A port
@@ -75,12 +84,12 @@ pub(crate) async fn run(
     let accept = tokio::spawn(server::serve(listener, settings.clone(), events_tx));
     let mut driver = Driver {
         connected: (0..settings.charge_points.len()).map(|_| None).collect(),
+        standing: vec![None; settings.charge_points.len()],
         // Seeded from the clock so a restarted agent does not hand out the ids of transactions
         // a charger may still be stopping.
         next_transaction: i64::try_from(crate::model::clock::system_secs() % (1 << 30))
             .unwrap_or(1)
             .max(1),
-        pending: Vec::new(),
         next_call: 0,
         settings,
         samples,
@@ -94,7 +103,10 @@ pub(crate) async fn run(
                 Some(event) => driver.on_event(event).await,
                 None => break,
             },
-            _ = silence.tick() => driver.check_silence().await,
+            _ = silence.tick() => {
+                driver.check_silence().await;
+                driver.check_calls();
+            }
             command = commands.recv() => match command {
                 Some(command) => driver.command(command).await,
                 None => break,
@@ -115,25 +127,24 @@ struct Driver {
     availability: mpsc::Sender<Availability>,
     /// By the index of the charge point in the settings.
     connected: Vec<Option<Connected>>,
+    /// The charge limit each charge point keeps, across its reconnections (not across agent
+    /// restarts: the charger's own `validTo` covers those).
+    standing: Vec<Option<Standing>>,
     next_transaction: i64,
-    /// Commands sent to a charge point as a CALL, waiting for its answer.
-    pending: Vec<Pending>,
     next_call: u64,
 }
 
-/// A command waiting for a charge point's answer to its CALL.
-struct Pending {
-    unique_id: String,
-    cp: usize,
-    action: &'static str,
-    done: tokio::sync::oneshot::Sender<Result<serde_json::Value, CommandFailure>>,
-}
-
-/// CALLs one charge point may have unanswered at once; more commands fail at once.
+/// Commands one charge point may have waiting or in flight at once; more fail at once.
 const MAX_PENDING: usize = 4;
 
+/// How long a CALL waits for the charger's answer before the next one may go.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The commands the devices carry out.
-const COMMANDS: [&str; 1] = ["charger:set-operating-mode"];
+const COMMANDS: [&str; 2] = [
+    "charger:set-operating-mode",
+    "charger:set-charge-rate-limit",
+];
 
 impl Driver {
     fn current(&mut self, id: ConnId) -> Option<&mut Connected> {
@@ -147,8 +158,8 @@ impl Driver {
                 tracing::info!(driver = %self.settings.name, charge_point = %cp, "ocpp: connected");
                 // One connection per charge point: the newer one is the charger after a
                 // restart; the old socket is most likely dead already.
-                if let Some(old) = self.connected[id.cp].take() {
-                    self.fail_pending(id.cp, "the charge point connected again");
+                if let Some(mut old) = self.connected[id.cp].take() {
+                    Self::fail_calls(&mut old, "the charge point connected again");
                     let _ = old.outgoing.try_send(Outgoing::Close(
                         CloseCode::Normal,
                         "replaced by a new connection",
@@ -159,6 +170,8 @@ impl Driver {
                     outgoing,
                     session: Session::default(),
                     last_seen: Instant::now(),
+                    calls: Calls::default(),
+                    set_up: false,
                 });
                 self.announce(id.cp, true, None).await;
             }
@@ -181,7 +194,9 @@ impl Driver {
             }
             Event::Closed { id, why } => {
                 if self.current(id).is_some() {
-                    self.connected[id.cp] = None;
+                    if let Some(mut c) = self.connected[id.cp].take() {
+                        Self::fail_calls(&mut c, &why);
+                    }
                     self.gone(id.cp, &why).await;
                 }
             }
@@ -210,6 +225,9 @@ impl Driver {
             if outgoing.try_send(Outgoing::Text(reply)).is_err() {
                 let _ = outgoing.try_send(Outgoing::Close(CloseCode::Policy, "not reading"));
             }
+            // Its first CALL answered (a BootNotification, or whatever a charger that stayed
+            // up sends first), the connection's own CALLs follow.
+            self.set_up(id.cp);
         }
         if let Some((unique_id, answer)) = reaction.answered {
             self.resolve(id.cp, &unique_id, answer);
@@ -224,6 +242,65 @@ impl Driver {
         }
     }
 
+    /// Queues what every connection starts with, once, ahead of any command that came before
+    /// it: the installer's `ChargePointMaxProfile` (or the clearing of ours, when the
+    /// configuration no longer has one), the standing limit if there is one and no newer one
+    /// is on its way, and TriggerMessages for connector 1's status and meter values, so the
+    /// device is reported without waiting for the charger's own next MeterValues.
+    fn set_up(&mut self, cp: usize) {
+        let now = crate::model::clock::system_secs();
+        let lease = self.settings.limit_valid_secs;
+        let standing = self.standing[cp]
+            .filter(|s| s.live(now))
+            .map(|s| s.renewed(now, lease));
+        let max = self.settings.charge_points[cp].max_current_a;
+        let Some(c) = self.connected[cp].as_mut().filter(|c| !c.set_up) else {
+            return;
+        };
+        c.set_up = true;
+        let mut first = vec![match max {
+            Some(amps) => Call::own("SetChargingProfile", profiles::max_profile(amps, now)),
+            None => Call::own("ClearChargingProfile", profiles::clear_max_profile()),
+        }];
+        if let Some(standing) = standing.filter(|_| !c.calls.has_limit()) {
+            first.push(Call {
+                limit: Some(standing),
+                ..Call::own("SetChargingProfile", standing.profile(now))
+            });
+        }
+        for message in ["StatusNotification", "MeterValues"] {
+            first.push(Call::own("TriggerMessage", profiles::trigger(message)));
+        }
+        c.calls.prepend(first);
+        self.pump(cp);
+    }
+
+    /// Sends `cp`'s next CALL if none is in flight.
+    fn pump(&mut self, cp: usize) {
+        let next_call = &mut self.next_call;
+        // Nothing goes before the charger's first CALL has been answered (its BootNotification).
+        let Some(c) = self.connected[cp].as_mut().filter(|c| c.set_up) else {
+            return;
+        };
+        let Some((text, call)) = c.calls.next(
+            || {
+                *next_call += 1;
+                format!("ta-{next_call}")
+            },
+            Instant::now(),
+        ) else {
+            return;
+        };
+        tracing::info!(driver = %self.settings.name, charge_point = %self.settings.charge_points[cp].id,
+            action = call.action, "ocpp: call sent");
+        if c.outgoing.try_send(Outgoing::Text(text)).is_err() {
+            // The charger does not read: it is closed, and its CALLs fail when it is gone.
+            let _ = c
+                .outgoing
+                .try_send(Outgoing::Close(CloseCode::Policy, "not reading"));
+        }
+    }
+
     /// Charge points silent for longer than the settings allow are closed and offline.
     async fn check_silence(&mut self) {
         let limit = self.settings.silence_limit();
@@ -232,19 +309,60 @@ impl Driver {
                 .as_ref()
                 .is_some_and(|c| c.last_seen.elapsed() > limit);
             if silent {
-                if let Some(c) = self.connected[cp].take() {
+                let why = format!("silent for more than {} s", limit.as_secs());
+                if let Some(mut c) = self.connected[cp].take() {
+                    Self::fail_calls(&mut c, &why);
                     let _ = c
                         .outgoing
                         .try_send(Outgoing::Close(CloseCode::Away, "missed heartbeats"));
                 }
-                let why = format!("silent for more than {} s", limit.as_secs());
                 self.gone(cp, &why).await;
             }
         }
     }
 
-    /// Sends a `charger:set-operating-mode` to its charge point as a CALL; the command's
-    /// outcome waits for the charger's answer ([`Driver::resolve`]).
+    /// CALLs left unanswered for [`CALL_TIMEOUT`] fail, so the next may go; standing limits
+    /// whose lease runs low are sent again; limits whose hold has ended are forgotten.
+    fn check_calls(&mut self) {
+        let now = crate::model::clock::system_secs();
+        let lease = self.settings.limit_valid_secs;
+        for cp in 0..self.connected.len() {
+            if self.standing[cp].is_some_and(|s| !s.live(now)) {
+                self.standing[cp] = None;
+            }
+            let Some(c) = self.connected[cp].as_mut() else {
+                continue;
+            };
+            if let Some(call) = c.calls.timed_out(Instant::now(), CALL_TIMEOUT) {
+                let why = format!(
+                    "no answer to {} in {} s",
+                    call.action,
+                    CALL_TIMEOUT.as_secs()
+                );
+                self.finish(cp, call, Err(why));
+                self.pump(cp);
+            }
+            // Renewed only when nothing is waiting, so a renewal never follows a newer limit
+            // to the charger; a third of the lease is left for the queue to empty.
+            let Some(c) = self.connected[cp]
+                .as_mut()
+                .filter(|c| c.set_up && c.calls.idle())
+            else {
+                continue;
+            };
+            if let Some(standing) = self.standing[cp].filter(|s| s.due(now, lease)) {
+                let renewed = standing.renewed(now, lease);
+                c.calls.push(Call {
+                    limit: Some(renewed),
+                    ..Call::own("SetChargingProfile", renewed.profile(now))
+                });
+                self.pump(cp);
+            }
+        }
+    }
+
+    /// Queues a command for its charge point as a CALL; the command's outcome waits for the
+    /// charger's answer ([`Driver::resolve`]).
     async fn command(&mut self, command: DriverCommand) {
         let fail = |command: DriverCommand, why: String| {
             let _ = command.done.send(Err(CommandFailure::Reported(why)));
@@ -258,86 +376,110 @@ impl Driver {
             let why = format!("no charge point is {}", command.device_id);
             return fail(command, why);
         };
-        if command.slug != COMMANDS[0] {
-            let why = format!("the ocpp driver does not carry out {}", command.slug);
-            return fail(command, why);
-        }
-        let mode = match session::OperatingMode::parse(&command.input) {
-            Ok(mode) => mode,
-            Err(why) => return fail(command, why),
-        };
-        self.pending.retain(|p| !p.done.is_closed());
-        if self.pending.iter().filter(|p| p.cp == cp).count() >= MAX_PENDING {
-            let why = format!("{MAX_PENDING} commands are already waiting for the charge point");
-            return fail(command, why);
-        }
-        self.next_call += 1;
-        let unique_id = format!("ta-{}", self.next_call);
         let settings = self.settings.clone();
         let Some(c) = self.connected[cp].as_mut() else {
             return fail(command, "the charge point is not connected".into());
         };
-        let frame = match c.session.operating_mode_call(mode, &unique_id, &settings) {
-            Ok(frame) => frame,
+        if c.calls.commands() >= MAX_PENDING {
+            let why = format!("{MAX_PENDING} commands are already waiting for the charge point");
+            return fail(command, why);
+        }
+        let now = crate::model::clock::system_secs();
+        let call = match command.slug.as_str() {
+            "charger:set-operating-mode" => {
+                session::OperatingMode::parse(&command.input).and_then(|mode| {
+                    let payload = c.session.operating_mode_call(mode, &settings)?;
+                    Ok((mode.action(), payload, None))
+                })
+            }
+            "charger:set-charge-rate-limit" => {
+                let max = settings.charge_points[cp].max_current_a;
+                profiles::ChargeLimit::parse(&command.input, max).map(|limit| {
+                    let hold = command.safety.hold.as_ref().map(|h| h.until);
+                    let standing = Standing::new(limit, hold, now, settings.limit_valid_secs);
+                    ("SetChargingProfile", standing.profile(now), Some(standing))
+                })
+            }
+            slug => Err(format!("the ocpp driver does not carry out {slug}")),
+        };
+        let (action, payload, limit) = match call {
+            Ok(call) => call,
             Err(why) => return fail(command, why),
         };
-        if c.outgoing.try_send(Outgoing::Text(frame)).is_err() {
-            return fail(command, "the charge point is not reading".into());
-        }
         tracing::info!(driver = %settings.name, charge_point = %settings.charge_points[cp].id,
-            command_id = %command.command_id, action = mode.action(), unique_id, "ocpp: call sent");
-        self.pending.push(Pending {
-            unique_id,
-            cp,
-            action: mode.action(),
-            done: command.done,
+            command_id = %command.command_id, action, "ocpp: command queued");
+        c.calls.push(Call {
+            action,
+            payload,
+            done: Some(command.done),
+            limit,
         });
+        self.pump(cp);
     }
 
-    /// The charge point's answer to a CALL of ours becomes its command's outcome: `Accepted`
-    /// succeeds, any other status or a CALLERROR fails with what the charger said.
+    /// The charge point's answer to the CALL in flight: `Accepted` succeeds, any other status
+    /// or a CALLERROR fails with what the charger said. Then the next CALL goes.
     fn resolve(&mut self, cp: usize, unique_id: &str, answer: session::CallAnswer) {
-        let Some(i) = self
-            .pending
-            .iter()
-            .position(|p| p.cp == cp && p.unique_id == unique_id)
+        let Some(call) = self.connected[cp]
+            .as_mut()
+            .and_then(|c| c.calls.answered(unique_id))
         else {
             tracing::warn!(driver = %self.settings.name, unique_id, "ocpp: an answer to no pending CALL");
             return;
         };
-        let pending = self.pending.swap_remove(i);
         let id = &self.settings.charge_points[cp].id;
         let outcome = match answer {
             Ok(payload) => match payload["status"].as_str() {
-                Some("Accepted") => Ok(serde_json::json!({"status": "Accepted"})),
-                Some(status) => Err(format!("{id} answered {} with {status}", pending.action)),
-                None => Err(format!("{id} answered {} without a status", pending.action)),
+                Some("Accepted") => Ok(()),
+                Some(status) => Err(format!("{id} answered {} with {status}", call.action)),
+                None => Err(format!("{id} answered {} without a status", call.action)),
             },
             Err((code, description)) => Err(format!(
                 "{id} answered {} with CALLERROR {code}: {description}",
-                pending.action
+                call.action
             )),
         };
-        let _ = pending.done.send(outcome.map_err(CommandFailure::Reported));
+        self.finish(cp, call, outcome);
+        self.pump(cp);
     }
 
-    /// Fails the commands waiting for an answer on `cp`'s connection, which has ended: they
-    /// fail now, not at their timeout.
-    fn fail_pending(&mut self, cp: usize, why: &str) {
-        let (lost, kept) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .partition(|p| p.cp == cp);
-        self.pending = kept;
-        for p in lost {
-            let _ = p.done.send(Err(CommandFailure::Reported(format!(
-                "the charge point went offline before answering {}: {why}",
-                p.action
-            ))));
+    /// Ends one CALL: an accepted limit stands, and a command gets its outcome.
+    fn finish(&mut self, cp: usize, call: Call, outcome: Result<(), String>) {
+        let result = match (&outcome, call.limit) {
+            (Ok(()), Some(standing)) => {
+                self.standing[cp] = Some(standing);
+                Ok(standing.limit.result(standing.valid_to))
+            }
+            (Ok(()), None) => Ok(serde_json::json!({"status": "Accepted"})),
+            (Err(why), _) => Err(why.clone()),
+        };
+        match call.done {
+            Some(done) => {
+                let _ = done.send(result.map_err(CommandFailure::Reported));
+            }
+            None => {
+                if let Err(why) = &outcome {
+                    // A charger without Smart Charging or TriggerMessage says so here.
+                    tracing::warn!(driver = %self.settings.name, why, "ocpp: own call refused");
+                }
+            }
+        }
+    }
+
+    /// Fails the CALLs of a connection that has ended: the commands among them fail now, not
+    /// at their timeout.
+    fn fail_calls(c: &mut Connected, why: &str) {
+        for call in c.calls.drain() {
+            if let Some(done) = call.done {
+                let _ = done.send(Err(CommandFailure::Reported(format!(
+                    "the charge point went offline before answering {}: {why}",
+                    call.action
+                ))));
+            }
         }
     }
 
     async fn gone(&mut self, cp: usize, why: &str) {
-        self.fail_pending(cp, why);
         tracing::warn!(driver = %self.settings.name,
             charge_point = %self.settings.charge_points[cp].id, why, "ocpp: charge point offline");
         self.announce(cp, false, Some(why.to_owned())).await;

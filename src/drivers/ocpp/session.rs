@@ -134,14 +134,13 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// The CALL that carries out `mode`, under `unique_id`; `Err` when there is nothing to do it
-    /// to (no transaction to stop).
+    /// The payload of the CALL that carries out `mode` ([`OperatingMode::action`]); `Err` when
+    /// there is nothing to do it to (no transaction to stop).
     pub(crate) fn operating_mode_call(
         &self,
         mode: OperatingMode,
-        unique_id: &str,
         settings: &OcppSettings,
-    ) -> Result<String, String> {
+    ) -> Result<Value, String> {
         let payload = match mode {
             OperatingMode::StartCharging => {
                 serde_json::json!({"connectorId": 1, "idTag": settings.remote_id_tag()})
@@ -153,7 +152,7 @@ impl Session {
                 serde_json::json!({"transactionId": transaction})
             }
         };
-        Ok(frame::call(unique_id, mode.action(), payload))
+        Ok(payload)
     }
 
     /// Reads one text frame and answers it.
@@ -649,14 +648,11 @@ mod tests {
             OperatingMode::parse(json!({"operatingMode": "fly"}).as_object().unwrap()).is_err()
         );
         assert_eq!(
-            s.operating_mode_call(OperatingMode::StartCharging, "ta-1", &settings),
-            Ok(
-                r#"[2,"ta-1","RemoteStartTransaction",{"connectorId":1,"idTag":"texture-agent"}]"#
-                    .into()
-            )
+            s.operating_mode_call(OperatingMode::StartCharging, &settings),
+            Ok(json!({"connectorId": 1, "idTag": "texture-agent"}))
         );
         assert_eq!(
-            s.operating_mode_call(OperatingMode::StopCharging, "ta-2", &settings),
+            s.operating_mode_call(OperatingMode::StopCharging, &settings),
             Err("no transaction is running on connector 1".into())
         );
         let (started, _) = answer_to(
@@ -665,11 +661,8 @@ mod tests {
             {"connectorId": 1, "idTag": "X", "meterStart": 0, "timestamp": "2026-12-03T07:00:00Z"}]),
         );
         assert_eq!(
-            s.operating_mode_call(OperatingMode::StopCharging, "ta-3", &settings),
-            Ok(format!(
-                r#"[2,"ta-3","RemoteStopTransaction",{{"transactionId":{}}}]"#,
-                started[2]["transactionId"]
-            ))
+            s.operating_mode_call(OperatingMode::StopCharging, &settings),
+            Ok(json!({"transactionId": started[2]["transactionId"]}))
         );
         answer_to(
             &mut s,
@@ -677,7 +670,7 @@ mod tests {
             {"transactionId": 41, "meterStop": 10, "timestamp": "2026-12-03T08:00:00Z"}]),
         );
         assert!(s
-            .operating_mode_call(OperatingMode::StopCharging, "ta-4", &settings)
+            .operating_mode_call(OperatingMode::StopCharging, &settings)
             .is_err());
         // The charger's answers to our CALLs come back with their unique id.
         let mut next = 1;

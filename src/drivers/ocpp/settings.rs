@@ -51,6 +51,11 @@ pub struct OcppSettings {
     /// Messages per second one connection may send (1 to 1000); more closes it (1008).
     #[serde(default = "default_max_messages_per_sec")]
     pub max_messages_per_sec: u32,
+    /// How long a charge limit the gateway sets stays valid on the charger, seconds (10 to
+    /// 86400): its profile's `validTo` is at most this far ahead, and the gateway renews it while
+    /// the limit stands. A charger that loses the gateway drops the limit within this time.
+    #[serde(default = "default_limit_valid_secs")]
+    pub limit_valid_secs: u64,
 }
 
 /// One charge point allowed to connect.
@@ -63,8 +68,9 @@ pub struct ChargePointSettings {
     /// one. Redacted in `check-config` and logs.
     #[serde(default)]
     pub password: Option<Secret<String>>,
-    /// The installer's current limit for this charge point, amperes (6 to 80). Checked and
-    /// documented now; programming it as a ChargePointMaxProfile is the next slice's.
+    /// The installer's current limit for this charge point, amperes (6 to 80): programmed as
+    /// its `ChargePointMaxProfile` at every connection, with no expiry, and the highest
+    /// `currentLimit` a command may set.
     #[serde(default)]
     pub max_current_a: Option<u32>,
 }
@@ -91,6 +97,9 @@ fn default_max_message_bytes() -> usize {
 }
 fn default_max_messages_per_sec() -> u32 {
     10
+}
+fn default_limit_valid_secs() -> u64 {
+    900
 }
 
 impl OcppSettings {
@@ -178,8 +187,14 @@ impl OcppSettings {
             }
             (Some(_), None) => {}
         }
-        let ranges: [(&'static str, u64, u64, u64); 3] = [
+        let ranges: [(&'static str, u64, u64, u64); 4] = [
             ("drivers.heartbeat_secs", self.heartbeat_secs, 1, 86_400),
+            (
+                "drivers.limit_valid_secs",
+                self.limit_valid_secs,
+                10,
+                86_400,
+            ),
             (
                 "drivers.max_message_bytes",
                 self.max_message_bytes as u64,
@@ -290,6 +305,7 @@ pub(crate) mod tests {
             heartbeat_secs: 300,
             max_message_bytes: 65_536,
             max_messages_per_sec: 10,
+            limit_valid_secs: 900,
         }
     }
 
@@ -297,7 +313,7 @@ pub(crate) mod tests {
     fn bad_settings_are_refused_naming_the_entry_and_the_key() {
         assert!(settings().validate(1).is_ok());
         type Case = (fn(&mut OcppSettings), &'static str, &'static str);
-        let cases: [Case; 15] = [
+        let cases: [Case; 16] = [
             (|s| s.name.clear(), "drivers.name", "driver #2 (): must not be empty"),
             (
                 |s| s.listen = "0.0.0.0".into(),
@@ -379,6 +395,11 @@ pub(crate) mod tests {
                 |s| s.max_messages_per_sec = 0,
                 "drivers.max_messages_per_sec",
                 "driver #2 (garage): expected 1 to 1000, found 0",
+            ),
+            (
+                |s| s.limit_valid_secs = 5,
+                "drivers.limit_valid_secs",
+                "driver #2 (garage): expected 10 to 86400, found 5",
             ),
         ];
         for (change, key, problem) in cases {
