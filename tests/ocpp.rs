@@ -24,7 +24,8 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-/// An agent whose ocpp driver listens on `port` for CP-1 (with [`PASSWORD`]) and CP-2 (none).
+/// An agent whose ocpp driver listens on `port` for CP-1 (with [`PASSWORD`]) and CP-2 (none,
+/// two connectors).
 struct Site {
     agent: Agent,
     port: u16,
@@ -62,7 +63,7 @@ async fn site_with(heartbeat_secs: u64, extra: &str) -> Site {
          [[drivers]]\nkind = \"ocpp\"\nname = \"garage\"\nlisten = \"127.0.0.1:{port}\"\n\
          id_tags = [\"GOOD-TAG\"]\nheartbeat_secs = {heartbeat_secs}\nmax_message_bytes = 4096\n\
          charge_points = [{{ id = \"CP-1\", password = \"{PASSWORD}\", max_current_a = 16 }}, \
-         {{ id = \"CP-2\" }}]\n{extra}"
+         {{ id = \"CP-2\", connectors = 2 }}]\n{extra}"
     );
     let agent = Agent::spawn(BIN, &cfg.write(pki.path()));
     blocking(|| agent.wait_for_log("ocpp: central system listening", WAIT));
@@ -696,15 +697,20 @@ fn now() -> u64 {
     texture_agent::model::clock::system_secs()
 }
 
-/// Status and all three measurands, so the agent reports (and lists) the charger's device.
+/// Status and all three measurands of connector 1, so the agent reports (and lists) its device.
 fn report_charging(cp: &ChargePoint) {
+    report_connector(cp, 1);
+}
+
+/// [`report_charging`] for connector `n`.
+fn report_connector(cp: &ChargePoint, n: u32) {
     answer(
         cp,
-        json!({"op": "status", "connector": 1, "status": "Charging"}),
+        json!({"op": "status", "connector": n, "status": "Charging"}),
     );
     answer(
         cp,
-        json!({"op": "meter_values", "connector": 1, "sampled": [
+        json!({"op": "meter_values", "connector": n, "sampled": [
         {"measurand": "Voltage", "value": "230"},
         {"measurand": "Current.Import", "value": "16"},
         {"measurand": "Power.Active.Import", "value": "3680"}]}),
@@ -999,4 +1005,93 @@ async fn two_charge_points_at_once_get_their_own_commands_one_call_at_a_time() {
         ids1.iter().all(|id| !ids2.contains(id)),
         "{ids1:?} {ids2:?}"
     );
+}
+
+/// A charge point with two connectors is two devices: connector 2 is `ocpp-CP-2-2`, with its
+/// own state, its own triggers at connection, and commands that name connector 2; when the
+/// charger leaves, the device says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connector_is_a_device_of_its_own() {
+    let mut site = site(300).await;
+    let mut spec = site.spec("CP-2");
+    spec["boot_on_connect"] = json!(true);
+    spec["connectors"] = json!(2);
+    spec["answers"] = json!({"RemoteStartTransaction": {"status": "Accepted",
+        "then": [{"op": "start_transaction", "connector": 2, "id_tag": "GOOD-TAG", "meter_start": 0}]}});
+    let cp = site.connect(&spec);
+    let triggers: Vec<Value> = (0..4)
+        .map(|n| call_received(&cp, "TriggerMessage", n)[3].clone())
+        .collect();
+    assert_eq!(
+        triggers,
+        [
+            json!({"requestedMessage": "StatusNotification", "connectorId": 1}),
+            json!({"requestedMessage": "MeterValues", "connectorId": 1}),
+            json!({"requestedMessage": "StatusNotification", "connectorId": 2}),
+            json!({"requestedMessage": "MeterValues", "connectorId": 2}),
+        ]
+    );
+    report_connector(&cp, 2);
+    let point = site
+        .point("ocpp-CP-2-2", |p| p.get("state").is_some())
+        .await;
+    assert_eq!(point["state"]["chargingState"], "charging", "{point}");
+
+    let limited = site
+        .ask(
+            "cmd-2-2-limit",
+            "ocpp-CP-2-2",
+            "charger:set-charge-rate-limit",
+            json!({"powerLimit": 7400}),
+        )
+        .await;
+    assert_eq!(limited["type"], "command.succeeded", "{limited}");
+    let set = call_received(&cp, "SetChargingProfile", 0);
+    assert_eq!(set[3]["connectorId"], 2, "{set}");
+    let started = site
+        .ask(
+            "cmd-2-2-start",
+            "ocpp-CP-2-2",
+            "charger:set-operating-mode",
+            json!({"operatingMode": "start-charging"}),
+        )
+        .await;
+    assert_eq!(started["type"], "command.succeeded", "{started}");
+    let start = call_received(&cp, "RemoteStartTransaction", 0);
+    assert_eq!(start[3]["connectorId"], 2, "{start}");
+    cp.wait_for(
+        |l| l["event"] == "op" && l["op"] == "start_transaction",
+        WAIT,
+    );
+    let stopped = site
+        .ask(
+            "cmd-2-2-stop",
+            "ocpp-CP-2-2",
+            "charger:set-operating-mode",
+            json!({"operatingMode": "stop-charging"}),
+        )
+        .await;
+    assert_eq!(stopped["type"], "command.succeeded", "{stopped}");
+    // Connector 1 has no transaction of its own: nothing to stop.
+    report_charging(&cp);
+    site.point("ocpp-CP-2", |p| p.get("state").is_some()).await;
+    let nothing = site
+        .ask(
+            "cmd-2-1-stop",
+            "ocpp-CP-2",
+            "charger:set-operating-mode",
+            json!({"operatingMode": "stop-charging"}),
+        )
+        .await;
+    assert_eq!(
+        nothing["error"]["message"], "no transaction is running on connector 1",
+        "{nothing}"
+    );
+    assert_eq!(cp.violations(), Vec::<Value>::new());
+
+    blocking(|| cp.call(json!({"op": "disconnect", "code": 1000}), WAIT));
+    let offline = site
+        .point("ocpp-CP-2-2", |p| p.get("availability").is_some())
+        .await;
+    assert_eq!(offline["availability"]["online"], false, "{offline}");
 }

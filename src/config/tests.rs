@@ -334,4 +334,16 @@ fn ocpp_drivers_load_with_defaults_keep_passwords_out_of_the_dump_and_listen_apa
         "{e}"
     );
     assert!(load_from(&write(d.path(), &limits("max_current_a = 10\n")), []).is_ok());
+
+    // Connector 2 of "A" and connector 1 of "A-2" would both be the device ocpp-A-2.
+    let body = minimal(d.path())
+        + &entry("a", "0.0.0.0:8887", "A").replace("16 }", "16, connectors = 2 }")
+        + &entry("b", "0.0.0.0:8888", "A-2");
+    let e = load_from(&write(d.path(), &body), [])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("driver #2 (b): ocpp-A-2, the device of \"A-2\"'s connector 1, is another charge point's device"),
+        "{e}"
+    );
 }

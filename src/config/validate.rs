@@ -50,6 +50,7 @@ fn validate_drivers(drivers: &[DriverSettings]) -> Result<(), Rejection> {
     let mut names = HashSet::new();
     let mut endpoints = HashSet::new();
     let mut charge_points = HashSet::new();
+    let mut ocpp_devices = HashSet::new();
     for (i, d) in drivers.iter().enumerate() {
         let n = i + 1;
         match d {
@@ -126,7 +127,9 @@ fn validate_drivers(drivers: &[DriverSettings]) -> Result<(), Rejection> {
                         ),
                     ));
                 }
-                // Each charge point is a device: two drivers may not both have it.
+                // Each charge point is a device per connector: two drivers may not both have
+                // it, and no two connectors may make the same device id (connector 2 of "A"
+                // and connector 1 of "A-2" are both ocpp-A-2).
                 for cp in &settings.charge_points {
                     if !charge_points.insert(cp.id.clone()) {
                         return Err(Rejection::new(
@@ -136,6 +139,18 @@ fn validate_drivers(drivers: &[DriverSettings]) -> Result<(), Rejection> {
                                 settings.name, cp.id
                             ),
                         ));
+                    }
+                    for (connector, device) in cp.device_ids() {
+                        if !ocpp_devices.insert(device.clone()) {
+                            return Err(Rejection::new(
+                                "drivers.charge_points.connectors",
+                                format!(
+                                    "driver #{n} ({}): {device}, the device of {:?}'s connector \
+                                     {connector}, is another charge point's device",
+                                    settings.name, cp.id
+                                ),
+                            ));
+                        }
                     }
                 }
             }
@@ -197,7 +212,7 @@ fn validate_limits(limits: &[DeviceLimits], drivers: &[DriverSettings]) -> Resul
             DriverSettings::Ocpp(o) => o
                 .charge_points
                 .iter()
-                .find(|cp| crate::drivers::ocpp::settings::device_id(&cp.id) == id),
+                .find(|cp| cp.device_ids().any(|(_, device)| device == id)),
             _ => None,
         })
     };

@@ -92,14 +92,14 @@ impl Calls {
         self.in_flight.is_none() && self.waiting.is_empty()
     }
 
-    /// Whether a charge limit is waiting or in flight: a newer limit than the standing one is
-    /// on its way.
-    pub(crate) fn has_limit(&self) -> bool {
+    /// Whether a charge limit for `connector` is waiting or in flight: a newer limit than the
+    /// standing one is on its way.
+    pub(crate) fn has_limit(&self, connector: u32) -> bool {
         let in_flight = self.in_flight.iter().map(|f| &f.call);
         self.waiting
             .iter()
             .chain(in_flight)
-            .any(|c| c.limit.is_some() && !c.abandoned())
+            .any(|c| c.limit.is_some_and(|l| l.connector == connector) && !c.abandoned())
     }
 
     /// The next CALL's frame, when none is in flight, under the unique id `unique_id` gives.

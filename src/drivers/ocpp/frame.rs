@@ -68,6 +68,21 @@ pub(crate) struct Unreadable {
     pub(crate) problem: String,
 }
 
+/// Whether `text` looks like a CALLRESULT or CALLERROR (`[3,` or `[4,`): an answer to a CALL
+/// of ours, which the message rate does not count (we send one CALL at a time, so answers
+/// come no faster than our CALLs; the driver closes a connection that sends answers to no
+/// CALL). Only the frame's start is looked at: this runs before the frame is parsed.
+pub(crate) fn is_answer(text: &str) -> bool {
+    let mut chars = text
+        .trim_start()
+        .strip_prefix('[')
+        .unwrap_or("x")
+        .trim_start()
+        .chars();
+    matches!(chars.next(), Some('3' | '4'))
+        && chars.next().is_some_and(|c| c == ',' || c.is_whitespace())
+}
+
 /// Reads one text frame.
 pub(crate) fn decode(text: &str) -> Result<Frame, Unreadable> {
     let value: Value = serde_json::from_str(text).map_err(|e| Unreadable {
@@ -172,6 +187,23 @@ pub(crate) fn payload_error(e: &serde_json::Error) -> ErrorCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_told_from_calls_by_their_first_element() {
+        for answer in [r#"[3,"a",{}]"#, r#" [ 4 ,"a","x","",{}]"#] {
+            assert!(is_answer(answer), "{answer}");
+        }
+        for other in [
+            r#"[2,"a","Heartbeat",{}]"#,
+            r#"[33,"a"]"#,
+            "3,",
+            "",
+            "[",
+            "[3",
+        ] {
+            assert!(!is_answer(other), "{other}");
+        }
+    }
 
     #[test]
     fn a_call_is_read_with_its_id_action_and_payload() {

@@ -52,7 +52,13 @@ struct Connected {
     /// Whether the CALLs every connection starts with have been queued: after the charger's
     /// first CALL is answered, so they follow its BootNotification. Nothing is sent before.
     set_up: bool,
+    /// Answers it sent to no CALL of ours (late ones, after [`CALL_TIMEOUT`], among them).
+    strays: u32,
 }
+
+/// Answers to no CALL one connection may send before it is closed: they are not counted by
+/// the message rate (`frame::is_answer`), so they are counted here.
+const MAX_STRAYS: u32 = 16;
 
 /// Runs the central system until `stop` or until the agent drops its command channel. A port
 /// that cannot be bound (another program has it) is retried every 5 s and logged.
@@ -84,7 +90,11 @@ pub(crate) async fn run(
     let accept = tokio::spawn(server::serve(listener, settings.clone(), events_tx));
     let mut driver = Driver {
         connected: (0..settings.charge_points.len()).map(|_| None).collect(),
-        standing: vec![None; settings.charge_points.len()],
+        standing: settings
+            .charge_points
+            .iter()
+            .map(|cp| vec![None; cp.connectors as usize])
+            .collect(),
         // Seeded from the clock so a restarted agent does not hand out the ids of transactions
         // a charger may still be stopping.
         next_transaction: i64::try_from(crate::model::clock::system_secs() % (1 << 30))
@@ -127,9 +137,10 @@ struct Driver {
     availability: mpsc::Sender<Availability>,
     /// By the index of the charge point in the settings.
     connected: Vec<Option<Connected>>,
-    /// The charge limit each charge point keeps, across its reconnections (not across agent
-    /// restarts: the charger's own `validTo` covers those).
-    standing: Vec<Option<Standing>>,
+    /// The charge limit each connector keeps (connector `n` at `n - 1`), across its charge
+    /// point's reconnections (not across agent restarts: the charger's own `validTo` covers
+    /// those).
+    standing: Vec<Vec<Option<Standing>>>,
     next_transaction: i64,
     next_call: u64,
 }
@@ -165,13 +176,15 @@ impl Driver {
                         "replaced by a new connection",
                     ));
                 }
+                let connectors = self.settings.charge_points[id.cp].connectors;
                 self.connected[id.cp] = Some(Connected {
                     conn: id.conn,
                     outgoing,
-                    session: Session::default(),
+                    session: Session::new(connectors),
                     last_seen: Instant::now(),
                     calls: Calls::default(),
                     set_up: false,
+                    strays: 0,
                 });
                 self.announce(id.cp, true, None).await;
             }
@@ -232,9 +245,9 @@ impl Driver {
         if let Some((unique_id, answer)) = reaction.answered {
             self.resolve(id.cp, &unique_id, answer);
         }
-        if let Some(state) = reaction.state {
+        if let Some((connector, state)) = reaction.state {
             let sample = Sample {
-                device_id: settings::device_id(cp),
+                device_id: settings::device_id(cp, connector),
                 state: DeviceState::Charger(state),
                 commands: Some(Arc::from(COMMANDS.as_slice())),
             };
@@ -250,10 +263,14 @@ impl Driver {
     fn set_up(&mut self, cp: usize) {
         let now = crate::model::clock::system_secs();
         let lease = self.settings.limit_valid_secs;
-        let standing = self.standing[cp]
+        let standing: Vec<Standing> = self.standing[cp]
+            .iter()
+            .flatten()
             .filter(|s| s.live(now))
-            .map(|s| s.renewed(now, lease));
+            .map(|s| s.renewed(now, lease))
+            .collect();
         let max = self.settings.charge_points[cp].max_current_a;
+        let connectors = self.settings.charge_points[cp].connectors;
         let Some(c) = self.connected[cp].as_mut().filter(|c| !c.set_up) else {
             return;
         };
@@ -262,14 +279,21 @@ impl Driver {
             Some(amps) => Call::own("SetChargingProfile", profiles::max_profile(amps, now)),
             None => Call::own("ClearChargingProfile", profiles::clear_max_profile()),
         }];
-        if let Some(standing) = standing.filter(|_| !c.calls.has_limit()) {
-            first.push(Call {
-                limit: Some(standing),
-                ..Call::own("SetChargingProfile", standing.profile(now))
-            });
+        for standing in standing {
+            if !c.calls.has_limit(standing.connector) {
+                first.push(Call {
+                    limit: Some(standing),
+                    ..Call::own("SetChargingProfile", standing.profile(now))
+                });
+            }
         }
-        for message in ["StatusNotification", "MeterValues"] {
-            first.push(Call::own("TriggerMessage", profiles::trigger(message)));
+        for connector in 1..=connectors {
+            for message in ["StatusNotification", "MeterValues"] {
+                first.push(Call::own(
+                    "TriggerMessage",
+                    profiles::trigger(message, connector),
+                ));
+            }
         }
         c.calls.prepend(first);
         self.pump(cp);
@@ -327,8 +351,10 @@ impl Driver {
         let now = crate::model::clock::system_secs();
         let lease = self.settings.limit_valid_secs;
         for cp in 0..self.connected.len() {
-            if self.standing[cp].is_some_and(|s| !s.live(now)) {
-                self.standing[cp] = None;
+            for standing in &mut self.standing[cp] {
+                if standing.is_some_and(|s| !s.live(now)) {
+                    *standing = None;
+                }
             }
             let Some(c) = self.connected[cp].as_mut() else {
                 continue;
@@ -350,7 +376,11 @@ impl Driver {
             else {
                 continue;
             };
-            if let Some(standing) = self.standing[cp].filter(|s| s.due(now, lease)) {
+            let due = self.standing[cp]
+                .iter()
+                .flatten()
+                .find(|s| s.due(now, lease));
+            if let Some(standing) = due {
                 let renewed = standing.renewed(now, lease);
                 c.calls.push(Call {
                     limit: Some(renewed),
@@ -367,11 +397,16 @@ impl Driver {
         let fail = |command: DriverCommand, why: String| {
             let _ = command.done.send(Err(CommandFailure::Reported(why)));
         };
-        let Some(cp) = self
-            .settings
-            .charge_points
-            .iter()
-            .position(|c| settings::device_id(&c.id) == command.device_id)
+        let Some((cp, connector)) =
+            self.settings
+                .charge_points
+                .iter()
+                .enumerate()
+                .find_map(|(i, c)| {
+                    c.device_ids()
+                        .find(|(_, device)| *device == command.device_id)
+                        .map(|(n, _)| (i, n))
+                })
         else {
             let why = format!("no charge point is {}", command.device_id);
             return fail(command, why);
@@ -388,7 +423,7 @@ impl Driver {
         let call = match command.slug.as_str() {
             "charger:set-operating-mode" => {
                 session::OperatingMode::parse(&command.input).and_then(|mode| {
-                    let payload = c.session.operating_mode_call(mode, &settings)?;
+                    let payload = c.session.operating_mode_call(mode, connector, &settings)?;
                     Ok((mode.action(), payload, None))
                 })
             }
@@ -396,7 +431,8 @@ impl Driver {
                 let max = settings.charge_points[cp].max_current_a;
                 profiles::ChargeLimit::parse(&command.input, max).map(|limit| {
                     let hold = command.safety.hold.as_ref().map(|h| h.until);
-                    let standing = Standing::new(limit, hold, now, settings.limit_valid_secs);
+                    let lease = settings.limit_valid_secs;
+                    let standing = Standing::new(connector, limit, hold, now, lease);
                     ("SetChargingProfile", standing.profile(now), Some(standing))
                 })
             }
@@ -420,11 +456,17 @@ impl Driver {
     /// The charge point's answer to the CALL in flight: `Accepted` succeeds, any other status
     /// or a CALLERROR fails with what the charger said. Then the next CALL goes.
     fn resolve(&mut self, cp: usize, unique_id: &str, answer: session::CallAnswer) {
-        let Some(call) = self.connected[cp]
-            .as_mut()
-            .and_then(|c| c.calls.answered(unique_id))
-        else {
+        let Some(c) = self.connected[cp].as_mut() else {
+            return;
+        };
+        let Some(call) = c.calls.answered(unique_id) else {
+            c.strays += 1;
             tracing::warn!(driver = %self.settings.name, unique_id, "ocpp: an answer to no pending CALL");
+            if c.strays > MAX_STRAYS {
+                let _ = c
+                    .outgoing
+                    .try_send(Outgoing::Close(CloseCode::Policy, "answers to no CALL"));
+            }
             return;
         };
         let id = &self.settings.charge_points[cp].id;
@@ -447,7 +489,8 @@ impl Driver {
     fn finish(&mut self, cp: usize, call: Call, outcome: Result<(), String>) {
         let result = match (&outcome, call.limit) {
             (Ok(()), Some(standing)) => {
-                self.standing[cp] = Some(standing);
+                let connector = standing.connector as usize - 1;
+                self.standing[cp][connector] = Some(standing);
                 Ok(standing.limit.result(standing.valid_to))
             }
             (Ok(()), None) => Ok(serde_json::json!({"status": "Accepted"})),
@@ -485,12 +528,15 @@ impl Driver {
         self.announce(cp, false, Some(why.to_owned())).await;
     }
 
+    /// Availability of every connector's device of `cp`.
     async fn announce(&mut self, cp: usize, online: bool, reason: Option<String>) {
-        let change = Availability {
-            device_id: settings::device_id(&self.settings.charge_points[cp].id),
-            online,
-            reason,
-        };
-        let _ = self.availability.send(change).await;
+        for (_, device_id) in self.settings.charge_points[cp].device_ids() {
+            let change = Availability {
+                device_id,
+                online,
+                reason: reason.clone(),
+            };
+            let _ = self.availability.send(change).await;
+        }
     }
 }

@@ -105,6 +105,8 @@ impl ChargeLimit {
 /// at each new connection of its charge point.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Standing {
+    /// The connector it limits.
+    pub(crate) connector: u32,
     pub(crate) limit: ChargeLimit,
     /// When the command's hold ends (the device's default control then follows, from the
     /// safety stage); none: until another command replaces it.
@@ -116,12 +118,14 @@ pub(crate) struct Standing {
 impl Standing {
     /// A limit from a command at `now`.
     pub(crate) fn new(
+        connector: u32,
         limit: ChargeLimit,
         hold_until: Option<u64>,
         now: u64,
         lease: u64,
     ) -> Standing {
         Standing {
+            connector,
             limit,
             hold_until,
             valid_to: valid_to(now, lease, hold_until),
@@ -143,12 +147,12 @@ impl Standing {
 
     /// The same limit, leased again from `now`.
     pub(crate) fn renewed(&self, now: u64, lease: u64) -> Standing {
-        Standing::new(self.limit, self.hold_until, now, lease)
+        Standing::new(self.connector, self.limit, self.hold_until, now, lease)
     }
 
     /// Its SetChargingProfile.req, sent at `now`.
     pub(crate) fn profile(&self, now: u64) -> Value {
-        limit_profile(self.limit, now, self.valid_to)
+        limit_profile(self.limit, self.connector, now, self.valid_to)
     }
 }
 
@@ -167,11 +171,11 @@ pub(crate) fn max_profile(amps: u32, now: u64) -> Value {
     })
 }
 
-/// SetChargingProfile.req: `limit` on connector 1 from `now` until `valid_to`, when the charger
+/// SetChargingProfile.req: `limit` on `connector` from `now` until `valid_to`, when the charger
 /// drops it by itself.
-pub(crate) fn limit_profile(limit: ChargeLimit, now: u64, valid_to: u64) -> Value {
+fn limit_profile(limit: ChargeLimit, connector: u32, now: u64, valid_to: u64) -> Value {
     json!({
-        "connectorId": 1,
+        "connectorId": connector,
         "csChargingProfiles": {
             "chargingProfileId": LIMIT_PROFILE_ID,
             "stackLevel": 0,
@@ -191,9 +195,9 @@ pub(crate) fn clear_max_profile() -> Value {
     json!({"id": MAX_PROFILE_ID})
 }
 
-/// TriggerMessage.req for `message` on connector 1.
-pub(crate) fn trigger(message: &str) -> Value {
-    json!({"requestedMessage": message, "connectorId": 1})
+/// TriggerMessage.req for `message` on `connector`.
+pub(crate) fn trigger(message: &str, connector: u32) -> Value {
+    json!({"requestedMessage": message, "connectorId": connector})
 }
 
 fn schedule(unit: RateUnit, limit: f64, start: u64) -> Value {
@@ -263,7 +267,7 @@ mod tests {
             unit: RateUnit::Amps,
             value: 10.0,
         };
-        let p = limit_profile(limit, now, now + 900);
+        let p = limit_profile(limit, 1, now, now + 900);
         let profile = &p["csChargingProfiles"];
         assert_eq!(p["connectorId"], 1);
         assert_eq!(profile["chargingProfilePurpose"], "TxDefaultProfile");
@@ -295,17 +299,18 @@ mod tests {
             unit: RateUnit::Watts,
             value: 3680.0,
         };
-        let open = Standing::new(limit, None, 1000, 900);
+        let open = Standing::new(2, limit, None, 1000, 900);
+        assert_eq!(open.profile(1000)["connectorId"], 2);
         assert!(!open.due(1599, 900) && open.due(1600, 900));
         assert_eq!(open.renewed(1600, 900).valid_to, 2500);
-        let held = Standing::new(limit, Some(1120), 1000, 900);
+        let held = Standing::new(1, limit, Some(1120), 1000, 900);
         assert_eq!(held.valid_to, 1120);
         assert!(
             !held.due(1110, 900),
             "its validTo is the end of its hold already"
         );
         assert!(held.live(1119) && !held.live(1120));
-        let long = Standing::new(limit, Some(3000), 1000, 900);
+        let long = Standing::new(1, limit, Some(3000), 1000, 900);
         assert!(long.due(1600, 900));
         assert_eq!(long.renewed(2700, 900).valid_to, 3000);
     }

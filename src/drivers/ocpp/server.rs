@@ -253,7 +253,7 @@ async fn connection(
                         // Dropped: the driver's close is on its way behind the answers.
                         continue;
                     }
-                    if !rate.admit(std::time::Instant::now()) {
+                    if !super::frame::is_answer(&text) && !rate.admit(std::time::Instant::now()) {
                         // The driver closes the connection (1008) once the frames admitted
                         // before this one are answered, so their answers are not lost.
                         over_rate = true;

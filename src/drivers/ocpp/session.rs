@@ -1,5 +1,5 @@
 //! One charge point as the central system sees it, without a socket: each text frame in, the
-//! answer frame out and what the frame says about connector 1. The server (`server.rs`) only
+//! answer frame out and what the frame says about its connectors. The server (`server.rs`) only
 //! moves frames between the socket and [`Session::on_text`].
 //!
 //! The state starts empty at each connection: a charger that comes back is reported again from
@@ -29,8 +29,9 @@ pub(crate) struct Context<'a> {
 pub(crate) struct Reaction {
     /// The answer to send back (every CALL has one).
     pub(crate) reply: Option<String>,
-    /// Connector 1's new state, when this frame changed it and it is complete.
-    pub(crate) state: Option<ChargerState>,
+    /// A connector's new state, when this frame changed it and it is complete: the connector
+    /// and its state.
+    pub(crate) state: Option<(u32, ChargerState)>,
     /// Something for the log: a frame that could not be answered, or was answered with an error.
     pub(crate) problem: Option<String>,
     /// The charge point's answer to a CALL of ours: its unique id, and the CALLRESULT payload
@@ -42,7 +43,7 @@ pub(crate) struct Reaction {
 /// description.
 pub(crate) type CallAnswer = Result<Value, (String, String)>;
 
-/// Connector 1, as far as the charge point has told it.
+/// One connector, as far as the charge point has told it.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Connector {
     status: Option<ChargePointStatus>,
@@ -85,9 +86,9 @@ impl Connector {
 /// The `charger:set-operating-mode` modes, as OCPP CALLs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OperatingMode {
-    /// RemoteStartTransaction on connector 1.
+    /// RemoteStartTransaction on the device's connector.
     StartCharging,
-    /// RemoteStopTransaction of connector 1's transaction.
+    /// RemoteStopTransaction of the connector's transaction.
     StopCharging,
 }
 
@@ -122,33 +123,63 @@ fn plugged_in(status: ChargePointStatus) -> bool {
     )
 }
 
-/// One connected charge point.
-#[derive(Debug, Default)]
+/// One connected charge point: its connectors 1 to N (connector 0, the charge point as a
+/// whole, and any beyond N are answered but not mapped).
+#[derive(Debug)]
 pub(crate) struct Session {
+    /// Connector `n` at index `n - 1`.
+    connectors: Vec<ConnectorSession>,
+}
+
+/// One connector of a connected charge point.
+#[derive(Debug, Default)]
+struct ConnectorSession {
     connector: Connector,
     /// The last state reported, so an unchanged one is not sent again.
     reported: Option<ChargerState>,
-    /// The transaction running on connector 1, from its StartTransaction until its
-    /// StopTransaction: what a RemoteStopTransaction names.
+    /// The transaction running on it, from its StartTransaction until its StopTransaction:
+    /// what a RemoteStopTransaction names.
     transaction: Option<i64>,
 }
 
+impl Default for Session {
+    fn default() -> Session {
+        Session::new(1)
+    }
+}
+
 impl Session {
-    /// The payload of the CALL that carries out `mode` ([`OperatingMode::action`]); `Err` when
-    /// there is nothing to do it to (no transaction to stop).
+    pub(crate) fn new(connectors: u32) -> Session {
+        Session {
+            connectors: (0..connectors)
+                .map(|_| ConnectorSession::default())
+                .collect(),
+        }
+    }
+
+    fn at(&mut self, connector: u32) -> Option<&mut ConnectorSession> {
+        let i = usize::try_from(connector.checked_sub(1)?).ok()?;
+        self.connectors.get_mut(i)
+    }
+
+    /// The payload of the CALL that carries out `mode` on `connector`
+    /// ([`OperatingMode::action`]); `Err` when there is nothing to do it to (no transaction to
+    /// stop).
     pub(crate) fn operating_mode_call(
-        &self,
+        &mut self,
         mode: OperatingMode,
+        connector: u32,
         settings: &OcppSettings,
     ) -> Result<Value, String> {
         let payload = match mode {
             OperatingMode::StartCharging => {
-                serde_json::json!({"connectorId": 1, "idTag": settings.remote_id_tag()})
+                serde_json::json!({"connectorId": connector, "idTag": settings.remote_id_tag()})
             }
             OperatingMode::StopCharging => {
                 let transaction = self
-                    .transaction
-                    .ok_or("no transaction is running on connector 1")?;
+                    .at(connector)
+                    .and_then(|c| c.transaction)
+                    .ok_or_else(|| format!("no transaction is running on connector {connector}"))?;
                 serde_json::json!({"transactionId": transaction})
             }
         };
@@ -163,7 +194,11 @@ impl Session {
                 action,
                 payload,
             }) => {
-                let before = self.connector.clone();
+                let before: Vec<Connector> = self
+                    .connectors
+                    .iter()
+                    .map(|c| c.connector.clone())
+                    .collect();
                 let (reply, problem) = match self.call(&action, payload, cx) {
                     Ok(answer) => (frame::call_result(&unique_id, answer), None),
                     Err((code, why)) => (
@@ -171,16 +206,21 @@ impl Session {
                         Some(format!("{action} {unique_id}: {} ({why})", code.as_str())),
                     ),
                 };
-                let state = if self.connector != before {
-                    self.connector
+                // One frame is about one connector at most.
+                let changed = self
+                    .connectors
+                    .iter_mut()
+                    .zip(&before)
+                    .zip(1..)
+                    .find(|((c, before), _)| c.connector != **before);
+                let state = changed.and_then(|((c, _), n)| {
+                    let state = c
+                        .connector
                         .state()
-                        .filter(|s| self.reported.as_ref() != Some(s))
-                } else {
-                    None
-                };
-                if state.is_some() {
-                    self.reported.clone_from(&state);
-                }
+                        .filter(|s| c.reported.as_ref() != Some(s))?;
+                    c.reported = Some(state.clone());
+                    Some((n, state))
+                });
                 Reaction {
                     reply: Some(reply),
                     state,
@@ -232,16 +272,17 @@ impl Session {
             "Heartbeat" => answer(m::HeartbeatConf { current_time: now }),
             "StatusNotification" => {
                 let status: m::StatusNotification = read(payload)?;
-                // Connector 0 is the charge point as a whole; others than 1 are not mapped yet.
-                if status.connector_id == 1 {
-                    self.connector.status = Some(status.status);
+                // Connector 0 is the charge point as a whole; those beyond the settings' are
+                // not mapped.
+                if let Some(c) = self.at(status.connector_id) {
+                    c.connector.status = Some(status.status);
                 }
                 Ok(Value::Object(Map::new()))
             }
             "MeterValues" => {
                 let values: m::MeterValues = read(payload)?;
-                if values.connector_id == 1 {
-                    self.meter(&values)
+                if let Some(c) = self.at(values.connector_id) {
+                    meter(&mut c.connector, &values)
                         .map_err(|why| (ErrorCode::PropertyConstraintViolation, why))?;
                 }
                 Ok(Value::Object(Map::new()))
@@ -250,8 +291,8 @@ impl Session {
                 let start: m::StartTransaction = read(payload)?;
                 let transaction_id = *cx.next_transaction;
                 *cx.next_transaction = cx.next_transaction.wrapping_add(1).max(1);
-                if start.connector_id == 1 {
-                    self.transaction = Some(transaction_id);
+                if let Some(c) = self.at(start.connector_id) {
+                    c.transaction = Some(transaction_id);
                 }
                 tracing::info!(
                     connector = start.connector_id,
@@ -265,8 +306,10 @@ impl Session {
             }
             "StopTransaction" => {
                 let stop: m::StopTransaction = read(payload)?;
-                if self.transaction == Some(stop.transaction_id) {
-                    self.transaction = None;
+                for c in &mut self.connectors {
+                    if c.transaction == Some(stop.transaction_id) {
+                        c.transaction = None;
+                    }
                 }
                 tracing::info!(
                     transaction_id = stop.transaction_id,
@@ -295,52 +338,52 @@ impl Session {
             )),
         }
     }
+}
 
-    /// Takes voltage, current and active power from one MeterValues.req. A value without a
-    /// phase wins; otherwise per-phase values give the power summed, the current of the most
-    /// loaded phase and the voltage of L1 (line to neutral).
-    fn meter(&mut self, values: &m::MeterValues) -> Result<(), String> {
-        let mut voltage = Reading::default();
-        let mut current = Reading::default();
-        let mut power = Reading::default();
-        for sampled in values.meter_value.iter().flat_map(|v| &v.sampled_value) {
-            if sampled.format.as_deref() == Some("SignedData") {
-                continue;
+/// Takes voltage, current and active power from one MeterValues.req into `connector`. A value
+/// without a phase wins; otherwise per-phase values give the power summed, the current of the
+/// most loaded phase and the voltage of L1 (line to neutral).
+fn meter(connector: &mut Connector, values: &m::MeterValues) -> Result<(), String> {
+    let mut voltage = Reading::default();
+    let mut current = Reading::default();
+    let mut power = Reading::default();
+    for sampled in values.meter_value.iter().flat_map(|v| &v.sampled_value) {
+        if sampled.format.as_deref() == Some("SignedData") {
+            continue;
+        }
+        let measurand = sampled
+            .measurand
+            .as_deref()
+            .unwrap_or("Energy.Active.Import.Register");
+        let (scale, reading) = match (measurand, sampled.unit.as_deref()) {
+            ("Voltage", None | Some("V")) => (1.0, &mut voltage),
+            ("Current.Import", None | Some("A")) => (1.0, &mut current),
+            ("Power.Active.Import", None | Some("W")) => (1.0, &mut power),
+            ("Power.Active.Import", Some("kW")) => (1000.0, &mut power),
+            ("Voltage" | "Current.Import" | "Power.Active.Import", Some(unit)) => {
+                return Err(format!("{measurand} in {unit:?}"))
             }
-            let measurand = sampled
-                .measurand
-                .as_deref()
-                .unwrap_or("Energy.Active.Import.Register");
-            let (scale, reading) = match (measurand, sampled.unit.as_deref()) {
-                ("Voltage", None | Some("V")) => (1.0, &mut voltage),
-                ("Current.Import", None | Some("A")) => (1.0, &mut current),
-                ("Power.Active.Import", None | Some("W")) => (1.0, &mut power),
-                ("Power.Active.Import", Some("kW")) => (1000.0, &mut power),
-                ("Voltage" | "Current.Import" | "Power.Active.Import", Some(unit)) => {
-                    return Err(format!("{measurand} in {unit:?}"))
-                }
-                _ => continue,
-            };
-            let value: f64 = sampled
-                .value
-                .trim()
-                .parse()
-                .ok()
-                .filter(|v: &f64| v.is_finite())
-                .ok_or_else(|| format!("{measurand}: {:?} is not a number", sampled.value))?;
-            reading.add(sampled.phase.as_deref(), value * scale);
-        }
-        if let Some(v) = voltage.value(|phases| phases.first().copied()) {
-            self.connector.voltage = Some(v);
-        }
-        if let Some(a) = current.value(|phases| phases.iter().copied().reduce(f64::max)) {
-            self.connector.current = Some(a);
-        }
-        if let Some(w) = power.value(|phases| phases.iter().copied().reduce(|a, b| a + b)) {
-            self.connector.power = Some(w);
-        }
-        Ok(())
+            _ => continue,
+        };
+        let value: f64 = sampled
+            .value
+            .trim()
+            .parse()
+            .ok()
+            .filter(|v: &f64| v.is_finite())
+            .ok_or_else(|| format!("{measurand}: {:?} is not a number", sampled.value))?;
+        reading.add(sampled.phase.as_deref(), value * scale);
     }
+    if let Some(v) = voltage.value(|phases| phases.first().copied()) {
+        connector.voltage = Some(v);
+    }
+    if let Some(a) = current.value(|phases| phases.iter().copied().reduce(f64::max)) {
+        connector.current = Some(a);
+    }
+    if let Some(w) = power.value(|phases| phases.iter().copied().reduce(|a, b| a + b)) {
+        connector.power = Some(w);
+    }
+    Ok(())
 }
 
 /// One measurand's values in one MeterValues.req.
@@ -431,7 +474,11 @@ mod tests {
             next_transaction: &mut next,
         };
         let r = session.on_text(&frame.to_string(), &mut cx);
-        (serde_json::from_str(&r.reply.unwrap()).unwrap(), r.state)
+        let state = r.state.map(|(connector, state)| {
+            assert_eq!(connector, 1, "a one-connector session reports connector 1");
+            state
+        });
+        (serde_json::from_str(&r.reply.unwrap()).unwrap(), state)
     }
 
     fn status(s: &str) -> Value {
@@ -613,14 +660,67 @@ mod tests {
     }
 
     #[test]
-    fn other_connectors_do_not_touch_connector_1() {
+    fn connectors_beyond_the_settings_are_answered_and_not_mapped() {
         let mut s = Session::default();
         answer_to(
             &mut s,
             json!([2, "s", "StatusNotification",
             {"connectorId": 2, "errorCode": "NoError", "status": "Charging"}]),
         );
-        assert_eq!(s.connector, Connector::default());
+        assert_eq!(s.connectors[0].connector, Connector::default());
+        assert_eq!(s.connectors.len(), 1);
+    }
+
+    #[test]
+    fn each_connector_has_its_own_state_and_transaction() {
+        let settings = settings();
+        let mut s = Session::new(2);
+        let mut next = 7;
+        let mut cx = Context {
+            settings: &settings,
+            now_unix: 0,
+            next_transaction: &mut next,
+        };
+        let mut send = |s: &mut Session, frame: Value| s.on_text(&frame.to_string(), &mut cx);
+        let status = |n: u32, status: &str| {
+            json!([2, "s", "StatusNotification",
+            {"connectorId": n, "errorCode": "NoError", "status": status}])
+        };
+        let meter = |n: u32, watts: &str| {
+            json!([2, "m", "MeterValues", {"connectorId": n, "meterValue": [
+                {"timestamp": "2026-12-03T07:00:00Z", "sampledValue": [
+                {"measurand": "Voltage", "value": "230"},
+                {"measurand": "Current.Import", "value": "10"},
+                {"measurand": "Power.Active.Import", "value": watts}]}]}])
+        };
+        send(&mut s, status(2, "Charging"));
+        let r = send(&mut s, meter(2, "2300"));
+        let (connector, state) = r.state.unwrap();
+        assert_eq!(
+            (connector, state.charging_state, state.charger_wattage),
+            (2, ChargingState::Charging, 2300.0)
+        );
+        send(&mut s, status(1, "Available"));
+        let r = send(&mut s, meter(1, "0"));
+        assert_eq!(r.state.unwrap().0, 1);
+        let r = send(
+            &mut s,
+            json!([2, "t", "StartTransaction",
+            {"connectorId": 2, "idTag": "X", "meterStart": 0, "timestamp": "2026-12-03T07:00:00Z"}]),
+        );
+        assert_eq!(r.state, None);
+        assert_eq!(
+            s.operating_mode_call(OperatingMode::StopCharging, 2, &settings),
+            Ok(json!({"transactionId": 7}))
+        );
+        assert_eq!(
+            s.operating_mode_call(OperatingMode::StopCharging, 1, &settings),
+            Err("no transaction is running on connector 1".into())
+        );
+        assert_eq!(
+            s.operating_mode_call(OperatingMode::StartCharging, 2, &settings),
+            Ok(json!({"connectorId": 2, "idTag": "texture-agent"}))
+        );
     }
 
     #[test]
@@ -648,11 +748,11 @@ mod tests {
             OperatingMode::parse(json!({"operatingMode": "fly"}).as_object().unwrap()).is_err()
         );
         assert_eq!(
-            s.operating_mode_call(OperatingMode::StartCharging, &settings),
+            s.operating_mode_call(OperatingMode::StartCharging, 1, &settings),
             Ok(json!({"connectorId": 1, "idTag": "texture-agent"}))
         );
         assert_eq!(
-            s.operating_mode_call(OperatingMode::StopCharging, &settings),
+            s.operating_mode_call(OperatingMode::StopCharging, 1, &settings),
             Err("no transaction is running on connector 1".into())
         );
         let (started, _) = answer_to(
@@ -661,7 +761,7 @@ mod tests {
             {"connectorId": 1, "idTag": "X", "meterStart": 0, "timestamp": "2026-12-03T07:00:00Z"}]),
         );
         assert_eq!(
-            s.operating_mode_call(OperatingMode::StopCharging, &settings),
+            s.operating_mode_call(OperatingMode::StopCharging, 1, &settings),
             Ok(json!({"transactionId": started[2]["transactionId"]}))
         );
         answer_to(
@@ -670,7 +770,7 @@ mod tests {
             {"transactionId": 41, "meterStop": 10, "timestamp": "2026-12-03T08:00:00Z"}]),
         );
         assert!(s
-            .operating_mode_call(OperatingMode::StopCharging, &settings)
+            .operating_mode_call(OperatingMode::StopCharging, 1, &settings)
             .is_err());
         // The charger's answers to our CALLs come back with their unique id.
         let mut next = 1;

@@ -73,6 +73,23 @@ pub struct ChargePointSettings {
     /// `currentLimit` a command may set.
     #[serde(default)]
     pub max_current_a: Option<u32>,
+    /// How many connectors it has (1 to [`MAX_CONNECTORS`]): each is a `charger` device.
+    #[serde(default = "default_connectors")]
+    pub connectors: u32,
+}
+
+/// The most connectors one charge point may have: each is a device.
+pub(crate) const MAX_CONNECTORS: u32 = 8;
+
+fn default_connectors() -> u32 {
+    1
+}
+
+impl ChargePointSettings {
+    /// Its connectors' device ids, connector 1 first.
+    pub(crate) fn device_ids(&self) -> impl Iterator<Item = (u32, String)> + '_ {
+        (1..=self.connectors).map(|n| (n, device_id(&self.id, n)))
+    }
 }
 
 /// How id tags are authorized when no local list is given.
@@ -148,6 +165,15 @@ impl OcppSettings {
                     ));
                 }
             }
+            if !(1..=MAX_CONNECTORS).contains(&cp.connectors) {
+                return Err(bad(
+                    "drivers.charge_points.connectors",
+                    format!(
+                        "{}: expected 1 to {MAX_CONNECTORS}, found {}",
+                        cp.id, cp.connectors
+                    ),
+                ));
+            }
             if let Some(amps) = cp.max_current_a {
                 if !(6..=80).contains(&amps) {
                     return Err(bad(
@@ -213,6 +239,29 @@ impl OcppSettings {
                 return Err(bad(key, format!("expected {lo} to {hi}, found {value}")));
             }
         }
+        for cp in &self.charge_points {
+            // At its boot a charger sends its BootNotification, a StatusNotification for
+            // connector 0 and each connector, and what the gateway's TriggerMessages ask for
+            // (two per connector, 17.6): all in about a second.
+            let burst = 3 * cp.connectors + 2;
+            if self.max_messages_per_sec < burst {
+                return Err(bad(
+                    "drivers.max_messages_per_sec",
+                    format!(
+                        "{}: with {} a charger sends up to {burst} messages in the \
+                             second after it boots; set max_messages_per_sec to at least {burst}, \
+                             found {}",
+                        cp.id,
+                        if cp.connectors == 1 {
+                            "1 connector".to_owned()
+                        } else {
+                            format!("{} connectors", cp.connectors)
+                        },
+                        self.max_messages_per_sec
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -250,9 +299,13 @@ impl OcppSettings {
     }
 }
 
-/// The device id of a charge point's connector 1.
-pub(crate) fn device_id(charge_point: &str) -> String {
-    format!("ocpp-{charge_point}")
+/// The device id of a charge point's connector: `ocpp-<id>` for connector 1 (so a charger
+/// keeps its device when a second connector is configured), `ocpp-<id>-<n>` for the others.
+pub(crate) fn device_id(charge_point: &str, connector: u32) -> String {
+    match connector {
+        1 => format!("ocpp-{charge_point}"),
+        n => format!("ocpp-{charge_point}-{n}"),
+    }
 }
 
 fn check_path(path: &str) -> Result<(), String> {
@@ -277,7 +330,7 @@ fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(format!("{id:?}: expected 1 to {MAX_ID_LEN} characters"));
     }
-    match GatewayId::parse(&device_id(id)) {
+    match GatewayId::parse(&device_id(id, 1)) {
         Err(InvalidGatewayId::BadCharacter(c)) => Err(format!(
             "{id:?}: {c:?} is not a letter, a digit, '.', '_' or '-'"
         )),
@@ -299,6 +352,7 @@ pub(crate) mod tests {
                 id: "CP-1".into(),
                 password: Some(Secret::new("correct-horse".into())),
                 max_current_a: Some(16),
+                connectors: 1,
             }],
             authorize: Some(Authorize::AcceptAll),
             id_tags: None,
@@ -313,7 +367,7 @@ pub(crate) mod tests {
     fn bad_settings_are_refused_naming_the_entry_and_the_key() {
         assert!(settings().validate(1).is_ok());
         type Case = (fn(&mut OcppSettings), &'static str, &'static str);
-        let cases: [Case; 16] = [
+        let cases: [Case; 18] = [
             (|s| s.name.clear(), "drivers.name", "driver #2 (): must not be empty"),
             (
                 |s| s.listen = "0.0.0.0".into(),
@@ -362,6 +416,17 @@ pub(crate) mod tests {
                 |s| s.charge_points[0].max_current_a = Some(100),
                 "drivers.charge_points.max_current_a",
                 "driver #2 (garage): CP-1: expected 6 to 80, found 100",
+            ),
+            (
+                |s| s.charge_points[0].connectors = 9,
+                "drivers.charge_points.connectors",
+                "driver #2 (garage): CP-1: expected 1 to 8, found 9",
+            ),
+            (
+                |s| s.charge_points[0].connectors = 4,
+                "drivers.max_messages_per_sec",
+                "driver #2 (garage): CP-1: with 4 connectors a charger sends up to 14 messages \
+                 in the second after it boots; set max_messages_per_sec to at least 14, found 10",
             ),
             (
                 |s| s.authorize = None,
@@ -440,6 +505,7 @@ pub(crate) mod tests {
             ..settings()
         };
         assert_eq!(s.silence_limit().as_secs(), 70);
-        assert_eq!(device_id("CP-1"), "ocpp-CP-1");
+        assert_eq!(device_id("CP-1", 1), "ocpp-CP-1");
+        assert_eq!(device_id("CP-1", 2), "ocpp-CP-1-2");
     }
 }
