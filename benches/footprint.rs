@@ -8,6 +8,7 @@
 //!     FOOTPRINT_LIMITS=0 cargo bench --bench footprint    # no [[limits]] (no safety controls)
 //!     FOOTPRINT_SUNSPEC=1 cargo bench --bench footprint   # and a sunspec driver, two units
 //!     FOOTPRINT_SUNSPEC=rtu cargo bench --bench footprint # the same over Modbus RTU (a pty bus)
+//!     FOOTPRINT_OCPP=2 cargo bench --bench footprint      # and an ocpp driver, 2 chargers connected
 //!
 //! "Idle" is a gateway's normal state: `FOOTPRINT_DRIVERS` simulated devices (default 4) each
 //! reporting every 5 s, telemetry batched and published as in production. Start-up times come
@@ -97,6 +98,24 @@ fn main() {
         ));
         server
     });
+    // FOOTPRINT_OCPP=N: and an ocpp driver with N charge points (the mobilityhouse `ocpp`
+    // package, as in tests/ocpp.rs), each connected, booted, reporting one connector charging,
+    // then idle but for its heartbeat (60 s), for the central system's cost with chargers on it.
+    let charge_points: usize = std::env::var("FOOTPRINT_OCPP")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let ocpp_port = kit::free_port();
+    if charge_points > 0 {
+        let list: Vec<String> = (0..charge_points)
+            .map(|i| format!("{{ id = \"CP-{i}\", max_current_a = 16 }}"))
+            .collect();
+        cfg.extra_toml.push_str(&format!(
+            "[[drivers]]\nkind = \"ocpp\"\nname = \"garage\"\nlisten = \"127.0.0.1:{ocpp_port}\"\n\
+             authorize = \"accept-all\"\nheartbeat_secs = 60\ncharge_points = [{}]\n\n",
+            list.join(", ")
+        ));
+    }
     let config = cfg.write(pki.path());
     // The harness's config uses a 5 s keepalive for fast tests; use the production default.
     let text = std::fs::read_to_string(&config)
@@ -136,6 +155,9 @@ fn main() {
         }
     }
     let (ready, connected) = (ready.expect("READY=1 before connected"), connected.unwrap());
+    let chargers: Vec<kit::ChargePoint> = (0..charge_points)
+        .map(|i| connect_charge_point(pki.path(), ocpp_port, &format!("CP-{i}")))
+        .collect();
     let pid = child.id();
     let cpu_at_connect = kit::cpu_seconds(&pid.to_string());
     let t0 = Instant::now();
@@ -150,7 +172,8 @@ fn main() {
     );
     println!(
         "simulated_devices      {drivers} (every 5 s), limits with default controls: {limits}, \
-         sunspec driver: {sunspec}"
+         sunspec driver: {sunspec}, ocpp charge points connected: {}",
+        chargers.len()
     );
     println!("start_to_ready_ms      {:.1}", ready.as_secs_f64() * 1000.0);
     println!(
@@ -177,8 +200,41 @@ fn main() {
     if std::env::var("FOOTPRINT_SMAPS").is_ok_and(|v| v == "1") {
         print_smaps(pid);
     }
+    for cp in &chargers {
+        assert!(
+            cp.is_running(),
+            "a charge point stopped: {}",
+            cp.stderr_text()
+        );
+    }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A charge point connected to the agent's ocpp driver on `port`, booted, its connector
+/// charging with a meter reading, heartbeating as the boot's answer says.
+fn connect_charge_point(dir: &std::path::Path, port: u16, id: &str) -> kit::ChargePoint {
+    let spec = serde_json::json!({
+        "url": format!("ws://127.0.0.1:{port}/ocpp/{id}"),
+        "id": id,
+        "subprotocols": ["ocpp1.6"],
+        "boot_on_connect": true,
+        "heartbeat": "boot",
+    });
+    let cp = kit::ChargePoint::start(dir, &spec);
+    assert_eq!(cp.ready_state(), "connected", "{}", cp.stderr_text());
+    let wait = Duration::from_secs(20);
+    for op in [
+        serde_json::json!({"op": "status", "connector": 1, "status": "Charging"}),
+        serde_json::json!({"op": "meter_values", "connector": 1, "sampled": [
+            {"measurand": "Voltage", "value": "230"},
+            {"measurand": "Current.Import", "value": "16"},
+            {"measurand": "Power.Active.Import", "value": "3680"}]}),
+    ] {
+        let outcome = cp.call(op, wait);
+        assert_eq!(outcome["outcome"], "result", "{outcome}");
+    }
+    cp
 }
 
 /// Where the resident memory is: RSS and private (dirty + clean) KiB per mapping name.

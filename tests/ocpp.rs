@@ -1095,3 +1095,53 @@ async fn a_second_connector_is_a_device_of_its_own() {
         .await;
     assert_eq!(offline["availability"]["online"], false, "{offline}");
 }
+
+/// OCPP security profile 2: with `tls_cert_file` and `tls_key_file` the port speaks TLS only.
+/// A charger that trusts the gateway's certificate connects over `wss://` and is served, with
+/// its HTTP Basic password checked inside the TLS session; a charger set to plain `ws://`, or
+/// one that does not trust the certificate, does not get in, and the agent says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_profile_2_serves_wss_only() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = kit::Ca::new(certs.path(), "ocpp-hub");
+    let hub = ca.server("hub", &["localhost", "127.0.0.1"]);
+    let site = site_with(
+        300,
+        &format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            hub.cert.display(),
+            hub.key.display()
+        ),
+    )
+    .await;
+    let wss = |id: &str, ca_file: &Path| {
+        let mut spec = site.spec(id);
+        spec["url"] = json!(format!("wss://127.0.0.1:{}/ocpp/{id}", site.port));
+        spec["ca_file"] = json!(ca_file.display().to_string());
+        spec
+    };
+
+    let plain = blocking(|| ChargePoint::start(site.dir(), &site.spec("CP-2")));
+    assert_ne!(plain.ready_state(), "connected");
+    blocking(|| site.agent.wait_for_log("ocpp: TLS handshake failed", WAIT));
+    let untrusting = blocking(|| ChargePoint::start(site.dir(), &wss("CP-2", &site.pki.ca.cert_path())));
+    assert_eq!(untrusting.ready_state(), "connect_failed");
+    let failed = untrusting.wait_for(|l| l["event"] == "connect_failed", WAIT);
+    assert!(
+        failed["error"].as_str().unwrap().contains("CERTIFICATE_VERIFY_FAILED"),
+        "{failed}"
+    );
+
+    let mut wrong = wss("CP-1", &ca.cert_path());
+    wrong["password"] = json!("not-the-password");
+    let refused = blocking(|| ChargePoint::start(site.dir(), &wrong));
+    assert_eq!(refused.ready_state(), "refused");
+    let refusal = refused.wait_for(|l| l["event"] == "refused", WAIT);
+    assert_eq!(refusal["status"], 401);
+
+    let cp = site.connect(&wss("CP-1", &ca.cert_path()));
+    let boot = answer(&cp, json!({"op": "boot"}));
+    assert_eq!(boot[2]["status"], "Accepted", "{boot}");
+    call_received(&cp, "SetChargingProfile", 0);
+    assert_eq!(cp.violations(), Vec::<Value>::new());
+}

@@ -18,6 +18,15 @@ pub(crate) fn check_config(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    // The same for the certificate and key of each ocpp driver serving wss:// (profile 2).
+    for driver in &settings.drivers {
+        if let crate::drivers::DriverSettings::Ocpp(ocpp) = driver {
+            if let Err(error) = crate::drivers::ocpp::tls::acceptor(ocpp) {
+                eprintln!("error: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     println!("# configuration OK: {}", path.display());
     print!("{}", settings.redacted_dump());
     ExitCode::SUCCESS

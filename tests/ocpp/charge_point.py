@@ -16,6 +16,7 @@ connection, code 1001, and exits 0) or it is killed.
 SPEC format (JSON; only url and id are required):
 
     {"url": "ws://127.0.0.1:PORT/ocpp/CP1",   # the whole URL, id included: the script adds nothing
+     "ca_file": "/path/ca.pem",               # wss:// only: the CA to trust (default: the system's)
      "id": "CP1",                             # the charge point id (Basic auth user, logs)
      "password": "secret",                    # HTTP Basic, OCPP security profile 1; absent/null: no header
      "auth_user": "CP1",                      # the Basic user, default id (a test may lie)
@@ -141,6 +142,7 @@ import base64
 import decimal
 import json
 import os
+import ssl
 import sys
 import time
 import traceback
@@ -313,9 +315,13 @@ class Sim:
             token = base64.b64encode(f"{user}:{spec['password']}".encode()).decode()
             headers["Authorization"] = f"Basic {token}"
         self.log.write("connecting", conn=number, url=spec["url"], subprotocols=offered)
+        context = None
+        if spec["url"].startswith("wss://"):
+            context = ssl.create_default_context(cafile=spec.get("ca_file"))
         try:
             ws = await ws_connect(
                 spec["url"],
+                ssl=context,
                 subprotocols=offered or None,
                 additional_headers=headers,
                 ping_interval=spec.get("ping_interval_s"),

@@ -19,6 +19,7 @@ pub(crate) mod profiles;
 pub(crate) mod server;
 pub(crate) mod session;
 pub(crate) mod settings;
+pub(crate) mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,6 +72,14 @@ pub(crate) async fn run(
 ) {
     let settings = Arc::new(settings);
     let addr = settings.listen_addr().expect("validated");
+    // check-config has loaded it too; a file changed since is reported here.
+    let tls = match tls::acceptor(&settings) {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::error!(driver = %settings.name, error = %e, "ocpp: cannot start");
+            return;
+        }
+    };
     let listener = loop {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => break listener,
@@ -85,9 +94,10 @@ pub(crate) async fn run(
         }
     };
     tracing::info!(driver = %settings.name, addr = %listener.local_addr().map_or(addr, |a| a),
-        path = %settings.path, "ocpp: central system listening");
+        path = %settings.path, tls = settings.tls_cert_file.is_some(),
+        "ocpp: central system listening");
     let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
-    let accept = tokio::spawn(server::serve(listener, settings.clone(), events_tx));
+    let accept = tokio::spawn(server::serve(listener, tls, settings.clone(), events_tx));
     let mut driver = Driver {
         connected: (0..settings.charge_points.len()).map(|_| None).collect(),
         standing: settings

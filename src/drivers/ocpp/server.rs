@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
@@ -138,6 +138,7 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 /// socket is still open, and a few that are being refused); more are closed at once.
 pub(crate) async fn serve(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     settings: Arc<OcppSettings>,
     events: mpsc::Sender<Event>,
 ) {
@@ -162,21 +163,37 @@ pub(crate) async fn serve(
         };
         next_conn += 1;
         let (settings, events, conn) = (settings.clone(), events.clone(), next_conn);
+        let tls = tls.clone();
         tokio::spawn(async move {
-            connection(stream, peer, conn, settings, events).await;
+            match tls {
+                None => connection(stream, peer, conn, settings, events).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => connection(stream, peer, conn, settings, events).await,
+                        // A charger set to ws:// on a wss:// port, or not trusting our
+                        // certificate: the installer needs to see it.
+                        Ok(Err(e)) => tracing::warn!(driver = %settings.name, %peer,
+                            error = %e, "ocpp: TLS handshake failed"),
+                        Err(_) => tracing::warn!(driver = %settings.name, %peer,
+                            "ocpp: TLS handshake timed out"),
+                    }
+                }
+            }
             drop(permit);
         });
     }
 }
 
 /// One socket: the upgrade, then frames both ways until either side closes.
-async fn connection(
-    stream: TcpStream,
+async fn connection<S>(
+    stream: S,
     peer: std::net::SocketAddr,
     conn: u64,
     settings: Arc<OcppSettings>,
     events: mpsc::Sender<Event>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut admitted = None;
     // The result type is tungstenite's `Callback`'s, not ours to shrink.
     #[allow(clippy::result_large_err)]
@@ -307,7 +324,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Sends a close frame and reads on until the charger answers it (or [`CLOSE_TIMEOUT`]): a
 /// socket dropped with the charger's frames still unread is reset by the kernel, and the
 /// charger would see 1006 instead of the close code that says why.
-async fn close(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>, frame: Option<CloseFrame>) {
+async fn close<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, frame: Option<CloseFrame>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     if ws.close(frame).await.is_err() {
         return;
     }

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +57,13 @@ pub struct OcppSettings {
     /// the limit stands. A charger that loses the gateway drops the limit within this time.
     #[serde(default = "default_limit_valid_secs")]
     pub limit_valid_secs: u64,
+    /// PEM certificate chain the port presents: with it (and `tls_key_file`) the port speaks
+    /// TLS only, `wss://` (OCPP security profile 2).
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The certificate's PEM private key. Its path is redacted like the broker's key's.
+    #[serde(default)]
+    pub tls_key_file: Option<Secret<PathBuf>>,
 }
 
 /// One charge point allowed to connect.
@@ -182,6 +190,21 @@ impl OcppSettings {
                     ));
                 }
             }
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => {
+                return Err(bad(
+                    "drivers.tls_key_file",
+                    "required when tls_cert_file is set".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "drivers.tls_cert_file",
+                    "required when tls_key_file is set".into(),
+                ))
+            }
+            _ => {}
         }
         match (&self.authorize, &self.id_tags) {
             (Some(_), Some(_)) => {
@@ -360,6 +383,8 @@ pub(crate) mod tests {
             max_message_bytes: 65_536,
             max_messages_per_sec: 10,
             limit_valid_secs: 900,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 
@@ -367,7 +392,7 @@ pub(crate) mod tests {
     fn bad_settings_are_refused_naming_the_entry_and_the_key() {
         assert!(settings().validate(1).is_ok());
         type Case = (fn(&mut OcppSettings), &'static str, &'static str);
-        let cases: [Case; 18] = [
+        let cases: [Case; 19] = [
             (|s| s.name.clear(), "drivers.name", "driver #2 (): must not be empty"),
             (
                 |s| s.listen = "0.0.0.0".into(),
@@ -460,6 +485,11 @@ pub(crate) mod tests {
                 |s| s.max_messages_per_sec = 0,
                 "drivers.max_messages_per_sec",
                 "driver #2 (garage): expected 1 to 1000, found 0",
+            ),
+            (
+                |s| s.tls_cert_file = Some("/etc/texture-agent/ocpp.pem".into()),
+                "drivers.tls_key_file",
+                "driver #2 (garage): required when tls_cert_file is set",
             ),
             (
                 |s| s.limit_valid_secs = 5,
