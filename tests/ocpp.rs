@@ -1124,11 +1124,15 @@ async fn security_profile_2_serves_wss_only() {
     let plain = blocking(|| ChargePoint::start(site.dir(), &site.spec("CP-2")));
     assert_ne!(plain.ready_state(), "connected");
     blocking(|| site.agent.wait_for_log("ocpp: TLS handshake failed", WAIT));
-    let untrusting = blocking(|| ChargePoint::start(site.dir(), &wss("CP-2", &site.pki.ca.cert_path())));
+    let untrusting =
+        blocking(|| ChargePoint::start(site.dir(), &wss("CP-2", &site.pki.ca.cert_path())));
     assert_eq!(untrusting.ready_state(), "connect_failed");
     let failed = untrusting.wait_for(|l| l["event"] == "connect_failed", WAIT);
     assert!(
-        failed["error"].as_str().unwrap().contains("CERTIFICATE_VERIFY_FAILED"),
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("CERTIFICATE_VERIFY_FAILED"),
         "{failed}"
     );
 

@@ -1,16 +1,20 @@
 //! The built-in OCPP 1.6J central system (`[[drivers]] kind = "ocpp"`): charge points connect to
-//! the gateway over WebSocket, and connector 1 of each is a `charger` device (docs/PROTOCOL.md
-//! 17).
+//! the gateway over WebSocket (or TLS, [`tls`]), and each connector of each is a `charger`
+//! device (docs/PROTOCOL.md 17).
 //!
 //! One task, [`run`], owns every charge point's [`session::Session`] and the transaction ids, so
 //! no state is shared between connections; the server's tasks (`server.rs`) only carry frames.
 //! Per concern: [`settings`] (the entry and its checks), [`frame`] (the OCPP-J codec),
-//! [`messages`] (the 1.6 payloads), [`session`] (answers and the device state, pure), `server`
-//! (sockets). A charge point is online from its upgrade until its socket closes or it has been
-//! silent for `2 × heartbeat_secs` and a margin; offline, it reports nothing.
+//! [`messages`] (the 1.6 payloads), [`session`] (answers and the device state, pure), [`calls`]
+//! (our CALLs, one at a time, pure), [`profiles`] (charging profiles and their leases, pure),
+//! `server` (sockets), [`tls`] (profile 2). A charge point is online from its upgrade until its
+//! socket closes or it has been silent for `2 × heartbeat_secs` and a margin; offline, it
+//! reports nothing.
 //!
-//! `charger:set-operating-mode` is a CALL to the charger (RemoteStartTransaction or
-//! RemoteStopTransaction), and the command's outcome waits for its answer.
+//! Each command is a CALL to the charger (RemoteStart/StopTransaction, SetChargingProfile), and
+//! its outcome waits for the answer. An accepted charge limit *stands*: the driver renews its
+//! profile before the charger's `validTo` ends it, and sends it again when the charger comes
+//! back, until the command's hold ends; if the gateway dies, the charger drops it by itself.
 
 pub(crate) mod calls;
 pub(crate) mod frame;
@@ -267,9 +271,9 @@ impl Driver {
 
     /// Queues what every connection starts with, once, ahead of any command that came before
     /// it: the installer's `ChargePointMaxProfile` (or the clearing of ours, when the
-    /// configuration no longer has one), the standing limit if there is one and no newer one
-    /// is on its way, and TriggerMessages for connector 1's status and meter values, so the
-    /// device is reported without waiting for the charger's own next MeterValues.
+    /// configuration no longer has one), each connector's standing limit if it has one and no
+    /// newer one is on its way, and TriggerMessages for each connector's status and meter
+    /// values, so the devices are reported without waiting for the charger's own MeterValues.
     fn set_up(&mut self, cp: usize) {
         let now = crate::model::clock::system_secs();
         let lease = self.settings.limit_valid_secs;
