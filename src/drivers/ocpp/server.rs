@@ -25,6 +25,13 @@ pub(crate) const SUBPROTOCOL: &str = "ocpp1.6";
 /// How long a client may take from its TCP connect to a finished upgrade.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What one connection reads from its socket at a time; a larger message is assembled beyond it.
+const READ_BUFFER: usize = 4096;
+
+/// Bytes of our frames one connection may hold unsent (a charger that does not read): then
+/// writing fails and the connection closes. Our largest frame is about 1 KiB.
+const MAX_WRITE_BUFFER: usize = 64 * 1024;
+
 /// Frames queued to one connection before the driver stops waiting for it (a charger that does
 /// not read is closed, not buffered without end).
 const OUTGOING_QUEUE: usize = 16;
@@ -220,9 +227,14 @@ async fn connection<S>(
             Err(response)
         }
     };
+    // tungstenite's defaults buffer 128 KiB each way per connection, which on a gateway is
+    // most of its heap for two chargers; OCPP frames are a few hundred bytes, sent one at a time.
     let config = WebSocketConfig::default()
         .max_message_size(Some(settings.max_message_bytes))
-        .max_frame_size(Some(settings.max_message_bytes));
+        .max_frame_size(Some(settings.max_message_bytes))
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER);
     let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
     let mut ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade).await {
         Ok(Ok(ws)) => ws,
