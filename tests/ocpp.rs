@@ -24,8 +24,8 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-/// An agent whose ocpp driver listens on `port` for CP-1 (with [`PASSWORD`]) and CP-2 (none,
-/// two connectors).
+/// An agent whose ocpp driver listens on `port` for CP-1 (with [`PASSWORD`]), CP-2 (none, two
+/// connectors) and CP-3 (none, its installer's limit required).
 struct Site {
     agent: Agent,
     port: u16,
@@ -63,7 +63,8 @@ async fn site_with(heartbeat_secs: u64, extra: &str) -> Site {
          [[drivers]]\nkind = \"ocpp\"\nname = \"garage\"\nlisten = \"127.0.0.1:{port}\"\n\
          id_tags = [\"GOOD-TAG\"]\nheartbeat_secs = {heartbeat_secs}\nmax_message_bytes = 4096\n\
          charge_points = [{{ id = \"CP-1\", password = \"{PASSWORD}\", max_current_a = 16 }}, \
-         {{ id = \"CP-2\", connectors = 2 }}]\n{extra}"
+         {{ id = \"CP-2\", connectors = 2 }}, \
+         {{ id = \"CP-3\", max_current_a = 10, require_max_profile = true }}]\n{extra}"
     );
     let agent = Agent::spawn(BIN, &cfg.write(pki.path()));
     blocking(|| agent.wait_for_log("ocpp: central system listening", WAIT));
@@ -1147,5 +1148,57 @@ async fn security_profile_2_serves_wss_only() {
     let boot = answer(&cp, json!({"op": "boot"}));
     assert_eq!(boot[2]["status"], "Accepted", "{boot}");
     call_received(&cp, "SetChargingProfile", 0);
+    assert_eq!(cp.violations(), Vec::<Value>::new());
+}
+
+/// With `require_max_profile`, a charger that refuses the installer's ChargePointMaxProfile is
+/// made Inoperative by the very next CALL, ahead of the triggers, and made Operative again once
+/// it takes the profile (here after it reconnects).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charger_that_refuses_the_installers_limit_is_made_inoperative_until_it_takes_it() {
+    let site = site(300).await;
+    let mut spec = site.spec("CP-3");
+    spec["boot_on_connect"] = json!(true);
+    spec["answers"] = json!({"SetChargingProfile": {"status": "Rejected"}});
+    let cp = site.connect(&spec);
+    let calls = |cp: &ChargePoint| -> Vec<Value> {
+        cp.frames_received()
+            .iter()
+            .map(|f| parse(f))
+            .filter(|f| f[0] == 2)
+            .collect()
+    };
+    let inoperative = call_received(&cp, "ChangeAvailability", 0);
+    assert_eq!(
+        inoperative[3],
+        json!({"connectorId": 0, "type": "Inoperative"})
+    );
+    let sent = calls(&cp);
+    assert_eq!(
+        (sent[0][2].as_str(), sent[1][2].as_str()),
+        (Some("SetChargingProfile"), Some("ChangeAvailability")),
+        "{sent:?}"
+    );
+    assert_eq!(
+        sent[0][3]["csChargingProfiles"]["chargingSchedule"]["chargingSchedulePeriod"][0]["limit"],
+        10.0
+    );
+    blocking(|| {
+        site.agent.wait_for_log(
+            "ocpp: the charger refused the installer's limit; making it inoperative",
+            WAIT,
+        )
+    });
+
+    blocking(|| {
+        cp.call(
+            json!({"op": "set_answer", "action": "SetChargingProfile",
+        "answer": {"status": "Accepted"}}),
+            WAIT,
+        )
+    });
+    blocking(|| cp.call(json!({"op": "reconnect"}), WAIT));
+    let operative = call_received(&cp, "ChangeAvailability", 1);
+    assert_eq!(operative[3], json!({"connectorId": 0, "type": "Operative"}));
     assert_eq!(cp.violations(), Vec::<Value>::new());
 }

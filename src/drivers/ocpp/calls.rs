@@ -31,6 +31,9 @@ pub(crate) struct Call {
     /// The limit that stands once the charger accepts this CALL (a SetChargingProfile of a
     /// charge limit).
     pub(crate) limit: Option<Standing>,
+    /// This is the installer's `ChargePointMaxProfile`: with `require_max_profile`, its answer
+    /// decides whether the charger may charge at all.
+    pub(crate) installer_max: bool,
 }
 
 impl Call {
@@ -41,6 +44,7 @@ impl Call {
             payload,
             done: None,
             limit: None,
+            installer_max: false,
         }
     }
 
@@ -78,6 +82,11 @@ impl Calls {
 
     pub(crate) fn push(&mut self, call: Call) {
         self.waiting.push_back(call);
+    }
+
+    /// Puts `call` ahead of every waiting CALL.
+    pub(crate) fn push_front(&mut self, call: Call) {
+        self.waiting.push_front(call);
     }
 
     /// Puts `calls`, in their order, ahead of every waiting CALL.

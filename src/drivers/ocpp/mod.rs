@@ -290,7 +290,10 @@ impl Driver {
         };
         c.set_up = true;
         let mut first = vec![match max {
-            Some(amps) => Call::own("SetChargingProfile", profiles::max_profile(amps, now)),
+            Some(amps) => Call {
+                installer_max: true,
+                ..Call::own("SetChargingProfile", profiles::max_profile(amps, now))
+            },
             None => Call::own("ClearChargingProfile", profiles::clear_max_profile()),
         }];
         for standing in standing {
@@ -459,10 +462,9 @@ impl Driver {
         tracing::info!(driver = %settings.name, charge_point = %settings.charge_points[cp].id,
             command_id = %command.command_id, action, "ocpp: command queued");
         c.calls.push(Call {
-            action,
-            payload,
             done: Some(command.done),
             limit,
+            ..Call::own(action, payload)
         });
         self.pump(cp);
     }
@@ -501,6 +503,9 @@ impl Driver {
 
     /// Ends one CALL: an accepted limit stands, and a command gets its outcome.
     fn finish(&mut self, cp: usize, call: Call, outcome: Result<(), String>) {
+        if call.installer_max && self.settings.charge_points[cp].require_max_profile {
+            self.require_max_profile(cp, outcome.is_ok());
+        }
         let result = match (&outcome, call.limit) {
             (Ok(()), Some(standing)) => {
                 let connector = standing.connector as usize - 1;
@@ -521,6 +526,25 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// With `require_max_profile`: a charger that took the installer's limit is made (or kept)
+    /// `Operative`, one that refused it (or did not answer) `Inoperative`, next, ahead of any
+    /// other CALL. OCPP keeps the availability across the charger's reboots, so a charger that
+    /// refuses the limit stays unable to charge until it takes it.
+    fn require_max_profile(&mut self, cp: usize, accepted: bool) {
+        let Some(c) = self.connected[cp].as_mut() else {
+            return;
+        };
+        if !accepted {
+            tracing::warn!(driver = %self.settings.name,
+                charge_point = %self.settings.charge_points[cp].id,
+                "ocpp: the charger refused the installer's limit; making it inoperative");
+        }
+        c.calls.push_front(Call::own(
+            "ChangeAvailability",
+            profiles::change_availability(accepted),
+        ));
     }
 
     /// Fails the CALLs of a connection that has ended: the commands among them fail now, not

@@ -195,6 +195,16 @@ pub(crate) fn clear_max_profile() -> Value {
     json!({"id": MAX_PROFILE_ID})
 }
 
+/// ChangeAvailability.req for the whole charge point (connector 0).
+pub(crate) fn change_availability(operative: bool) -> Value {
+    let kind = if operative {
+        "Operative"
+    } else {
+        "Inoperative"
+    };
+    json!({"connectorId": 0, "type": kind})
+}
+
 /// TriggerMessage.req for `message` on `connector`.
 pub(crate) fn trigger(message: &str, connector: u32) -> Value {
     json!({"requestedMessage": message, "connectorId": connector})

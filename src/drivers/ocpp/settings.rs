@@ -84,6 +84,11 @@ pub struct ChargePointSettings {
     /// How many connectors it has (1 to [`MAX_CONNECTORS`]): each is a `charger` device.
     #[serde(default = "default_connectors")]
     pub connectors: u32,
+    /// Whether the charger may charge only under the installer's limit: one that refuses its
+    /// `ChargePointMaxProfile` is made `Inoperative` (ChangeAvailability) until it takes it,
+    /// when it is made `Operative` again. Needs `max_current_a`.
+    #[serde(default)]
+    pub require_max_profile: bool,
 }
 
 /// The most connectors one charge point may have: each is a device.
@@ -180,6 +185,12 @@ impl OcppSettings {
                         "{}: expected 1 to {MAX_CONNECTORS}, found {}",
                         cp.id, cp.connectors
                     ),
+                ));
+            }
+            if cp.require_max_profile && cp.max_current_a.is_none() {
+                return Err(bad(
+                    "drivers.charge_points.require_max_profile",
+                    format!("{}: needs max_current_a, the limit to require", cp.id),
                 ));
             }
             if let Some(amps) = cp.max_current_a {
@@ -376,6 +387,7 @@ pub(crate) mod tests {
                 password: Some(Secret::new("correct-horse".into())),
                 max_current_a: Some(16),
                 connectors: 1,
+                require_max_profile: false,
             }],
             authorize: Some(Authorize::AcceptAll),
             id_tags: None,
@@ -392,7 +404,7 @@ pub(crate) mod tests {
     fn bad_settings_are_refused_naming_the_entry_and_the_key() {
         assert!(settings().validate(1).is_ok());
         type Case = (fn(&mut OcppSettings), &'static str, &'static str);
-        let cases: [Case; 19] = [
+        let cases: [Case; 20] = [
             (|s| s.name.clear(), "drivers.name", "driver #2 (): must not be empty"),
             (
                 |s| s.listen = "0.0.0.0".into(),
@@ -441,6 +453,14 @@ pub(crate) mod tests {
                 |s| s.charge_points[0].max_current_a = Some(100),
                 "drivers.charge_points.max_current_a",
                 "driver #2 (garage): CP-1: expected 6 to 80, found 100",
+            ),
+            (
+                |s| {
+                    s.charge_points[0].max_current_a = None;
+                    s.charge_points[0].require_max_profile = true;
+                },
+                "drivers.charge_points.require_max_profile",
+                "driver #2 (garage): CP-1: needs max_current_a, the limit to require",
             ),
             (
                 |s| s.charge_points[0].connectors = 9,
