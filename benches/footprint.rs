@@ -43,7 +43,6 @@ fn main() {
     let pki = Pki::new();
     let broker = Mosquitto::start(&pki);
     let mut cfg = AgentConfig::new(&pki, broker.port, "gw-footprint");
-    cfg.extra_broker = "keepalive_secs = 30\n".into();
     let limits = std::env::var("FOOTPRINT_LIMITS").map_or(true, |v| v != "0");
     for i in 0..drivers {
         let kind = ["battery", "inverter", "charger", "thermostat"][i % 4];
@@ -116,13 +115,7 @@ fn main() {
             list.join(", ")
         ));
     }
-    let config = cfg.write(pki.path());
-    // The harness's config uses a 5 s keepalive for fast tests; use the production default.
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("keepalive_secs = 5\n", "")
-        .replace("level = \"debug\"", "level = \"info\"");
-    std::fs::write(&config, text).unwrap();
+    let config = cfg.write_production(pki.path());
 
     let notify_path = pki.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();

@@ -126,6 +126,19 @@ impl AgentConfig {
         path
     }
 
+    /// [`AgentConfig::write`], but as a gateway runs in production rather than in a test: the
+    /// default keepalive (30 s, not the tests' 5 s) and `info` logging. For benches that
+    /// measure what a real gateway costs.
+    pub fn write_production(&self, dir: &Path) -> PathBuf {
+        let path = self.write(dir);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("keepalive_secs = 5\n", "")
+            .replace("level = \"debug\"", "level = \"info\"");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     pub fn state_dir(&self, dir: &Path) -> PathBuf {
         dir.join(format!("state-{}", self.device_id))
     }

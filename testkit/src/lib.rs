@@ -13,6 +13,7 @@
 //! | [`modbus`] | real Modbus TCP servers (pymodbus) that look like SunSpec devices, maps generated from the official model definitions |
 //! | [`ocpp`] | real OCPP 1.6J charge points (mobilityhouse's `ocpp`), driven by JSON control lines, every frame logged raw |
 //! | [`pyenv`] | the pinned Python environment in `target/pyenv` that both run in |
+//! | [`relay`] | a TCP relay that counts the bytes on the gateway's socket, and can cut it |
 //!
 //! Nothing here touches a fixed port or a file outside the test's temporary directory, so tests
 //! run in parallel and leave nothing behind. What only the agent's own test targets know (the
@@ -28,6 +29,7 @@ pub mod platform;
 pub mod procfs;
 pub mod pyenv;
 pub mod regex;
+pub mod relay;
 pub mod schema;
 
 pub use agent::{agent_binary, agent_command, agent_process, Agent, AgentConfig};
@@ -38,3 +40,4 @@ pub use pki::{Ca, CertFiles, Pki, BROKER_NAME};
 pub use platform::{device_topic, platform_peer, Peer, Seen, Testbed};
 pub use procfs::{cpu_seconds, proc_status_kib};
 pub use pyenv::pyenv_python;
+pub use relay::ByteRelay;
