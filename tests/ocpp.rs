@@ -705,17 +705,29 @@ fn report_charging(cp: &ChargePoint) {
 
 /// [`report_charging`] for connector `n`.
 fn report_connector(cp: &ChargePoint, n: u32) {
-    answer(
-        cp,
-        json!({"op": "status", "connector": n, "status": "Charging"}),
+    blocking(|| cp.report_charging(n, WAIT));
+}
+
+/// The CALLs received on connection `conn`, once `ready` holds for them.
+fn calls_on(cp: &ChargePoint, conn: u64, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let calls = cp.calls_on(conn);
+        if ready(&calls) {
+            return calls;
+        }
+        assert!(Instant::now() < deadline, "connection {conn}: {calls:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// When (the charge point's clock, Unix seconds) it received the CALL with unique id `id`.
+fn received_at(cp: &ChargePoint, id: &Value) -> f64 {
+    let line = cp.wait_for(
+        |l| is_frame(l, "received", |f| f[0] == 2 && f[1] == *id),
+        WAIT,
     );
-    answer(
-        cp,
-        json!({"op": "meter_values", "connector": n, "sampled": [
-        {"measurand": "Voltage", "value": "230"},
-        {"measurand": "Current.Import", "value": "16"},
-        {"measurand": "Power.Active.Import", "value": "3680"}]}),
-    );
+    line["t"].as_f64().unwrap()
 }
 
 /// The installer's limit reaches the charger at each connection, after its BootNotification
@@ -801,8 +813,14 @@ async fn the_installers_limit_is_a_max_profile_and_every_charge_limit_expires_on
         json!({"status": "Accepted", "chargingRateUnit": "A", "limit": 10.0, "validTo": valid_to})
     );
 
-    // Renewed before it lapses: the same limit, a later validTo.
+    // Renewed before it lapses, once, two thirds into the lease: the same limit, a later validTo.
     let renewed = call_received(&cp, "SetChargingProfile", 2);
+    let gap = received_at(&cp, &renewed[1]) - received_at(&cp, &set[1]);
+    let two_thirds = (lease * 2 / 3) as f64;
+    assert!(
+        (two_thirds - 1.5..lease as f64).contains(&gap),
+        "renewed {gap:.1} s after the profile, not about {two_thirds} s"
+    );
     let again = &renewed[3]["csChargingProfiles"];
     assert_eq!(
         again["chargingSchedule"],
@@ -856,23 +874,27 @@ async fn the_installers_limit_is_a_max_profile_and_every_charge_limit_expires_on
 
     // Reconnected, the charger gets the installer's profile and the standing limit (10 A,
     // not the refused 12 A) again.
-    let before_reconnect = cp
-        .frames_received()
-        .iter()
-        .filter(|f| parse(f)[2] == "SetChargingProfile")
-        .count();
+    let reconnected_at = now();
     blocking(|| cp.call(json!({"op": "reconnect"}), WAIT));
-    let max_again = call_received(&cp, "SetChargingProfile", before_reconnect);
+    let again = calls_on(&cp, 2, |calls| calls.len() >= 2);
     assert_eq!(
-        max_again[3]["csChargingProfiles"]["chargingProfilePurpose"],
+        (again[0][2].clone(), again[1][2].clone()),
+        (json!("SetChargingProfile"), json!("SetChargingProfile")),
+        "{again:?}"
+    );
+    assert_eq!(
+        again[0][3]["csChargingProfiles"]["chargingProfilePurpose"],
         "ChargePointMaxProfile"
     );
-    let limit_again = call_received(&cp, "SetChargingProfile", before_reconnect + 1);
-    let profile = &limit_again[3]["csChargingProfiles"];
+    let profile = &again[1][3]["csChargingProfiles"];
     assert_eq!(profile["chargingProfilePurpose"], "TxDefaultProfile");
     assert_eq!(
         profile["chargingSchedule"]["chargingSchedulePeriod"][0]["limit"],
         10.0
+    );
+    assert!(
+        profile["validTo"].as_str().unwrap() >= at(reconnected_at + lease).as_str(),
+        "leased again from the reconnection: {profile}"
     );
     assert_eq!(cp.violations(), Vec::<Value>::new());
 }
@@ -962,12 +984,7 @@ async fn two_charge_points_at_once_get_their_own_commands_one_call_at_a_time() {
     assert_eq!(started[1]["result"], json!({"status": "Accepted"}));
 
     for (cp, unit, limit) in [(&cp1, "A", 8.0), (&cp2, "W", 3680.0)] {
-        let calls: Vec<Value> = cp
-            .frames_received()
-            .iter()
-            .map(|f| parse(f))
-            .filter(|f| f[0] == 2)
-            .collect();
+        let calls = cp.calls_on(1);
         let profiles: Vec<&Value> = calls
             .iter()
             .filter(|f| {
@@ -993,14 +1010,8 @@ async fn two_charge_points_at_once_get_their_own_commands_one_call_at_a_time() {
         assert_eq!(cp.violations(), Vec::<Value>::new());
     }
     // No unique id was sent to both chargers.
-    let ids = |cp: &ChargePoint| -> Vec<Value> {
-        cp.frames_received()
-            .iter()
-            .map(|f| parse(f))
-            .filter(|f| f[0] == 2)
-            .map(|f| f[1].clone())
-            .collect()
-    };
+    let ids =
+        |cp: &ChargePoint| -> Vec<Value> { cp.calls_on(1).iter().map(|f| f[1].clone()).collect() };
     let (ids1, ids2) = (ids(&cp1), ids(&cp2));
     assert!(
         ids1.iter().all(|id| !ids2.contains(id)),
@@ -1060,7 +1071,7 @@ async fn a_second_connector_is_a_device_of_its_own() {
     assert_eq!(started["type"], "command.succeeded", "{started}");
     let start = call_received(&cp, "RemoteStartTransaction", 0);
     assert_eq!(start[3]["connectorId"], 2, "{start}");
-    cp.wait_for(
+    let transaction = cp.wait_for(
         |l| l["event"] == "op" && l["op"] == "start_transaction",
         WAIT,
     );
@@ -1073,6 +1084,11 @@ async fn a_second_connector_is_a_device_of_its_own() {
         )
         .await;
     assert_eq!(stopped["type"], "command.succeeded", "{stopped}");
+    let stop = call_received(&cp, "RemoteStopTransaction", 0);
+    assert_eq!(
+        stop[3]["transactionId"], transaction["payload"]["transactionId"],
+        "connector 2's transaction: {stop}"
+    );
     // Connector 1 has no transaction of its own: nothing to stop.
     report_charging(&cp);
     site.point("ocpp-CP-2", |p| p.get("state").is_some()).await;
@@ -1161,19 +1177,12 @@ async fn a_charger_that_refuses_the_installers_limit_is_made_inoperative_until_i
     spec["boot_on_connect"] = json!(true);
     spec["answers"] = json!({"SetChargingProfile": {"status": "Rejected"}});
     let cp = site.connect(&spec);
-    let calls = |cp: &ChargePoint| -> Vec<Value> {
-        cp.frames_received()
-            .iter()
-            .map(|f| parse(f))
-            .filter(|f| f[0] == 2)
-            .collect()
-    };
     let inoperative = call_received(&cp, "ChangeAvailability", 0);
     assert_eq!(
         inoperative[3],
         json!({"connectorId": 0, "type": "Inoperative"})
     );
-    let sent = calls(&cp);
+    let sent = cp.calls_on(1);
     assert_eq!(
         (sent[0][2].as_str(), sent[1][2].as_str()),
         (Some("SetChargingProfile"), Some("ChangeAvailability")),
@@ -1198,7 +1207,54 @@ async fn a_charger_that_refuses_the_installers_limit_is_made_inoperative_until_i
         )
     });
     blocking(|| cp.call(json!({"op": "reconnect"}), WAIT));
-    let operative = call_received(&cp, "ChangeAvailability", 1);
-    assert_eq!(operative[3], json!({"connectorId": 0, "type": "Operative"}));
+    let again = calls_on(&cp, 2, |calls| calls.len() >= 2);
+    assert_eq!(again[0][2], "SetChargingProfile", "{again:?}");
+    assert_eq!(
+        again[1],
+        json!([2, again[1][1].clone(), "ChangeAvailability", {"connectorId": 0, "type": "Operative"}]),
+        "right after the profile is taken"
+    );
     assert_eq!(cp.violations(), Vec::<Value>::new());
+}
+
+/// Answers are not counted by the message rate (the gateway sends one CALL at a time), so a
+/// burst of 16 answers to no CALL, faster than `max_messages_per_sec`, leaves the charger
+/// connected and served; more than 16 in a row close it (1008), whether they read or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_to_no_call_are_not_rated_but_more_than_16_close_the_connection() {
+    let site = site(300).await;
+    let cp = site.connect(&site.spec("CP-2"));
+    for i in 0..16 {
+        let text = format!("[3, \"nobody-{i}\", {{}}]");
+        blocking(|| cp.send(json!({"op": "send_raw", "text": text})));
+    }
+    let beat = answer(&cp, json!({"op": "heartbeat"}));
+    assert_eq!(beat[0], 3, "still served after 16 stray answers: {beat}");
+    // The gateway's CALLs that follow are answered in turn, which resets the count; the last
+    // is connector 2's MeterValues trigger, and once it is answered nothing else is asked.
+    let last = call_received(&cp, "TriggerMessage", 3);
+    assert_eq!(
+        last[3],
+        json!({"requestedMessage": "MeterValues", "connectorId": 2})
+    );
+    let last_id = last[1].clone();
+    cp.wait_for(
+        |l| is_frame(l, "sent", |f| f[0] == 3 && f[1] == last_id),
+        WAIT,
+    );
+    for i in 0..17 {
+        // Every other one does not even read as an answer.
+        let text = if i % 2 == 0 {
+            format!("[3, \"late-{i}\", {{}}]")
+        } else {
+            format!("[4, \"late-{i}\"")
+        };
+        blocking(|| cp.send(json!({"op": "send_raw", "text": text})));
+    }
+    let closed = cp.wait_for(|l| l["event"] == "closed", WAIT);
+    assert_eq!(
+        (closed["code"].clone(), closed["reason"].clone()),
+        (json!(1008), json!("answers to no CALL")),
+        "{closed}"
+    );
 }

@@ -209,10 +209,7 @@ fn validate_limits(limits: &[DeviceLimits], drivers: &[DriverSettings]) -> Resul
     });
     let charge_point = |id: &str| {
         drivers.iter().find_map(|d| match d {
-            DriverSettings::Ocpp(o) => o
-                .charge_points
-                .iter()
-                .find(|cp| cp.device_ids().any(|(_, device)| device == id)),
+            DriverSettings::Ocpp(o) => o.connector_of(id).map(|(i, _)| &o.charge_points[i]),
             _ => None,
         })
     };

@@ -204,6 +204,32 @@ impl ChargePoint {
         self.outcome(seq, timeout)
     }
 
+    /// Connector `connector` charging: a StatusNotification `Charging` and a MeterValues with
+    /// all three measurands the agent maps (230 V, 16 A, 3680 W), each answered with a
+    /// CALLRESULT, so the agent reports (and lists) the connector's device.
+    pub fn report_charging(&self, connector: u32, timeout: Duration) {
+        for op in [
+            serde_json::json!({"op": "status", "connector": connector, "status": "Charging"}),
+            serde_json::json!({"op": "meter_values", "connector": connector, "sampled": [
+                {"measurand": "Voltage", "value": "230"},
+                {"measurand": "Current.Import", "value": "16"},
+                {"measurand": "Power.Active.Import", "value": "3680"}]}),
+        ] {
+            let outcome = self.call(op.clone(), timeout);
+            assert_eq!(outcome["outcome"], "result", "{op}: {outcome}");
+        }
+    }
+
+    /// The CALLs received on connection `conn` (1 for the first), parsed, oldest first.
+    pub fn calls_on(&self, conn: u64) -> Vec<Value> {
+        self.log()
+            .iter()
+            .filter(|l| l["event"] == "frame" && l["dir"] == "received" && l["conn"] == conn)
+            .filter_map(|l| serde_json::from_str::<Value>(l["text"].as_str()?).ok())
+            .filter(|f| f[0] == 2)
+            .collect()
+    }
+
     /// Every line of the log so far, oldest first.
     pub fn log(&self) -> Vec<Value> {
         json_lines(&self.log)

@@ -3,9 +3,9 @@
 //! chargers that take two at once are not the ones to rely on. Pure: no socket, no clock of its
 //! own.
 //!
-//! A command's CALL queues behind the driver's own (the profiles and triggers sent at each
-//! connection), so the installer's `ChargePointMaxProfile` always reaches a charger before any
-//! command does.
+//! The CALLs each connection starts with (the profiles and triggers) go ahead of any command
+//! queued before them, so on every connection the installer's `ChargePointMaxProfile` is sent
+//! before any command is.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -45,6 +45,15 @@ impl Call {
             done: None,
             limit: None,
             installer_max: false,
+        }
+    }
+
+    /// A SetChargingProfile of `standing`, sent at `now`; it becomes the standing limit once
+    /// accepted.
+    pub(crate) fn limit(standing: Standing, now: u64) -> Call {
+        Call {
+            limit: Some(standing),
+            ..Call::own("SetChargingProfile", standing.profile(now))
         }
     }
 
@@ -113,18 +122,22 @@ impl Calls {
 
     /// The next CALL's frame, when none is in flight, under the unique id `unique_id` gives.
     /// Commands abandoned while they waited are dropped unsent.
+    /// `refresh` may rewrite the call first: a charge limit that waited is leased from the
+    /// time it is sent, not from the time it was queued.
     pub(crate) fn next(
         &mut self,
         unique_id: impl FnOnce() -> String,
+        refresh: impl FnOnce(&mut Call),
         now: Instant,
     ) -> Option<(String, &Call)> {
         if self.in_flight.is_some() {
             return None;
         }
-        while let Some(call) = self.waiting.pop_front() {
+        while let Some(mut call) = self.waiting.pop_front() {
             if call.abandoned() {
                 continue;
             }
+            refresh(&mut call);
             let unique_id = unique_id();
             let text = frame::call(&unique_id, call.action, call.payload.clone());
             let sent = self.in_flight.insert(InFlight {
@@ -153,6 +166,13 @@ impl Calls {
             }
             _ => None,
         }
+    }
+
+    /// Drops the driver's own waiting CALLs of `action` (the rest of the TriggerMessages, once
+    /// one has shown the charger will not take them).
+    pub(crate) fn drop_own(&mut self, action: &str) {
+        self.waiting
+            .retain(|c| c.done.is_some() || c.action != action);
     }
 
     /// Every CALL, in flight first: the connection has ended.
@@ -191,7 +211,7 @@ mod tests {
         let (start, _start_rx) = command("RemoteStartTransaction");
         calls.push(start);
         assert_eq!(calls.commands(), 1);
-        let (text, call) = calls.next(|| "ta-1".into(), t0).unwrap();
+        let (text, call) = calls.next(|| "ta-1".into(), |_| {}, t0).unwrap();
         assert_eq!(
             (text.as_str(), call.action),
             (
@@ -199,13 +219,16 @@ mod tests {
                 "TriggerMessage"
             )
         );
-        assert!(calls.next(|| "ta-2".into(), t0).is_none(), "one at a time");
+        assert!(
+            calls.next(|| "ta-2".into(), |_| {}, t0).is_none(),
+            "one at a time"
+        );
         assert!(
             calls.answered("ta-9").is_none(),
             "an answer to another CALL"
         );
         assert_eq!(calls.answered("ta-1").unwrap().action, "TriggerMessage");
-        let (text, _) = calls.next(|| "ta-2".into(), t0).unwrap();
+        let (text, _) = calls.next(|| "ta-2".into(), |_| {}, t0).unwrap();
         assert!(text.starts_with(r#"[2,"ta-2","RemoteStartTransaction""#));
         assert!(calls
             .timed_out(t0 + Duration::from_secs(29), Duration::from_secs(30))
@@ -237,6 +260,7 @@ mod tests {
                 n += 1;
                 format!("ta-{n}")
             },
+            |_| {},
             t0,
         );
         let actions: Vec<_> = calls.drain().map(|c| c.action).collect();
@@ -259,7 +283,7 @@ mod tests {
             Call::own("TriggerMessage", json!({})),
         ]);
         let mut sent = Vec::new();
-        while let Some((text, _)) = calls.next(|| format!("ta-{}", sent.len()), t0) {
+        while let Some((text, _)) = calls.next(|| format!("ta-{}", sent.len()), |_| {}, t0) {
             let unique_id = format!("ta-{}", sent.len());
             sent.push(text);
             calls.answered(&unique_id).unwrap();

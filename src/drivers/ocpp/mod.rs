@@ -165,6 +165,24 @@ const MAX_PENDING: usize = 4;
 /// How long a CALL waits for the charger's answer before the next one may go.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Queues `text` to a connection; a charger that does not read its frames (16 unsent) is not
+/// waited for but closed.
+fn send(outgoing: &mpsc::Sender<Outgoing>, text: String) {
+    if outgoing.try_send(Outgoing::Text(text)).is_err() {
+        let _ = outgoing.try_send(Outgoing::Close(CloseCode::Policy, "not reading"));
+    }
+}
+
+/// Whether `status` is a good answer to `action`: `Accepted`, or the answers that mean the same
+/// for our own CALLs (no profile of ours to clear; availability changed once the running
+/// transaction ends).
+fn fine(action: &str, status: &str) -> bool {
+    matches!(
+        (action, status),
+        (_, "Accepted") | ("ClearChargingProfile", "Unknown") | ("ChangeAvailability", "Scheduled")
+    )
+}
+
 /// The commands the devices carry out.
 const COMMANDS: [&str; 2] = [
     "charger:set-operating-mode",
@@ -183,13 +201,11 @@ impl Driver {
                 tracing::info!(driver = %self.settings.name, charge_point = %cp, "ocpp: connected");
                 // One connection per charge point: the newer one is the charger after a
                 // restart; the old socket is most likely dead already.
-                if let Some(mut old) = self.connected[id.cp].take() {
-                    Self::fail_calls(&mut old, "the charge point connected again");
-                    let _ = old.outgoing.try_send(Outgoing::Close(
-                        CloseCode::Normal,
-                        "replaced by a new connection",
-                    ));
-                }
+                self.disconnect(
+                    id.cp,
+                    "the charge point connected again",
+                    Some((CloseCode::Normal, "replaced by a new connection")),
+                );
                 let connectors = self.settings.charge_points[id.cp].connectors;
                 self.connected[id.cp] = Some(Connected {
                     conn: id.conn,
@@ -221,9 +237,7 @@ impl Driver {
             }
             Event::Closed { id, why } => {
                 if self.current(id).is_some() {
-                    if let Some(mut c) = self.connected[id.cp].take() {
-                        Self::fail_calls(&mut c, &why);
-                    }
+                    self.disconnect(id.cp, &why, None);
                     self.gone(id.cp, &why).await;
                 }
             }
@@ -248,16 +262,16 @@ impl Driver {
             tracing::warn!(driver = %settings.name, charge_point = %cp, problem, "ocpp: frame");
         }
         if let Some(reply) = reaction.reply {
-            // A charger that does not read its answers is not waited for: it is closed.
-            if outgoing.try_send(Outgoing::Text(reply)).is_err() {
-                let _ = outgoing.try_send(Outgoing::Close(CloseCode::Policy, "not reading"));
-            }
+            send(&outgoing, reply);
             // Its first CALL answered (a BootNotification, or whatever a charger that stayed
             // up sends first), the connection's own CALLs follow.
             self.set_up(id.cp);
         }
-        if let Some((unique_id, answer)) = reaction.answered {
-            self.resolve(id.cp, &unique_id, answer);
+        match reaction.answered {
+            Some((unique_id, answer)) => self.resolve(id.cp, &unique_id, answer),
+            // An answer that does not even read is as much a stray as one to no CALL.
+            None if frame::is_answer(text) => self.stray(id.cp, "unreadable"),
+            None => {}
         }
         if let Some((connector, state)) = reaction.state {
             let sample = Sample {
@@ -298,10 +312,7 @@ impl Driver {
         }];
         for standing in standing {
             if !c.calls.has_limit(standing.connector) {
-                first.push(Call {
-                    limit: Some(standing),
-                    ..Call::own("SetChargingProfile", standing.profile(now))
-                });
+                first.push(Call::limit(standing, now));
             }
         }
         for connector in 1..=connectors {
@@ -319,6 +330,10 @@ impl Driver {
     /// Sends `cp`'s next CALL if none is in flight.
     fn pump(&mut self, cp: usize) {
         let next_call = &mut self.next_call;
+        let (now, lease) = (
+            crate::model::clock::system_secs(),
+            self.settings.limit_valid_secs,
+        );
         // Nothing goes before the charger's first CALL has been answered (its BootNotification).
         let Some(c) = self.connected[cp].as_mut().filter(|c| c.set_up) else {
             return;
@@ -328,18 +343,23 @@ impl Driver {
                 *next_call += 1;
                 format!("ta-{next_call}")
             },
+            // A limit that waited behind other CALLs is leased from now.
+            |call| {
+                if let Some(standing) = call.limit {
+                    *call = Call {
+                        done: call.done.take(),
+                        ..Call::limit(standing.renewed(now, lease), now)
+                    };
+                }
+            },
             Instant::now(),
         ) else {
             return;
         };
         tracing::info!(driver = %self.settings.name, charge_point = %self.settings.charge_points[cp].id,
             action = call.action, "ocpp: call sent");
-        if c.outgoing.try_send(Outgoing::Text(text)).is_err() {
-            // The charger does not read: it is closed, and its CALLs fail when it is gone.
-            let _ = c
-                .outgoing
-                .try_send(Outgoing::Close(CloseCode::Policy, "not reading"));
-        }
+        // A charger that does not read is closed, and its CALLs fail when it is gone.
+        send(&c.outgoing, text);
     }
 
     /// Charge points silent for longer than the settings allow are closed and offline.
@@ -351,12 +371,7 @@ impl Driver {
                 .is_some_and(|c| c.last_seen.elapsed() > limit);
             if silent {
                 let why = format!("silent for more than {} s", limit.as_secs());
-                if let Some(mut c) = self.connected[cp].take() {
-                    Self::fail_calls(&mut c, &why);
-                    let _ = c
-                        .outgoing
-                        .try_send(Outgoing::Close(CloseCode::Away, "missed heartbeats"));
-                }
+                self.disconnect(cp, &why, Some((CloseCode::Away, "missed heartbeats")));
                 self.gone(cp, &why).await;
             }
         }
@@ -398,11 +413,7 @@ impl Driver {
                 .flatten()
                 .find(|s| s.due(now, lease));
             if let Some(standing) = due {
-                let renewed = standing.renewed(now, lease);
-                c.calls.push(Call {
-                    limit: Some(renewed),
-                    ..Call::own("SetChargingProfile", renewed.profile(now))
-                });
+                c.calls.push(Call::limit(standing.renewed(now, lease), now));
                 self.pump(cp);
             }
         }
@@ -414,17 +425,7 @@ impl Driver {
         let fail = |command: DriverCommand, why: String| {
             let _ = command.done.send(Err(CommandFailure::Reported(why)));
         };
-        let Some((cp, connector)) =
-            self.settings
-                .charge_points
-                .iter()
-                .enumerate()
-                .find_map(|(i, c)| {
-                    c.device_ids()
-                        .find(|(_, device)| *device == command.device_id)
-                        .map(|(n, _)| (i, n))
-                })
-        else {
+        let Some((cp, connector)) = self.settings.connector_of(&command.device_id) else {
             let why = format!("no charge point is {}", command.device_id);
             return fail(command, why);
         };
@@ -441,7 +442,7 @@ impl Driver {
             "charger:set-operating-mode" => {
                 session::OperatingMode::parse(&command.input).and_then(|mode| {
                     let payload = c.session.operating_mode_call(mode, connector, &settings)?;
-                    Ok((mode.action(), payload, None))
+                    Ok(Call::own(mode.action(), payload))
                 })
             }
             "charger:set-charge-rate-limit" => {
@@ -449,22 +450,20 @@ impl Driver {
                 profiles::ChargeLimit::parse(&command.input, max).map(|limit| {
                     let hold = command.safety.hold.as_ref().map(|h| h.until);
                     let lease = settings.limit_valid_secs;
-                    let standing = Standing::new(connector, limit, hold, now, lease);
-                    ("SetChargingProfile", standing.profile(now), Some(standing))
+                    Call::limit(Standing::new(connector, limit, hold, now, lease), now)
                 })
             }
             slug => Err(format!("the ocpp driver does not carry out {slug}")),
         };
-        let (action, payload, limit) = match call {
+        let call = match call {
             Ok(call) => call,
             Err(why) => return fail(command, why),
         };
         tracing::info!(driver = %settings.name, charge_point = %settings.charge_points[cp].id,
-            command_id = %command.command_id, action, "ocpp: command queued");
+            command_id = %command.command_id, action = call.action, "ocpp: command queued");
         c.calls.push(Call {
             done: Some(command.done),
-            limit,
-            ..Call::own(action, payload)
+            ..call
         });
         self.pump(cp);
     }
@@ -476,19 +475,13 @@ impl Driver {
             return;
         };
         let Some(call) = c.calls.answered(unique_id) else {
-            c.strays += 1;
-            tracing::warn!(driver = %self.settings.name, unique_id, "ocpp: an answer to no pending CALL");
-            if c.strays > MAX_STRAYS {
-                let _ = c
-                    .outgoing
-                    .try_send(Outgoing::Close(CloseCode::Policy, "answers to no CALL"));
-            }
-            return;
+            return self.stray(cp, unique_id);
         };
+        c.strays = 0;
         let id = &self.settings.charge_points[cp].id;
         let outcome = match answer {
             Ok(payload) => match payload["status"].as_str() {
-                Some("Accepted") => Ok(()),
+                Some(status) if fine(call.action, status) => Ok(()),
                 Some(status) => Err(format!("{id} answered {} with {status}", call.action)),
                 None => Err(format!("{id} answered {} without a status", call.action)),
             },
@@ -506,10 +499,39 @@ impl Driver {
         if call.installer_max && self.settings.charge_points[cp].require_max_profile {
             self.require_max_profile(cp, outcome.is_ok());
         }
+        let slot = |standing: &Standing| {
+            let connector = usize::try_from(standing.connector.checked_sub(1)?).ok()?;
+            Some((cp, connector))
+        };
+        if outcome.is_err() {
+            match (&call.limit, &call.done) {
+                // A refused renewal is tried again later, not at every check.
+                (Some(standing), None) => {
+                    if let Some((cp, n)) = slot(standing) {
+                        let lease = self.settings.limit_valid_secs;
+                        let now = crate::model::clock::system_secs();
+                        if let Some(s) = self.standing[cp].get_mut(n).and_then(Option::as_mut) {
+                            *s = s.retry_later(now, lease);
+                        }
+                    }
+                }
+                // A charger that will not take one TriggerMessage will not take the others;
+                // each would hold the queue for up to 30 s.
+                _ if call.action == "TriggerMessage" => {
+                    if let Some(c) = self.connected[cp].as_mut() {
+                        c.calls.drop_own("TriggerMessage");
+                    }
+                }
+                _ => {}
+            }
+        }
         let result = match (&outcome, call.limit) {
             (Ok(()), Some(standing)) => {
-                let connector = standing.connector as usize - 1;
-                self.standing[cp][connector] = Some(standing);
+                if let Some(slot) =
+                    slot(&standing).and_then(|(cp, n)| self.standing.get_mut(cp)?.get_mut(n))
+                {
+                    *slot = Some(standing);
+                }
                 Ok(standing.limit.result(standing.valid_to))
             }
             (Ok(()), None) => Ok(serde_json::json!({"status": "Accepted"})),
@@ -545,6 +567,34 @@ impl Driver {
             "ChangeAvailability",
             profiles::change_availability(accepted),
         ));
+    }
+
+    /// An answer to no CALL waiting (late, unknown, or unreadable): logged, and counted, since
+    /// the message rate does not count answers; more than [`MAX_STRAYS`] in a row close the
+    /// connection.
+    fn stray(&mut self, cp: usize, unique_id: &str) {
+        let Some(c) = self.connected[cp].as_mut() else {
+            return;
+        };
+        c.strays += 1;
+        tracing::warn!(driver = %self.settings.name, unique_id, "ocpp: an answer to no pending CALL");
+        if c.strays > MAX_STRAYS {
+            let _ = c
+                .outgoing
+                .try_send(Outgoing::Close(CloseCode::Policy, "answers to no CALL"));
+        }
+    }
+
+    /// Ends `cp`'s connection, if it has one: its CALLs fail with `why`, and it is sent `close`.
+    /// (Reporting it offline is the caller's: a replaced connection is not offline.)
+    fn disconnect(&mut self, cp: usize, why: &str, close: Option<(CloseCode, &'static str)>) {
+        let Some(mut c) = self.connected[cp].take() else {
+            return;
+        };
+        Self::fail_calls(&mut c, why);
+        if let Some((code, reason)) = close {
+            let _ = c.outgoing.try_send(Outgoing::Close(code, reason));
+        }
     }
 
     /// Fails the CALLs of a connection that has ended: the commands among them fail now, not

@@ -17,9 +17,12 @@ use serde_json::{json, Map, Value};
 use crate::model::clock::rfc3339;
 
 /// Our `chargingProfileId`s. A profile with the same id replaces ours on the charger (1.6,
-/// 5.16), so a new limit never stacks on an old one.
+/// 5.16.2), so a new limit never stacks on an old one.
 pub(crate) const MAX_PROFILE_ID: u32 = 1;
-pub(crate) const LIMIT_PROFILE_ID: u32 = 2;
+/// Connector `n`'s limit is profile `LIMIT_PROFILE_BASE + n` at stack level `n`: 1.6 also
+/// replaces a profile of the same stack level and purpose, and a charger that applies that rule
+/// across connectors must not let one connector's limit replace another's.
+pub(crate) const LIMIT_PROFILE_BASE: u32 = 10;
 
 /// The unit of a charging schedule: a 1.6 schedule has exactly one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +116,8 @@ pub(crate) struct Standing {
     pub(crate) hold_until: Option<u64>,
     /// The `validTo` it was last sent with.
     pub(crate) valid_to: u64,
+    /// After a refused renewal: not renewed again before then.
+    pub(crate) retry_at: Option<u64>,
 }
 
 impl Standing {
@@ -129,6 +134,7 @@ impl Standing {
             limit,
             hold_until,
             valid_to: valid_to(now, lease, hold_until),
+            retry_at: None,
         }
     }
 
@@ -137,12 +143,23 @@ impl Standing {
         self.hold_until.is_none_or(|until| until > now)
     }
 
-    /// Whether it must be sent again at `now`: live, its lease two thirds gone, and its
-    /// `validTo` not already the end of its hold.
+    /// Whether it must be sent again at `now`: live, its lease two thirds gone (or a refused
+    /// renewal's retry time come), and its `validTo` not already the end of its hold.
     pub(crate) fn due(&self, now: u64, lease: u64) -> bool {
         self.live(now)
             && self.hold_until.is_none_or(|until| until > self.valid_to)
             && now >= renew_at(self.valid_to, lease)
+            && self.retry_at.is_none_or(|at| now >= at)
+    }
+
+    /// The same limit, after the charger refused (or did not answer) its renewal at `now`:
+    /// tried again a tenth of the lease later (at least 5 s), not at every check, while the
+    /// profile already on the charger runs out.
+    pub(crate) fn retry_later(&self, now: u64, lease: u64) -> Standing {
+        Standing {
+            retry_at: Some(now + (lease / 10).max(5)),
+            ..*self
+        }
     }
 
     /// The same limit, leased again from `now`.
@@ -177,8 +194,8 @@ fn limit_profile(limit: ChargeLimit, connector: u32, now: u64, valid_to: u64) ->
     json!({
         "connectorId": connector,
         "csChargingProfiles": {
-            "chargingProfileId": LIMIT_PROFILE_ID,
-            "stackLevel": 0,
+            "chargingProfileId": LIMIT_PROFILE_BASE + connector,
+            "stackLevel": connector,
             "chargingProfilePurpose": "TxDefaultProfile",
             "chargingProfileKind": "Absolute",
             "validFrom": rfc3339(now),
@@ -278,6 +295,14 @@ mod tests {
             value: 10.0,
         };
         let p = limit_profile(limit, 1, now, now + 900);
+        assert_eq!(
+            (
+                &limit_profile(limit, 2, now, now + 900)["csChargingProfiles"]["chargingProfileId"],
+                &p["csChargingProfiles"]["chargingProfileId"]
+            ),
+            (&json!(12), &json!(11)),
+            "each connector's limit is a profile of its own"
+        );
         let profile = &p["csChargingProfiles"];
         assert_eq!(p["connectorId"], 1);
         assert_eq!(profile["chargingProfilePurpose"], "TxDefaultProfile");
@@ -320,6 +345,11 @@ mod tests {
             "its validTo is the end of its hold already"
         );
         assert!(held.live(1119) && !held.live(1120));
+        let refused = open.retry_later(1600, 900);
+        assert!(
+            !refused.due(1689, 900) && refused.due(1690, 900),
+            "a tenth of the lease later"
+        );
         let long = Standing::new(1, limit, Some(3000), 1000, 900);
         assert!(long.due(1600, 900));
         assert_eq!(long.renewed(2700, 900).valid_to, 3000);

@@ -99,6 +99,12 @@ fn default_connectors() -> u32 {
 }
 
 impl ChargePointSettings {
+    /// The messages it sends in the second after its boot (docs/PROTOCOL.md 17.6).
+    pub(crate) fn boot_burst(&self) -> u32 {
+        let statuses = if self.require_max_profile { 2 } else { 1 };
+        (statuses + 2) * self.connectors + statuses + 1
+    }
+
     /// Its connectors' device ids, connector 1 first.
     pub(crate) fn device_ids(&self) -> impl Iterator<Item = (u32, String)> + '_ {
         (1..=self.connectors).map(|n| (n, device_id(&self.id, n)))
@@ -276,8 +282,9 @@ impl OcppSettings {
         for cp in &self.charge_points {
             // At its boot a charger sends its BootNotification, a StatusNotification for
             // connector 0 and each connector, and what the gateway's TriggerMessages ask for
-            // (two per connector, 17.6): all in about a second.
-            let burst = 3 * cp.connectors + 2;
+            // (two per connector, 17.6): all in about a second; with require_max_profile, a
+            // ChangeAvailability makes it send its statuses once more.
+            let burst = cp.boot_burst();
             if self.max_messages_per_sec < burst {
                 return Err(bad(
                     "drivers.max_messages_per_sec",
@@ -297,6 +304,15 @@ impl OcppSettings {
             }
         }
         Ok(())
+    }
+
+    /// The charge point (its index) and connector of device `device_id`, if it is one of ours.
+    pub(crate) fn connector_of(&self, device_id: &str) -> Option<(usize, u32)> {
+        self.charge_points.iter().enumerate().find_map(|(i, cp)| {
+            cp.device_ids()
+                .find(|(_, device)| device == device_id)
+                .map(|(n, _)| (i, n))
+        })
     }
 
     /// The socket address to bind.
@@ -404,7 +420,7 @@ pub(crate) mod tests {
     fn bad_settings_are_refused_naming_the_entry_and_the_key() {
         assert!(settings().validate(1).is_ok());
         type Case = (fn(&mut OcppSettings), &'static str, &'static str);
-        let cases: [Case; 20] = [
+        let cases: [Case; 21] = [
             (|s| s.name.clear(), "drivers.name", "driver #2 (): must not be empty"),
             (
                 |s| s.listen = "0.0.0.0".into(),
@@ -466,6 +482,15 @@ pub(crate) mod tests {
                 |s| s.charge_points[0].connectors = 9,
                 "drivers.charge_points.connectors",
                 "driver #2 (garage): CP-1: expected 1 to 8, found 9",
+            ),
+            (
+                |s| {
+                    s.charge_points[0].connectors = 2;
+                    s.charge_points[0].require_max_profile = true;
+                },
+                "drivers.max_messages_per_sec",
+                "driver #2 (garage): CP-1: with 2 connectors a charger sends up to 11 messages \
+                 in the second after it boots; set max_messages_per_sec to at least 11, found 10",
             ),
             (
                 |s| s.charge_points[0].connectors = 4,
