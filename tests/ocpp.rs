@@ -219,17 +219,17 @@ async fn boot_heartbeat_authorize_and_a_transaction_are_answered() {
     assert_eq!(beat[0], 3);
     assert!(beat[2]["currentTime"].is_string(), "{beat}");
     // The charge point's own heartbeats, every 2 s after the Accepted boot, are answered too.
-    let deadline = Instant::now() + WAIT;
-    while cp
-        .frames_received()
-        .iter()
-        .filter(|f| f.contains("currentTime") && !f.contains("interval"))
-        .count()
-        < 3
-    {
-        assert!(Instant::now() < deadline, "no heartbeats answered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(
+        || "no heartbeats answered".into(),
+        || {
+            let beats = cp
+                .frames_received()
+                .iter()
+                .filter(|f| f.contains("currentTime") && !f.contains("interval"))
+                .count();
+            (beats >= 3).then_some(())
+        },
+    );
 
     let good = answer(&cp, json!({"op": "authorize", "id_tag": "good-tag"}));
     assert_eq!(good[2], json!({"idTagInfo": {"status": "Accepted"}}));
@@ -485,24 +485,30 @@ async fn a_silent_charge_point_is_closed_and_reported_offline() {
     );
 }
 
-/// The CALL the charge point received with action `action`, the `n`th (from 0), parsed.
+/// The CALL the charge point received with action `action`, the `n`th (from 0) over all its
+/// connections, parsed.
 fn call_received(cp: &ChargePoint, action: &str, n: usize) -> Value {
+    eventually(
+        || format!("no CALL {action} #{n}: {:?}", cp.frames_received()),
+        || {
+            cp.frames_received()
+                .iter()
+                .map(|f| parse(f))
+                .filter(|f| f[0] == 2 && f[2] == action)
+                .nth(n)
+        },
+    )
+}
+
+/// `found`'s value once it has one, polled every 20 ms for up to [`WAIT`]; then the test fails
+/// with `missing`.
+fn eventually<T>(missing: impl Fn() -> String, mut found: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + WAIT;
     loop {
-        let calls: Vec<Value> = cp
-            .frames_received()
-            .iter()
-            .map(|f| parse(f))
-            .filter(|f| f[0] == 2 && f[2] == action)
-            .collect();
-        if let Some(call) = calls.get(n) {
-            return call.clone();
+        if let Some(value) = found() {
+            return value;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no CALL {action} #{n}: {:?}",
-            cp.frames_received()
-        );
+        assert!(Instant::now() < deadline, "{}", missing());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -710,15 +716,10 @@ fn report_connector(cp: &ChargePoint, n: u32) {
 
 /// The CALLs received on connection `conn`, once `ready` holds for them.
 fn calls_on(cp: &ChargePoint, conn: u64, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let calls = cp.calls_on(conn);
-        if ready(&calls) {
-            return calls;
-        }
-        assert!(Instant::now() < deadline, "connection {conn}: {calls:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(
+        || format!("connection {conn}: {:?}", cp.calls_on(conn)),
+        || Some(cp.calls_on(conn)).filter(|calls| ready(calls)),
+    )
 }
 
 /// When (the charge point's clock, Unix seconds) it received the CALL with unique id `id`.
