@@ -578,9 +578,9 @@ async fn set_operating_mode_is_a_remote_start_or_stop_answered_by_the_charger() 
     assert_eq!(remote_stop[3], json!({"transactionId": transaction_id}));
 
     blocking(|| {
-        cp.call(
-            json!({"op": "set_answer", "action": "RemoteStartTransaction",
-        "answer": {"status": "Rejected"}}),
+        cp.set_answer(
+            "RemoteStartTransaction",
+            json!({"status": "Rejected"}),
             WAIT,
         )
     });
@@ -602,13 +602,7 @@ async fn set_operating_mode_is_a_remote_start_or_stop_answered_by_the_charger() 
     assert_eq!(cp.violations(), Vec::<Value>::new());
 
     // A charger that never answers and then drops its socket fails the command at once.
-    blocking(|| {
-        cp.call(
-            json!({"op": "set_answer", "action": "RemoteStopTransaction",
-        "answer": {"silent": true}}),
-            WAIT,
-        )
-    });
+    blocking(|| cp.set_answer("RemoteStopTransaction", json!({"silent": true}), WAIT));
     site.send(
         "cmd-lost",
         "ocpp-CP-1",
@@ -845,13 +839,7 @@ async fn the_installers_limit_is_a_max_profile_and_every_charge_limit_expires_on
     );
 
     // A refused profile fails its command with the charger's status.
-    blocking(|| {
-        cp.call(
-            json!({"op": "set_answer", "action": "SetChargingProfile",
-        "answer": {"status": "Rejected"}}),
-            WAIT,
-        )
-    });
+    blocking(|| cp.set_answer("SetChargingProfile", json!({"status": "Rejected"}), WAIT));
     let rejected = site
         .ask(
             "cmd-rejected",
@@ -865,13 +853,7 @@ async fn the_installers_limit_is_a_max_profile_and_every_charge_limit_expires_on
         rejected["error"]["message"], "CP-1 answered SetChargingProfile with Rejected",
         "{rejected}"
     );
-    blocking(|| {
-        cp.call(
-            json!({"op": "set_answer", "action": "SetChargingProfile",
-        "answer": {"status": "Accepted"}}),
-            WAIT,
-        )
-    });
+    blocking(|| cp.set_answer("SetChargingProfile", json!({"status": "Accepted"}), WAIT));
 
     // Reconnected, the charger gets the installer's profile and the standing limit (10 A,
     // not the refused 12 A) again.
@@ -1200,13 +1182,7 @@ async fn a_charger_that_refuses_the_installers_limit_is_made_inoperative_until_i
         )
     });
 
-    blocking(|| {
-        cp.call(
-            json!({"op": "set_answer", "action": "SetChargingProfile",
-        "answer": {"status": "Accepted"}}),
-            WAIT,
-        )
-    });
+    blocking(|| cp.set_answer("SetChargingProfile", json!({"status": "Accepted"}), WAIT));
     blocking(|| cp.call(json!({"op": "reconnect"}), WAIT));
     let again = calls_on(&cp, 2, |calls| calls.len() >= 2);
     assert_eq!(again[0][2], "SetChargingProfile", "{again:?}");

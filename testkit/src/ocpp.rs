@@ -220,6 +220,14 @@ impl ChargePoint {
         }
     }
 
+    /// From now on, answers the central system's `action` CALLs with `answer` (the SPEC's
+    /// `answers` format: `{"status": ...}`, `{"error": ...}`, `{"silent": true}`, ...).
+    pub fn set_answer(&self, action: &str, answer: Value, timeout: Duration) {
+        let op = serde_json::json!({"op": "set_answer", "action": action, "answer": answer});
+        let outcome = self.call(op.clone(), timeout);
+        assert_eq!(outcome["outcome"], "done", "{op}: {outcome}");
+    }
+
     /// The CALLs received on connection `conn` (1 for the first), parsed, oldest first.
     pub fn calls_on(&self, conn: u64) -> Vec<Value> {
         self.log()
