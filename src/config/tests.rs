@@ -347,3 +347,66 @@ fn ocpp_drivers_load_with_defaults_keep_passwords_out_of_the_dump_and_listen_apa
         "{e}"
     );
 }
+
+#[test]
+fn report_by_exception_loads_camel_case_members_and_whole_numbers() {
+    let d = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{}[telemetry]\nreport = \"on-change\"\nheartbeat_secs = 120\n\
+         [telemetry.deadbands.battery]\nchargeRate = 25\nchargePercentage = 0.25\n\
+         [telemetry.device_deadbands.\"pv-1\"]\npower = 10.5\n",
+        minimal(d.path())
+    );
+    let s = load_from(&write(d.path(), &body), []).unwrap();
+    assert_eq!(
+        s.telemetry.report,
+        crate::telemetry::settings::ReportMode::OnChange
+    );
+    assert_eq!(s.telemetry.heartbeat_secs, 120);
+    assert_eq!(s.telemetry.deadbands["battery"]["chargeRate"], 25.0);
+    assert_eq!(s.telemetry.deadbands["battery"]["chargePercentage"], 0.25);
+    assert_eq!(s.telemetry.device_deadbands["pv-1"]["power"], 10.5);
+    // Every sample is a point unless the installer asks otherwise.
+    let s = load_from(&write(d.path(), &minimal(d.path())), []).unwrap();
+    assert_eq!(
+        s.telemetry.report,
+        crate::telemetry::settings::ReportMode::EverySample
+    );
+}
+
+#[test]
+fn bad_reporting_settings_are_refused_at_load_naming_them() {
+    let d = tempfile::tempdir().unwrap();
+    let refused = |telemetry: &str| {
+        let body = format!("{}[telemetry]\n{telemetry}", minimal(d.path()));
+        load_from(&write(d.path(), &body), [])
+            .unwrap_err()
+            .to_string()
+    };
+    let e = refused("[telemetry.deadbands.battery]\nchargeRate = -5\n");
+    assert!(
+        e.contains("telemetry.deadbands")
+            && e.contains("battery.chargeRate: expected a number of 0 or more, found -5"),
+        "{e}"
+    );
+    let e = refused("[telemetry.deadbands.boiler]\npower = 5\n");
+    assert!(e.contains("unknown device type \"boiler\""), "{e}");
+    let e = refused("[telemetry.deadbands.inverter]\nchargeRate = 5\n");
+    assert!(
+        e.contains("inverter.chargeRate: not a numeric member of type inverter; expected one of power, gridPower"),
+        "{e}"
+    );
+    let e = refused("[telemetry.device_deadbands.\"bat-1\"]\nchargingState = 1\n");
+    assert!(
+        e.contains("telemetry.device_deadbands")
+            && e.contains("\"bat-1\".chargingState: not a numeric member"),
+        "{e}"
+    );
+    let e = refused("report = \"sometimes\"\n");
+    assert!(e.contains("sometimes") && e.contains("on-change"), "{e}");
+    let e = refused("heartbeat_secs = 0\n");
+    assert!(
+        e.contains("`telemetry.heartbeat_secs`") && e.contains("expected 1..=86400, found 0"),
+        "{e}"
+    );
+}

@@ -239,6 +239,21 @@ pub struct GatewayHealth {
     /// print garbage or stall the way an integrator's program can.
     #[serde(default)]
     pub drivers: Vec<DriverHealth>,
+    /// Present when the gateway reports by exception (`telemetry.report = "on-change"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reporting: Option<ReportingHealth>,
+}
+
+/// How report by exception is going (docs/PROTOCOL.md 14.8): what the platform needs to tell a
+/// device that is unchanged from one that has gone quiet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportingHealth {
+    /// A device whose driver keeps reporting sends a point at least this often.
+    pub heartbeat_secs: u64,
+    /// Samples not sent since the agent started, because they repeated the device's last point
+    /// within its deadbands.
+    pub samples_unchanged: u64,
 }
 
 /// How one external process driver has behaved since the agent started (docs/PROTOCOL.md,

@@ -54,6 +54,7 @@ impl HealthProbe {
             outbox_bytes: outbox.bytes,
             points_dropped: outbox.dropped,
             drivers: self.drivers.iter().map(DriverHealthSource::read).collect(),
+            reporting: None,
         }
     }
 }

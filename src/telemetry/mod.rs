@@ -13,6 +13,7 @@
 //! between it, the sample channel, the outbox and the link. The link is reached through
 //! [`Publish`], so the task can be tested against a stand-in with no broker.
 
+mod exception;
 pub(crate) mod health;
 pub mod outbox;
 mod points;
@@ -172,6 +173,7 @@ impl<P: Publish> Telemetry<P> {
         );
         // With no drivers configured the channel is closed from the start; the outbox still
         // has to be drained.
+        let mut filter = self.settings.reporting().map(exception::ReportFilter::new);
         let mut samples_open = true;
         let mut safety_events = self.safety_events.take();
         let mut availability = self.availability.take();
@@ -214,7 +216,7 @@ impl<P: Publish> Telemetry<P> {
                     }
                 }
                 _ = health.tick() => {
-                    self.append_health();
+                    self.append_health(filter.as_ref());
                     uplink.appended(self.outbox.last_seq(), Instant::now());
                 }
                 _ = async { tokio::time::sleep_until(timer.expect("guarded")).await }, if timer.is_some() => {
@@ -229,6 +231,9 @@ impl<P: Publish> Telemetry<P> {
                 },
                 change = async { availability.as_mut().expect("guarded").recv().await }, if availability.is_some() => match change {
                     Some(change) => {
+                        if let Some(filter) = filter.as_mut() {
+                            filter.forget(&change.device_id);
+                        }
                         self.append_availability(&change);
                         uplink.appended(self.outbox.last_seq(), Instant::now());
                     }
@@ -236,7 +241,7 @@ impl<P: Publish> Telemetry<P> {
                 },
                 sample = samples.recv(), if samples_open => match sample {
                     Some(sample) => {
-                        self.append_states(sample, &mut samples);
+                        self.append_states(sample, &mut samples, filter.as_mut());
                         uplink.appended(self.outbox.last_seq(), Instant::now());
                     }
                     None => samples_open = false,
@@ -250,13 +255,25 @@ impl<P: Publish> Telemetry<P> {
     }
 
     /// Appends `first` and whatever else is already queued (up to [`SAMPLES_PER_APPEND`]): one
-    /// outbox write for the lot.
-    fn append_states(&mut self, first: Sample, queued: &mut mpsc::Receiver<Sample>) {
+    /// outbox write for the lot. With report by exception, only the samples `filter` admits.
+    fn append_states(
+        &mut self,
+        first: Sample,
+        queued: &mut mpsc::Receiver<Sample>,
+        mut filter: Option<&mut exception::ReportFilter>,
+    ) {
         let mut samples = vec![first];
         while samples.len() < SAMPLES_PER_APPEND {
             match queued.try_recv() {
                 Ok(more) => samples.push(more),
                 Err(_) => break,
+            }
+        }
+        if let Some(filter) = filter.as_mut() {
+            let now = Instant::now();
+            samples.retain(|s| filter.admit(&s.device_id, &s.state, now));
+            if samples.is_empty() {
+                return;
             }
         }
         let now = self.clock.now_millis();
@@ -281,10 +298,14 @@ impl<P: Publish> Telemetry<P> {
         }
     }
 
-    fn append_health(&mut self) {
+    fn append_health(&mut self, filter: Option<&exception::ReportFilter>) {
         let stats = self.outbox.stats();
         let reconnects = self.link.borrow().reconnects();
-        let health = self.health.sample(reconnects, stats);
+        let mut health = self.health.sample(reconnects, stats);
+        health.reporting = filter.map(|f| crate::model::device::ReportingHealth {
+            heartbeat_secs: self.settings.heartbeat_secs,
+            samples_unchanged: f.skipped(),
+        });
         let point = points::encode_health(self.clock.now_millis(), &self.gateway_id, &health);
         self.append_point(&point, "health");
     }

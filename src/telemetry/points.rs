@@ -6,6 +6,7 @@
 //! and no point is parsed again on the hot path.
 
 use serde::Serialize;
+use serde_json::ser::{CompactFormatter, Formatter};
 
 use crate::model::device as model;
 use crate::telemetry::outbox::Record;
@@ -31,6 +32,35 @@ pub(crate) struct HealthBody<'a> {
     pub(crate) health: &'a model::GatewayHealth,
 }
 
+/// Numbers rounded to the nearest thousandth of their unit (PROTOCOL 14.4), so that a driver's
+/// arithmetic (`662.8000000000001` from a scale factor or a sum) costs no bytes on the wire. A
+/// thousandth of a W, Wh, V, A, % or degree is far below what any meter here resolves.
+struct Thousandths;
+
+impl Formatter for Thousandths {
+    fn write_f64<W: ?Sized + std::io::Write>(
+        &mut self,
+        out: &mut W,
+        value: f64,
+    ) -> std::io::Result<()> {
+        // Beyond 2^53 / 1000 the product is no longer exact; such values are whole anyway.
+        let rounded = if value.abs() < 1e12 {
+            (value * 1000.0).round() / 1000.0
+        } else {
+            value
+        };
+        // -0.0004 rounds to -0.0, which says nothing 0.0 does not.
+        let rounded = if rounded == 0.0 { 0.0 } else { rounded };
+        CompactFormatter.write_f64(out, rounded)
+    }
+}
+
+/// Serialises `point` compactly, with [`Thousandths`], onto `out`.
+fn write_point(point: &impl Serialize, out: &mut Vec<u8>) {
+    let mut serializer = serde_json::Serializer::with_formatter(out, Thousandths);
+    point.serialize(&mut serializer).expect("points serialise");
+}
+
 /// Appends a device state point as the outbox stores it (`{"ts":…,"deviceId":…,"state":…}`,
 /// without its sequence number) to `out`.
 pub fn encode_state(ts: u64, device_id: &str, state: &model::DeviceState, out: &mut Vec<u8>) {
@@ -39,7 +69,7 @@ pub fn encode_state(ts: u64, device_id: &str, state: &model::DeviceState, out: &
         device_id,
         body: StateBody { state },
     };
-    serde_json::to_writer(out, &point).expect("points serialise");
+    write_point(&point, out);
 }
 
 /// A gateway health point as the outbox stores it.
@@ -49,7 +79,9 @@ pub(crate) fn encode_health(ts: u64, gateway_id: &str, health: &model::GatewayHe
         device_id: gateway_id,
         body: HealthBody { health },
     };
-    serde_json::to_vec(&point).expect("points serialise")
+    let mut out = Vec::with_capacity(256);
+    write_point(&point, &mut out);
+    out
 }
 
 #[derive(Debug, Serialize)]
@@ -66,7 +98,9 @@ pub(crate) fn encode_safety(ts: u64, point: &crate::model::safety::SafetyPoint) 
             safety: &point.event,
         },
     };
-    serde_json::to_vec(&point).expect("points serialise")
+    let mut out = Vec::with_capacity(256);
+    write_point(&point, &mut out);
+    out
 }
 
 #[derive(Debug, Serialize)]
@@ -83,7 +117,9 @@ pub(crate) fn encode_availability(ts: u64, change: &crate::drivers::Availability
             availability: change,
         },
     };
-    serde_json::to_vec(&point).expect("points serialise")
+    let mut out = Vec::with_capacity(256);
+    write_point(&point, &mut out);
+    out
 }
 
 /// `{"gatewayId": "...", "points": [{"seq": N, ...stored point...}, ...]}`.
@@ -111,6 +147,29 @@ pub fn batch_message(gateway_id: &str, records: &[Record]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_are_rounded_to_thousandths_and_whole_numbers_keep_their_form() {
+        let state: model::DeviceState = serde_json::from_str(
+            r#"{"type":"inverter","power":662.8000000000001,"gridStatus":"idle","gridPower":-0.00049}"#,
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        encode_state(5, "pv-1", &state, &mut out);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"ts":5,"deviceId":"pv-1","state":{"type":"inverter","power":662.8,"gridStatus":"idle","gridPower":0.0}}"#
+        );
+        let mut big = Vec::new();
+        let state: model::DeviceState = serde_json::from_str(
+            r#"{"type":"inverter","power":12345678901234.5,"gridStatus":"idle"}"#,
+        )
+        .unwrap();
+        encode_state(5, "pv-1", &state, &mut big);
+        assert!(std::str::from_utf8(&big)
+            .unwrap()
+            .contains("12345678901234.5"));
+    }
 
     #[test]
     fn batch_message_is_valid_json_with_sequence_numbers() {

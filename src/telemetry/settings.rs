@@ -6,9 +6,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::rejection::Rejection;
+use crate::telemetry::exception::{self, DeadbandTable};
 
 /// `[telemetry]` settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
     /// A batch is sent when it has this many points…
@@ -26,6 +27,46 @@ pub struct TelemetrySettings {
     /// How often a gateway health point is recorded.
     #[serde(default = "default_health_interval_secs")]
     pub health_interval_secs: u64,
+    /// Which device samples become points (PROTOCOL 14.8).
+    #[serde(default)]
+    pub report: ReportMode,
+    /// With `on-change`: an unchanged device still sends a point this often.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    /// With `on-change`: deadbands by type (`[telemetry.deadbands.battery]`), by wire member
+    /// name, overriding the defaults of PROTOCOL 14.8.
+    #[serde(default)]
+    pub deadbands: DeadbandTable,
+    /// With `on-change`: deadbands of one device (`[telemetry.device_deadbands."bat-1"]`),
+    /// overriding its type's.
+    #[serde(default)]
+    pub device_deadbands: DeadbandTable,
+}
+
+/// `telemetry.report`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", try_from = "String")]
+pub enum ReportMode {
+    /// Every sample a driver reports is a point.
+    #[default]
+    EverySample,
+    /// A sample is a point when it changed beyond its deadbands, or as a heartbeat.
+    OnChange,
+}
+
+impl TryFrom<String> for ReportMode {
+    type Error = String;
+
+    /// By hand rather than derived, so a wrong value is answered with the right ones.
+    fn try_from(value: String) -> Result<Self, String> {
+        match value.as_str() {
+            "every-sample" => Ok(ReportMode::EverySample),
+            "on-change" => Ok(ReportMode::OnChange),
+            other => Err(format!(
+                "expected \"every-sample\" or \"on-change\", found {other:?}"
+            )),
+        }
+    }
 }
 
 fn default_batch_max_points() -> usize {
@@ -43,6 +84,9 @@ fn default_outbox_max_bytes() -> u64 {
 fn default_health_interval_secs() -> u64 {
     60
 }
+fn default_heartbeat_secs() -> u64 {
+    300
+}
 
 impl Default for TelemetrySettings {
     fn default() -> Self {
@@ -52,6 +96,10 @@ impl Default for TelemetrySettings {
             fsync_interval_ms: default_fsync_interval_ms(),
             outbox_max_bytes: default_outbox_max_bytes(),
             health_interval_secs: default_health_interval_secs(),
+            report: ReportMode::default(),
+            heartbeat_secs: default_heartbeat_secs(),
+            deadbands: DeadbandTable::new(),
+            device_deadbands: DeadbandTable::new(),
         }
     }
 }
@@ -92,6 +140,72 @@ impl TelemetrySettings {
                 format!("expected 1..=86400, found {}", self.health_interval_secs),
             ));
         }
+        if !(1..=86_400).contains(&self.heartbeat_secs) {
+            return Err(Rejection::new(
+                "telemetry.heartbeat_secs",
+                format!("expected 1..=86400, found {}", self.heartbeat_secs),
+            ));
+        }
+        for (kind, members) in &self.deadbands {
+            let Some(device_type) = exception::device_type(kind) else {
+                return Err(Rejection::new(
+                    "telemetry.deadbands",
+                    format!(
+                        "unknown device type {kind:?}; expected battery, charger, inverter, \
+                         thermostat or vehicle"
+                    ),
+                ));
+            };
+            let known = exception::numeric_members(device_type);
+            for (member, band) in members {
+                if !known.iter().any(|(m, _)| m == member) {
+                    let names: Vec<&str> = known.iter().map(|(m, _)| *m).collect();
+                    return Err(Rejection::new(
+                        "telemetry.deadbands",
+                        format!(
+                            "{kind}.{member}: not a numeric member of type {kind}; expected one \
+                             of {}",
+                            names.join(", ")
+                        ),
+                    ));
+                }
+                check_band("telemetry.deadbands", kind, member, *band)?;
+            }
+        }
+        for (device, members) in &self.device_deadbands {
+            for (member, band) in members {
+                if !exception::is_numeric_member_of_any(member) {
+                    return Err(Rejection::new(
+                        "telemetry.device_deadbands",
+                        format!(
+                            "{device:?}.{member}: not a numeric member of any device type \
+                             (PROTOCOL 14.8 lists them)"
+                        ),
+                    ));
+                }
+                check_band("telemetry.device_deadbands", device, member, *band)?;
+            }
+        }
         Ok(())
     }
+
+    /// What report by exception needs, or `None` when every sample is a point.
+    pub(crate) fn reporting(&self) -> Option<exception::Reporting> {
+        (self.report == ReportMode::OnChange).then(|| exception::Reporting {
+            heartbeat: std::time::Duration::from_secs(self.heartbeat_secs),
+            by_type: self.deadbands.clone(),
+            by_device: self.device_deadbands.clone(),
+        })
+    }
+}
+
+/// A deadband is a finite number, 0 or more, in the member's unit.
+fn check_band(key: &'static str, table: &str, member: &str, band: f64) -> Result<(), Rejection> {
+    if band.is_finite() && band >= 0.0 {
+        return Ok(());
+    }
+    Err(Rejection::new(
+        key,
+        format!("{table}.{member}: expected a number of 0 or more, found {band}"),
+    ))
 }

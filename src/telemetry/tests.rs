@@ -26,6 +26,8 @@ enum Mode {
 }
 
 struct Published {
+    /// When the task published it (the test's clock may be paused).
+    at: Instant,
     mode: Mode,
     seqs: Vec<u64>,
     points: Vec<serde_json::Value>,
@@ -65,6 +67,7 @@ impl Publish for StandIn {
             Mode::Lose => None,
         };
         let _ = self.log.send(Published {
+            at: Instant::now(),
             mode,
             seqs,
             points,
@@ -280,4 +283,76 @@ async fn shutdown_makes_the_outbox_durable_and_keeps_unacknowledged_points() {
         .map(|r: &Record| r.seq)
         .collect();
     assert_eq!(seqs, [1, 2]);
+}
+
+/// A battery state with `rate` W of charge rate, the same in every other member.
+fn battery_at(rate: f64) -> Sample {
+    let mut s = sample(1);
+    let crate::model::device::DeviceState::Battery(b) = &mut s.state else {
+        unreachable!("sample(1) is a battery")
+    };
+    b.charge_rate = Some(rate);
+    s
+}
+
+/// Report by exception with the task's own clock paused, so the batch period and the
+/// heartbeat are measured exactly: a change goes out within one batch period, repeats do not
+/// go out at all, and an unchanged device still sends its heartbeat on time.
+#[tokio::test(start_paused = true)]
+async fn on_change_sends_changes_within_a_batch_period_and_a_heartbeat_when_unchanged() {
+    let mut h = harness(100);
+    h.link.set(Mode::Ack);
+    h.telemetry.settings.batch_max_ms = 1_000;
+    h.telemetry.settings.health_interval_secs = 32;
+    h.telemetry.settings.report = settings::ReportMode::OnChange;
+    h.telemetry.settings.heartbeat_secs = 60;
+    let (samples, rx) = mpsc::channel(8);
+    let (trigger, shutdown) = crate::agent::service::shutdown_channel();
+    let task = tokio::spawn(h.telemetry.run(rx, shutdown));
+    let start = Instant::now();
+    // Device points published, with when; health points counted apart.
+    let mut states = Vec::new();
+    let mut unchanged_in_health = Vec::new();
+    let mut drain = |log: &mut mpsc::UnboundedReceiver<Published>,
+                     states: &mut Vec<(Duration, serde_json::Value)>| {
+        while let Ok(p) = log.try_recv() {
+            for point in p.points {
+                if let Some(r) = point.get("health").and_then(|h| h.get("reporting")) {
+                    unchanged_in_health.push(r["samplesUnchanged"].as_u64().unwrap());
+                    assert_eq!(r["heartbeatSecs"], 60);
+                } else {
+                    states.push((p.at - start, point["state"]["chargeRate"].clone()));
+                }
+            }
+        }
+    };
+    // One sample every 5 s: 600 W, then within chargeRate's 50 W deadband for a while.
+    for (i, rate) in [600.0, 620.0, 580.0, 640.0, 700.0].into_iter().enumerate() {
+        tokio::time::sleep_until(start + Duration::from_secs(5 * i as u64)).await;
+        samples.send(battery_at(rate)).await.unwrap();
+    }
+    // 700 (sent at 20 s) is the last change; from then on the device repeats itself.
+    for i in 5..=20u64 {
+        tokio::time::sleep_until(start + Duration::from_secs(5 * i)).await;
+        samples.send(battery_at(700.0)).await.unwrap();
+    }
+    tokio::time::sleep_until(start + Duration::from_secs(102)).await;
+    drain(&mut h.log, &mut states);
+    trigger.trigger();
+    task.await.unwrap();
+
+    // 600 at 0 s and 700 at 20 s, each published within the 1 s batch period; the repeats
+    // at 5 to 75 s are not sent; the sample at 80 s is the heartbeat (60 s after 20 s).
+    let rates: Vec<f64> = states.iter().map(|(_, r)| r.as_f64().unwrap()).collect();
+    assert_eq!(rates, [600.0, 700.0, 700.0], "{states:?}");
+    for ((at, _), sampled) in states.iter().zip([0, 20, 80]) {
+        let sampled = Duration::from_secs(sampled);
+        assert!(
+            *at >= sampled && *at <= sampled + Duration::from_millis(1_000),
+            "{states:?}"
+        );
+    }
+    // Health at 32, 64 and 96 s counts the samples held back: 5 to 15 s and 25 to 30 s (5),
+    // then 35 to 60 s (6 more: 11), then 65 to 75 s and 85 to 95 s (6 more: 17).
+    assert_eq!(unchanged_in_health, [5, 11, 17]);
 }
