@@ -30,6 +30,42 @@ const BIN: &str = env!("CARGO_BIN_EXE_texture-agent");
 const GATEWAY: &str = "gw-wire";
 const WORKSPACE: &str = "ws-wire";
 
+/// How the agent is configured for a row: its `[broker]` and `[telemetry]` lines.
+struct Profile {
+    name: &'static str,
+    broker: &'static str,
+    telemetry: &'static str,
+}
+
+/// The defaults: JSON batches, every sample a point, 30 s keepalive, health every 60 s.
+const DEFAULTS: Profile = Profile {
+    name: "defaults",
+    broker: "",
+    telemetry: "",
+};
+
+/// docs/OPERATIONS.md's profile for a metered cellular link.
+const CELLULAR: Profile = Profile {
+    name: "cellular",
+    broker: "keepalive_secs = 300\n",
+    telemetry: "encoding = \"compact\"\nreport = \"on-change\"\nhealth_interval_secs = 900\n",
+};
+
+/// The cellular profile without TLS session resumption, for its reconnect figure.
+const NO_RESUMPTION: Profile = Profile {
+    name: "cellular, no TLS resumption",
+    broker: "keepalive_secs = 300\ntls_resumption = false\n",
+    telemetry: CELLULAR.telemetry,
+};
+
+/// One simulated device's `[[drivers]]` table.
+fn simulated(id: &str, kind: &str, interval_ms: u64, seed: u64) -> String {
+    format!(
+        "[[drivers]]\nkind = \"simulated\"\ndevice_id = \"{id}\"\ndevice_type = \"{kind}\"\n\
+         interval_ms = {interval_ms}\nseed = {seed}\n\n"
+    )
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -38,41 +74,67 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(120);
+    // A substring of the stream or profile names, to run some rows only.
+    let only = std::env::var("WIRE_ONLY").unwrap_or_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
+    let battery = simulated("bat-1", "battery", 1000, 1);
+    let four: String = ["battery", "inverter", "charger", "thermostat"]
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| simulated(&format!("sim-{i}"), kind, 5000, i as u64))
+        .collect();
+    // (stream, drivers, its own [telemetry] lines, samples per second)
+    let streams: [(&str, &str, &str, f64); 4] = [
+        (
+            "battery 1 Hz, 1 s batches",
+            &battery,
+            "batch_max_ms = 1000\n",
+            1.0,
+        ),
+        (
+            "battery 1 Hz, 60 s batches",
+            &battery,
+            "batch_max_ms = 60000\nbatch_max_points = 1000\n",
+            1.0,
+        ),
+        ("4 devices at 5 s", &four, "", 0.8),
+        ("idle (no device)", "", "", 0.0),
+    ];
     runtime.block_on(async {
         println!("binary {}", kit::agent_binary(BIN));
         println!("window {secs} s per stream");
         println!(
-            "| stream | points | up B | down B | B/point | connect B | reconnect B |\n|---|---|---|---|---|---|---|"
+            "| stream | profile | samples | points | up B | down B | B/sample | connect B | reconnect B |\n|---|---|---|---|---|---|---|---|---|"
         );
-        let battery = "[[drivers]]\nkind = \"simulated\"\ndevice_id = \"bat-1\"\n\
-                       device_type = \"battery\"\ninterval_ms = 1000\nseed = 1\n\n\
-                       [telemetry]\nbatch_max_ms = 1000\n";
-        measure("battery 1 Hz, 1 s batches", battery, secs).await;
-        let mut four = String::new();
-        for (i, kind) in ["battery", "inverter", "charger", "thermostat"]
-            .iter()
-            .enumerate()
-        {
-            four.push_str(&format!(
-                "[[drivers]]\nkind = \"simulated\"\ndevice_id = \"sim-{i}\"\n\
-                 device_type = \"{kind}\"\ninterval_ms = 5000\nseed = {i}\n\n"
-            ));
+        for (stream, drivers, telemetry, rate) in streams {
+            for profile in [&DEFAULTS, &CELLULAR, &NO_RESUMPTION] {
+                // Without resumption only the reconnect differs: one row is enough.
+                if profile.name == NO_RESUMPTION.name && !stream.starts_with("battery 1 Hz, 1 s") {
+                    continue;
+                }
+                if !only.is_empty() && !stream.contains(&only) && !profile.name.contains(&only) {
+                    continue;
+                }
+                let toml = format!("[telemetry]\n{telemetry}{}\n{drivers}", profile.telemetry);
+                let (up, down) = measure(stream, profile, &toml, secs, rate).await;
+                if drivers.is_empty() {
+                    let per_hour = (up + down) as f64 * 3600.0 / secs as f64;
+                    println!("idle hour, {} (scaled from {secs} s): {per_hour:.0} B", profile.name);
+                }
+            }
         }
-        measure("4 devices at 5 s", &four, secs).await;
-        let idle = measure("idle (no device)", "", secs).await;
-        let per_hour = (idle.0 + idle.1) as f64 * 3600.0 / secs as f64;
-        println!("idle hour (scaled from {secs} s): {per_hour:.0} B");
     });
 }
 
-/// One stream: the agent with `drivers` (TOML), connected through a counting relay, measured
-/// over `secs`; prints its table row and returns (up, down) over the window.
-async fn measure(name: &str, drivers: &str, secs: u64) -> (u64, u64) {
+/// One row: the agent with `toml` (its `[telemetry]` table and drivers) and `profile`'s broker
+/// lines, connected through a counting relay, measured over `secs`; prints the row and returns
+/// (up, down) over the window. `rate` is the samples the drivers take per second, so B/sample
+/// counts the samples report by exception held back as well.
+async fn measure(name: &str, profile: &Profile, toml: &str, secs: u64, rate: f64) -> (u64, u64) {
     let telemetry = device_topic(GATEWAY, "telemetry");
     let capabilities = device_topic(GATEWAY, "capabilities");
     let Testbed {
@@ -87,10 +149,12 @@ async fn measure(name: &str, drivers: &str, secs: u64) -> (u64, u64) {
     .await;
     let relay = ByteRelay::start(broker.port);
     let mut cfg = AgentConfig::new(&pki, relay.port, GATEWAY).trusting(&signer, WORKSPACE);
-    cfg.extra_toml = drivers.to_owned();
+    cfg.extra_toml = toml.to_owned();
+    cfg.extra_broker = profile.broker.to_owned();
     let agent = Agent::spawn(BIN, &cfg.write_production(pki.path()));
-    let wait = Duration::from_secs(30);
-    let has_devices = !drivers.is_empty();
+    // Long enough for a first 60 s batch.
+    let wait = Duration::from_secs(90);
+    let has_devices = rate > 0.0;
 
     // Connect: until the platform has the first batch (or, without devices, capabilities).
     let first = if has_devices {
@@ -136,13 +200,15 @@ async fn measure(name: &str, drivers: &str, secs: u64) -> (u64, u64) {
     let reconnect = relay.bytes();
     drop(agent);
 
-    let per_point = if points == 0 {
+    let samples = (rate * secs as f64).round();
+    let per_sample = if samples == 0.0 {
         "-".to_owned()
     } else {
-        format!("{:.0}", (up + down) as f64 / points as f64)
+        format!("{:.1}", (up + down) as f64 / samples)
     };
     println!(
-        "| {name} | {points} | {up} | {down} | {per_point} | {} | {} |",
+        "| {name} | {} | {samples} | {points} | {up} | {down} | {per_sample} | {} | {} |",
+        profile.name,
         connect.0 + connect.1,
         reconnect.0 + reconnect.1
     );

@@ -36,6 +36,11 @@ pub struct BrokerSettings {
     /// `x-amzn-mqtt-ca`, most others `mqtt`). Empty means no ALPN extension.
     #[serde(default)]
     pub alpn: Vec<String>,
+    /// TLS session resumption: a reconnect presents a ticket from the last session instead of
+    /// the full handshake, so neither certificate chain crosses the link again (PROTOCOL 1).
+    /// Off only for a broker that mishandles tickets.
+    #[serde(default = "default_tls_resumption")]
+    pub tls_resumption: bool,
     #[serde(default = "default_keepalive_secs")]
     pub keepalive_secs: u64,
     #[serde(default = "default_connect_timeout_secs")]
@@ -51,6 +56,9 @@ pub struct BrokerSettings {
 
 fn default_port() -> u16 {
     8883
+}
+fn default_tls_resumption() -> bool {
+    true
 }
 fn default_keepalive_secs() -> u64 {
     30

@@ -16,7 +16,9 @@
 //! - [`safety`]: the safety envelope: the installer's limits, checked after a device command is
 //!   planned and before the runner hands it to a driver.
 //! - [`reply`]: the reply shapes and error codes every stage answers with.
+//! - [`advertise`]: when the capabilities message goes out (settled, once per connection).
 
+pub(crate) mod advertise;
 pub mod auth;
 pub mod commands;
 pub mod pairing;

@@ -10,6 +10,7 @@
 //! it sheds commands unread instead, so the link's queue never overflows unanswered.
 
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::agent::service::Shutdown;
 use crate::drivers::DriverRegistry;
@@ -71,6 +72,8 @@ pub(crate) struct Router {
     clock: Clock,
     /// Device commands, from their start to their recorded reply.
     runner: Runner,
+    /// When the capabilities message is due.
+    advertiser: crate::inbound::advertise::Advertiser,
 }
 
 /// Where an inbound message goes. Decided from its topic's kind (parsed once by the link) and
@@ -152,6 +155,7 @@ impl Router {
             safety,
             clock,
             runner,
+            advertiser: Default::default(),
         }
     }
 
@@ -168,6 +172,7 @@ impl Router {
             // Recomputed after every event: a dispatch, a link change or an outcome may move
             // the next hold deadline, fail-safe entry or retry.
             let control = tokio::time::sleep(self.safety.sleep_for(self.clock.now_millis()));
+            let advertise = self.advertiser.due();
             tokio::select! {
                 message = inbound.recv() => match message {
                     Some(m) => if !self.on_message(m, inbound.len()).await { return },
@@ -188,7 +193,10 @@ impl Router {
                         self.on_connected().await;
                     }
                 }
-                Ok(()) = devices.changed() => self.advertise().await,
+                Ok(()) = devices.changed() => self.advertiser.devices_changed(Instant::now()),
+                _ = async { tokio::time::sleep_until(advertise.expect("guarded")).await }, if advertise.is_some() => {
+                    self.advertise().await;
+                }
             }
         }
     }
@@ -197,7 +205,7 @@ impl Router {
     /// advertise what can be commanded, send the pending pairing request again, and report the
     /// commands the last run left interrupted.
     async fn on_connected(&mut self) {
-        self.advertise().await;
+        self.advertiser.connected(Instant::now());
         if let Some(request) = self.pairing.pending_request(self.clock.now()) {
             self.publish(self.topics.pairing_request(), request).await;
         }
@@ -211,8 +219,13 @@ impl Router {
         self.publisher.publish(topic, payload, false).await.is_ok()
     }
 
-    async fn advertise(&self) {
+    /// Publishes the capabilities message, if the advertiser says it is due and new.
+    async fn advertise(&mut self) {
         let message = crate::inbound::commands::capabilities(&self.gateway_id, &self.registry);
+        let connected = matches!(self.link.borrow().state, LinkState::Connected);
+        let Some(message) = self.advertiser.fire(message, connected) else {
+            return;
+        };
         if self
             .publisher
             .publish(self.topics.capabilities(), message, true)

@@ -89,6 +89,11 @@ pub fn client_config(b: &BrokerSettings) -> Result<Arc<ClientConfig>, TlsSetupEr
         _ => builder.with_no_client_auth(),
     };
     config.alpn_protocols = b.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    // rustls keeps tickets in memory by default; one config serves every reconnect, so the
+    // cache outlives a connection.
+    if !b.tls_resumption {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     Ok(Arc::new(config))
 }
 

@@ -102,6 +102,23 @@ pub struct PlatformState {
 }
 
 impl PlatformState {
+    /// A platform with no keys, gateways or devices yet, signing with `signer`; bundle 1.
+    pub fn new(signer: PlatformSigner) -> PlatformState {
+        PlatformState {
+            signer,
+            bundle_version: 1,
+            keys: Vec::new(),
+            connections: HashMap::new(),
+            pairing_requests: HashMap::new(),
+            binding_versions: HashMap::new(),
+            commands: HashMap::new(),
+            devices: HashMap::new(),
+            online: HashMap::new(),
+            replies: Vec::new(),
+            next_id: 0,
+        }
+    }
+
     pub fn next_id(&mut self, prefix: &str) -> String {
         self.next_id += 1;
         let mut random = [0u8; 6];
@@ -254,19 +271,7 @@ impl Simulator {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
 
-        let mut state = PlatformState {
-            signer: PlatformSigner::generate("platform-1"),
-            bundle_version: 1,
-            keys: Vec::new(),
-            connections: HashMap::new(),
-            pairing_requests: HashMap::new(),
-            binding_versions: HashMap::new(),
-            commands: HashMap::new(),
-            devices: HashMap::new(),
-            online: HashMap::new(),
-            replies: Vec::new(),
-            next_id: 0,
-        };
+        let mut state = PlatformState::new(PlatformSigner::generate("platform-1"));
         let server_key = state.add_key(KeyKind::Server, None);
         let connect_key = state.add_key(KeyKind::Connect, None);
         let state = Arc::new(Mutex::new(state));
@@ -361,7 +366,12 @@ async fn connect_platform(
 fn record(state: &Mutex<PlatformState>, topic: &str, payload: &[u8]) -> Option<bool> {
     let rest = topic.strip_prefix(&format!("{}/devices/", crate::link::topics::ROOT))?;
     let (gateway, leaf) = rest.split_once('/')?;
-    let value: Value = serde_json::from_slice(payload).ok()?;
+    // Telemetry comes in any encoding of PROTOCOL 14.1 and 14.9; the rest is JSON.
+    let value: Value = if leaf == "telemetry" {
+        crate::telemetry::decode_batch(payload).ok()?
+    } else {
+        serde_json::from_slice(payload).ok()?
+    };
     let mut s = state.lock().expect("state");
     let now = crate::inbound::reply::rfc3339(crate::model::clock::system_secs());
     match leaf {
@@ -422,4 +432,54 @@ fn record(state: &Mutex<PlatformState>, topic: &str, payload: &[u8]) -> Option<b
         _ => {}
     }
     Some(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::settings::{Compression, Encoding};
+    use crate::telemetry::TelemetrySettings;
+
+    /// The simulator reads telemetry in every encoding the agent can be configured to send.
+    #[test]
+    fn device_state_is_recorded_from_every_encoding() {
+        let mut device =
+            crate::drivers::simulated::SimDevice::new(crate::model::device::DeviceType::Battery, 3);
+        let modes = [
+            (Encoding::Json, Compression::Deflate),
+            (Encoding::Compact, Compression::None),
+            (Encoding::Compact, Compression::Deflate),
+        ];
+        for (encoding, compression) in modes {
+            let state = PlatformState::new(PlatformSigner::generate("platform-1"));
+            let state = Mutex::new(state);
+            let records: Vec<crate::telemetry::outbox::Record> = (1..=5)
+                .map(|seq| {
+                    let mut payload = Vec::new();
+                    crate::telemetry::encode_state(
+                        seq,
+                        "bat-1",
+                        device.step(1.0, 43_200),
+                        &mut payload,
+                    );
+                    crate::telemetry::outbox::Record { seq, payload }
+                })
+                .collect();
+            let settings = TelemetrySettings {
+                encoding,
+                compression,
+                ..TelemetrySettings::default()
+            };
+            let batch = crate::telemetry::encode_batch("gw-1", &records, &settings);
+            let topic = format!("{}/devices/gw-1/telemetry", crate::link::topics::ROOT);
+            assert_eq!(record(&state, &topic, &batch), Some(false), "{encoding:?}");
+            let last: Value = serde_json::from_slice(&records[4].payload).unwrap();
+            let s = state.lock().unwrap();
+            assert_eq!(
+                s.devices["bat-1"].state.as_ref(),
+                Some(&last["state"]),
+                "{encoding:?} {compression:?}"
+            );
+        }
+    }
 }

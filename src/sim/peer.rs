@@ -71,8 +71,13 @@ pub struct Seen {
 }
 
 impl Seen {
-    /// The payload as JSON, `Null` when it is not JSON.
+    /// The payload as JSON, `Null` when it is not JSON. A telemetry batch in the compact
+    /// encoding (PROTOCOL 14.9) is decoded to the JSON batch it stands for.
     pub fn json(&self) -> serde_json::Value {
+        if self.topic.ends_with("/telemetry") {
+            return crate::telemetry::decode_batch(&self.payload)
+                .unwrap_or(serde_json::Value::Null);
+        }
         serde_json::from_slice(&self.payload).unwrap_or(serde_json::Value::Null)
     }
 }
@@ -181,6 +186,7 @@ fn mqtt_options(options: &PeerOptions) -> anyhow::Result<MqttOptions> {
         client_cert_file: Some(options.client.cert.clone()),
         client_key_file: Some(crate::config::Secret::new(options.client.key.clone())),
         alpn: vec![],
+        tls_resumption: true,
         keepalive_secs: options.keep_alive.as_secs(),
         connect_timeout_secs: 5,
         backoff_min_ms: 200,

@@ -13,6 +13,7 @@
 //! between it, the sample channel, the outbox and the link. The link is reached through
 //! [`Publish`], so the task can be tested against a stand-in with no broker.
 
+mod compact;
 mod exception;
 pub(crate) mod health;
 pub mod outbox;
@@ -34,6 +35,7 @@ use crate::model::clock::Clock;
 use crate::telemetry::outbox::{Outbox, OutboxStats};
 use uplink::{Next, Uplink};
 
+pub use compact::{decode as decode_batch, DecodeError};
 pub use points::{batch_message, encode_state};
 pub use settings::TelemetrySettings;
 
@@ -122,6 +124,24 @@ impl Telemetry {
         };
         (telemetry, stats_rx)
     }
+}
+
+/// The batch message of `records` in the encoding `settings` choose. A point the compact
+/// encoder cannot read (none the agent stores) sends its batch as JSON, which the platform
+/// decodes as well (PROTOCOL 14.9), rather than holding the outbox up.
+pub(crate) fn encode_batch(
+    gateway_id: &str,
+    records: &[outbox::Record],
+    settings: &TelemetrySettings,
+) -> Vec<u8> {
+    if settings.encoding == settings::Encoding::Compact {
+        let deflate = settings.compression == settings::Compression::Deflate;
+        match compact::encode(gateway_id, records, deflate) {
+            Ok(message) => return message,
+            Err(error) => tracing::error!(?error, "batch sent as JSON"),
+        }
+    }
+    batch_message(gateway_id, records)
 }
 
 fn is_up(link: &LinkStatus) -> bool {
@@ -347,7 +367,7 @@ impl<P: Publish> Telemetry<P> {
                 }
             };
         let last_seq = records.last().expect("non-empty").seq;
-        let message = batch_message(&self.gateway_id, &records);
+        let message = encode_batch(&self.gateway_id, &records, &self.settings);
         match self
             .publisher
             .publish(self.topics.telemetry(), message)

@@ -27,6 +27,12 @@ pub struct TelemetrySettings {
     /// How often a gateway health point is recorded.
     #[serde(default = "default_health_interval_secs")]
     pub health_interval_secs: u64,
+    /// How batches are written on the wire (PROTOCOL 14.1, 14.9).
+    #[serde(default)]
+    pub encoding: Encoding,
+    /// With `compact`: whether batches are DEFLATE-compressed (when that makes them smaller).
+    #[serde(default)]
+    pub compression: Compression,
     /// Which device samples become points (PROTOCOL 14.8).
     #[serde(default)]
     pub report: ReportMode,
@@ -43,6 +49,62 @@ pub struct TelemetrySettings {
     pub device_deadbands: DeadbandTable,
 }
 
+/// `telemetry.encoding`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", try_from = "String")]
+pub enum Encoding {
+    /// The JSON batch of PROTOCOL 14.1.
+    #[default]
+    Json,
+    /// Columns of deltas, PROTOCOL 14.9.
+    Compact,
+}
+
+/// `telemetry.compression`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", try_from = "String")]
+pub enum Compression {
+    #[default]
+    Deflate,
+    None,
+}
+
+/// The value of `key` among `choices` (as the configuration spells them), or an error that
+/// lists them: by hand rather than derived, so a wrong value is answered with the right ones.
+fn one_of<T: Copy>(value: &str, choices: &[(&str, T)]) -> Result<T, String> {
+    choices
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<String> = choices.iter().map(|(n, _)| format!("{n:?}")).collect();
+            format!("expected {}, found {value:?}", names.join(" or "))
+        })
+}
+
+impl TryFrom<String> for Encoding {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        one_of(
+            &value,
+            &[("json", Encoding::Json), ("compact", Encoding::Compact)],
+        )
+    }
+}
+
+impl TryFrom<String> for Compression {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        one_of(
+            &value,
+            &[
+                ("deflate", Compression::Deflate),
+                ("none", Compression::None),
+            ],
+        )
+    }
+}
+
 /// `telemetry.report`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", try_from = "String")]
@@ -56,16 +118,14 @@ pub enum ReportMode {
 
 impl TryFrom<String> for ReportMode {
     type Error = String;
-
-    /// By hand rather than derived, so a wrong value is answered with the right ones.
     fn try_from(value: String) -> Result<Self, String> {
-        match value.as_str() {
-            "every-sample" => Ok(ReportMode::EverySample),
-            "on-change" => Ok(ReportMode::OnChange),
-            other => Err(format!(
-                "expected \"every-sample\" or \"on-change\", found {other:?}"
-            )),
-        }
+        one_of(
+            &value,
+            &[
+                ("every-sample", ReportMode::EverySample),
+                ("on-change", ReportMode::OnChange),
+            ],
+        )
     }
 }
 
@@ -96,6 +156,8 @@ impl Default for TelemetrySettings {
             fsync_interval_ms: default_fsync_interval_ms(),
             outbox_max_bytes: default_outbox_max_bytes(),
             health_interval_secs: default_health_interval_secs(),
+            encoding: Encoding::default(),
+            compression: Compression::default(),
             report: ReportMode::default(),
             heartbeat_secs: default_heartbeat_secs(),
             deadbands: DeadbandTable::new(),
