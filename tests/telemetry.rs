@@ -331,3 +331,128 @@ async fn a_torn_outbox_tail_keeps_every_intact_record() {
         "the torn record cannot have been delivered"
     );
 }
+
+/// The agent's "data budget: telemetry adjusted" steps so far, in order.
+fn budget_steps(agent: &Agent) -> Vec<String> {
+    agent
+        .logs_with_message("data budget: telemetry adjusted")
+        .iter()
+        .map(|l| l["step"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+/// PROTOCOL 14.10 with a 100,000-byte budget and a battery at 5 Hz in JSON (about 1.7 KB/s, so
+/// the 5 s counts cannot jump over the 15 KB of the saving step): health reports the
+/// month's bytes, telemetry degrades in order (saving from 75 %, exhausted from 100 %) and its
+/// batches then wait at least 15 s, a command is still answered at once at 100 %, the count is
+/// saved at stop and a restart carries on from it, exhausted from its first moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_data_budget_degrades_telemetry_in_steps_and_never_the_replies() {
+    use texture_agent::sim::platform::{AttestedCommand, PlatformSigner};
+    const WORKSPACE: &str = "ws-budget";
+    let telemetry = device_topic(DEVICE, "telemetry");
+    let replies = device_topic(DEVICE, "replies");
+    let kit::Testbed {
+        pki,
+        broker,
+        signer,
+        mut peer,
+    } = kit::Testbed::start(
+        PlatformSigner::generate("platform-budget"),
+        &[&telemetry, &replies],
+    )
+    .await;
+    let mut cfg = AgentConfig::new(&pki, broker.port, DEVICE).trusting(&signer, WORKSPACE);
+    cfg.extra_toml = "[telemetry]\nbatch_max_ms = 200\nhealth_interval_secs = 1\n\
+                      monthly_budget_bytes = 100000\n\n\
+                      [[drivers]]\nkind = \"simulated\"\ndevice_id = \"bat-1\"\n\
+                      device_type = \"battery\"\ninterval_ms = 200\nseed = 3\n"
+        .into();
+    let config = cfg.write(pki.path());
+    let mut agent = Agent::spawn(BIN, &config);
+
+    // Health reports the count from the start, at step normal.
+    let health = peer
+        .expect(&telemetry, WAIT, |m| {
+            m.json()["points"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["health"]["dataUsage"]["sentBytes"].as_u64() > Some(0))
+        })
+        .await
+        .json();
+    let usage = health["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|p| p["health"].get("dataUsage"))
+        .unwrap()
+        .clone();
+    assert_eq!(usage["budgetBytes"], 100000, "{usage}");
+    assert_eq!(usage["step"], "normal", "{usage}");
+    assert!(usage["month"].as_str().unwrap().len() == 7, "{usage}");
+
+    // The budget runs out within a minute at this rate.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !budget_steps(&agent).contains(&"exhausted".to_owned()) {
+        assert!(
+            Instant::now() < deadline,
+            "steps so far: {:?}",
+            budget_steps(&agent)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let steps = budget_steps(&agent);
+    assert_eq!(
+        steps.first().map(String::as_str),
+        Some("saving"),
+        "{steps:?}"
+    );
+    let order = ["normal", "saving", "strict", "exhausted"];
+    let rank = |s: &String| order.iter().position(|o| o == s).unwrap();
+    assert!(
+        steps.windows(2).all(|w| rank(&w[0]) < rank(&w[1])),
+        "{steps:?}"
+    );
+
+    // At 100 %, a command is answered as fast as ever.
+    let sent = Instant::now();
+    peer.send_server_command(
+        &signer,
+        WORKSPACE,
+        AttestedCommand::new(DEVICE, "cmd-budget", "agent:ping", serde_json::json!({})),
+    )
+    .await;
+    let reply = peer.reply(DEVICE, "cmd-budget", WAIT).await;
+    assert_eq!(reply["type"], "command.succeeded", "{reply}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
+
+    // Telemetry still flows, in batches at least 15 s apart (60 s once exhausted); a first
+    // one may have been due already when the step changed.
+    peer.forget(&telemetry);
+    let batches = peer.collect(&telemetry, Duration::from_secs(16)).await;
+    assert!(batches.len() <= 2, "{} batches in 16 s", batches.len());
+
+    agent.signal("TERM");
+    assert!(agent.wait_exit(Duration::from_secs(6)).success());
+    let status = kit::agent_command(BIN, &config, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("data:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("of a 100000-byte budget, step exhausted"),
+        "{line}"
+    );
+
+    // A restart carries on from the saved count: exhausted from the start.
+    let agent = Agent::spawn(BIN, &config);
+    let first = agent.wait_for_log("data budget: telemetry adjusted", WAIT);
+    assert_eq!(first["step"], "exhausted", "{first}");
+}

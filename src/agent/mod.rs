@@ -184,6 +184,7 @@ impl Agent {
         );
         let (safety_tx, safety_rx) = mpsc::channel(crate::inbound::safety::EVENT_QUEUE);
         let telemetry = telemetry
+            .with_meter(settings.broker.port)
             .with_driver_health(driver_health)
             .with_safety_events(safety_rx)
             .with_availability(availability_rx);

@@ -26,7 +26,36 @@ pub(crate) fn show_status(path: &Path) -> ExitCode {
     }
     print_limits(&settings);
     print_safety(&settings);
+    print_data_usage(&settings);
     print_daemon(&settings.state.runtime_dir)
+}
+
+/// This month's bytes on the broker connection and the budget, as the daemon last saved them
+/// (`data-usage.json`, every 5 minutes and at stop; health carries the live figure).
+fn print_data_usage(settings: &Settings) {
+    use crate::telemetry::budget;
+    let limit = settings.telemetry.monthly_budget_bytes;
+    let usage = match budget::load(&settings.state.dir) {
+        Ok(Some(usage)) => usage,
+        Ok(None) => return println!("data:        nothing counted yet"),
+        Err(error) => {
+            return println!("data:        unreadable: {}", printable(&error.to_string()));
+        }
+    };
+    let of_budget = match limit {
+        None => "no budget".to_owned(),
+        Some(limit) => format!(
+            "{} % of a {limit}-byte budget, step {}",
+            u128::from(usage.total()) * 100 / u128::from(limit),
+            budget::Step::of(usage.total(), limit).name()
+        ),
+    };
+    println!(
+        "data:        {}: {} bytes sent, {} received ({of_budget})",
+        printable(&usage.month),
+        usage.sent_bytes,
+        usage.received_bytes
+    );
 }
 
 /// The safety envelope in force: the installer's `[[limits]]`, from the configuration.

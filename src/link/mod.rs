@@ -36,6 +36,7 @@
 mod session;
 pub mod tls;
 pub mod topics;
+pub(crate) mod traffic;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

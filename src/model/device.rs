@@ -242,6 +242,24 @@ pub struct GatewayHealth {
     /// Present when the gateway reports by exception (`telemetry.report = "on-change"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reporting: Option<ReportingHealth>,
+    /// This month's traffic on the broker connection, and the budget's step (PROTOCOL 14.10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_usage: Option<DataUsageHealth>,
+}
+
+/// The month's bytes, as health reports them (docs/PROTOCOL.md 14.10).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DataUsageHealth {
+    /// `YYYY-MM`, UTC.
+    pub month: String,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    /// `telemetry.monthly_budget_bytes`; absent without a budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_bytes: Option<u64>,
+    /// `normal`, `saving`, `strict` or `exhausted`.
+    pub step: String,
 }
 
 /// How report by exception is going (docs/PROTOCOL.md 14.8): what the platform needs to tell a

@@ -191,6 +191,10 @@ pub(crate) struct ReportFilter {
     sent: HashMap<String, Sent>,
     /// Samples not sent because they repeated the last point (for health).
     skipped: u64,
+    /// The data budget's widening of every deadband (1 when it saves nothing).
+    band_factor: f64,
+    /// The data budget's lengthening of the heartbeat.
+    heartbeat_factor: u32,
 }
 
 impl ReportFilter {
@@ -199,15 +203,31 @@ impl ReportFilter {
             reporting,
             sent: HashMap::new(),
             skipped: 0,
+            band_factor: 1.0,
+            heartbeat_factor: 1,
         }
+    }
+
+    /// Widens every deadband by `band` and lengthens the heartbeat by `heartbeat` (at most a
+    /// day): the data budget's degradation steps (14.10). `(1.0, 1)` restores the
+    /// configuration.
+    pub(crate) fn degrade(&mut self, band: f64, heartbeat: u32) {
+        self.band_factor = band;
+        self.heartbeat_factor = heartbeat;
+    }
+
+    /// The heartbeat in force.
+    pub(crate) fn heartbeat(&self) -> Duration {
+        (self.reporting.heartbeat * self.heartbeat_factor).min(Duration::from_secs(86_400))
     }
 
     /// Whether `state`, sampled from `device_id` at `now`, becomes a point; if so it is
     /// remembered as the device's last point.
     pub(crate) fn admit(&mut self, device_id: &str, state: &DeviceState, now: Instant) -> bool {
+        let heartbeat = self.heartbeat();
         if let Some(sent) = self.sent.get_mut(device_id) {
-            let due = now.saturating_duration_since(sent.at) >= self.reporting.heartbeat;
-            if !due && !changed(&sent.state, state, &sent.bands) {
+            let due = now.saturating_duration_since(sent.at) >= heartbeat;
+            if !due && !changed(&sent.state, state, &sent.bands, self.band_factor) {
                 self.skipped += 1;
                 return false;
             }
@@ -243,7 +263,7 @@ impl ReportFilter {
 }
 
 /// Whether `next` differs from `sent` by more than the deadbands.
-fn changed(sent: &DeviceState, next: &DeviceState, bands: &[f64; 6]) -> bool {
+fn changed(sent: &DeviceState, next: &DeviceState, bands: &[f64; 6], factor: f64) -> bool {
     if !same_discrete(sent, next) {
         return true;
     }
@@ -255,7 +275,7 @@ fn changed(sent: &DeviceState, next: &DeviceState, bands: &[f64; 6]) -> bool {
             // NaN never equals itself, so it always counts as a change.
             (Some(a), Some(b)) => {
                 let moved = (a - b).abs();
-                moved > *band || moved.is_nan()
+                moved > *band * factor || moved.is_nan()
             }
             (None, None) => false,
             _ => true,
@@ -347,6 +367,23 @@ mod tests {
         assert!(f.admit("bat-2", &battery(600.0), t0));
         assert!(!f.admit("bat-2", &battery(1500.0), t0));
         assert!(f.admit("bat-2", &battery(1600.5), t0));
+    }
+
+    #[test]
+    fn the_budget_widens_deadbands_and_lengthens_the_heartbeat_until_restored() {
+        let t0 = Instant::now();
+        let mut f = ReportFilter::new(reporting(300));
+        assert!(f.admit("bat-1", &battery(600.0), t0));
+        f.degrade(5.0, 4);
+        assert_eq!(f.heartbeat(), Duration::from_secs(1200));
+        // 200 W is within 5 x 50 W.
+        assert!(!f.admit("bat-1", &battery(800.0), t0 + Duration::from_secs(1)));
+        assert!(!f.admit("bat-1", &battery(800.0), t0 + Duration::from_secs(1199)));
+        assert!(f.admit("bat-1", &battery(800.0), t0 + Duration::from_secs(1200)));
+        f.degrade(1.0, 1);
+        assert!(f.admit("bat-1", &battery(851.0), t0 + Duration::from_secs(1201)));
+        f.degrade(10.0, 1_000);
+        assert_eq!(f.heartbeat(), Duration::from_secs(86_400), "at most a day");
     }
 
     #[test]

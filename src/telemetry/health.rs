@@ -55,6 +55,7 @@ impl HealthProbe {
             points_dropped: outbox.dropped,
             drivers: self.drivers.iter().map(DriverHealthSource::read).collect(),
             reporting: None,
+            data_usage: None,
         }
     }
 }

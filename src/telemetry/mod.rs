@@ -13,6 +13,7 @@
 //! between it, the sample channel, the outbox and the link. The link is reached through
 //! [`Publish`], so the task can be tested against a stand-in with no broker.
 
+pub(crate) mod budget;
 mod compact;
 mod exception;
 pub(crate) mod health;
@@ -40,6 +41,12 @@ pub use points::{batch_message, encode_state};
 pub use settings::TelemetrySettings;
 
 pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
+/// How often the broker connection's bytes are counted (a lost connection's last interval is
+/// missed, PROTOCOL 14.10).
+const COUNT_EVERY: Duration = Duration::from_secs(5);
+/// How often the month's count is saved: a power cut forgets at most this much of it, and a
+/// tiny atomic write every 5 minutes spares the flash.
+const SAVE_EVERY: Duration = Duration::from_secs(300);
 /// Payload bytes per batch, far below the link's outbound packet limit.
 pub const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// Samples taken off the channel for one outbox write.
@@ -90,6 +97,8 @@ pub struct Telemetry<P = Publisher> {
     pub safety_events: Option<mpsc::Receiver<crate::model::safety::SafetyPoint>>,
     /// The drivers' availability changes, stored as `availability` points (PROTOCOL 14.7).
     pub availability: Option<mpsc::Receiver<crate::drivers::Availability>>,
+    /// Counts the broker connection's bytes for the monthly data budget; `None`: not counted.
+    pub(crate) meter: Option<crate::link::traffic::Meter>,
 }
 
 impl Telemetry {
@@ -121,6 +130,7 @@ impl Telemetry {
             clock,
             safety_events: None,
             availability: None,
+            meter: None,
         };
         (telemetry, stats_rx)
     }
@@ -153,6 +163,15 @@ impl<P: Publish> Telemetry<P> {
     /// [`Telemetry::new`], so that callers without process drivers (the benches) need not care.
     pub fn with_driver_health(mut self, drivers: Vec<crate::drivers::DriverHealthSource>) -> Self {
         self.health.drivers = drivers;
+        self
+    }
+
+    /// Counts the bytes of the connection to the broker at `port` (the data budget, 14.10).
+    pub(crate) fn with_meter(mut self, port: u16) -> Self {
+        if !crate::link::traffic::kernel_counts() {
+            tracing::warn!("this kernel gives no TCP byte counters: data usage is not counted");
+        }
+        self.meter = Some(crate::link::traffic::Meter::new(port));
         self
     }
 
@@ -194,6 +213,20 @@ impl<P: Publish> Telemetry<P> {
         // With no drivers configured the channel is closed from the start; the outbox still
         // has to be drained.
         let mut filter = self.settings.reporting().map(exception::ReportFilter::new);
+        let mut budget = self.open_budget();
+        let mut count = tokio::time::interval(COUNT_EVERY);
+        let mut save = tokio::time::interval_at(Instant::now() + SAVE_EVERY, SAVE_EVERY);
+        let mut saved = budget.usage().clone();
+        // A restart late in the month starts as sparse as the count says.
+        if budget.step() != budget::Step::Normal {
+            self.degrade(
+                budget.step(),
+                &budget,
+                &mut uplink,
+                &mut filter,
+                &mut health,
+            );
+        }
         let mut samples_open = true;
         let mut safety_events = self.safety_events.take();
         let mut availability = self.availability.take();
@@ -235,8 +268,14 @@ impl<P: Publish> Telemetry<P> {
                         tracing::error!(%error, "outbox fsync failed");
                     }
                 }
+                _ = count.tick(), if self.meter.is_some() => {
+                    if self.count(&mut budget) {
+                        self.degrade(budget.step(), &budget, &mut uplink, &mut filter, &mut health);
+                    }
+                }
+                _ = save.tick() => self.save_usage(&budget, &mut saved),
                 _ = health.tick() => {
-                    self.append_health(filter.as_ref());
+                    self.append_health(filter.as_ref(), &budget);
                     uplink.appended(self.outbox.last_seq(), Instant::now());
                 }
                 _ = async { tokio::time::sleep_until(timer.expect("guarded")).await }, if timer.is_some() => {
@@ -271,7 +310,85 @@ impl<P: Publish> Telemetry<P> {
         if let Err(error) = self.outbox.sync() {
             tracing::error!(%error, "outbox fsync at shutdown failed");
         }
+        self.count(&mut budget);
+        self.save_usage(&budget, &mut saved);
         self.outbox
+    }
+
+    /// The month's count as the last run left it, and the configured budget.
+    fn open_budget(&self) -> budget::Budget {
+        let stored = budget::load(&self.health.state_dir).unwrap_or_else(|error| {
+            tracing::warn!(%error, "data usage unreadable: this month counts from 0");
+            None
+        });
+        let month = budget::month_of(self.clock.now());
+        budget::Budget::new(self.settings.monthly_budget_bytes, stored, &month)
+    }
+
+    /// Adds what the broker connection carried since the last count; whether the step changed.
+    fn count(&mut self, budget: &mut budget::Budget) -> bool {
+        let Some(meter) = self.meter.as_mut() else {
+            return false;
+        };
+        let (sent, received) = meter.take();
+        budget.add(sent, received, &budget::month_of(self.clock.now()))
+    }
+
+    fn save_usage(&self, budget: &budget::Budget, saved: &mut budget::Usage) {
+        if budget.usage() == saved {
+            return;
+        }
+        match budget::save(&self.health.state_dir, budget.usage()) {
+            Ok(()) => *saved = budget.usage().clone(),
+            Err(error) => tracing::warn!(%error, "data usage not saved"),
+        }
+    }
+
+    /// Applies the budget's `step` (14.10): batches wait longer, deadbands widen (reporting by
+    /// exception even when every sample is configured), the heartbeat and health points come
+    /// less often; `Normal` restores the configuration. Never a reply or a command.
+    fn degrade(
+        &self,
+        step: budget::Step,
+        budget: &budget::Budget,
+        uplink: &mut Uplink<P::Delivery>,
+        filter: &mut Option<exception::ReportFilter>,
+        health: &mut tokio::time::Interval,
+    ) {
+        let configured = &self.settings;
+        let d = step.degradation();
+        let batch_ms = d.map_or(configured.batch_max_ms, |d| {
+            configured.batch_max_ms.max(d.batch_ms)
+        });
+        uplink.set_batch_age(Duration::from_millis(batch_ms));
+        match d {
+            Some(d) => filter
+                .get_or_insert_with(|| {
+                    exception::ReportFilter::new(configured.exception_reporting())
+                })
+                .degrade(d.deadband_factor, d.heartbeat_factor),
+            None if configured.report == settings::ReportMode::EverySample => *filter = None,
+            None => {
+                if let Some(f) = filter.as_mut() {
+                    f.degrade(1.0, 1);
+                }
+            }
+        }
+        let health_secs = d.map_or(configured.health_interval_secs, |d| {
+            configured.health_interval_secs.max(d.health_secs)
+        });
+        let every = Duration::from_secs(health_secs);
+        if health.period() != every {
+            *health = tokio::time::interval_at(Instant::now() + every, every);
+        }
+        tracing::warn!(
+            step = step.name(),
+            used_bytes = budget.usage().total(),
+            budget_bytes = budget.limit(),
+            batch_ms,
+            health_secs,
+            "data budget: telemetry adjusted"
+        );
     }
 
     /// Appends `first` and whatever else is already queued (up to [`SAMPLES_PER_APPEND`]): one
@@ -318,12 +435,23 @@ impl<P: Publish> Telemetry<P> {
         }
     }
 
-    fn append_health(&mut self, filter: Option<&exception::ReportFilter>) {
+    fn append_health(&mut self, filter: Option<&exception::ReportFilter>, budget: &budget::Budget) {
         let stats = self.outbox.stats();
         let reconnects = self.link.borrow().reconnects();
         let mut health = self.health.sample(reconnects, stats);
+        let usage = budget.usage();
+        health.data_usage = self
+            .meter
+            .is_some()
+            .then(|| crate::model::device::DataUsageHealth {
+                month: usage.month.clone(),
+                sent_bytes: usage.sent_bytes,
+                received_bytes: usage.received_bytes,
+                budget_bytes: budget.limit(),
+                step: budget.step().name().to_owned(),
+            });
         health.reporting = filter.map(|f| crate::model::device::ReportingHealth {
-            heartbeat_secs: self.settings.heartbeat_secs,
+            heartbeat_secs: f.heartbeat().as_secs(),
             samples_unchanged: f.skipped(),
         });
         let point = points::encode_health(self.clock.now_millis(), &self.gateway_id, &health);

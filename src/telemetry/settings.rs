@@ -47,6 +47,10 @@ pub struct TelemetrySettings {
     /// overriding its type's.
     #[serde(default)]
     pub device_deadbands: DeadbandTable,
+    /// Bytes per calendar month (UTC) the broker connection may carry before telemetry
+    /// degrades (PROTOCOL 14.10); none: counted, never degraded.
+    #[serde(default)]
+    pub monthly_budget_bytes: Option<u64>,
 }
 
 /// `telemetry.encoding`.
@@ -162,6 +166,7 @@ impl Default for TelemetrySettings {
             heartbeat_secs: default_heartbeat_secs(),
             deadbands: DeadbandTable::new(),
             device_deadbands: DeadbandTable::new(),
+            monthly_budget_bytes: None,
         }
     }
 }
@@ -208,6 +213,14 @@ impl TelemetrySettings {
                 format!("expected 1..=86400, found {}", self.heartbeat_secs),
             ));
         }
+        if let Some(budget) = self.monthly_budget_bytes {
+            if budget < 1024 {
+                return Err(Rejection::new(
+                    "telemetry.monthly_budget_bytes",
+                    format!("expected at least 1024 bytes, found {budget}"),
+                ));
+            }
+        }
         for (kind, members) in &self.deadbands {
             let Some(device_type) = exception::device_type(kind) else {
                 return Err(Rejection::new(
@@ -253,11 +266,17 @@ impl TelemetrySettings {
 
     /// What report by exception needs, or `None` when every sample is a point.
     pub(crate) fn reporting(&self) -> Option<exception::Reporting> {
-        (self.report == ReportMode::OnChange).then(|| exception::Reporting {
+        (self.report == ReportMode::OnChange).then(|| self.exception_reporting())
+    }
+
+    /// What report by exception needs, whatever `report` says: the data budget reports by
+    /// exception from its first step even when every sample is configured (14.10).
+    pub(crate) fn exception_reporting(&self) -> exception::Reporting {
+        exception::Reporting {
             heartbeat: std::time::Duration::from_secs(self.heartbeat_secs),
             by_type: self.deadbands.clone(),
             by_device: self.device_deadbands.clone(),
-        })
+        }
     }
 }
 

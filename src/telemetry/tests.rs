@@ -128,6 +128,7 @@ fn harness(batch_max_points: usize) -> Harness {
         clock: crate::model::clock::Clock::system(),
         safety_events: None,
         availability: None,
+        meter: None,
     };
     Harness {
         telemetry,

@@ -164,6 +164,12 @@ impl<D> Uplink<D> {
     }
 
     /// Points were numbered, up to `newest`, at `now`.
+    /// How long a partial batch waits from now on (the data budget lengthens it); a backlog
+    /// already waiting keeps its deadline.
+    pub(crate) fn set_batch_age(&mut self, age: Duration) {
+        self.batch_age = age;
+    }
+
     pub(crate) fn appended(&mut self, newest: u64, now: Instant) {
         self.newest = self.newest.max(newest);
         let due = match self.backlog {

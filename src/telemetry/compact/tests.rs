@@ -124,6 +124,13 @@ fn random_health(rng: &mut fastrand::Rng) -> GatewayHealth {
             heartbeat_secs: 300,
             samples_unchanged: rng.u64(..1000),
         }),
+        data_usage: rng.bool().then(|| DataUsageHealth {
+            month: "2026-12".into(),
+            sent_bytes: rng.u64(..1 << 40),
+            received_bytes: rng.u64(..1 << 40),
+            budget_bytes: rng.bool().then_some(50 << 20),
+            step: pick(rng, &["normal", "saving", "strict", "exhausted"]).into(),
+        }),
     }
 }
 
