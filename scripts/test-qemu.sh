@@ -105,13 +105,17 @@ must_pass=(
 #     agent; the SIGKILL and torn-tail tests cover the outbox on aarch64, and scripts/test.sh
 #     runs it natively.
 #   acl_confines_device_to_its_own_subtree: tests the broker's ACL; no agent takes part.
+#   a_small_data_budget_degrades_telemetry_in_steps_and_never_the_replies: qemu-user does not
+#     pass getsockopt(TCP_INFO) through, so the emulated agent counts no bytes (it says so in its
+#     log); an ARM kernel counts them, and scripts/test.sh runs the test natively.
 # Kept although timing-sensitive: the three backoff tests (refuses_broker_certificate_from_
 # another_ca, untrusted_client_certificate_fails_cleanly_with_backoff, no_tight_loop_while_
 # broker_is_down) assert the spacing of reconnect attempts as seen from the agent's log lines
 # (no two closer than backoff_min - 50 ms). Under QEMU they passed 3 runs out of 3 with the
 # machine's load at 4.8 on 2 cores; if they ever flake here, they are the ones to --skip.
 skip=(every_point_arrives_in_order_across_a_twenty_second_broker_outage
-  acl_confines_device_to_its_own_subtree)
+  acl_confines_device_to_its_own_subtree
+  a_small_data_budget_degrades_telemetry_in_steps_and_never_the_replies)
 skip_args=()
 for t in "${skip[@]}"; do skip_args+=(--skip "$t"); done
 commands=(only_server_and_owner_attestations_execute_over_a_hostile_broker)
