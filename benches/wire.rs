@@ -6,18 +6,23 @@
 //!     WIRE_SECS=30 cargo bench --bench wire         # shorter windows
 //!     TEXTURE_AGENT_BIN=... cargo bench --bench wire
 //!
-//! Four measurements, each with its own broker, agent and production settings (30 s
-//! keepalive, `info` logs, mutual TLS):
-//! - `battery 1 Hz, 1 s batches`: one simulated battery reporting every second, batches of at
-//!   most 1 s;
+//!     WIRE_ONLY=cellular cargo bench --bench wire   # the rows whose stream or profile match
+//!
+//! Each row has its own broker and agent, mutual TLS and `info` logs, in one of three
+//! profiles: `defaults` (JSON, every sample, 30 s keepalive, health every 60 s), `cellular`
+//! (docs/OPERATIONS.md's: compact encoding, report by exception, 300 s keepalive, health every
+//! 15 min) and `cellular, no TLS resumption` (for the reconnect only). Streams:
+//! - `battery 1 Hz, 1 s batches` and `battery 1 Hz, 60 s batches`: one simulated battery
+//!   sampled every second;
 //! - `4 devices at 5 s`: the footprint bench's four simulated devices, default batching;
 //! - `idle`: no device; keepalives and health only, scaled from the window to an hour;
 //! - `connect` and `reconnect`: from the TCP connect to the first telemetry batch the platform
 //!   receives (TLS handshake, CONNECT, subscriptions, the retained trust bundle, birth,
 //!   capabilities), first at start-up and then after the relay cuts the connection.
 //!
-//! Bytes per point divide everything both ways in the window by the device points the
-//! platform received (health points not counted as points).
+//! Bytes per sample divide everything both ways in the window by the samples the devices took
+//! in it (`rate` × the window), so the samples that report by exception held back count too;
+//! with devices the window spans whole batch periods, from one batch's arrival to another's.
 
 use std::time::{Duration, Instant};
 
@@ -168,12 +173,21 @@ async fn measure(name: &str, profile: &Profile, toml: &str, secs: u64, rate: f64
     peer.forget(&telemetry);
     relay.reset();
     let t0 = Instant::now();
-    let batches = peer.collect(&telemetry, Duration::from_secs(secs)).await;
+    let window = Duration::from_secs(secs);
+    // With devices, the window runs from one batch's arrival (the connect's last) to another's,
+    // at least `secs` later: whole batch periods, so a 60 s batching is not cut in half.
+    let batches = if has_devices {
+        let mut batches = Vec::new();
+        while t0.elapsed() < window {
+            batches.push(peer.expect(&telemetry, wait, |_| true).await);
+        }
+        batches
+    } else {
+        peer.collect(&telemetry, window).await
+    };
+    let elapsed = t0.elapsed();
     let (up, down) = relay.bytes();
-    assert!(
-        t0.elapsed() >= Duration::from_secs(secs),
-        "the window was cut short"
-    );
+    assert!(elapsed >= window, "the window was cut short");
     let points: usize = batches
         .iter()
         .map(|b| {
@@ -200,7 +214,7 @@ async fn measure(name: &str, profile: &Profile, toml: &str, secs: u64, rate: f64
     let reconnect = relay.bytes();
     drop(agent);
 
-    let samples = (rate * secs as f64).round();
+    let samples = (rate * elapsed.as_secs_f64()).round();
     let per_sample = if samples == 0.0 {
         "-".to_owned()
     } else {
@@ -212,5 +226,7 @@ async fn measure(name: &str, profile: &Profile, toml: &str, secs: u64, rate: f64
         connect.0 + connect.1,
         reconnect.0 + reconnect.1
     );
-    (up, down)
+    // Scaled to the nominal window, for the idle hour.
+    let scale = secs as f64 / elapsed.as_secs_f64();
+    ((up as f64 * scale) as u64, (down as f64 * scale) as u64)
 }

@@ -169,20 +169,34 @@ async fn every_point_arrives_in_order_across_a_twenty_second_broker_outage() {
 
 /// Compact batches (PROTOCOL 14.9) of points reported by exception (14.8), at 100 samples a
 /// second, across a broker restart and an agent restart: every point stored arrives, decoded,
-/// in order, and no batch is JSON.
+/// in order, and no batch is JSON; the capabilities message is deflated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compact_batches_by_exception_lose_nothing_across_broker_and_agent_restarts() {
     let pki = Pki::new();
     let mut broker = Mosquitto::start_with(&pki, true);
     let telemetry = device_topic(DEVICE, "telemetry");
-    let mut peer =
-        Peer::connect_with(&pki, broker.port, PLATFORM_CLIENT, &[&telemetry], false).await;
+    let capabilities = device_topic(DEVICE, "capabilities");
+    let mut peer = Peer::connect_with(
+        &pki,
+        broker.port,
+        PLATFORM_CLIENT,
+        &[&telemetry, &capabilities],
+        false,
+    )
+    .await;
     let compact = "encoding = \"compact\"\nreport = \"on-change\"\n";
     let mut cfg = AgentConfig::new(&pki, broker.port, DEVICE);
     cfg.extra_toml =
         hundred_points_per_second().replace("[telemetry]\n", &format!("[telemetry]\n{compact}"));
     let config = cfg.write(pki.path());
     let agent = Agent::spawn(BIN, &config);
+    // The capabilities message goes out deflated (PROTOCOL 13) and lists the ten devices.
+    let listed = peer
+        .expect(&capabilities, WAIT, |m| {
+            m.json()["devices"].as_array().map_or(0, Vec::len) == 10
+        })
+        .await;
+    assert_eq!(listed.payload[0], 0x02);
     let mut got = Received::default();
     got.drain(&mut peer, Duration::from_secs(3)).await;
     assert!(got.seqs.len() > 50, "only {} points", got.seqs.len());

@@ -207,6 +207,8 @@ impl Agent {
             pairing,
             registry,
             command_settings: settings.commands.clone(),
+            compact_capabilities: settings.telemetry.encoding
+                == crate::telemetry::settings::Encoding::Compact,
             safety: Safety::new(
                 &settings.limits,
                 &settings.safety,

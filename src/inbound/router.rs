@@ -45,6 +45,9 @@ pub(crate) struct RouterParts {
     pub pairing: PairingSession,
     pub registry: DriverRegistry,
     pub command_settings: CommandSettings,
+    /// Whether the capabilities message goes out deflated (`telemetry.encoding = "compact"`,
+    /// PROTOCOL 13).
+    pub compact_capabilities: bool,
     /// The safety stage: limits checked before any device command reaches its driver, holds
     /// and fail-safe.
     pub safety: Safety,
@@ -74,6 +77,7 @@ pub(crate) struct Router {
     runner: Runner,
     /// When the capabilities message is due.
     advertiser: crate::inbound::advertise::Advertiser,
+    compact_capabilities: bool,
 }
 
 /// Where an inbound message goes. Decided from its topic's kind (parsed once by the link) and
@@ -134,6 +138,7 @@ impl Router {
             pairing,
             registry,
             command_settings,
+            compact_capabilities,
             safety,
             clock,
             interrupted,
@@ -156,6 +161,7 @@ impl Router {
             clock,
             runner,
             advertiser: Default::default(),
+            compact_capabilities,
         }
     }
 
@@ -223,9 +229,12 @@ impl Router {
     async fn advertise(&mut self) {
         let message = crate::inbound::commands::capabilities(&self.gateway_id, &self.registry);
         let connected = matches!(self.link.borrow().state, LinkState::Connected);
-        let Some(message) = self.advertiser.fire(message, connected) else {
+        let Some(mut message) = self.advertiser.fire(message, connected) else {
             return;
         };
+        if self.compact_capabilities {
+            message = crate::telemetry::deflate_json(&message);
+        }
         if self
             .publisher
             .publish(self.topics.capabilities(), message, true)

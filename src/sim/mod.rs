@@ -366,11 +366,12 @@ async fn connect_platform(
 fn record(state: &Mutex<PlatformState>, topic: &str, payload: &[u8]) -> Option<bool> {
     let rest = topic.strip_prefix(&format!("{}/devices/", crate::link::topics::ROOT))?;
     let (gateway, leaf) = rest.split_once('/')?;
-    // Telemetry comes in any encoding of PROTOCOL 14.1 and 14.9; the rest is JSON.
-    let value: Value = if leaf == "telemetry" {
-        crate::telemetry::decode_batch(payload).ok()?
-    } else {
-        serde_json::from_slice(payload).ok()?
+    // Telemetry comes in any encoding of PROTOCOL 14.1 and 14.9, capabilities as JSON or
+    // deflated JSON (13); the rest is JSON.
+    let value: Value = match leaf {
+        "telemetry" => crate::telemetry::decode_batch(payload).ok()?,
+        "capabilities" => crate::telemetry::decode_capabilities(payload).ok()?,
+        _ => serde_json::from_slice(payload).ok()?,
     };
     let mut s = state.lock().expect("state");
     let now = crate::inbound::reply::rfc3339(crate::model::clock::system_secs());

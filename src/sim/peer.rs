@@ -72,10 +72,15 @@ pub struct Seen {
 
 impl Seen {
     /// The payload as JSON, `Null` when it is not JSON. A telemetry batch in the compact
-    /// encoding (PROTOCOL 14.9) is decoded to the JSON batch it stands for.
+    /// encoding (PROTOCOL 14.9) is decoded to the JSON batch it stands for, and a deflated
+    /// capabilities message (13) to its JSON.
     pub fn json(&self) -> serde_json::Value {
         if self.topic.ends_with("/telemetry") {
             return crate::telemetry::decode_batch(&self.payload)
+                .unwrap_or(serde_json::Value::Null);
+        }
+        if self.topic.ends_with("/capabilities") {
+            return crate::telemetry::decode_capabilities(&self.payload)
                 .unwrap_or(serde_json::Value::Null);
         }
         serde_json::from_slice(&self.payload).unwrap_or(serde_json::Value::Null)

@@ -36,7 +36,8 @@ use crate::model::clock::Clock;
 use crate::telemetry::outbox::{Outbox, OutboxStats};
 use uplink::{Next, Uplink};
 
-pub use compact::{decode as decode_batch, DecodeError};
+pub(crate) use compact::deflate_json;
+pub use compact::{decode as decode_batch, decode_capabilities, DecodeError};
 pub use points::{batch_message, encode_state};
 pub use settings::TelemetrySettings;
 

@@ -403,3 +403,26 @@ fn an_independent_decoder_built_from_protocol_md_agrees() {
         assert!(decode(&good[..cut]).is_err());
     }
 }
+
+#[test]
+fn a_deflated_capabilities_message_decodes_to_its_json_and_is_far_smaller() {
+    let registry = crate::drivers::DriverRegistry::default();
+    let json = crate::inbound::commands::capabilities("gw-1", &registry);
+    let packed = deflate_json(&json);
+    assert_eq!(packed[0], DEFLATED);
+    assert_eq!(
+        decode_capabilities(&packed).unwrap(),
+        serde_json::from_slice::<Value>(&json).unwrap()
+    );
+    assert_eq!(
+        decode_capabilities(&json).unwrap(),
+        serde_json::from_slice::<Value>(&json).unwrap()
+    );
+    assert!(
+        packed.len() * 2 < json.len(),
+        "{} of {}",
+        packed.len(),
+        json.len()
+    );
+    assert!(decode_capabilities(&[0x01, b'{', b'}']).is_err());
+}
