@@ -55,71 +55,97 @@ impl Kind {
     }
 }
 
-/// One member's value, as its column holds it.
+/// One member's value, as its column holds it; text borrowed from the parsed point.
 #[derive(Debug, Clone, PartialEq)]
-enum Cell {
+enum Cell<'a> {
     Int(i64),
     Bool(bool),
-    Text(String),
+    Text(std::borrow::Cow<'a, str>),
 }
 
 /// A member: its path of object member names from the point's body, and its kind.
-type Member = (Vec<String>, Kind);
+type Member<'a> = (Vec<&'a str>, Kind);
 
 /// Points of one device, one kind and one shape, in `seq` order.
 #[derive(Debug)]
-struct Series {
-    device_id: String,
-    kind: String,
-    members: Vec<Member>,
+struct Series<'a> {
+    device_id: &'a str,
+    kind: &'a str,
+    members: Vec<Member<'a>>,
     seqs: Vec<u64>,
     ts: Vec<u64>,
     /// `columns[m][i]`: member `m` of the series' point `i`.
-    columns: Vec<Vec<Cell>>,
+    columns: Vec<Vec<Cell<'a>>>,
 }
 
 /// Why a stored point cannot be put in columns (it is then sent as JSON, 14.9).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct NotAPoint(&'static str);
 
+/// A stored point, parsed.
+struct Point {
+    seq: u64,
+    ts: u64,
+    device_id: String,
+    kind: String,
+    body: Map<String, Value>,
+}
+
+fn parse(record: &Record) -> Result<Point, NotAPoint> {
+    let Ok(Value::Object(mut point)) = serde_json::from_slice::<Value>(&record.payload) else {
+        return Err(NotAPoint("not a JSON object"));
+    };
+    let ts = point
+        .remove("ts")
+        .and_then(|t| t.as_u64())
+        .ok_or(NotAPoint("no ts"))?;
+    let device_id = match point.remove("deviceId") {
+        Some(Value::String(id)) => id,
+        _ => return Err(NotAPoint("no deviceId")),
+    };
+    if point.len() != 1 {
+        return Err(NotAPoint("not exactly one body"));
+    }
+    let (kind, body) = point.into_iter().next().expect("one member");
+    let Value::Object(body) = body else {
+        return Err(NotAPoint("body is not an object"));
+    };
+    Ok(Point {
+        seq: record.seq,
+        ts,
+        device_id,
+        kind,
+        body,
+    })
+}
+
 /// The compact batch of `records`, `deflate`d when that makes it smaller.
+///
+/// Every point is parsed first, so that series borrow their names and texts from the parsed
+/// points, and a point joins its series by walking its body against the series' members: on
+/// the hot path nothing is allocated per member.
 pub(crate) fn encode(
     gateway_id: &str,
     records: &[Record],
     deflate: bool,
 ) -> Result<Vec<u8>, NotAPoint> {
-    let mut series: Vec<Series> = Vec::new();
-    for record in records {
-        let Ok(Value::Object(mut point)) = serde_json::from_slice::<Value>(&record.payload) else {
-            return Err(NotAPoint("not a JSON object"));
-        };
-        let ts = point
-            .remove("ts")
-            .and_then(|t| t.as_u64())
-            .ok_or(NotAPoint("no ts"))?;
-        let device_id = match point.remove("deviceId") {
-            Some(Value::String(id)) => id,
-            _ => return Err(NotAPoint("no deviceId")),
-        };
-        if point.len() != 1 {
-            return Err(NotAPoint("not exactly one body"));
-        }
-        let (kind, body) = point.into_iter().next().expect("one member");
-        let Value::Object(body) = body else {
-            return Err(NotAPoint("body is not an object"));
-        };
-        let mut members = Vec::new();
-        let mut cells = Vec::new();
-        flatten(&body, &mut Vec::new(), &mut members, &mut cells);
-        let at = series
-            .iter()
-            .position(|s| s.device_id == device_id && s.kind == kind && s.members == members);
+    let points = records.iter().map(parse).collect::<Result<Vec<_>, _>>()?;
+    let mut series: Vec<Series<'_>> = Vec::new();
+    let mut path = Vec::new();
+    for p in &points {
+        let at = series.iter().position(|s| {
+            s.device_id == p.device_id && s.kind == p.kind && same_shape(&s.members, &p.body)
+        });
         let s = match at {
             Some(at) => &mut series[at],
             None => {
+                let mut members = Vec::new();
+                leaves(&p.body, &mut path, &mut |path, value| {
+                    members.push((path.to_vec(), kind_of(value)));
+                });
                 series.push(Series {
-                    device_id,
-                    kind,
+                    device_id: &p.device_id,
+                    kind: &p.kind,
                     columns: vec![Vec::new(); members.len()],
                     members,
                     seqs: Vec::new(),
@@ -128,11 +154,15 @@ pub(crate) fn encode(
                 series.last_mut().expect("just pushed")
             }
         };
-        s.seqs.push(record.seq);
-        s.ts.push(ts);
-        for (column, cell) in s.columns.iter_mut().zip(cells) {
-            column.push(cell);
-        }
+        s.seqs.push(p.seq);
+        s.ts.push(p.ts);
+        let mut columns = s.columns.iter_mut();
+        leaves(&p.body, &mut path, &mut |_, value| {
+            columns
+                .next()
+                .expect("same shape")
+                .push(cell_of(value));
+        });
     }
     let mut body = Vec::with_capacity(64 + records.len() * 16);
     put_str(&mut body, gateway_id);
@@ -155,50 +185,65 @@ pub(crate) fn encode(
     Ok(out)
 }
 
-/// Appends `object`'s members under `path` in document order: nested non-empty objects are
-/// walked into, everything else is one member.
-fn flatten(
-    object: &Map<String, Value>,
-    path: &mut Vec<String>,
-    members: &mut Vec<Member>,
-    cells: &mut Vec<Cell>,
+/// Calls `f` with every leaf of `object` and its path, in document order: nested non-empty
+/// objects are walked into, everything else is a leaf. `path` is scratch space, reused.
+fn leaves<'a>(
+    object: &'a Map<String, Value>,
+    path: &mut Vec<&'a str>,
+    f: &mut dyn FnMut(&[&'a str], &'a Value),
 ) {
     for (name, value) in object {
-        path.push(name.clone());
+        path.push(name);
         match value {
-            Value::Object(inner) if !inner.is_empty() => flatten(inner, path, members, cells),
-            _ => {
-                let (kind, cell) = cell_of(value);
-                members.push((path.clone(), kind));
-                cells.push(cell);
-            }
+            Value::Object(inner) if !inner.is_empty() => leaves(inner, path, f),
+            _ => f(path, value),
         }
         path.pop();
     }
 }
 
-fn cell_of(value: &Value) -> (Kind, Cell) {
+/// Whether `body`'s leaves are `members`, in order.
+fn same_shape(members: &[Member<'_>], body: &Map<String, Value>) -> bool {
+    let mut i = 0;
+    let mut same = true;
+    leaves(body, &mut Vec::new(), &mut |path, value| {
+        same &= members
+            .get(i)
+            .is_some_and(|(p, k)| p.as_slice() == path && *k == kind_of(value));
+        i += 1;
+    });
+    same && i == members.len()
+}
+
+/// How a leaf is written: [`Kind::Thousandths`] for fractions below 10^12 (exact in
+/// thousandths, the rounding of 14.4), [`Kind::Integer`] for integers in i64, and their text
+/// for anything else.
+fn kind_of(value: &Value) -> Kind {
     match value {
-        Value::Bool(b) => (Kind::Boolean, Cell::Bool(*b)),
-        Value::String(s) => (Kind::String, Cell::Text(s.clone())),
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64().filter(|_| !n.is_f64()) {
-                return (Kind::Integer, Cell::Int(i));
-            }
-            // Exact for |x| < 1e12 thousandths-wise (the rounding of 14.4); larger fractions
-            // and integers beyond i64 keep their text.
-            match n.as_f64() {
-                Some(x) if n.is_f64() && x.abs() < 1e12 => {
-                    (Kind::Thousandths, Cell::Int((x * 1000.0).round() as i64))
-                }
-                _ => (Kind::Json, Cell::Text(value.to_string())),
-            }
-        }
-        _ => (Kind::Json, Cell::Text(value.to_string())),
+        Value::Bool(_) => Kind::Boolean,
+        Value::String(_) => Kind::String,
+        Value::Number(n) if n.is_f64() => match n.as_f64() {
+            Some(x) if x.abs() < 1e12 => Kind::Thousandths,
+            _ => Kind::Json,
+        },
+        Value::Number(n) if n.as_i64().is_some() => Kind::Integer,
+        _ => Kind::Json,
     }
 }
 
-fn put_series(out: &mut Vec<u8>, s: &Series) {
+fn cell_of(value: &Value) -> Cell<'_> {
+    match (kind_of(value), value) {
+        (Kind::Boolean, Value::Bool(b)) => Cell::Bool(*b),
+        (Kind::String, Value::String(s)) => Cell::Text(std::borrow::Cow::Borrowed(s)),
+        (Kind::Thousandths, Value::Number(n)) => {
+            Cell::Int((n.as_f64().expect("a fraction") * 1000.0).round() as i64)
+        }
+        (Kind::Integer, Value::Number(n)) => Cell::Int(n.as_i64().expect("in i64")),
+        _ => Cell::Text(std::borrow::Cow::Owned(value.to_string())),
+    }
+}
+
+fn put_series(out: &mut Vec<u8>, s: &Series<'_>) {
     put_str(out, &s.device_id);
     put_str(out, &s.kind);
     put_uvarint(out, s.seqs.len() as u64);
@@ -227,7 +272,7 @@ fn put_series(out: &mut Vec<u8>, s: &Series) {
 /// fraction column starts with its decimals `d` (0 to 3), the most its cells need, and holds
 /// the numbers times 10^d, so 0.1-resolution meters cost tenths, not thousandths. Text: 0
 /// for "same as the cell before", else its length + 1 and its bytes.
-fn put_column(out: &mut Vec<u8>, column: &[Cell], kind: Kind) {
+fn put_column(out: &mut Vec<u8>, column: &[Cell<'_>], kind: Kind) {
     let mut step = 1;
     if kind == Kind::Thousandths {
         let decimals = (0..=3u32)
@@ -252,7 +297,7 @@ fn put_column(out: &mut Vec<u8>, column: &[Cell], kind: Kind) {
             }
             Cell::Bool(b) => out.push(u8::from(*b)),
             Cell::Text(t) => {
-                if previous_text == Some(t.as_str()) {
+                if previous_text == Some(t.as_ref()) {
                     out.push(0);
                 } else {
                     put_uvarint(out, t.len() as u64 + 1);
