@@ -7,6 +7,7 @@
 //!     TEXTURE_AGENT_BIN=... cargo bench --bench wire
 //!
 //!     WIRE_ONLY=cellular cargo bench --bench wire   # the rows whose stream or profile match
+//!     WIRE_ONLY=idle WIRE_PROFILE=cellular WIRE_SECS=3600 cargo bench --bench wire   # an hour
 //!
 //! Each row has its own broker and agent, mutual TLS and `info` logs, in one of three
 //! profiles: `defaults` (JSON, every sample, 30 s keepalive, health every 60 s), `cellular`
@@ -79,8 +80,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(120);
-    // A substring of the stream or profile names, to run some rows only.
+    // A substring of the stream or profile names, to run some rows only; a profile's name, to
+    // run its rows only (`WIRE_ONLY=idle WIRE_PROFILE=cellular WIRE_SECS=3600`: an idle hour).
     let only = std::env::var("WIRE_ONLY").unwrap_or_default();
+    let only_profile = std::env::var("WIRE_PROFILE").ok();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -122,6 +125,9 @@ fn main() {
                     continue;
                 }
                 if !only.is_empty() && !stream.contains(&only) && !profile.name.contains(&only) {
+                    continue;
+                }
+                if only_profile.as_deref().is_some_and(|p| p != profile.name) {
                     continue;
                 }
                 let toml = format!("[telemetry]\n{telemetry}{}\n{drivers}", profile.telemetry);

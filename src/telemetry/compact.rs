@@ -13,9 +13,14 @@
 //! the send path; [`decode`] is the platform's side, for the simulator, the tests and the
 //! benches, and answers a JSON batch (14.1) as well, so a platform has one entry point.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Number, Value};
 
 use crate::telemetry::outbox::Record;
+use scan::{Event, Leaf};
+
+mod scan;
 
 /// First byte of a compact batch whose body follows as is.
 pub(crate) const PLAIN: u8 = 0x01;
@@ -24,6 +29,8 @@ pub(crate) const DEFLATED: u8 = 0x02;
 /// The largest body a decoder inflates: far above any batch (14.2), so a hostile payload
 /// cannot make it allocate without bound.
 const MAX_BODY: usize = 16 << 20;
+/// The smallest body worth compressing (PROTOCOL 14.9).
+const MIN_DEFLATE: usize = 256;
 /// DEFLATE level: 6 is zlib's default; higher levels gain under 1 % here at twice the CPU.
 const LEVEL: u8 = 6;
 
@@ -55,22 +62,24 @@ impl Kind {
     }
 }
 
-/// One member's value, as its column holds it; text borrowed from the parsed point.
+/// One member's value, as its column holds it; text borrowed from the record.
 #[derive(Debug, Clone, PartialEq)]
 enum Cell<'a> {
     Int(i64),
     Bool(bool),
-    Text(std::borrow::Cow<'a, str>),
+    Text(Cow<'a, str>),
 }
 
 /// A member: its path of object member names from the point's body, and its kind.
-type Member<'a> = (Vec<&'a str>, Kind);
+type Member<'a> = (Vec<Cow<'a, str>>, Kind);
 
 /// Points of one device, one kind and one shape, in `seq` order.
 #[derive(Debug)]
 struct Series<'a> {
-    device_id: &'a str,
-    kind: &'a str,
+    device_id: Cow<'a, str>,
+    kind: Cow<'a, str>,
+    /// The first point's events: the series' shape.
+    shape: Vec<Event<'a>>,
     members: Vec<Member<'a>>,
     seqs: Vec<u64>,
     ts: Vec<u64>,
@@ -82,70 +91,31 @@ struct Series<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct NotAPoint(&'static str);
 
-/// A stored point, parsed.
-struct Point {
-    seq: u64,
-    ts: u64,
-    device_id: String,
-    kind: String,
-    body: Map<String, Value>,
-}
-
-fn parse(record: &Record) -> Result<Point, NotAPoint> {
-    let Ok(Value::Object(mut point)) = serde_json::from_slice::<Value>(&record.payload) else {
-        return Err(NotAPoint("not a JSON object"));
-    };
-    let ts = point
-        .remove("ts")
-        .and_then(|t| t.as_u64())
-        .ok_or(NotAPoint("no ts"))?;
-    let device_id = match point.remove("deviceId") {
-        Some(Value::String(id)) => id,
-        _ => return Err(NotAPoint("no deviceId")),
-    };
-    if point.len() != 1 {
-        return Err(NotAPoint("not exactly one body"));
-    }
-    let (kind, body) = point.into_iter().next().expect("one member");
-    let Value::Object(body) = body else {
-        return Err(NotAPoint("body is not an object"));
-    };
-    Ok(Point {
-        seq: record.seq,
-        ts,
-        device_id,
-        kind,
-        body,
-    })
-}
-
 /// The compact batch of `records`, `deflate`d when that makes it smaller.
 ///
-/// Every point is parsed first, so that series borrow their names and texts from the parsed
-/// points, and a point joins its series by walking its body against the series' members: on
-/// the hot path nothing is allocated per member.
+/// Each stored point is read as a list of events that borrow from the record ([`scan`]), and
+/// joins the series whose shape its events match: nothing is allocated per member, and per
+/// point only when a new series starts.
 pub(crate) fn encode(
     gateway_id: &str,
     records: &[Record],
     deflate: bool,
 ) -> Result<Vec<u8>, NotAPoint> {
-    let points = records.iter().map(parse).collect::<Result<Vec<_>, _>>()?;
     let mut series: Vec<Series<'_>> = Vec::new();
-    let mut path = Vec::new();
-    for p in &points {
+    let mut events = Vec::new();
+    for record in records {
+        let point = scan::point(&record.payload, &mut events).map_err(NotAPoint)?;
         let at = series.iter().position(|s| {
-            s.device_id == p.device_id && s.kind == p.kind && same_shape(&s.members, &p.body)
+            s.device_id == point.device_id && s.kind == point.kind && same_shape(&s.shape, &events)
         });
         let s = match at {
             Some(at) => &mut series[at],
             None => {
-                let mut members = Vec::new();
-                leaves(&p.body, &mut path, &mut |path, value| {
-                    members.push((path.to_vec(), kind_of(value)));
-                });
+                let members = members_of(&events);
                 series.push(Series {
-                    device_id: &p.device_id,
-                    kind: &p.kind,
+                    device_id: point.device_id,
+                    kind: point.kind,
+                    shape: events.clone(),
                     columns: vec![Vec::new(); members.len()],
                     members,
                     seqs: Vec::new(),
@@ -154,15 +124,15 @@ pub(crate) fn encode(
                 series.last_mut().expect("just pushed")
             }
         };
-        s.seqs.push(p.seq);
-        s.ts.push(p.ts);
-        let mut columns = s.columns.iter_mut();
-        leaves(&p.body, &mut path, &mut |_, value| {
-            columns
-                .next()
-                .expect("same shape")
-                .push(cell_of(value));
+        s.seqs.push(record.seq);
+        s.ts.push(point.ts);
+        let leaves = events.drain(..).filter_map(|e| match e {
+            Event::Leaf(_, leaf) => Some(leaf),
+            _ => None,
         });
+        for (column, leaf) in s.columns.iter_mut().zip(leaves) {
+            column.push(cell_of(leaf));
+        }
     }
     let mut body = Vec::with_capacity(64 + records.len() * 16);
     put_str(&mut body, gateway_id);
@@ -170,7 +140,9 @@ pub(crate) fn encode(
     for s in &series {
         put_series(&mut body, s);
     }
-    if deflate {
+    // DEFLATE's set-up (160 KB of tables to clear) costs more than it saves on a body of a
+    // point or two, the batch of a 1 s batching.
+    if deflate && body.len() >= MIN_DEFLATE {
         let packed = miniz_oxide::deflate::compress_to_vec(&body, LEVEL);
         if packed.len() < body.len() {
             let mut out = Vec::with_capacity(1 + packed.len());
@@ -185,61 +157,55 @@ pub(crate) fn encode(
     Ok(out)
 }
 
-/// Calls `f` with every leaf of `object` and its path, in document order: nested non-empty
-/// objects are walked into, everything else is a leaf. `path` is scratch space, reused.
-fn leaves<'a>(
-    object: &'a Map<String, Value>,
-    path: &mut Vec<&'a str>,
-    f: &mut dyn FnMut(&[&'a str], &'a Value),
-) {
-    for (name, value) in object {
-        path.push(name);
-        match value {
-            Value::Object(inner) if !inner.is_empty() => leaves(inner, path, f),
-            _ => f(path, value),
+/// Whether two points' events have the same members of the same kinds, in the same order.
+fn same_shape(a: &[Event<'_>], b: &[Event<'_>]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|pair| match pair {
+            (Event::Open(x), Event::Open(y)) => x == y,
+            (Event::Close, Event::Close) => true,
+            (Event::Leaf(x, l), Event::Leaf(y, m)) => x == y && kind_of(l) == kind_of(m),
+            _ => false,
+        })
+}
+
+/// The members (leaf paths and kinds) that `events` describe, in order.
+fn members_of<'a>(events: &[Event<'a>]) -> Vec<Member<'a>> {
+    let mut path: Vec<Cow<'a, str>> = Vec::new();
+    let mut members = Vec::new();
+    for event in events {
+        match event {
+            Event::Open(name) => path.push(name.clone()),
+            Event::Close => {
+                path.pop();
+            }
+            Event::Leaf(name, leaf) => {
+                let mut full = path.clone();
+                full.push(name.clone());
+                members.push((full, kind_of(leaf)));
+            }
         }
-        path.pop();
+    }
+    members
+}
+
+fn kind_of(leaf: &Leaf<'_>) -> Kind {
+    match leaf {
+        Leaf::Bool(_) => Kind::Boolean,
+        Leaf::Str(_) => Kind::String,
+        Leaf::Fraction(_) => Kind::Thousandths,
+        Leaf::Int(_) => Kind::Integer,
+        Leaf::Raw(_) => Kind::Json,
     }
 }
 
-/// Whether `body`'s leaves are `members`, in order.
-fn same_shape(members: &[Member<'_>], body: &Map<String, Value>) -> bool {
-    let mut i = 0;
-    let mut same = true;
-    leaves(body, &mut Vec::new(), &mut |path, value| {
-        same &= members
-            .get(i)
-            .is_some_and(|(p, k)| p.as_slice() == path && *k == kind_of(value));
-        i += 1;
-    });
-    same && i == members.len()
-}
-
-/// How a leaf is written: [`Kind::Thousandths`] for fractions below 10^12 (exact in
-/// thousandths, the rounding of 14.4), [`Kind::Integer`] for integers in i64, and their text
-/// for anything else.
-fn kind_of(value: &Value) -> Kind {
-    match value {
-        Value::Bool(_) => Kind::Boolean,
-        Value::String(_) => Kind::String,
-        Value::Number(n) if n.is_f64() => match n.as_f64() {
-            Some(x) if x.abs() < 1e12 => Kind::Thousandths,
-            _ => Kind::Json,
-        },
-        Value::Number(n) if n.as_i64().is_some() => Kind::Integer,
-        _ => Kind::Json,
-    }
-}
-
-fn cell_of(value: &Value) -> Cell<'_> {
-    match (kind_of(value), value) {
-        (Kind::Boolean, Value::Bool(b)) => Cell::Bool(*b),
-        (Kind::String, Value::String(s)) => Cell::Text(std::borrow::Cow::Borrowed(s)),
-        (Kind::Thousandths, Value::Number(n)) => {
-            Cell::Int((n.as_f64().expect("a fraction") * 1000.0).round() as i64)
-        }
-        (Kind::Integer, Value::Number(n)) => Cell::Int(n.as_i64().expect("in i64")),
-        _ => Cell::Text(std::borrow::Cow::Owned(value.to_string())),
+fn cell_of(leaf: Leaf<'_>) -> Cell<'_> {
+    match leaf {
+        Leaf::Bool(b) => Cell::Bool(b),
+        Leaf::Str(s) => Cell::Text(s),
+        // Exact: below 10^12 the product is an integer well within f64's 2^53.
+        Leaf::Fraction(x) => Cell::Int((x * 1000.0).round() as i64),
+        Leaf::Int(i) => Cell::Int(i),
+        Leaf::Raw(text) => Cell::Text(Cow::Borrowed(text)),
     }
 }
 
