@@ -404,6 +404,20 @@ fn bad_reporting_settings_are_refused_at_load_naming_them() {
     );
     let e = refused("report = \"sometimes\"\n");
     assert!(e.contains("sometimes") && e.contains("on-change"), "{e}");
+    let e = refused("encoding = \"cbor\"\n");
+    assert!(
+        e.contains("telemetry.encoding")
+            && e.contains("expected \"json\" or \"compact\", found \"cbor\""),
+        "{e}"
+    );
+    let e = refused("compression = \"zstd\"\n");
+    assert!(
+        e.contains("telemetry.compression")
+            && e.contains("expected \"deflate\" or \"none\", found \"zstd\""),
+        "{e}"
+    );
+    let e = refused("monthly_budget_bytes = 100\n");
+    assert!(e.contains("expected at least 1024 bytes, found 100"), "{e}");
     let e = refused("heartbeat_secs = 0\n");
     assert!(
         e.contains("`telemetry.heartbeat_secs`") && e.contains("expected 1..=86400, found 0"),
