@@ -22,14 +22,15 @@ pub(crate) const SETTLE: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub(crate) struct Advertiser {
     due: Option<Instant>,
-    /// What was published on the current connection.
-    sent: Option<Vec<u8>>,
+    /// What was published last, and on which connection (the link's connect count): keyed by
+    /// the connection rather than cleared on a CONNACK, so a message published on a new
+    /// connection just before the router hears of the CONNACK still counts for it.
+    sent: Option<(u64, Vec<u8>)>,
 }
 
 impl Advertiser {
-    /// A CONNACK: the new connection has had nothing yet.
+    /// A CONNACK: the new connection needs the message (unless it already had it).
     pub(crate) fn connected(&mut self, now: Instant) {
-        self.sent = None;
         self.schedule(now);
     }
 
@@ -49,15 +50,21 @@ impl Advertiser {
         self.due
     }
 
-    /// At the deadline, with the message as it stands: what to publish, if anything. Nothing
-    /// while the link is down (the next CONNACK schedules it again) or when this connection
-    /// already has this very message.
-    pub(crate) fn fire(&mut self, message: Vec<u8>, connected: bool) -> Option<Vec<u8>> {
+    /// At the deadline, with the message as it stands and the connection the link is on
+    /// (`None` while it is down): what to publish, if anything. Nothing while the link is down
+    /// (the next CONNACK schedules it again) or when this connection already has this very
+    /// message.
+    pub(crate) fn fire(&mut self, message: Vec<u8>, connection: Option<u64>) -> Option<Vec<u8>> {
         self.due = None;
-        if !connected || self.sent.as_ref() == Some(&message) {
+        let connection = connection?;
+        if self
+            .sent
+            .as_ref()
+            .is_some_and(|(on, sent)| *on == connection && *sent == message)
+        {
             return None;
         }
-        self.sent = Some(message.clone());
+        self.sent = Some((connection, message.clone()));
         Some(message)
     }
 }
@@ -76,7 +83,7 @@ mod tests {
         a.devices_changed(t0 + Duration::from_millis(900));
         assert_eq!(a.due(), Some(t0 + SETTLE), "not postponed by later reasons");
         assert_eq!(
-            a.fire(b"two devices".to_vec(), true),
+            a.fire(b"two devices".to_vec(), Some(1)),
             Some(b"two devices".to_vec())
         );
         assert_eq!(a.due(), None);
@@ -87,17 +94,29 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Advertiser::default();
         a.connected(t0);
-        assert!(a.fire(b"m".to_vec(), true).is_some());
+        assert!(a.fire(b"m".to_vec(), Some(1)).is_some());
         a.devices_changed(t0);
-        assert_eq!(a.fire(b"m".to_vec(), true), None, "unchanged");
+        assert_eq!(a.fire(b"m".to_vec(), Some(1)), None, "unchanged");
         a.devices_changed(t0);
-        assert!(a.fire(b"m2".to_vec(), true).is_some(), "changed");
+        assert!(a.fire(b"m2".to_vec(), Some(1)).is_some(), "changed");
         a.connected(t0);
         assert_eq!(
-            a.fire(b"m2".to_vec(), true),
+            a.fire(b"m2".to_vec(), Some(2)),
             Some(b"m2".to_vec()),
             "new connection"
         );
+    }
+
+    #[test]
+    fn a_message_sent_on_a_new_connection_before_its_connack_is_heard_is_not_repeated() {
+        let t0 = Instant::now();
+        let mut a = Advertiser::default();
+        a.devices_changed(t0);
+        // The timer fires with the link already on connection 2...
+        assert!(a.fire(b"m".to_vec(), Some(2)).is_some());
+        // ...and then the router hears of that CONNACK.
+        a.connected(t0);
+        assert_eq!(a.fire(b"m".to_vec(), Some(2)), None);
     }
 
     #[test]
@@ -105,8 +124,8 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Advertiser::default();
         a.devices_changed(t0);
-        assert_eq!(a.fire(b"m".to_vec(), false), None);
+        assert_eq!(a.fire(b"m".to_vec(), None), None);
         a.connected(t0);
-        assert_eq!(a.fire(b"m".to_vec(), true), Some(b"m".to_vec()));
+        assert_eq!(a.fire(b"m".to_vec(), Some(1)), Some(b"m".to_vec()));
     }
 }

@@ -228,8 +228,11 @@ impl Router {
     /// Publishes the capabilities message, if the advertiser says it is due and new.
     async fn advertise(&mut self) {
         let message = crate::inbound::commands::capabilities(&self.gateway_id, &self.registry);
-        let connected = matches!(self.link.borrow().state, LinkState::Connected);
-        let Some(mut message) = self.advertiser.fire(message, connected) else {
+        let connection = {
+            let link = self.link.borrow();
+            matches!(link.state, LinkState::Connected).then_some(link.connects)
+        };
+        let Some(mut message) = self.advertiser.fire(message, connection) else {
             return;
         };
         if self.compact_capabilities {

@@ -45,9 +45,9 @@ impl Meter {
             let Some((s, r)) = tcp_counters(fd) else {
                 continue;
             };
-            // A new socket's counters start at 1 each way: the kernel counts the SYN as a
-            // byte sent and acknowledged, and the peer's SYN as one received.
-            let (last_s, last_r) = self.seen.get(&inode).copied().unwrap_or((1, 1));
+            // A new socket's sent counter starts at 1: the kernel counts our SYN as a byte sent
+            // and acknowledged (the peer's SYN is not counted as received; its FIN is, as 1).
+            let (last_s, last_r) = self.seen.get(&inode).copied().unwrap_or((1, 0));
             sent += s.saturating_sub(last_s);
             received += r.saturating_sub(last_r);
             now.insert(inode, (s, r));
@@ -150,13 +150,18 @@ mod tests {
         }
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
+        // The server keeps each connection open until told, so no FIN is counted.
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
+            let mut open = Vec::new();
             for _ in 0..2 {
                 let (mut s, _) = listener.accept().unwrap();
                 let mut buf = [0u8; 1000];
                 s.read_exact(&mut buf).unwrap();
                 s.write_all(&[7u8; 300]).unwrap();
+                open.push(s);
             }
+            done_rx.recv().unwrap();
         });
         let mut meter = Meter::new(port);
         assert_eq!(meter.take(), (0, 0), "no connection yet");
@@ -185,6 +190,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert_eq!(total, (1000, 300), "the new socket, from its first byte");
+        done_tx.send(()).unwrap();
         server.join().unwrap();
     }
 }

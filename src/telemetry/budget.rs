@@ -77,7 +77,7 @@ impl Step {
 
     /// The step for `used` bytes of a `budget`.
     pub(crate) fn of(used: u64, budget: u64) -> Step {
-        // In hundredths, without overflow for any u64.
+        // In percent, without overflow for any u64.
         let percent = (u128::from(used) * 100 / u128::from(budget.max(1))) as u64;
         match percent {
             0..75 => Step::Normal,

@@ -29,6 +29,9 @@ pub(crate) const DEFLATED: u8 = 0x02;
 /// The largest body a decoder inflates: far above any batch (14.2), so a hostile payload
 /// cannot make it allocate without bound.
 const MAX_BODY: usize = 16 << 20;
+/// The most points a decoder takes from one batch: far above the 1000 a gateway sends (14.2),
+/// so that a small DEFLATE bomb of empty points cannot make it build millions of objects.
+const MAX_POINTS: usize = 65_536;
 /// The smallest body worth compressing (PROTOCOL 14.9).
 const MIN_DEFLATE: usize = 256;
 /// DEFLATE level: 6 is zlib's default; higher levels gain under 1 % here at twice the CPU.
@@ -222,6 +225,8 @@ fn put_series(out: &mut Vec<u8>, s: &Series<'_>) {
         out.push(*kind as u8);
     }
     put_uvarint(out, s.seqs[0]);
+    // The outbox hands records over in increasing seq order.
+    debug_assert!(s.seqs.windows(2).all(|w| w[0] < w[1]));
     for w in s.seqs.windows(2) {
         put_uvarint(out, w[1] - w[0]);
     }
@@ -453,8 +458,12 @@ impl Reader<'_> {
         if n == 0 {
             return Err(bad(format!("series of {device_id} has no points")));
         }
+        if points.len() + n > MAX_POINTS {
+            return Err(bad(format!("more than {MAX_POINTS} points in a batch")));
+        }
         let member_count = self.count("member count")?;
-        let mut members = Vec::with_capacity(member_count);
+        // Not `with_capacity(member_count)`: a count read from the input reserves nothing.
+        let mut members = Vec::new();
         for _ in 0..member_count {
             let depth = self.count("member path length")?;
             if depth == 0 {

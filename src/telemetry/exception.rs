@@ -272,14 +272,25 @@ fn changed(sent: &DeviceState, next: &DeviceState, bands: &[f64; 6], factor: f64
         .zip(numbers(next).iter())
         .zip(bands)
         .any(|((a, b), band)| match (a, b) {
-            // NaN never equals itself, so it always counts as a change.
+            // Compared as the wire carries them, in thousandths (PROTOCOL 14.4), so noise
+            // below that cannot make a point that repeats the last one. NaN never equals
+            // itself, so it always counts as a change.
             (Some(a), Some(b)) => {
-                let moved = (a - b).abs();
+                let moved = (thousandths(*a) - thousandths(*b)).abs();
                 moved > *band * factor || moved.is_nan()
             }
             (None, None) => false,
             _ => true,
         })
+}
+
+/// `x` rounded to the nearest thousandth, as telemetry writes it.
+fn thousandths(x: f64) -> f64 {
+    if x.abs() < 1e12 {
+        (x * 1000.0).round() / 1000.0
+    } else {
+        x
+    }
 }
 
 #[cfg(test)]
@@ -364,6 +375,8 @@ mod tests {
         assert!(f.admit("bat-1", &battery(600.0), t0));
         assert!(f.admit("bat-1", &battery(600.001), t0));
         assert!(!f.admit("bat-1", &battery(600.001), t0));
+        // Noise below a thousandth is not a change: the wire would carry the same number.
+        assert!(!f.admit("bat-1", &battery(600.0010000001), t0));
         assert!(f.admit("bat-2", &battery(600.0), t0));
         assert!(!f.admit("bat-2", &battery(1500.0), t0));
         assert!(f.admit("bat-2", &battery(1600.5), t0));

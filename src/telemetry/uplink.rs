@@ -163,13 +163,13 @@ impl<D> Uplink<D> {
         self.newest.saturating_sub(self.sent)
     }
 
-    /// Points were numbered, up to `newest`, at `now`.
     /// How long a partial batch waits from now on (the data budget lengthens it); a backlog
     /// already waiting keeps its deadline.
     pub(crate) fn set_batch_age(&mut self, age: Duration) {
         self.batch_age = age;
     }
 
+    /// Points were numbered, up to `newest`, at `now`.
     pub(crate) fn appended(&mut self, newest: u64, now: Instant) {
         self.newest = self.newest.max(newest);
         let due = match self.backlog {

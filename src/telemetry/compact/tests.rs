@@ -426,3 +426,23 @@ fn a_deflated_capabilities_message_decodes_to_its_json_and_is_far_smaller() {
     );
     assert!(decode_capabilities(&[0x01, b'{', b'}']).is_err());
 }
+
+#[test]
+fn a_deflate_bomb_of_empty_points_is_refused_before_it_is_built() {
+    let mut body = Vec::new();
+    put_str(&mut body, "gw");
+    put_uvarint(&mut body, 1);
+    put_str(&mut body, "bat-1");
+    put_str(&mut body, "state");
+    put_uvarint(&mut body, 70_000);
+    put_uvarint(&mut body, 0);
+    put_uvarint(&mut body, 1);
+    body.extend(std::iter::repeat_n(1u8, 69_999));
+    put_uvarint(&mut body, 1);
+    body.extend(std::iter::repeat_n(0u8, 69_999));
+    let mut payload = vec![DEFLATED];
+    payload.extend(miniz_oxide::deflate::compress_to_vec(&body, 9));
+    assert!(payload.len() < 1_000, "{} bytes", payload.len());
+    let error = decode(&payload).unwrap_err().to_string();
+    assert!(error.contains("more than 65536 points"), "{error}");
+}
