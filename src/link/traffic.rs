@@ -24,6 +24,8 @@ pub(crate) struct Meter {
     peer_port: u16,
     /// The last reading of each broker socket, by inode: (sent, received).
     seen: HashMap<u64, (u64, u64)>,
+    /// Whether the log has been told that this kernel gives no counters.
+    told_unavailable: bool,
 }
 
 impl Meter {
@@ -31,6 +33,7 @@ impl Meter {
         Meter {
             peer_port,
             seen: HashMap::new(),
+            told_unavailable: false,
         }
     }
 
@@ -43,6 +46,12 @@ impl Meter {
                 continue;
             }
             let Some((s, r)) = tcp_counters(fd) else {
+                if !self.told_unavailable {
+                    self.told_unavailable = true;
+                    tracing::warn!(
+                        "this kernel gives no TCP byte counters: data usage is not counted"
+                    );
+                }
                 continue;
             };
             // A new socket's sent counter starts at 1: the kernel counts our SYN as a byte sent
@@ -60,7 +69,8 @@ impl Meter {
 
 /// Whether this kernel gives `TCP_INFO` byte counters (Linux 4.2 and later do; user-mode
 /// emulators such as qemu-user do not pass the option through).
-pub(crate) fn kernel_counts() -> bool {
+#[cfg(test)]
+fn kernel_counts() -> bool {
     use std::os::fd::AsRawFd;
     std::net::TcpListener::bind("127.0.0.1:0")
         .map(|l| tcp_counters(l.as_raw_fd()).is_some())

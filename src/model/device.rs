@@ -18,6 +18,15 @@ pub enum DeviceType {
 }
 
 impl DeviceType {
+    /// Every type, in the order of PROTOCOL 14.4.
+    pub const ALL: [DeviceType; 5] = [
+        DeviceType::Battery,
+        DeviceType::Charger,
+        DeviceType::Inverter,
+        DeviceType::Thermostat,
+        DeviceType::Vehicle,
+    ];
+
     /// The type's name, as the configuration and the wire spell it (`"battery"`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -337,13 +346,7 @@ mod tests {
 
     #[test]
     fn a_device_types_name_is_its_wire_spelling() {
-        for t in [
-            DeviceType::Battery,
-            DeviceType::Charger,
-            DeviceType::Inverter,
-            DeviceType::Thermostat,
-            DeviceType::Vehicle,
-        ] {
+        for t in DeviceType::ALL {
             assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
         }
     }

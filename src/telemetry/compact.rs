@@ -312,8 +312,8 @@ pub(crate) fn deflate_json(json: &[u8]) -> Vec<u8> {
 /// A capabilities message in either form (PROTOCOL 13): JSON, or [`deflate_json`]'s.
 pub fn decode_capabilities(payload: &[u8]) -> Result<Value, DecodeError> {
     let json = match payload.first() {
-        Some(b'{') => std::borrow::Cow::Borrowed(payload),
-        Some(&DEFLATED) => std::borrow::Cow::Owned(
+        Some(b'{') => Cow::Borrowed(payload),
+        Some(&DEFLATED) => Cow::Owned(
             miniz_oxide::inflate::decompress_to_vec_with_limit(&payload[1..], MAX_BODY)
                 .map_err(|e| bad(format!("DEFLATE body: {e:?}")))?,
         ),
@@ -339,11 +339,11 @@ pub fn decode(payload: &[u8]) -> Result<Value, DecodeError> {
         Some(b'{') => {
             return serde_json::from_slice(payload).map_err(|e| bad(format!("JSON: {e}")));
         }
-        Some(&PLAIN) => payload[1..].to_vec(),
-        Some(&DEFLATED) => {
+        Some(&PLAIN) => Cow::Borrowed(&payload[1..]),
+        Some(&DEFLATED) => Cow::Owned(
             miniz_oxide::inflate::decompress_to_vec_with_limit(&payload[1..], MAX_BODY)
-                .map_err(|e| bad(format!("DEFLATE body: {e:?}")))?
-        }
+                .map_err(|e| bad(format!("DEFLATE body: {e:?}")))?,
+        ),
         Some(other) => return Err(bad(format!("unknown encoding byte 0x{other:02x}"))),
         None => return Err(bad("empty payload")),
     };

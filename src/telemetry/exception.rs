@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::model::device::{DeviceState, DeviceType, Temperature};
+use crate::telemetry::points::thousandths;
 
 /// The numeric members of each type, by their wire names (PROTOCOL 14.4), in the order
 /// [`numbers`] yields them, with the default deadband of each (in the member's unit).
@@ -57,24 +58,15 @@ pub(crate) fn numeric_members(kind: DeviceType) -> &'static [(&'static str, f64)
     }
 }
 
-/// Every device type, for looking a member name up across them.
-const TYPES: [DeviceType; 5] = [
-    DeviceType::Battery,
-    DeviceType::Charger,
-    DeviceType::Inverter,
-    DeviceType::Thermostat,
-    DeviceType::Vehicle,
-];
-
 /// The type named `name` as the wire spells it.
 pub(crate) fn device_type(name: &str) -> Option<DeviceType> {
-    TYPES.into_iter().find(|t| t.as_str() == name)
+    DeviceType::ALL.into_iter().find(|t| t.as_str() == name)
 }
 
 /// Whether `member` is a numeric member of any type (a device's type is known only once it
 /// reports, so a per-device deadband is checked against all of them).
 pub(crate) fn is_numeric_member_of_any(member: &str) -> bool {
-    TYPES
+    DeviceType::ALL
         .into_iter()
         .any(|t| numeric_members(t).iter().any(|(m, _)| *m == member))
 }
@@ -282,15 +274,6 @@ fn changed(sent: &DeviceState, next: &DeviceState, bands: &[f64; 6], factor: f64
             (None, None) => false,
             _ => true,
         })
-}
-
-/// `x` rounded to the nearest thousandth, as telemetry writes it.
-fn thousandths(x: f64) -> f64 {
-    if x.abs() < 1e12 {
-        (x * 1000.0).round() / 1000.0
-    } else {
-        x
-    }
 }
 
 #[cfg(test)]

@@ -179,9 +179,6 @@ impl<P: Publish> Telemetry<P> {
 
     /// Counts the bytes of the connection to the broker at `port` (the data budget, 14.10).
     pub(crate) fn with_meter(mut self, port: u16) -> Self {
-        if !crate::link::traffic::kernel_counts() {
-            tracing::warn!("this kernel gives no TCP byte counters: data usage is not counted");
-        }
         self.meter = Some(crate::link::traffic::Meter::new(port));
         self
     }

@@ -37,18 +37,24 @@ pub(crate) struct HealthBody<'a> {
 /// thousandth of a W, Wh, V, A, % or degree is far below what any meter here resolves.
 struct Thousandths;
 
+/// `x` rounded to the nearest thousandth of its unit: the rule of PROTOCOL 14.4, for writing
+/// points and for report by exception's comparisons alike. Beyond 2^53 / 1000 the product is no
+/// longer exact; such values are whole anyway.
+pub(crate) fn thousandths(x: f64) -> f64 {
+    if x.abs() < 1e12 {
+        (x * 1000.0).round() / 1000.0
+    } else {
+        x
+    }
+}
+
 impl Formatter for Thousandths {
     fn write_f64<W: ?Sized + std::io::Write>(
         &mut self,
         out: &mut W,
         value: f64,
     ) -> std::io::Result<()> {
-        // Beyond 2^53 / 1000 the product is no longer exact; such values are whole anyway.
-        let rounded = if value.abs() < 1e12 {
-            (value * 1000.0).round() / 1000.0
-        } else {
-            value
-        };
+        let rounded = thousandths(value);
         // -0.0004 rounds to -0.0, which says nothing 0.0 does not.
         let rounded = if rounded == 0.0 { 0.0 } else { rounded };
         CompactFormatter.write_f64(out, rounded)

@@ -197,10 +197,7 @@ impl<'a> Scanner<'a> {
             return Err("an unknown word");
         }
         self.at += word.len();
-        Ok(match leaf {
-            Leaf::Raw(_) => Leaf::Raw(&self.text[self.at - word.len()..self.at]),
-            other => other,
-        })
+        Ok(leaf)
     }
 
     /// An array or object, through its closing bracket, strings and all.
