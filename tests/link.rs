@@ -2,7 +2,11 @@
 
 use std::time::Duration;
 
-use kit::{device_topic, Agent, AgentConfig, Ca, Mosquitto, Peer, Pki, PLATFORM_CLIENT};
+use kit::{
+    device_topic, Agent, AgentConfig, ByteRelay, Ca, Mosquitto, Peer, Pki, Testbed, PLATFORM_CLIENT,
+};
+use serde_json::json;
+use texture_agent::sim::platform::{AttestedCommand, PlatformSigner};
 use texture_agent_testkit as kit;
 
 /// The agent binary cargo built for these tests.
@@ -401,4 +405,87 @@ async fn status_reads_the_link_from_status_json_while_running_and_after_the_stop
     assert_eq!(file["link"]["state"], "stopped");
     assert_eq!(file["link"]["connects"], 1);
     assert!(file["link"]["connected_since_unix"].is_null());
+}
+
+/// With `broker.persistent_session` the broker keeps the gateway's subscriptions and queues what
+/// is published to it while it is away (PROTOCOL 1.2): a reconnect sends no SUBSCRIBE and is not
+/// sent the retained trust bundle again, and a command published while the link was down is
+/// answered once it is back. A broker that lost the session (restarted without persistence) is
+/// subscribed to again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_keeps_subscriptions_and_queues_commands_across_a_reconnect() {
+    const GW: &str = "gw-persist";
+    const WORKSPACE: &str = "ws-persist";
+    let status = device_topic(GW, "status");
+    let replies = device_topic(GW, "replies");
+    let Testbed {
+        pki,
+        mut broker,
+        signer,
+        mut peer,
+    } = Testbed::start(
+        PlatformSigner::generate("platform-persist"),
+        &[&status, &replies],
+    )
+    .await;
+    let relay = ByteRelay::start(broker.port);
+    let mut cfg = AgentConfig::new(&pki, relay.port, GW).trusting(&signer, WORKSPACE);
+    cfg.extra_broker = "persistent_session = true\n".into();
+    let agent = agent_for(&pki, &cfg);
+    let subscribes = |broker: &Mosquitto| {
+        broker
+            .log_text()
+            .matches(&format!("Received SUBSCRIBE from {GW}"))
+            .count()
+    };
+    let bundles_seen = || {
+        agent.logs_with_message("trust bundle accepted").len()
+            + agent.logs_with_message("trust bundle unchanged").len()
+    };
+    let ping = |id: &'static str| AttestedCommand::new(GW, id, "agent:ping", json!({}));
+
+    peer.expect(&status, CONNECT, |m| m.json()["state"] == "online")
+        .await;
+    peer.send_server_command(&signer, WORKSPACE, ping("cmd-first"))
+        .await;
+    assert_eq!(peer.reply(GW, "cmd-first", CONNECT).await["status"], 200);
+    let first = agent.logs_with_message("connected");
+    assert_eq!(first[0]["session_present"], false, "{}", agent.log_dump());
+    let subscribed = subscribes(&broker);
+    assert_eq!(subscribed, 4, "{}", broker.log_text());
+    assert_eq!(bundles_seen(), 1, "{}", agent.log_dump());
+
+    // The link goes away and stays away while the platform sends a command.
+    relay.refuse(true);
+    relay.cut();
+    agent.wait_for_log("link down", CONNECT);
+    peer.forget(&status);
+    peer.send_server_command(&signer, WORKSPACE, ping("cmd-while-away"))
+        .await;
+    relay.refuse(false);
+    let reply = peer.reply(GW, "cmd-while-away", CONNECT).await;
+    assert_eq!(reply["type"], "command.succeeded", "{reply}");
+    peer.expect(&status, CONNECT, |m| m.json()["state"] == "online")
+        .await;
+    let connects = agent.logs_with_message("connected");
+    assert_eq!(connects.len(), 2, "{}", agent.log_dump());
+    assert_eq!(connects[1]["session_present"], true);
+    assert_eq!(subscribes(&broker), subscribed, "{}", broker.log_text());
+    assert_eq!(bundles_seen(), 1, "the retained bundle came again");
+
+    // The broker restarts and has forgotten the session: the gateway subscribes again.
+    broker.restart();
+    let mut peer = kit::platform_peer(&pki, broker.port, &signer, &[&status, &replies]).await;
+    peer.expect(&status, CONNECT, |m| m.json()["state"] == "online")
+        .await;
+    peer.send_server_command(&signer, WORKSPACE, ping("cmd-after-restart"))
+        .await;
+    assert_eq!(
+        peer.reply(GW, "cmd-after-restart", CONNECT).await["status"],
+        200
+    );
+    let connects = agent.logs_with_message("connected");
+    assert_eq!(connects.last().unwrap()["session_present"], false);
+    // The broker's log runs on across the restart.
+    assert_eq!(subscribes(&broker), 2 * subscribed, "{}", broker.log_text());
 }

@@ -41,6 +41,13 @@ pub struct BrokerSettings {
     /// Off only for a broker that mishandles tickets.
     #[serde(default = "default_tls_resumption")]
     pub tls_resumption: bool,
+    /// Connect with clean session = 0 so the broker keeps our subscriptions (and queues
+    /// commands) between connections: a reconnect then sends no SUBSCRIBE and is not sent the
+    /// retained trust bundle again, which is most of what a reconnect costs on a metered link
+    /// (PROTOCOL 1.2). Off by default because it changes what the platform can expect of a
+    /// command published while the gateway is offline: it is queued, not lost.
+    #[serde(default)]
+    pub persistent_session: bool,
     #[serde(default = "default_keepalive_secs")]
     pub keepalive_secs: u64,
     #[serde(default = "default_connect_timeout_secs")]

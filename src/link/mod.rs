@@ -16,7 +16,9 @@
 //!    [`announce`] task, command replies, shutdown) runs in other tasks.
 //! 3. **Lost subscriptions.** With a clean session the broker forgets our subscriptions, and
 //!    rumqttc clears its pending requests on a new session. The [`announce`] task therefore
-//!    subscribes and publishes the retained birth message after *every* CONNACK.
+//!    publishes the retained birth message after *every* CONNACK, and subscribes after every
+//!    one unless a persistent session is known to hold the subscriptions already
+//!    ([`session::Session::subscriptions_held`]): rumqttc never re-subscribes by itself.
 //!
 //! 4. **Knowing what was delivered.** rumqttc reports PUBACKs by packet id, and packet ids are
 //!    assigned inside the event loop, out of sight of whoever published. [`Publisher`] therefore
@@ -259,7 +261,7 @@ fn mqtt_options(settings: &Settings, topics: &Topics) -> Result<MqttOptions, Lin
     let b = &settings.broker;
     let mut o = MqttOptions::new(settings.device.id.as_str(), b.host.clone(), b.port);
     o.set_keep_alive(b.keepalive())
-        .set_clean_session(true)
+        .set_clean_session(!b.persistent_session)
         .set_max_packet_size(MAX_INBOUND_PACKET, MAX_OUTBOUND_PACKET)
         .set_last_will(LastWill::new(
             topics.status(),
@@ -295,6 +297,7 @@ impl Link {
         let session = Session::new(
             broker.clone(),
             Backoff::new(b.backoff_min(), b.backoff_max()),
+            topics.subscriptions().len(),
         );
         let (status_tx, status_rx) = watch::channel(session.status().clone());
         let session: Shared = Arc::new(Mutex::new(session));
@@ -462,13 +465,14 @@ async fn run_event_loop(mut eventloop: EventLoop, mut io: EventLoopIo) {
             }
         };
         match polled {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 let now = io.clock.now();
-                io.transition(|s| s.on_connack(std::time::Instant::now(), now));
+                let session_present = ack.session_present;
+                io.transition(|s| s.on_connack(std::time::Instant::now(), now, session_present));
                 if io.plaintext {
                     tracing::warn!(broker = %io.broker, "connected WITHOUT TLS (allow_insecure_plaintext = true)");
                 }
-                tracing::info!(broker = %io.broker, "connected");
+                tracing::info!(broker = %io.broker, session_present, "connected");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let inbound = Inbound {
@@ -487,13 +491,14 @@ async fn run_event_loop(mut eventloop: EventLoop, mut io: EventLoopIo) {
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 // mosquitto grants a denied subscription with a failure code rather than
                 // closing the connection; without this log an ACL mistake is silent.
-                if ack
+                let refused = ack
                     .return_codes
                     .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                {
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                if refused {
                     tracing::error!(broker = %io.broker, "broker refused a subscription; check its ACL for this device");
                 }
+                lock(&io.session).on_suback(!refused);
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
@@ -533,7 +538,8 @@ fn describe(error: &ConnectionError) -> String {
     text
 }
 
-/// After every CONNACK: subscribe to our topics and publish the retained birth message.
+/// After every CONNACK: subscribe to our topics (unless the broker's session already holds
+/// them) and publish the retained birth message.
 ///
 /// Runs apart from the event loop (see the module docs). If the link drops half-way, rumqttc
 /// discards these requests with the old session and the next CONNACK starts the sequence again.
@@ -547,16 +553,20 @@ async fn announce(
     loop {
         let due = announcements.due(&status.borrow_and_update());
         if due {
-            for topic in topics.subscriptions() {
-                if publisher
-                    .client
-                    .subscribe(&topic, QoS::AtLeastOnce)
-                    .await
-                    .is_err()
-                {
-                    return;
+            if lock(&publisher.session).subscriptions_held() {
+                tracing::info!("the broker's session holds our subscriptions; not subscribing");
+            } else {
+                for topic in topics.subscriptions() {
+                    if publisher
+                        .client
+                        .subscribe(&topic, QoS::AtLeastOnce)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tracing::debug!(%topic, "subscribed");
                 }
-                tracing::debug!(%topic, "subscribed");
             }
             let birth = presence("online", None, Some(clock.now()));
             if publisher

@@ -40,6 +40,29 @@ pub(crate) struct Session {
     in_flight: HashMap<u16, Resolver>,
     /// Set once the event loop has stopped: nothing recorded from now on would ever leave.
     stopped: bool,
+    /// Whether the broker's session holds our subscriptions.
+    subscriptions: Subscriptions,
+}
+
+/// What the link knows of the broker's copy of our subscriptions (PROTOCOL 1.2).
+///
+/// With a persistent session the broker keeps them across connections, and subscribing again
+/// would only make it re-send the retained trust bundle, the largest part of a reconnect. But
+/// the link may skip the SUBSCRIBEs only when it *knows* they are held: every one of them was
+/// granted (a SUBACK without a failure code) on a connection of this process, and the broker
+/// said at CONNACK that it still has that session. A connection lost before the last SUBACK, a
+/// refused subscription, a broker that forgot the session, or a new process (whose topics may
+/// differ from the last version's) all mean subscribing again.
+#[derive(Debug)]
+struct Subscriptions {
+    /// SUBSCRIBEs the announcer sends per connection, one topic each.
+    wanted: usize,
+    /// SUBACKs granted on the current connection.
+    granted: usize,
+    /// A SUBACK on the current connection carried a failure code.
+    refused: bool,
+    /// The broker's session holds all of them.
+    held: bool,
 }
 
 /// Why a publisher may not record a request.
@@ -47,7 +70,9 @@ pub(crate) struct Session {
 pub(crate) struct Stopped;
 
 impl Session {
-    pub(crate) fn new(broker: String, backoff: Backoff) -> Self {
+    /// `subscriptions` is how many SUBSCRIBEs (one topic each) the announcer sends when a
+    /// connection needs them.
+    pub(crate) fn new(broker: String, backoff: Backoff, subscriptions: usize) -> Self {
         Session {
             status: LinkStatus {
                 state: LinkState::Connecting { attempt: 1 },
@@ -61,6 +86,12 @@ impl Session {
             recorded: VecDeque::new(),
             in_flight: HashMap::new(),
             stopped: false,
+            subscriptions: Subscriptions {
+                wanted: subscriptions,
+                granted: 0,
+                refused: false,
+                held: false,
+            },
         }
     }
 
@@ -96,9 +127,15 @@ impl Session {
         attempt
     }
 
-    /// CONNACK at `at` (`unix` on the wall clock). Counting the connect in the status is what
-    /// makes the announcer subscribe and publish the birth again (see [`Announcements`]).
-    pub(crate) fn on_connack(&mut self, at: Instant, unix: u64) {
+    /// CONNACK at `at` (`unix` on the wall clock), with the broker's session-present flag.
+    /// Counting the connect in the status is what makes the announcer publish the birth again,
+    /// and subscribe unless [`Session::subscriptions_held`] (see [`Announcements`]).
+    pub(crate) fn on_connack(&mut self, at: Instant, unix: u64, session_present: bool) {
+        let subs = &mut self.subscriptions;
+        // A clean session always answers 0, so it always subscribes.
+        subs.held &= session_present;
+        subs.granted = 0;
+        subs.refused = false;
         // Not a reset: only a connection that lasts counts (see `Backoff`).
         self.backoff.connected(at);
         self.status.state = LinkState::Connected;
@@ -123,6 +160,22 @@ impl Session {
             }
             None => false,
         }
+    }
+
+    /// A SUBACK on the current connection: `granted` unless it carried a failure code.
+    pub(crate) fn on_suback(&mut self, granted: bool) {
+        let subs = &mut self.subscriptions;
+        subs.refused |= !granted;
+        subs.granted += usize::from(granted);
+        if subs.granted >= subs.wanted && !subs.refused {
+            subs.held = true;
+        }
+    }
+
+    /// Whether the broker's session is known to hold every subscription, so the connection
+    /// that just started needs no SUBSCRIBE.
+    pub(crate) fn subscriptions_held(&self) -> bool {
+        self.subscriptions.held
     }
 
     /// The connection failed (or an attempt did) at `at`. With a clean session every recorded or
@@ -191,7 +244,7 @@ mod tests {
     const MAX: Duration = Duration::from_secs(30);
 
     fn session() -> Session {
-        Session::new("broker:8883".into(), Backoff::with_seed(MIN, MAX, 11))
+        Session::new("broker:8883".into(), Backoff::with_seed(MIN, MAX, 11), 3)
     }
 
     /// What a publisher does: record a request and keep its delivery.
@@ -217,7 +270,7 @@ mod tests {
     fn connected() -> Session {
         let mut s = session();
         s.connecting();
-        s.on_connack(Instant::now(), 1_700_000_000);
+        s.on_connack(Instant::now(), 1_700_000_000, false);
         s
     }
 
@@ -300,7 +353,7 @@ mod tests {
         s.on_outgoing_publish(1);
         s.on_connection_lost(Instant::now(), "timeout".into());
         s.connecting();
-        s.on_connack(Instant::now(), 1_700_000_010);
+        s.on_connack(Instant::now(), 1_700_000_010, false);
         // The new session numbers from 1 again.
         let mut new = publish(&mut s);
         s.on_outgoing_publish(1);
@@ -343,7 +396,7 @@ mod tests {
         assert!(!s.is_connected());
         assert_eq!(s.connecting(), 2);
         assert_eq!(s.status().state, LinkState::Connecting { attempt: 2 });
-        s.on_connack(Instant::now(), 1_700_000_000);
+        s.on_connack(Instant::now(), 1_700_000_000, false);
         assert!(s.is_connected());
         let st = s.status();
         assert_eq!((st.connects, st.failures), (1, 1));
@@ -354,7 +407,7 @@ mod tests {
         assert_eq!(s.status().connected_since_unix, None);
         assert_eq!(s.status().last_error.as_deref(), Some("reset"));
         s.connecting();
-        s.on_connack(Instant::now(), 1_700_000_100);
+        s.on_connack(Instant::now(), 1_700_000_100, false);
         assert_eq!((s.status().connects, s.status().failures), (2, 2));
         assert_eq!(s.status().reconnects(), 1);
     }
@@ -377,7 +430,7 @@ mod tests {
         for n in 1..=6u32 {
             assert_eq!(s.connecting(), n);
             let up = t0 + Duration::from_secs(u64::from(n) * 60);
-            s.on_connack(up, 1_700_000_000);
+            s.on_connack(up, 1_700_000_000, false);
             s.on_connection_lost(up + Duration::from_millis(50), "packet too large".into());
         }
         assert_eq!(s.connecting(), 7);
@@ -393,7 +446,7 @@ mod tests {
                 s.on_connection_lost(t0, "refused".into());
             }
             assert_eq!(s.connecting(), 9);
-            s.on_connack(t0, 1_700_000_000);
+            s.on_connack(t0, 1_700_000_000, false);
             let delay = s.on_connection_lost(t0 + up_for, "reset".into());
             (s.connecting(), delay)
         };
@@ -414,21 +467,64 @@ mod tests {
         let mut a = Announcements::default();
         s.connecting();
         assert!(!a.due(s.status()), "not before the CONNACK");
-        s.on_connack(Instant::now(), 1_700_000_000);
+        s.on_connack(Instant::now(), 1_700_000_000, false);
         assert!(a.due(s.status()));
         assert!(!a.due(s.status()), "once per connection");
         s.on_connection_lost(Instant::now(), "reset".into());
         assert!(!a.due(s.status()));
         s.connecting();
-        s.on_connack(Instant::now(), 1_700_000_001);
+        s.on_connack(Instant::now(), 1_700_000_001, false);
         assert!(a.due(s.status()), "again after the reconnect");
         // A watcher that missed the drop in between (it sees only the latest status) still
         // sees a new connection: the count moved.
         s.on_connection_lost(Instant::now(), "reset".into());
         s.connecting();
-        s.on_connack(Instant::now(), 1_700_000_002);
+        s.on_connack(Instant::now(), 1_700_000_002, false);
         assert!(a.due(s.status()));
         s.on_stop();
         assert!(!a.due(s.status()));
+    }
+
+    /// Connects, as the broker answers with `session_present`, and says whether the announcer
+    /// would skip the SUBSCRIBEs.
+    fn reconnect(s: &mut Session, session_present: bool) -> bool {
+        s.on_connection_lost(Instant::now(), "cut".into());
+        s.connecting();
+        s.on_connack(Instant::now(), 1_700_000_000, session_present);
+        s.subscriptions_held()
+    }
+
+    #[test]
+    fn subscriptions_are_skipped_only_once_every_one_was_granted_and_the_session_is_present() {
+        let mut s = connected();
+        // A new process always subscribes, whatever the broker kept from the last one.
+        assert!(!s.subscriptions_held());
+        s.on_suback(true);
+        s.on_suback(true);
+        assert!(!reconnect(&mut s, true), "two of three SUBACKs are not all");
+        for _ in 0..3 {
+            s.on_suback(true);
+        }
+        assert!(reconnect(&mut s, true), "all granted, session present");
+        assert!(reconnect(&mut s, true), "still held on the next reconnect");
+        // The broker forgot the session (restarted without persistence, or clean session).
+        assert!(!reconnect(&mut s, false));
+        assert!(
+            !reconnect(&mut s, true),
+            "granted again only by new SUBACKs"
+        );
+    }
+
+    #[test]
+    fn a_refused_subscription_is_asked_for_again_on_the_next_connection() {
+        let mut s = connected();
+        s.on_suback(true);
+        s.on_suback(false);
+        s.on_suback(true);
+        assert!(!reconnect(&mut s, true));
+        for _ in 0..3 {
+            s.on_suback(true);
+        }
+        assert!(reconnect(&mut s, true));
     }
 }

@@ -192,6 +192,7 @@ fn mqtt_options(options: &PeerOptions) -> anyhow::Result<MqttOptions> {
         client_key_file: Some(crate::config::Secret::new(options.client.key.clone())),
         alpn: vec![],
         tls_resumption: true,
+        persistent_session: false,
         keepalive_secs: options.keep_alive.as_secs(),
         connect_timeout_secs: 5,
         backoff_min_ms: 200,

@@ -2,11 +2,12 @@
 //! network sees it. Everything the agent and the broker exchange through it is TCP payload
 //! (TLS records, MQTT framing, PUBACKs, keepalives), so its counts are what a metered link
 //! bills, less the TCP/IP headers. [`ByteRelay::cut`] drops every connection at once, as a
-//! link that goes away does.
+//! link that goes away does, and [`ByteRelay::refuse`] keeps it away: while set, every new
+//! connection is closed as soon as it is accepted, before anything reaches the broker.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A relay from an ephemeral port to `127.0.0.1:<target>`.
@@ -25,6 +26,7 @@ struct Counts {
     /// Target to client.
     down: AtomicU64,
     connections: AtomicU64,
+    refusing: AtomicBool,
 }
 
 impl ByteRelay {
@@ -37,6 +39,10 @@ impl ByteRelay {
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
+                if c.refusing.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
@@ -77,6 +83,12 @@ impl ByteRelay {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.counts.connections.load(Ordering::SeqCst)
+    }
+
+    /// While `refusing`, new connections are closed at once (the link stays down); open ones
+    /// are left as they are (see [`ByteRelay::cut`]).
+    pub fn refuse(&self, refusing: bool) {
+        self.counts.refusing.store(refusing, Ordering::SeqCst);
     }
 
     /// Drops every open connection, both ways.
