@@ -15,10 +15,10 @@
 //!    inbound messages on with a non-blocking `try_send`, and everything that publishes (the
 //!    [`announce`] task, command replies, shutdown) runs in other tasks.
 //! 3. **Lost subscriptions.** With a clean session the broker forgets our subscriptions, and
-//!    rumqttc clears its pending requests on a new session. The [`announce`] task therefore
-//!    publishes the retained birth message after *every* CONNACK, and subscribes after every
-//!    one unless a persistent session is known to hold the subscriptions already
-//!    ([`session::Session::subscriptions_held`]): rumqttc never re-subscribes by itself.
+//!    rumqttc never re-subscribes by itself. The [`announce`] task therefore publishes the
+//!    retained birth message after *every* CONNACK, and subscribes after every one unless a
+//!    persistent session is known to hold the subscriptions already
+//!    ([`session::Session::subscriptions_held`]).
 //!
 //! 4. **Knowing what was delivered.** rumqttc reports PUBACKs by packet id, and packet ids are
 //!    assigned inside the event loop, out of sight of whoever published. [`Publisher`] therefore
@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
-    TlsConfiguration, Transport,
+    SubscribeFilter, TlsConfiguration, Transport,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -81,7 +81,8 @@ const REQUEST_QUEUE: usize = 512;
 pub enum LinkState {
     /// A TCP/TLS/MQTT connect is in progress.
     Connecting { attempt: u32 },
-    /// CONNACK received; the session task is (re-)subscribing.
+    /// CONNACK received; the announcer is publishing the birth (and subscribing, unless the
+    /// broker's session holds the subscriptions).
     Connected,
     /// The last attempt or connection failed; the next attempt starts after `retry_in_ms`.
     WaitingToRetry { retry_in_ms: u64, error: String },
@@ -297,7 +298,7 @@ impl Link {
         let session = Session::new(
             broker.clone(),
             Backoff::new(b.backoff_min(), b.backoff_max()),
-            topics.subscriptions().len(),
+            b.persistent_session,
         );
         let (status_tx, status_rx) = watch::channel(session.status().clone());
         let session: Shared = Arc::new(Mutex::new(session));
@@ -422,7 +423,12 @@ impl EventLoopIo {
     }
 
     /// Hands an inbound message to the command pipeline, or drops it when the queue stays full.
-    async fn hand_over(&mut self, mut inbound: Inbound) {
+    async fn hand_over(&mut self, publish: rumqttc::Publish) {
+        let mut inbound = Inbound {
+            kind: self.topics.classify(&publish.topic),
+            topic: publish.topic,
+            payload: publish.payload,
+        };
         // rumqttc hands over every packet of a burst it has already read without ever returning
         // Pending, so on the daemon's single thread the consumer cannot run while a burst is
         // being handed over: give it a few turns before dropping anything. Bounded, so the event
@@ -436,6 +442,7 @@ impl EventLoopIo {
                     tokio::task::yield_now().await;
                 }
                 Err(mpsc::error::TrySendError::Full(m)) => {
+                    lock(&self.session).on_inbound_dropped();
                     self.dropped_inbound += 1;
                     let dropped_inbound = self.dropped_inbound;
                     tracing::warn!(topic = %m.topic, dropped_inbound, "inbound queue full; message dropped");
@@ -474,14 +481,7 @@ async fn run_event_loop(mut eventloop: EventLoop, mut io: EventLoopIo) {
                 }
                 tracing::info!(broker = %io.broker, session_present, "connected");
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let inbound = Inbound {
-                    kind: io.topics.classify(&p.topic),
-                    topic: p.topic,
-                    payload: p.payload,
-                };
-                io.hand_over(inbound).await;
-            }
+            Ok(Event::Incoming(Packet::Publish(p))) => io.hand_over(p).await,
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                 lock(&io.session).on_outgoing_publish(pkid);
             }
@@ -498,19 +498,43 @@ async fn run_event_loop(mut eventloop: EventLoop, mut io: EventLoopIo) {
                 if refused {
                     tracing::error!(broker = %io.broker, "broker refused a subscription; check its ACL for this device");
                 }
-                lock(&io.session).on_suback(!refused);
+                // Our one SUBSCRIBE carries every filter: held only if each got QoS 1 (a
+                // broker queues no QoS 0 message for an offline client).
+                let granted = ack.return_codes.len() == io.topics.subscriptions().len()
+                    && ack.return_codes.iter().all(|c| {
+                        matches!(c, rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce))
+                    });
+                lock(&io.session).on_suback(std::time::Instant::now(), granted);
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(error) => {
                 let error = describe(&error);
-                let delay = io.transition(|s| {
+                let (delay, stale) = io.transition(|s| {
                     // rumqttc's queue is emptied under the lock publishers take, so no request
-                    // can slip in between it and the session failing the recorded ones.
+                    // can slip in between it and the session failing the recorded ones. With a
+                    // persistent session rumqttc would otherwise replay them after the next
+                    // CONNACK, out of step with the recorded requests (see `on_connection_lost`).
                     eventloop.clean();
                     eventloop.pending.clear();
-                    s.on_connection_lost(std::time::Instant::now(), error.clone())
+                    // rumqttc also keeps the events it read in the burst that ended in this error
+                    // and hands them out after the next CONNACK, as if they came on the new
+                    // connection: a stale SUBACK would then say the new session holds our
+                    // subscriptions, and a stale outgoing PUBLISH would pair a new request
+                    // with an old packet id. They are taken out here, with the connection.
+                    let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
+                    (
+                        s.on_connection_lost(std::time::Instant::now(), error.clone()),
+                        stale,
+                    )
                 });
+                // Of those, only the messages matter: they were received (and perhaps already
+                // acknowledged), so they go on to the pipeline as if read a moment earlier.
+                for event in stale {
+                    if let Event::Incoming(Packet::Publish(p)) = event {
+                        io.hand_over(p).await;
+                    }
+                }
                 tracing::warn!(broker = %io.broker, %error, retry_in_ms = delay.as_millis() as u64, "link down");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -541,8 +565,10 @@ fn describe(error: &ConnectionError) -> String {
 /// After every CONNACK: subscribe to our topics (unless the broker's session already holds
 /// them) and publish the retained birth message.
 ///
-/// Runs apart from the event loop (see the module docs). If the link drops half-way, rumqttc
-/// discards these requests with the old session and the next CONNACK starts the sequence again.
+/// All four filters go in one SUBSCRIBE, answered by one SUBACK: fewer bytes on every connect,
+/// and one answer that says whether the broker holds them all. Runs apart from the event loop
+/// (see the module docs). If the link drops half-way, the event loop discards these requests
+/// and the next CONNACK starts the sequence again.
 async fn announce(
     publisher: Publisher,
     topics: Topics,
@@ -554,19 +580,19 @@ async fn announce(
         let due = announcements.due(&status.borrow_and_update());
         if due {
             if lock(&publisher.session).subscriptions_held() {
-                tracing::info!("the broker's session holds our subscriptions; not subscribing");
+                tracing::info!(
+                    session_present = true,
+                    "the broker's session holds our subscriptions; not subscribing"
+                );
             } else {
-                for topic in topics.subscriptions() {
-                    if publisher
-                        .client
-                        .subscribe(&topic, QoS::AtLeastOnce)
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    tracing::debug!(%topic, "subscribed");
+                let filters = topics
+                    .subscriptions()
+                    .into_iter()
+                    .map(|topic| SubscribeFilter::new(topic, QoS::AtLeastOnce));
+                if publisher.client.subscribe_many(filters).await.is_err() {
+                    return;
                 }
+                tracing::debug!(topics = ?topics.subscriptions(), "subscribed");
             }
             let birth = presence("online", None, Some(clock.now()));
             if publisher

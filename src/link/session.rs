@@ -47,32 +47,37 @@ pub(crate) struct Session {
 /// What the link knows of the broker's copy of our subscriptions (PROTOCOL 1.2).
 ///
 /// With a persistent session the broker keeps them across connections, and subscribing again
-/// would only make it re-send the retained trust bundle, the largest part of a reconnect. But
-/// the link may skip the SUBSCRIBEs only when it *knows* they are held: every one of them was
-/// granted (a SUBACK without a failure code) on a connection of this process, and the broker
-/// said at CONNACK that it still has that session. A connection lost before the last SUBACK, a
-/// refused subscription, a broker that forgot the session, or a new process (whose topics may
+/// would only make it re-send the retained trust bundle and site policy, the largest part of a
+/// reconnect. But the link may skip the SUBSCRIBE only when it *knows* they are held: its one
+/// SUBSCRIBE (all four filters) was granted at QoS 1 for every filter on a connection of this
+/// process, and the broker said at CONNACK that it still has that session. A refused or
+/// downgraded filter, a broker that forgot the session, or a new process (whose topics may
 /// differ from the last version's) all mean subscribing again.
+///
+/// Subscribing again is also how a clean session heals a lost update: every reconnect delivers
+/// the current bundle and policy. A persistent session keeps that healing in two ways: an inbound
+/// message the link had to drop (it may have been a bundle behind a burst of queued commands)
+/// forgets the subscriptions, and so does their age passing [`RESUBSCRIBE_AFTER`].
 #[derive(Debug)]
 struct Subscriptions {
-    /// SUBSCRIBEs the announcer sends per connection, one topic each.
-    wanted: usize,
-    /// SUBACKs granted on the current connection.
-    granted: usize,
-    /// A SUBACK on the current connection carried a failure code.
-    refused: bool,
-    /// The broker's session holds all of them.
-    held: bool,
+    /// `broker.persistent_session`: without it nothing is ever held, whatever a broker answers.
+    persistent: bool,
+    /// When the broker last granted all of them; `None` until then and once forgotten.
+    granted_at: Option<Instant>,
 }
+
+/// A reconnect with a persistent session subscribes again once the last grant is this old, so
+/// the retained bundle and policy reach the gateway at least this often across reconnects even
+/// if a queued update was lost.
+pub(crate) const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(12 * 3600);
 
 /// Why a publisher may not record a request.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Stopped;
 
 impl Session {
-    /// `subscriptions` is how many SUBSCRIBEs (one topic each) the announcer sends when a
-    /// connection needs them.
-    pub(crate) fn new(broker: String, backoff: Backoff, subscriptions: usize) -> Self {
+    /// `persistent` is `broker.persistent_session`: whether subscriptions can ever be held.
+    pub(crate) fn new(broker: String, backoff: Backoff, persistent: bool) -> Self {
         Session {
             status: LinkStatus {
                 state: LinkState::Connecting { attempt: 1 },
@@ -87,10 +92,8 @@ impl Session {
             in_flight: HashMap::new(),
             stopped: false,
             subscriptions: Subscriptions {
-                wanted: subscriptions,
-                granted: 0,
-                refused: false,
-                held: false,
+                persistent,
+                granted_at: None,
             },
         }
     }
@@ -132,10 +135,14 @@ impl Session {
     /// and subscribe unless [`Session::subscriptions_held`] (see [`Announcements`]).
     pub(crate) fn on_connack(&mut self, at: Instant, unix: u64, session_present: bool) {
         let subs = &mut self.subscriptions;
-        // A clean session always answers 0, so it always subscribes.
-        subs.held &= session_present;
-        subs.granted = 0;
-        subs.refused = false;
+        let held = subs.persistent
+            && session_present
+            && subs
+                .granted_at
+                .is_some_and(|t| at.saturating_duration_since(t) < RESUBSCRIBE_AFTER);
+        if !held {
+            subs.granted_at = None;
+        }
         // Not a reset: only a connection that lasts counts (see `Backoff`).
         self.backoff.connected(at);
         self.status.state = LinkState::Connected;
@@ -162,25 +169,30 @@ impl Session {
         }
     }
 
-    /// A SUBACK on the current connection: `granted` unless it carried a failure code.
-    pub(crate) fn on_suback(&mut self, granted: bool) {
+    /// The SUBACK of our SUBSCRIBE at `at`: `granted` when every filter was granted at QoS 1.
+    pub(crate) fn on_suback(&mut self, at: Instant, granted: bool) {
         let subs = &mut self.subscriptions;
-        subs.refused |= !granted;
-        subs.granted += usize::from(granted);
-        if subs.granted >= subs.wanted && !subs.refused {
-            subs.held = true;
-        }
+        subs.granted_at = (subs.persistent && granted).then_some(at);
+    }
+
+    /// The link dropped an inbound message (a full queue): whatever it was, the next
+    /// connection subscribes again so a retained one comes back.
+    pub(crate) fn on_inbound_dropped(&mut self) {
+        self.subscriptions.granted_at = None;
     }
 
     /// Whether the broker's session is known to hold every subscription, so the connection
     /// that just started needs no SUBSCRIBE.
     pub(crate) fn subscriptions_held(&self) -> bool {
-        self.subscriptions.held
+        self.subscriptions.granted_at.is_some()
     }
 
-    /// The connection failed (or an attempt did) at `at`. With a clean session every recorded or
-    /// unacknowledged publish is gone, so each of their deliveries fails; the caller empties
-    /// rumqttc's queue under the same lock. Returns the delay before the next attempt.
+    /// The connection failed (or an attempt did) at `at`. Every recorded or unacknowledged
+    /// publish is given up, so each of their deliveries fails; the caller empties rumqttc's queue
+    /// under the same lock. MQTT would have a persistent session resend them, but a QoS 1
+    /// publish leaves no state at the broker to resume, and telemetry, the one kind that must
+    /// arrive, is sent again from the outbox; resending here would also break the pairing of
+    /// PUBLISHes with recorded requests. Returns the delay before the next attempt.
     pub(crate) fn on_connection_lost(&mut self, at: Instant, error: String) -> Duration {
         self.fail_outstanding();
         let delay = self.backoff.next_delay_after(at);
@@ -244,7 +256,15 @@ mod tests {
     const MAX: Duration = Duration::from_secs(30);
 
     fn session() -> Session {
-        Session::new("broker:8883".into(), Backoff::with_seed(MIN, MAX, 11), 3)
+        persistent(false)
+    }
+
+    fn persistent(persistent: bool) -> Session {
+        Session::new(
+            "broker:8883".into(),
+            Backoff::with_seed(MIN, MAX, 11),
+            persistent,
+        )
     }
 
     /// What a publisher does: record a request and keep its delivery.
@@ -485,46 +505,74 @@ mod tests {
         assert!(!a.due(s.status()));
     }
 
-    /// Connects, as the broker answers with `session_present`, and says whether the announcer
-    /// would skip the SUBSCRIBEs.
-    fn reconnect(s: &mut Session, session_present: bool) -> bool {
-        s.on_connection_lost(Instant::now(), "cut".into());
+    /// Loses the connection and connects again `after` the start, the broker answering
+    /// `session_present`; says whether the announcer would skip the SUBSCRIBE.
+    fn reconnect(s: &mut Session, at: Instant, session_present: bool) -> bool {
+        s.on_connection_lost(at, "cut".into());
         s.connecting();
-        s.on_connack(Instant::now(), 1_700_000_000, session_present);
+        s.on_connack(at, 1_700_000_000, session_present);
         s.subscriptions_held()
     }
 
     #[test]
-    fn subscriptions_are_skipped_only_once_every_one_was_granted_and_the_session_is_present() {
-        let mut s = connected();
+    fn a_subscription_is_skipped_only_once_granted_in_this_process_with_the_session_present() {
+        let t0 = Instant::now();
+        let mut s = persistent(true);
+        s.connecting();
         // A new process always subscribes, whatever the broker kept from the last one.
+        s.on_connack(t0, 1_700_000_000, true);
         assert!(!s.subscriptions_held());
-        s.on_suback(true);
-        s.on_suback(true);
-        assert!(!reconnect(&mut s, true), "two of three SUBACKs are not all");
-        for _ in 0..3 {
-            s.on_suback(true);
-        }
-        assert!(reconnect(&mut s, true), "all granted, session present");
-        assert!(reconnect(&mut s, true), "still held on the next reconnect");
-        // The broker forgot the session (restarted without persistence, or clean session).
-        assert!(!reconnect(&mut s, false));
+        assert!(!reconnect(&mut s, t0, true), "nothing granted yet");
+        s.on_suback(t0, true);
+        assert!(s.subscriptions_held());
+        assert!(reconnect(&mut s, t0, true), "granted, session present");
         assert!(
-            !reconnect(&mut s, true),
-            "granted again only by new SUBACKs"
+            reconnect(&mut s, t0, true),
+            "still held on the next reconnect"
+        );
+        // The broker forgot the session (restarted without persistence).
+        assert!(!reconnect(&mut s, t0, false));
+        assert!(
+            !reconnect(&mut s, t0, true),
+            "held again only by a new grant"
         );
     }
 
     #[test]
-    fn a_refused_subscription_is_asked_for_again_on_the_next_connection() {
-        let mut s = connected();
-        s.on_suback(true);
-        s.on_suback(false);
-        s.on_suback(true);
-        assert!(!reconnect(&mut s, true));
-        for _ in 0..3 {
-            s.on_suback(true);
-        }
-        assert!(reconnect(&mut s, true));
+    fn a_refused_subscription_or_a_dropped_message_means_subscribing_again() {
+        let t0 = Instant::now();
+        let mut s = persistent(true);
+        s.connecting();
+        s.on_connack(t0, 1_700_000_000, false);
+        s.on_suback(t0, false);
+        assert!(!reconnect(&mut s, t0, true), "a filter was refused");
+        s.on_suback(t0, true);
+        assert!(reconnect(&mut s, t0, true));
+        // A message dropped on a full queue may have been a bundle update.
+        s.on_inbound_dropped();
+        assert!(!reconnect(&mut s, t0, true));
+    }
+
+    #[test]
+    fn an_old_grant_is_renewed_on_the_next_reconnect() {
+        let t0 = Instant::now();
+        let mut s = persistent(true);
+        s.connecting();
+        s.on_connack(t0, 1_700_000_000, false);
+        s.on_suback(t0, true);
+        let just_before = t0 + RESUBSCRIBE_AFTER - Duration::from_secs(1);
+        assert!(reconnect(&mut s, just_before, true));
+        assert!(!reconnect(&mut s, t0 + RESUBSCRIBE_AFTER, true));
+    }
+
+    #[test]
+    fn a_clean_session_never_skips_the_subscription_whatever_the_broker_answers() {
+        let t0 = Instant::now();
+        let mut s = persistent(false);
+        s.connecting();
+        s.on_connack(t0, 1_700_000_000, false);
+        s.on_suback(t0, true);
+        // A broker (or proxy) wrongly answering session present = 1 to a clean session.
+        assert!(!reconnect(&mut s, t0, true));
     }
 }
