@@ -191,6 +191,7 @@ impl Agent {
         let telemetry = tokio::spawn(telemetry.run(samples_rx, shutdown.clone()));
         // Inbound path: link → router → auth → commands → drivers → reply via link.
         let inbound = link.take_inbound().expect("inbound taken once");
+        let shed = link.take_shed().expect("shed taken once");
         let gateway_id = settings.device.id.as_str();
         let pairing = PairingSession::new(
             state.pairing,
@@ -221,7 +222,7 @@ impl Agent {
             interrupted: state.interrupted,
             stop: shutdown,
         });
-        let router = tokio::spawn(router.run(inbound, calls));
+        let router = tokio::spawn(router.run(inbound, shed, calls));
         Ok(Agent {
             link,
             telemetry,

@@ -23,7 +23,7 @@ use crate::inbound::pairing::session::{PairingSession, WAITING_EVERY};
 use crate::inbound::reply::{ErrorCode, Reply};
 use crate::inbound::safety::Safety;
 use crate::link::topics::{InboundTopic, Topics};
-use crate::link::{Inbound, LinkState, LinkStatus, Publisher};
+use crate::link::{Inbound, LinkState, LinkStatus, Publisher, Shed};
 use crate::model::clock::Clock;
 
 /// Inbound messages waiting behind the one in hand from which commands are shed: refused at
@@ -106,12 +106,16 @@ fn route(kind: Option<InboundTopic>, waiting: usize) -> Route {
     }
 }
 
-/// The refusal of a command shed unread because `waiting` more messages are queued behind it.
-/// It carries the command's (unverified) id, when well-formed, so the platform can match it and
-/// retry; it is never recorded in the replay journal, so the retry is judged afresh.
-fn shed_reply(payload: &[u8], gateway_id: &str, waiting: usize) -> Reply {
-    let jti =
-        crate::inbound::auth::jws::peek_jti(payload, crate::inbound::auth::MAX_ATTESTATION_BYTES);
+/// The `jti` of a command to be shed, read without verifying anything.
+fn peek_jti(payload: &[u8]) -> Option<String> {
+    crate::inbound::auth::jws::peek_jti(payload, crate::inbound::auth::MAX_ATTESTATION_BYTES)
+}
+
+/// The refusal of the command `jti` shed unread because `waiting` more messages are queued
+/// behind it (shed by the router) or in front of it (by the link, its queue full). It carries
+/// the command's (unverified) id, when well-formed, so the platform can match it and retry; it
+/// is never recorded in the replay journal, so the retry is judged afresh.
+fn shed_reply(jti: Option<String>, gateway_id: &str, waiting: usize) -> Reply {
     tracing::warn!(
         command_id = jti.as_deref().unwrap_or("?"),
         waiting,
@@ -169,6 +173,7 @@ impl Router {
     pub(crate) async fn run(
         mut self,
         mut inbound: mpsc::Receiver<Inbound>,
+        mut shed: mpsc::Receiver<Shed>,
         mut calls: mpsc::Receiver<ControlCall>,
     ) {
         let mut waiting = tokio::time::interval(WAITING_EVERY);
@@ -184,6 +189,12 @@ impl Router {
                     Some(m) => if !self.on_message(m, inbound.len()).await { return },
                     None => return,
                 },
+                // Commands the link could not queue: answered busy at once, ahead of nothing
+                // (the select picks at random), so the shed queue drains while the burst lasts.
+                Some(command) = shed.recv() => {
+                    let reply = shed_reply(command.command_id, &self.gateway_id, inbound.len());
+                    if !self.publish(self.topics.replies(), reply.to_bytes()).await { return }
+                }
                 done = self.runner.completed() => self.on_completion(done).await,
                 Some(call) = calls.recv() => self.on_call(call).await,
                 _ = waiting.tick(), if self.pairing.is_watched() => {
@@ -323,7 +334,9 @@ impl Router {
             }
             // Verifying costs a signature check and a durable replay record each; a burst
             // larger than the queue would otherwise overflow it and lose commands unanswered.
-            Route::Shed => shed_reply(&message.payload, &self.gateway_id, waiting).to_bytes(),
+            Route::Shed => {
+                shed_reply(peek_jti(&message.payload), &self.gateway_id, waiting).to_bytes()
+            }
             Route::Command => match self.on_command(&message.payload) {
                 Some(reply) => reply,
                 None => return true,
@@ -438,7 +451,8 @@ mod tests {
             payload,
         );
         let reply: serde_json::Value =
-            serde_json::from_slice(&shed_reply(token.as_bytes(), "gw-1", 16).to_bytes()).unwrap();
+            serde_json::from_slice(&shed_reply(peek_jti(token.as_bytes()), "gw-1", 16).to_bytes())
+                .unwrap();
         assert_eq!(reply["type"], "command.refused");
         assert_eq!(
             reply["commandId"], "cmd_01JDX3WQ4E7Z",
@@ -454,7 +468,8 @@ mod tests {
         );
 
         let garbage: serde_json::Value =
-            serde_json::from_slice(&shed_reply(b"not a token", "gw-1", 20).to_bytes()).unwrap();
+            serde_json::from_slice(&shed_reply(peek_jti(b"not a token"), "gw-1", 20).to_bytes())
+                .unwrap();
         assert_eq!(garbage["commandId"], serde_json::Value::Null);
     }
 

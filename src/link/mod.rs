@@ -67,9 +67,14 @@ use session::{Announcements, Session};
 pub const MAX_INBOUND_PACKET: usize = crate::inbound::auth::trust::MAX_BUNDLE_BYTES + 1024;
 /// Largest outbound packet (a telemetry batch).
 pub const MAX_OUTBOUND_PACKET: usize = 1024 * 1024;
-/// Inbound messages waiting for the command pipeline. When full, further messages are dropped
-/// and logged rather than stalling the event loop (which would stop keepalives).
+/// Inbound messages waiting for the command pipeline. When full, further commands go to the
+/// [`SHED_QUEUE`] and anything else is dropped and logged, rather than stalling the event loop
+/// (which would stop keepalives).
 pub const INBOUND_QUEUE: usize = 32;
+/// Commands that found the inbound queue full, waiting to be answered "busy" (503) unread:
+/// only their ids, so a burst of a thousand costs tens of KiB, not the megabytes of their
+/// attestations. Only when this is full too is a command dropped unanswered.
+pub const SHED_QUEUE: usize = 1024;
 /// Scheduler turns the event loop gives the consumer of a full inbound queue before dropping.
 const INBOUND_TURNS: u32 = 8;
 /// Capacity of rumqttc's request channel: how many publishes may wait for the event loop.
@@ -123,6 +128,14 @@ impl LinkStatus {
     pub fn reconnects(&self) -> u64 {
         self.connects.saturating_sub(1)
     }
+}
+
+/// A command the link could not queue for the router: the router answers it `503` unread,
+/// with the `jti` read from it unverified (PROTOCOL 7.1), so a burst larger than the queue is
+/// answered rather than dropped.
+#[derive(Debug)]
+pub(crate) struct Shed {
+    pub(crate) command_id: Option<String>,
 }
 
 /// A message received on one of our subscriptions.
@@ -228,6 +241,7 @@ pub struct Link {
     publisher: Publisher,
     status: watch::Receiver<LinkStatus>,
     inbound: Option<mpsc::Receiver<Inbound>>,
+    shed: Option<mpsc::Receiver<Shed>>,
     topics: Topics,
     event_loop: JoinHandle<()>,
     announcer: JoinHandle<()>,
@@ -303,6 +317,7 @@ impl Link {
         let (status_tx, status_rx) = watch::channel(session.status().clone());
         let session: Shared = Arc::new(Mutex::new(session));
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+        let (shed_tx, shed_rx) = mpsc::channel(SHED_QUEUE);
         let event_loop = tokio::spawn(run_event_loop(
             eventloop,
             EventLoopIo {
@@ -312,7 +327,9 @@ impl Link {
                 status: status_tx,
                 session: session.clone(),
                 inbound: inbound_tx,
+                shed: shed_tx,
                 dropped_inbound: 0,
+                overflowing: false,
                 shutdown,
                 clock: clock.clone(),
             },
@@ -328,6 +345,7 @@ impl Link {
             publisher,
             status: status_rx,
             inbound: Some(inbound_rx),
+            shed: Some(shed_rx),
             topics,
             event_loop,
             announcer,
@@ -350,6 +368,11 @@ impl Link {
     /// The inbound stream; can be taken once, by the command pipeline.
     pub fn take_inbound(&mut self) -> Option<mpsc::Receiver<Inbound>> {
         self.inbound.take()
+    }
+
+    /// The commands to answer "busy" unread; can be taken once, by the command pipeline.
+    pub(crate) fn take_shed(&mut self) -> Option<mpsc::Receiver<Shed>> {
+        self.shed.take()
     }
 
     /// Clean shutdown within `budget`: publish a retained `offline`, wait for every in-flight
@@ -403,8 +426,12 @@ struct EventLoopIo {
     status: watch::Sender<LinkStatus>,
     session: Shared,
     inbound: mpsc::Sender<Inbound>,
+    shed: mpsc::Sender<Shed>,
     /// Inbound messages dropped on a full queue since start, for the log.
     dropped_inbound: u64,
+    /// The last message that found the queue full waited its turns in vain, and none has been
+    /// queued since: a burst is overflowing it (see [`EventLoopIo::hand_over`]).
+    overflowing: bool,
     shutdown: Shutdown,
     clock: Clock,
 }
@@ -422,7 +449,8 @@ impl EventLoopIo {
         out
     }
 
-    /// Hands an inbound message to the command pipeline, or drops it when the queue stays full.
+    /// Hands an inbound message to the command pipeline. When the queue stays full, a command
+    /// goes to the shed queue to be answered "busy", and anything else is dropped.
     async fn hand_over(&mut self, publish: rumqttc::Publish) {
         let mut inbound = Inbound {
             kind: self.topics.classify(&publish.topic),
@@ -431,24 +459,46 @@ impl EventLoopIo {
         };
         // rumqttc hands over every packet of a burst it has already read without ever returning
         // Pending, so on the daemon's single thread the consumer cannot run while a burst is
-        // being handed over: give it a few turns before dropping anything. Bounded, so the event
-        // loop never waits on the consumer (point 2).
+        // being handed over: give it a few turns before shedding or dropping anything. Bounded,
+        // so the event loop never waits on the consumer (point 2). Once a burst has overflowed
+        // the queue, further commands are shed at once while it stays full: spending the turns
+        // on each of them would hold up everything behind them in rumqttc's buffer, the
+        // PINGRESP included, long enough to fail the keepalive under load.
+        let is_command = inbound.kind == Some(InboundTopic::Commands);
         let mut turns = 0;
         loop {
             match self.inbound.try_send(inbound) {
-                Err(mpsc::error::TrySendError::Full(m)) if turns < INBOUND_TURNS => {
+                Err(mpsc::error::TrySendError::Full(m))
+                    if turns < INBOUND_TURNS && !(self.overflowing && is_command) =>
+                {
                     inbound = m;
                     turns += 1;
                     tokio::task::yield_now().await;
                 }
                 Err(mpsc::error::TrySendError::Full(m)) => {
+                    self.overflowing = true;
+                    if is_command {
+                        let command_id = crate::inbound::auth::jws::peek_jti(
+                            &m.payload,
+                            crate::inbound::auth::MAX_ATTESTATION_BYTES,
+                        );
+                        let command = command_id.as_deref().unwrap_or("?").to_owned();
+                        if self.shed.try_send(Shed { command_id }).is_ok() {
+                            tracing::debug!(command_id = %command, "inbound queue full; command shed unread");
+                            return;
+                        }
+                    }
                     lock(&self.session).on_inbound_dropped();
                     self.dropped_inbound += 1;
                     let dropped_inbound = self.dropped_inbound;
                     tracing::warn!(topic = %m.topic, dropped_inbound, "inbound queue full; message dropped");
                     return;
                 }
-                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Ok(()) => {
+                    self.overflowing = false;
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
             }
         }
     }
@@ -606,5 +656,86 @@ async fn announce(
         if status.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gateway::GatewayId;
+
+    /// An event loop's handles with an inbound queue of one message and a shed queue of one.
+    fn io() -> (EventLoopIo, mpsc::Receiver<Inbound>, mpsc::Receiver<Shed>) {
+        let topics = Topics::new(&GatewayId::parse("gw-1").unwrap());
+        let session = Session::new(
+            "broker:8883".into(),
+            Backoff::with_seed(Duration::from_millis(500), Duration::from_secs(30), 1),
+            true,
+        );
+        let (status, _) = watch::channel(session.status().clone());
+        let (inbound, inbound_rx) = mpsc::channel(1);
+        let (shed, shed_rx) = mpsc::channel(1);
+        let (_trigger, shutdown) = crate::agent::service::shutdown_channel();
+        let io = EventLoopIo {
+            plaintext: false,
+            broker: "broker:8883".into(),
+            topics,
+            status,
+            session: Arc::new(Mutex::new(session)),
+            inbound,
+            shed,
+            dropped_inbound: 0,
+            overflowing: false,
+            shutdown,
+            clock: Clock::system(),
+        };
+        (io, inbound_rx, shed_rx)
+    }
+
+    fn publish(topic: &str, payload: &[u8]) -> rumqttc::Publish {
+        rumqttc::Publish::new(topic, QoS::AtLeastOnce, payload.to_vec())
+    }
+
+    /// A compact JWS whose payload carries `jti` (unsigned: only peeked at).
+    fn token(jti: &str) -> Vec<u8> {
+        use base64::Engine;
+        let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        format!(
+            "{}.{}.c2ln",
+            b64(r#"{"alg":"EdDSA"}"#),
+            b64(&format!(r#"{{"jti":"{jti}"}}"#))
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_command_that_finds_the_queue_full_is_shed_and_anything_else_dropped() {
+        let (mut io, mut inbound, mut shed) = io();
+        let commands = "texture/v1/devices/gw-1/commands";
+        io.hand_over(publish(commands, &token("cmd-1"))).await;
+        // The queue of one is full now: the next command goes to the shed queue, by its id.
+        io.hand_over(publish(commands, &token("cmd-2"))).await;
+        let first = inbound.try_recv().expect("queued");
+        assert_eq!(first.kind, Some(InboundTopic::Commands));
+        assert_eq!(
+            shed.try_recv().unwrap().command_id.as_deref(),
+            Some("cmd-2")
+        );
+        assert_eq!(io.dropped_inbound, 0);
+
+        lock(&io.session).on_suback(std::time::Instant::now(), true);
+        io.hand_over(publish(commands, &token("cmd-3"))).await;
+        // A trust bundle that finds the queue full is dropped, and the subscriptions forgotten
+        // so the next connection has it delivered again.
+        io.hand_over(publish("texture/v1/trust/bundle", b"bundle"))
+            .await;
+        assert_eq!(io.dropped_inbound, 1);
+        assert!(!lock(&io.session).subscriptions_held());
+        // With the shed queue full as well, a command is dropped unanswered, and counted.
+        io.hand_over(publish(commands, &token("cmd-4"))).await;
+        io.hand_over(publish(commands, &token("cmd-5"))).await;
+        assert_eq!(io.dropped_inbound, 2);
+        assert!(shed.try_recv().is_ok());
+        assert!(shed.try_recv().is_err());
     }
 }
