@@ -7,7 +7,8 @@
 //! from the control socket are serialised through this task's select loop. The router decides
 //! where a message goes ([`route`]) and hands commands on: to auth, then to the
 //! [`Runner`], which owns a device command from its start to its recorded reply. Under a burst
-//! it sheds commands unread instead, so the link's queue never overflows unanswered.
+//! it sheds commands unread instead, and answers those the link shed because its queue was
+//! full (`crate::link::Shed`), so a burst is answered "busy" rather than dropped.
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -15,7 +16,7 @@ use tokio::time::Instant;
 use crate::agent::service::Shutdown;
 use crate::drivers::DriverRegistry;
 use crate::inbound::auth::claims::AttestationClaims;
-use crate::inbound::auth::{Authorization, Authorizer};
+use crate::inbound::auth::{peek_command_id, Authorization, Authorizer};
 use crate::inbound::commands::runner::{Completion, Finished, Journal, Runner};
 use crate::inbound::commands::{CommandSettings, Plan};
 use crate::inbound::pairing::control::{ControlCall, ControlEvent, ControlRequest};
@@ -28,7 +29,7 @@ use crate::model::clock::Clock;
 
 /// Inbound messages waiting behind the one in hand from which commands are shed: refused at
 /// once with 503 and `retryAfter` instead of being verified. Below the link's queue size, so
-/// a burst is answered "busy" rather than dropped unanswered when the queue overflows.
+/// most of a burst is shed here and only what arrives faster still is shed by the link.
 const SHED_AT: usize = crate::link::INBOUND_QUEUE / 2;
 /// `retryAfter` of a shed command, seconds.
 const SHED_RETRY_AFTER: u64 = 1;
@@ -106,19 +107,15 @@ fn route(kind: Option<InboundTopic>, waiting: usize) -> Route {
     }
 }
 
-/// The `jti` of a command to be shed, read without verifying anything.
-fn peek_jti(payload: &[u8]) -> Option<String> {
-    crate::inbound::auth::jws::peek_jti(payload, crate::inbound::auth::MAX_ATTESTATION_BYTES)
-}
-
 /// The refusal of the command `jti` shed unread because `waiting` more messages are queued
 /// behind it (shed by the router) or in front of it (by the link, its queue full). It carries
 /// the command's (unverified) id, when well-formed, so the platform can match it and retry; it
 /// is never recorded in the replay journal, so the retry is judged afresh.
-fn shed_reply(jti: Option<String>, gateway_id: &str, waiting: usize) -> Reply {
+fn shed_reply(jti: Option<String>, gateway_id: &str, waiting: usize, by: &str) -> Reply {
     tracing::warn!(
         command_id = jti.as_deref().unwrap_or("?"),
         waiting,
+        by,
         "gateway busy: command shed unread"
     );
     Reply::Refused {
@@ -186,15 +183,19 @@ impl Router {
             let advertise = self.advertiser.due();
             tokio::select! {
                 message = inbound.recv() => match message {
-                    Some(m) => if !self.on_message(m, inbound.len()).await { return },
+                    Some(m) => {
+                        // The link shed these before it queued `m`: answering them first keeps
+                        // a command's "busy" ahead of whatever a redelivery of it gets later.
+                        while let Ok(command) = shed.try_recv() {
+                            if !self.answer_shed(command).await { return }
+                        }
+                        if !self.on_message(m, inbound.len()).await { return }
+                    }
                     None => return,
                 },
-                // Commands the link could not queue: answered busy at once, ahead of nothing
-                // (the select picks at random), so the shed queue drains while the burst lasts.
-                Some(command) = shed.recv() => {
-                    let reply = shed_reply(command.command_id, &self.gateway_id, inbound.len());
-                    if !self.publish(self.topics.replies(), reply.to_bytes()).await { return }
-                }
+                // Commands the link could not queue: answered busy as they come, with no
+                // priority over the other branches, so the shed queue drains while a burst lasts.
+                Some(command) = shed.recv() => if !self.answer_shed(command).await { return },
                 done = self.runner.completed() => self.on_completion(done).await,
                 Some(call) = calls.recv() => self.on_call(call).await,
                 _ = waiting.tick(), if self.pairing.is_watched() => {
@@ -229,6 +230,17 @@ impl Router {
         for reply in self.runner.take_interrupted() {
             self.publish(self.topics.replies(), reply).await;
         }
+    }
+
+    /// Answers a command the link shed, its queue full; false when the link is gone for good.
+    async fn answer_shed(&self, command: Shed) -> bool {
+        let reply = shed_reply(
+            command.command_id,
+            &self.gateway_id,
+            crate::link::INBOUND_QUEUE,
+            "link",
+        );
+        self.publish(self.topics.replies(), reply.to_bytes()).await
     }
 
     /// Publishes (not retained); returns false when the link is gone for good.
@@ -334,9 +346,13 @@ impl Router {
             }
             // Verifying costs a signature check and a durable replay record each; a burst
             // larger than the queue would otherwise overflow it and lose commands unanswered.
-            Route::Shed => {
-                shed_reply(peek_jti(&message.payload), &self.gateway_id, waiting).to_bytes()
-            }
+            Route::Shed => shed_reply(
+                peek_command_id(&message.payload),
+                &self.gateway_id,
+                waiting,
+                "router",
+            )
+            .to_bytes(),
             Route::Command => match self.on_command(&message.payload) {
                 Some(reply) => reply,
                 None => return true,
@@ -450,9 +466,10 @@ mod tests {
             crate::inbound::auth::claims::ATTESTATION_TYP,
             payload,
         );
-        let reply: serde_json::Value =
-            serde_json::from_slice(&shed_reply(peek_jti(token.as_bytes()), "gw-1", 16).to_bytes())
-                .unwrap();
+        let reply: serde_json::Value = serde_json::from_slice(
+            &shed_reply(peek_command_id(token.as_bytes()), "gw-1", 16, "router").to_bytes(),
+        )
+        .unwrap();
         assert_eq!(reply["type"], "command.refused");
         assert_eq!(
             reply["commandId"], "cmd_01JDX3WQ4E7Z",
@@ -467,9 +484,10 @@ mod tests {
             "gateway busy: 16 messages waiting; command not read, retry"
         );
 
-        let garbage: serde_json::Value =
-            serde_json::from_slice(&shed_reply(peek_jti(b"not a token"), "gw-1", 20).to_bytes())
-                .unwrap();
+        let garbage: serde_json::Value = serde_json::from_slice(
+            &shed_reply(peek_command_id(b"not a token"), "gw-1", 20, "router").to_bytes(),
+        )
+        .unwrap();
         assert_eq!(garbage["commandId"], serde_json::Value::Null);
     }
 

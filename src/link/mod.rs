@@ -72,10 +72,11 @@ pub const MAX_OUTBOUND_PACKET: usize = 1024 * 1024;
 /// (which would stop keepalives).
 pub const INBOUND_QUEUE: usize = 32;
 /// Commands that found the inbound queue full, waiting to be answered "busy" (503) unread:
-/// only their ids, so a burst of a thousand costs tens of KiB, not the megabytes of their
-/// attestations. Only when this is full too is a command dropped unanswered.
+/// only their ids (at most 128 bytes each), so a full queue costs at most about 150 KiB, not the
+/// 8 MiB of their attestations. Only when this is full too is a command dropped unanswered.
 pub const SHED_QUEUE: usize = 1024;
-/// Scheduler turns the event loop gives the consumer of a full inbound queue before dropping.
+/// Scheduler turns the event loop gives the consumer of a full inbound queue before shedding or
+/// dropping a message; none for a command while a burst is overflowing the queue.
 const INBOUND_TURNS: u32 = 8;
 /// Capacity of rumqttc's request channel: how many publishes may wait for the event loop.
 const REQUEST_QUEUE: usize = 512;
@@ -478,13 +479,9 @@ impl EventLoopIo {
                 Err(mpsc::error::TrySendError::Full(m)) => {
                     self.overflowing = true;
                     if is_command {
-                        let command_id = crate::inbound::auth::jws::peek_jti(
-                            &m.payload,
-                            crate::inbound::auth::MAX_ATTESTATION_BYTES,
-                        );
-                        let command = command_id.as_deref().unwrap_or("?").to_owned();
+                        let command_id = crate::inbound::auth::peek_command_id(&m.payload);
                         if self.shed.try_send(Shed { command_id }).is_ok() {
-                            tracing::debug!(command_id = %command, "inbound queue full; command shed unread");
+                            // The router logs the refusal when it sends it.
                             return;
                         }
                     }
@@ -708,6 +705,47 @@ mod tests {
         .into_bytes()
     }
 
+    /// Frees one slot of the inbound queue the next time the scheduler runs another task.
+    fn consume_one(
+        inbound: &mut Option<mpsc::Receiver<Inbound>>,
+    ) -> tokio::task::JoinHandle<mpsc::Receiver<Inbound>> {
+        let mut rx = inbound.take().unwrap();
+        tokio::spawn(async move {
+            rx.recv().await.unwrap();
+            rx
+        })
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_queue_gets_turns_to_drain_except_for_commands_while_a_burst_overflows_it() {
+        let (mut io, rx, mut shed) = io();
+        let mut rx = Some(rx);
+        let commands = "texture/v1/devices/gw-1/commands";
+        io.hand_over(publish(commands, &token("cmd-1"))).await;
+        // Full, but its consumer gets a turn: the command waits for it and is queued.
+        let consumer = consume_one(&mut rx);
+        io.hand_over(publish(commands, &token("cmd-2"))).await;
+        rx = Some(consumer.await.unwrap());
+        assert!(shed.try_recv().is_err(), "queued, not shed");
+        assert!(!io.overflowing);
+
+        // A burst overflowing it: a command is shed at once, before the consumer has run.
+        io.overflowing = true;
+        let consumer = consume_one(&mut rx);
+        io.hand_over(publish(commands, &token("cmd-3"))).await;
+        assert_eq!(
+            shed.try_recv().unwrap().command_id.as_deref(),
+            Some("cmd-3")
+        );
+        // Anything else still waits its turns, and once it is queued the burst is over.
+        io.hand_over(publish("texture/v1/trust/bundle", b"bundle"))
+            .await;
+        let mut rx = consumer.await.unwrap();
+        assert!(!io.overflowing);
+        assert_eq!(io.dropped_inbound, 0);
+        assert_eq!(rx.try_recv().unwrap().payload.as_ref(), b"bundle");
+    }
+
     #[tokio::test]
     async fn a_command_that_finds_the_queue_full_is_shed_and_anything_else_dropped() {
         let (mut io, mut inbound, mut shed) = io();
@@ -735,7 +773,10 @@ mod tests {
         io.hand_over(publish(commands, &token("cmd-4"))).await;
         io.hand_over(publish(commands, &token("cmd-5"))).await;
         assert_eq!(io.dropped_inbound, 2);
-        assert!(shed.try_recv().is_ok());
+        assert_eq!(
+            shed.try_recv().unwrap().command_id.as_deref(),
+            Some("cmd-4")
+        );
         assert!(shed.try_recv().is_err());
     }
 }

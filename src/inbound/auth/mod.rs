@@ -102,6 +102,13 @@ pub enum Verdict {
     },
 }
 
+/// The id of a command to be refused unread (shed, PROTOCOL 7.1): the `jti` of an attestation
+/// of at most [`MAX_ATTESTATION_BYTES`], read without verifying anything. Only for addressing
+/// that refusal (see [`jws::peek_jti`]); the link and the router both shed, through this.
+pub(crate) fn peek_command_id(attestation: &[u8]) -> Option<String> {
+    jws::peek_jti(attestation, MAX_ATTESTATION_BYTES)
+}
+
 /// Check 16 of the decision order (docs/PROTOCOL.md 7.1): what a command id may look like.
 pub(crate) fn is_valid_command_id(id: &str) -> bool {
     !id.is_empty()
