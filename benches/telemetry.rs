@@ -245,12 +245,7 @@ fn binary_at_cap(pki: &Pki, runtime: &tokio::runtime::Runtime) {
         "type": "state", "deviceId": "bat-1", "state": state,
     }))
     .unwrap();
-    let script = pki.path().join("firehose.sh");
-    std::fs::write(
-        &script,
-        format!("line='{line}'\nwhile :; do printf '%s\\n' \"$line\"; done\n"),
-    )
-    .unwrap();
+    let script = kit::firehose_script(pki.path(), &line);
     let port = kit::free_port();
     let signer = PlatformSigner::generate("platform-1");
     let mut cfg = AgentConfig::new(pki, port, "gw-cap").trusting(&signer, "ws-cap");

@@ -481,6 +481,16 @@ async fn a_persistent_session_keeps_subscriptions_and_queues_commands_across_a_r
     assert_eq!(connects.len(), 2, "{}", agent.log_dump());
     assert_eq!(connects[1]["session_present"], true);
     assert_eq!(broker_saw(&broker, &subscribes), 1, "{}", broker.log_text());
+    // The retained bundle went to the gateway once, with its one SUBSCRIBE.
+    let bundles = "'texture/v1/trust/bundle'";
+    let bundle_sent = |broker: &Mosquitto| {
+        broker
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(&format!("Sending PUBLISH to {GW} ")) && l.contains(bundles))
+            .count()
+    };
+    assert_eq!(bundle_sent(&broker), 1, "{}", broker.log_text());
 
     // A new process subscribes again, though the broker still has the session.
     agent.signal("TERM");
@@ -493,6 +503,7 @@ async fn a_persistent_session_keeps_subscriptions_and_queues_commands_across_a_r
         true
     );
     assert_eq!(broker_saw(&broker, &subscribes), 2, "{}", broker.log_text());
+    assert_eq!(bundle_sent(&broker), 2, "{}", broker.log_text());
 
     // The broker restarts and has forgotten the session: the gateway subscribes again. (The
     // old peer goes first: two peers with one client id would keep displacing each other.)
@@ -510,4 +521,68 @@ async fn a_persistent_session_keeps_subscriptions_and_queues_commands_across_a_r
     assert_eq!(connects.last().unwrap()["session_present"], false);
     // The broker's log runs on across the restart.
     assert_eq!(broker_saw(&broker, &subscribes), 3, "{}", broker.log_text());
+}
+
+/// PROTOCOL 1.3 with a persistent session: a command above the inbound size limit fails the
+/// connection before it can be acknowledged, so the broker would send it again on every
+/// connection of the session, for good. The gateway gives up that session once (a clean
+/// connect) and is reachable again: a ping sent afterwards is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_message_in_a_persistent_session_is_shed_with_the_session() {
+    const GW: &str = "gw-poison";
+    const WORKSPACE: &str = "ws-poison";
+    let status = device_topic(GW, "status");
+    let replies = device_topic(GW, "replies");
+    let Testbed {
+        pki,
+        broker,
+        signer,
+        mut peer,
+    } = Testbed::start(
+        PlatformSigner::generate("platform-poison"),
+        &[&status, &replies],
+    )
+    .await;
+    let mut cfg = AgentConfig::new(&pki, broker.port, GW).trusting(&signer, WORKSPACE);
+    cfg.extra_broker = "persistent_session = true\n".into();
+    let agent = agent_for(&pki, &cfg);
+    peer.expect(&status, CONNECT, |m| m.json()["state"] == "online")
+        .await;
+
+    let oversized = vec![b'x'; texture_agent::link::MAX_INBOUND_PACKET + 1];
+    peer.publish(&device_topic(GW, "commands"), oversized, false)
+        .await;
+    agent.wait_for_log(
+        "an unreadable message: the next connection starts a clean session",
+        CONNECT,
+    );
+    // A ping every 2 s until one is answered: one sent while the session is being given up may
+    // go with it, but the gateway must be reachable again.
+    let deadline = std::time::Instant::now() + CONNECT;
+    let mut answered = None;
+    for i in 0.. {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reachable again:\n{}",
+            agent.log_dump()
+        );
+        let id = format!("cmd-after-poison-{i}");
+        peer.send_server_command(
+            &signer,
+            WORKSPACE,
+            AttestedCommand::new(GW, &id, "agent:ping", json!({})),
+        )
+        .await;
+        let got = peer.collect(&replies, Duration::from_secs(2)).await;
+        answered = got.into_iter().map(|m| m.json()).find(|r| {
+            r["commandId"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("cmd-after-poison-"))
+        });
+        if answered.is_some() {
+            break;
+        }
+    }
+    let reply = answered.unwrap();
+    assert_eq!(reply["type"], "command.succeeded", "{reply}");
 }

@@ -184,8 +184,9 @@ impl Router {
             tokio::select! {
                 message = inbound.recv() => match message {
                     Some(m) => {
-                        // The link shed these before it queued `m`: answering them first keeps
-                        // a command's "busy" ahead of whatever a redelivery of it gets later.
+                        // These include every command the link shed before it queued `m`:
+                        // answering them first keeps a command's "busy" ahead of whatever a
+                        // redelivery of it, queued later, gets.
                         while let Ok(command) = shed.try_recv() {
                             if !self.answer_shed(command).await { return }
                         }

@@ -323,6 +323,7 @@ impl Link {
             eventloop,
             EventLoopIo {
                 plaintext: b.allow_insecure_plaintext,
+                persistent: b.persistent_session,
                 broker,
                 topics: topics.clone(),
                 status: status_tx,
@@ -422,6 +423,8 @@ impl Link {
 /// The event-loop task's handles on the rest of the agent; the bookkeeping is in [`Session`].
 struct EventLoopIo {
     plaintext: bool,
+    /// `broker.persistent_session`.
+    persistent: bool,
     broker: String,
     topics: Topics,
     status: watch::Sender<LinkStatus>,
@@ -430,8 +433,8 @@ struct EventLoopIo {
     shed: mpsc::Sender<Shed>,
     /// Inbound messages dropped on a full queue since start, for the log.
     dropped_inbound: u64,
-    /// The last message that found the queue full waited its turns in vain, and none has been
-    /// queued since: a burst is overflowing it (see [`EventLoopIo::hand_over`]).
+    /// A message found the queue full and was shed or dropped, and none has been queued since:
+    /// a burst is overflowing it (see [`EventLoopIo::hand_over`]).
     overflowing: bool,
     shutdown: Shutdown,
     clock: Clock,
@@ -522,6 +525,9 @@ async fn run_event_loop(mut eventloop: EventLoop, mut io: EventLoopIo) {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 let now = io.clock.now();
                 let session_present = ack.session_present;
+                // Back to the persistent session after a clean one that shed an unreadable
+                // message (below).
+                eventloop.mqtt_options.set_clean_session(!io.persistent);
                 io.transition(|s| s.on_connack(std::time::Instant::now(), now, session_present));
                 if io.plaintext {
                     tracing::warn!(broker = %io.broker, "connected WITHOUT TLS (allow_insecure_plaintext = true)");
@@ -556,6 +562,25 @@ async fn run_event_loop(mut eventloop: EventLoop, mut io: EventLoopIo) {
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(error) => {
+                // A message we cannot read (above MAX_INBOUND_PACKET, or malformed) that a
+                // persistent session holds would be sent again after every CONNACK, for as long
+                // as the broker keeps the session: the next attempt asks for a clean session
+                // once, which discards it with whatever else the session held (PROTOCOL 1.3).
+                // (rumqttc reports a lost socket as a "deserialization" error too: only a
+                // packet it read and could not take counts.)
+                let unreadable = matches!(
+                    &error,
+                    ConnectionError::MqttState(rumqttc::StateError::Deserialization(e))
+                        if !matches!(
+                            e,
+                            rumqttc::mqttbytes::Error::Io(_)
+                                | rumqttc::mqttbytes::Error::OutgoingPacketTooLarge { .. }
+                        )
+                );
+                if io.persistent && unreadable {
+                    eventloop.mqtt_options.set_clean_session(true);
+                    tracing::warn!(broker = %io.broker, "an unreadable message: the next connection starts a clean session");
+                }
                 let error = describe(&error);
                 let (delay, stale) = io.transition(|s| {
                     // rumqttc's queue is emptied under the lock publishers take, so no request
@@ -568,19 +593,29 @@ async fn run_event_loop(mut eventloop: EventLoop, mut io: EventLoopIo) {
                     // and hands them out after the next CONNACK, as if they came on the new
                     // connection: a stale SUBACK would then say the new session holds our
                     // subscriptions, and a stale outgoing PUBLISH would pair a new request
-                    // with an old packet id. They are taken out here, with the connection.
-                    let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
+                    // with an old packet id. They are taken out here, with the connection: its
+                    // PUBLISHes and PUBACKs still count, before its deliveries fail, and its
+                    // messages go on below; a SUBACK of a lost connection proves nothing.
+                    let mut messages = Vec::new();
+                    for event in eventloop.state.events.drain(..) {
+                        match event {
+                            Event::Outgoing(Outgoing::Publish(pkid)) => s.on_outgoing_publish(pkid),
+                            Event::Incoming(Packet::PubAck(ack)) => {
+                                s.on_puback(ack.pkid);
+                            }
+                            Event::Incoming(Packet::Publish(p)) => messages.push(p),
+                            _ => {}
+                        }
+                    }
                     (
                         s.on_connection_lost(std::time::Instant::now(), error.clone()),
-                        stale,
+                        messages,
                     )
                 });
-                // Of those, only the messages matter: they were received (and perhaps already
-                // acknowledged), so they go on to the pipeline as if read a moment earlier.
-                for event in stale {
-                    if let Event::Incoming(Packet::Publish(p)) = event {
-                        io.hand_over(p).await;
-                    }
+                // Received (and perhaps already acknowledged): on to the pipeline, as if read
+                // a moment earlier.
+                for publish in stale {
+                    io.hand_over(publish).await;
                 }
                 tracing::warn!(broker = %io.broker, %error, retry_in_ms = delay.as_millis() as u64, "link down");
                 tokio::select! {
@@ -675,6 +710,7 @@ mod tests {
         let (_trigger, shutdown) = crate::agent::service::shutdown_channel();
         let io = EventLoopIo {
             plaintext: false,
+            persistent: true,
             broker: "broker:8883".into(),
             topics,
             status,
@@ -753,6 +789,7 @@ mod tests {
         io.hand_over(publish(commands, &token("cmd-1"))).await;
         // The queue of one is full now: the next command goes to the shed queue, by its id.
         io.hand_over(publish(commands, &token("cmd-2"))).await;
+        assert!(io.overflowing, "a shed command marks the burst");
         let first = inbound.try_recv().expect("queued");
         assert_eq!(first.kind, Some(InboundTopic::Commands));
         assert_eq!(

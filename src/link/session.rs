@@ -68,8 +68,9 @@ struct Subscriptions {
 
 /// A reconnect with a persistent session subscribes again once the last grant is this old, so
 /// the retained bundle and policy reach the gateway at least this often across reconnects even
-/// if a queued update was lost.
-pub(crate) const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(12 * 3600);
+/// if a queued update was lost (a broker drops new messages from a full queue): a revocation is
+/// then late by an hour at most, for at most one SUBSCRIBE and bundle (about 700 B) an hour.
+pub(crate) const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(3600);
 
 /// Why a publisher may not record a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -222,11 +223,12 @@ impl Session {
     }
 }
 
-/// When the announcer must subscribe and publish the birth: once after every CONNACK.
+/// When the announcer must act on a new connection: once after every CONNACK, to publish the
+/// birth and, unless the broker's session holds them ([`Session::subscriptions_held`]), to
+/// subscribe.
 ///
-/// With a clean session the broker forgets our subscriptions on each new connection, so the
-/// count of connects in the status, not the `Connected` state (which a watcher may see only once
-/// across a quick drop and reconnect), is what says a new session needs them.
+/// The count of connects in the status, not the `Connected` state (which a watcher may see only
+/// once across a quick drop and reconnect), is what says a connection is new.
 #[derive(Debug, Default)]
 pub(crate) struct Announcements {
     served: u64,

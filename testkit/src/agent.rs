@@ -144,6 +144,19 @@ impl AgentConfig {
     }
 }
 
+/// A process driver's script (`sh firehose.sh`, written under `dir`) that prints `line`, a
+/// driver protocol line, as fast as the shell can: the driver at full rate of the saturation
+/// tests and benches.
+pub fn firehose_script(dir: &Path, line: &str) -> PathBuf {
+    let script = dir.join("firehose.sh");
+    std::fs::write(
+        &script,
+        format!("line='{line}'\nwhile :; do printf '%s\\n' \"$line\"; done\n"),
+    )
+    .unwrap();
+    script
+}
+
 /// The texture-agent binary under test: `bin` (the one cargo built for this run), or another
 /// build named by `TEXTURE_AGENT_BIN` (the cross-compiled ARM binary in the QEMU tests).
 pub fn agent_binary(bin: &str) -> String {

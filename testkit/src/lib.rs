@@ -32,7 +32,7 @@ pub mod regex;
 pub mod relay;
 pub mod schema;
 
-pub use agent::{agent_binary, agent_command, agent_process, Agent, AgentConfig};
+pub use agent::{agent_binary, agent_command, agent_process, firehose_script, Agent, AgentConfig};
 pub use modbus::{sunspec_model_json, SunSpecServer};
 pub use mosquitto::{free_port, Mosquitto, PLATFORM_CLIENT};
 pub use ocpp::ChargePoint;

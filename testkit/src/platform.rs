@@ -78,6 +78,42 @@ impl Peer {
         self.inbox.collect(topic, window).await
     }
 
+    /// The replies to a burst: collects `gateway`'s replies until each of `ids` has one, or
+    /// `within` has passed, and counts them by `"<type> <status>"`. Panics on a reply that is
+    /// not for one of `ids` or repeats one, and on a 503 without `retryAfter` 1 (PROTOCOL 7.1).
+    /// Returns the counts; `ids` is left holding the commands never answered.
+    pub async fn burst_replies(
+        &mut self,
+        gateway: &str,
+        ids: &mut std::collections::BTreeSet<String>,
+        within: Duration,
+    ) -> std::collections::BTreeMap<String, usize> {
+        let replies = device_topic(gateway, "replies");
+        let mut kinds = std::collections::BTreeMap::new();
+        let deadline = std::time::Instant::now() + within;
+        while !ids.is_empty() && std::time::Instant::now() < deadline {
+            for m in self.collect(&replies, Duration::from_millis(500)).await {
+                let r = m.json();
+                let id = r["commandId"].as_str().unwrap_or_default().to_owned();
+                assert!(
+                    ids.remove(&id),
+                    "one reply per command, and only for ours: {r}"
+                );
+                if r["status"] == 503 {
+                    assert_eq!(r["retryAfter"], 1, "{r}");
+                }
+                *kinds
+                    .entry(format!(
+                        "{} {}",
+                        r["type"].as_str().unwrap_or("?"),
+                        r["status"]
+                    ))
+                    .or_default() += 1;
+            }
+        }
+        kinds
+    }
+
     /// Publishes `command` on its gateway's commands topic, attested by `signer` for the server
     /// key `key-server` of `workspace`, issued now and valid for 300 s.
     pub async fn send_server_command(
