@@ -553,7 +553,7 @@ async fn run_event_loop(mut eventloop: EventLoop, mut io: EventLoopIo) {
                 }
                 // Our one SUBSCRIBE carries every filter: held only if each got QoS 1 (a
                 // broker queues no QoS 0 message for an offline client).
-                let granted = ack.return_codes.len() == io.topics.subscriptions().len()
+                let granted = ack.return_codes.len() == InboundTopic::ALL.len()
                     && ack.return_codes.iter().all(|c| {
                         matches!(c, rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce))
                     });
@@ -667,14 +667,14 @@ async fn announce(
                     "the broker's session holds our subscriptions; not subscribing"
                 );
             } else {
-                let filters = topics
-                    .subscriptions()
+                let subscriptions = topics.subscriptions();
+                tracing::debug!(topics = ?subscriptions, "subscribing");
+                let filters = subscriptions
                     .into_iter()
                     .map(|topic| SubscribeFilter::new(topic, QoS::AtLeastOnce));
                 if publisher.client.subscribe_many(filters).await.is_err() {
                     return;
                 }
-                tracing::debug!(topics = ?topics.subscriptions(), "subscribed");
             }
             let birth = presence("online", None, Some(clock.now()));
             if publisher

@@ -70,7 +70,7 @@ struct Subscriptions {
 /// the retained bundle and policy reach the gateway at least this often across reconnects even
 /// if a queued update was lost (a broker drops new messages from a full queue): a revocation is
 /// then late by an hour at most, for at most one SUBSCRIBE and bundle (about 700 B) an hour.
-pub(crate) const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(3600);
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(3600);
 
 /// Why a publisher may not record a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -258,10 +258,10 @@ mod tests {
     const MAX: Duration = Duration::from_secs(30);
 
     fn session() -> Session {
-        persistent(false)
+        persistent_session(false)
     }
 
-    fn persistent(persistent: bool) -> Session {
+    fn persistent_session(persistent: bool) -> Session {
         Session::new(
             "broker:8883".into(),
             Backoff::with_seed(MIN, MAX, 11),
@@ -290,9 +290,14 @@ mod tests {
     }
 
     fn connected() -> Session {
-        let mut s = session();
+        connected_at(false, Instant::now(), false)
+    }
+
+    /// A first connection at `at`, `persistent` or not, the broker answering `session_present`.
+    fn connected_at(persistent: bool, at: Instant, session_present: bool) -> Session {
+        let mut s = persistent_session(persistent);
         s.connecting();
-        s.on_connack(Instant::now(), 1_700_000_000, false);
+        s.on_connack(at, 1_700_000_000, session_present);
         s
     }
 
@@ -519,10 +524,8 @@ mod tests {
     #[test]
     fn a_subscription_is_skipped_only_once_granted_in_this_process_with_the_session_present() {
         let t0 = Instant::now();
-        let mut s = persistent(true);
-        s.connecting();
         // A new process always subscribes, whatever the broker kept from the last one.
-        s.on_connack(t0, 1_700_000_000, true);
+        let mut s = connected_at(true, t0, true);
         assert!(!s.subscriptions_held());
         assert!(!reconnect(&mut s, t0, true), "nothing granted yet");
         s.on_suback(t0, true);
@@ -543,9 +546,7 @@ mod tests {
     #[test]
     fn a_refused_subscription_or_a_dropped_message_means_subscribing_again() {
         let t0 = Instant::now();
-        let mut s = persistent(true);
-        s.connecting();
-        s.on_connack(t0, 1_700_000_000, false);
+        let mut s = connected_at(true, t0, false);
         s.on_suback(t0, false);
         assert!(!reconnect(&mut s, t0, true), "a filter was refused");
         s.on_suback(t0, true);
@@ -558,9 +559,7 @@ mod tests {
     #[test]
     fn an_old_grant_is_renewed_on_the_next_reconnect() {
         let t0 = Instant::now();
-        let mut s = persistent(true);
-        s.connecting();
-        s.on_connack(t0, 1_700_000_000, false);
+        let mut s = connected_at(true, t0, false);
         s.on_suback(t0, true);
         let just_before = t0 + RESUBSCRIBE_AFTER - Duration::from_secs(1);
         assert!(reconnect(&mut s, just_before, true));
@@ -570,9 +569,7 @@ mod tests {
     #[test]
     fn a_clean_session_never_skips_the_subscription_whatever_the_broker_answers() {
         let t0 = Instant::now();
-        let mut s = persistent(false);
-        s.connecting();
-        s.on_connack(t0, 1_700_000_000, false);
+        let mut s = connected_at(false, t0, false);
         s.on_suback(t0, true);
         // A broker (or proxy) wrongly answering session present = 1 to a clean session.
         assert!(!reconnect(&mut s, t0, true));
