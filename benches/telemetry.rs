@@ -191,7 +191,11 @@ async fn raw_path(
                 let (device_id, state) = &states[seq as usize % states.len()];
                 let mut payload = Vec::with_capacity(320);
                 encode_state(ts, device_id, state, &mut payload);
-                Record { seq, payload }
+                Record {
+                    epoch: 1,
+                    seq,
+                    payload,
+                }
             })
             .collect();
         batch_message(&gateway, &records)

@@ -31,8 +31,11 @@ struct Received {
     seqs: BTreeMap<u64, u32>,
     /// Arrival order, to check that delivery is in order.
     order: Vec<u64>,
-    /// The first byte of every batch: `{` for JSON, 0x01 or 0x02 for compact (PROTOCOL 14.9).
+    /// The first byte of every batch: `{` for JSON, 0x03 or 0x04 for compact (PROTOCOL 14.9).
     encodings: std::collections::BTreeSet<u8>,
+    /// The epoch each sequence number came with: without a power cut a number is never given
+    /// twice, so every copy of it has the epoch of the run that stored it (PROTOCOL 14.3).
+    epochs: BTreeMap<u64, u64>,
 }
 
 impl Received {
@@ -44,8 +47,12 @@ impl Received {
             self.encodings.insert(m.payload[0]);
             let batch = m.json();
             assert_eq!(batch["gatewayId"], DEVICE);
+            let epoch = batch["epoch"].as_u64().expect("epoch");
+            assert!(epoch >= 1, "{epoch}");
             for p in batch["points"].as_array().expect("points") {
                 let seq = p["seq"].as_u64().expect("seq");
+                let first = *self.epochs.entry(seq).or_insert(epoch);
+                assert_eq!(first, epoch, "seq {seq} came with two epochs");
                 assert!(
                     p["ts"].as_u64().is_some() && p["deviceId"].is_string(),
                     "{p}"
@@ -212,11 +219,11 @@ async fn compact_batches_by_exception_lose_nothing_across_broker_and_agent_resta
     got.drain_until_complete(&mut peer, 1, last).await;
     got.assert_first_arrivals_in_order();
     assert!(
-        got.encodings.iter().all(|b| [0x01, 0x02].contains(b)),
+        got.encodings.iter().all(|b| [0x03, 0x04].contains(b)),
         "first bytes {:?}",
         got.encodings
     );
-    assert!(got.encodings.contains(&0x02), "no batch was deflated");
+    assert!(got.encodings.contains(&0x04), "no batch was deflated");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

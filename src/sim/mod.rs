@@ -463,7 +463,11 @@ mod tests {
                         device.step(1.0, 43_200),
                         &mut payload,
                     );
-                    crate::telemetry::outbox::Record { seq, payload }
+                    crate::telemetry::outbox::Record {
+                        epoch: 1,
+                        seq,
+                        payload,
+                    }
                 })
                 .collect();
             let settings = TelemetrySettings {

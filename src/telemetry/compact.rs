@@ -23,9 +23,15 @@ use scan::{Event, Leaf};
 mod scan;
 
 /// First byte of a compact batch whose body follows as is.
-pub(crate) const PLAIN: u8 = 0x01;
+pub(crate) const PLAIN: u8 = 0x03;
 /// First byte of a compact batch whose body follows as raw DEFLATE (RFC 1951).
-pub(crate) const DEFLATED: u8 = 0x02;
+pub(crate) const DEFLATED: u8 = 0x04;
+/// [`PLAIN`] and [`DEFLATED`] of a gateway from before epochs (PROTOCOL 14.3): the same body
+/// without its epoch. Still decoded, so a platform takes batches from gateways not yet updated.
+const PLAIN_V1: u8 = 0x01;
+const DEFLATED_V1: u8 = 0x02;
+/// First byte of a DEFLATE-compressed JSON capabilities message (PROTOCOL 13).
+const DEFLATED_JSON: u8 = 0x02;
 /// The largest body a decoder inflates: far above any batch (14.2), so a hostile payload
 /// cannot make it allocate without bound.
 const MAX_BODY: usize = 16 << 20;
@@ -139,6 +145,7 @@ pub(crate) fn encode(
     }
     let mut body = Vec::with_capacity(64 + records.len() * 16);
     put_str(&mut body, gateway_id);
+    put_uvarint(&mut body, crate::telemetry::points::batch_epoch(records));
     put_uvarint(&mut body, series.len() as u64);
     for s in &series {
         put_series(&mut body, s);
@@ -298,13 +305,13 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// `json` as the capabilities message goes out from a compact gateway (PROTOCOL 13): raw
-/// DEFLATE behind the byte [`DEFLATED`]. The message is mostly the commands' input schemas,
+/// DEFLATE behind the byte [`DEFLATED_JSON`]. The message is mostly the commands' input schemas,
 /// the same text over and over, which DEFLATE shrinks about fourfold; it goes out on every
 /// connection, so on a metered link it is most of a reconnect's cost.
 pub(crate) fn deflate_json(json: &[u8]) -> Vec<u8> {
     let packed = miniz_oxide::deflate::compress_to_vec(json, LEVEL);
     let mut out = Vec::with_capacity(1 + packed.len());
-    out.push(DEFLATED);
+    out.push(DEFLATED_JSON);
     out.extend_from_slice(&packed);
     out
 }
@@ -313,7 +320,7 @@ pub(crate) fn deflate_json(json: &[u8]) -> Vec<u8> {
 pub fn decode_capabilities(payload: &[u8]) -> Result<Value, DecodeError> {
     let json = match payload.first() {
         Some(b'{') => Cow::Borrowed(payload),
-        Some(&DEFLATED) => Cow::Owned(
+        Some(&DEFLATED_JSON) => Cow::Owned(
             miniz_oxide::inflate::decompress_to_vec_with_limit(&payload[1..], MAX_BODY)
                 .map_err(|e| bad(format!("DEFLATE body: {e:?}")))?,
         ),
@@ -334,13 +341,17 @@ fn bad(what: impl Into<String>) -> DecodeError {
 
 /// A telemetry batch in any encoding, as the JSON batch of 14.1 (`{"gatewayId", "points"}`,
 /// points in `seq` order): what a platform does with every message on a `telemetry` topic.
+///
+/// A batch from a gateway before epochs (JSON without `epoch`, compact `0x01` or `0x02`)
+/// decodes without an `epoch` member, which a platform reads as epoch 0.
 pub fn decode(payload: &[u8]) -> Result<Value, DecodeError> {
-    let body = match payload.first() {
+    let first = payload.first().copied();
+    let body = match first {
         Some(b'{') => {
             return serde_json::from_slice(payload).map_err(|e| bad(format!("JSON: {e}")));
         }
-        Some(&PLAIN) => Cow::Borrowed(&payload[1..]),
-        Some(&DEFLATED) => Cow::Owned(
+        Some(PLAIN | PLAIN_V1) => Cow::Borrowed(&payload[1..]),
+        Some(DEFLATED | DEFLATED_V1) => Cow::Owned(
             miniz_oxide::inflate::decompress_to_vec_with_limit(&payload[1..], MAX_BODY)
                 .map_err(|e| bad(format!("DEFLATE body: {e:?}")))?,
         ),
@@ -352,6 +363,10 @@ pub fn decode(payload: &[u8]) -> Result<Value, DecodeError> {
         at: 0,
     };
     let gateway_id = r.string("gatewayId")?;
+    let epoch = match first {
+        Some(PLAIN | DEFLATED) => Some(r.uvarint("epoch")?),
+        _ => None,
+    };
     let series = r.count("series count")?;
     if series == 0 {
         return Err(bad("no series: a batch has at least one point"));
@@ -370,7 +385,13 @@ pub fn decode(payload: &[u8]) -> Result<Value, DecodeError> {
     if let Some(w) = points.windows(2).find(|w| w[0]["seq"] == w[1]["seq"]) {
         return Err(bad(format!("seq {} is in two series", w[0]["seq"])));
     }
-    Ok(serde_json::json!({"gatewayId": gateway_id, "points": points}))
+    let mut batch = Map::new();
+    batch.insert("gatewayId".into(), gateway_id.into());
+    if let Some(epoch) = epoch {
+        batch.insert("epoch".into(), epoch.into());
+    }
+    batch.insert("points".into(), points.into());
+    Ok(Value::Object(batch))
 }
 
 struct Reader<'a> {

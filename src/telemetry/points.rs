@@ -128,15 +128,18 @@ pub(crate) fn encode_availability(ts: u64, change: &crate::drivers::Availability
     out
 }
 
-/// `{"gatewayId": "...", "points": [{"seq": N, ...stored point...}, ...]}`.
+/// `{"gatewayId": "...", "epoch": E, "points": [{"seq": N, ...stored point...}, ...]}`.
 ///
 /// Stored points are JSON objects; the sequence number is spliced in front rather than parsing
-/// and re-serialising every point on the hot path.
+/// and re-serialising every point on the hot path. `records` are of one epoch, as every outbox
+/// read is: the batch states it once.
 pub fn batch_message(gateway_id: &str, records: &[Record]) -> Vec<u8> {
+    let epoch = batch_epoch(records);
     let size: usize = records.iter().map(|r| r.payload.len() + 24).sum();
     let mut out = Vec::with_capacity(size + 64);
     out.extend_from_slice(b"{\"gatewayId\":");
     out.extend_from_slice(&serde_json::to_vec(gateway_id).expect("string serialises"));
+    let _ = std::io::Write::write_fmt(&mut out, format_args!(",\"epoch\":{epoch}"));
     out.extend_from_slice(b",\"points\":[");
     for (i, r) in records.iter().enumerate() {
         if i > 0 {
@@ -148,6 +151,16 @@ pub fn batch_message(gateway_id: &str, records: &[Record]) -> Vec<u8> {
     }
     out.extend_from_slice(b"]}");
     out
+}
+
+/// The one epoch of a batch's `records` (0 for none).
+pub(crate) fn batch_epoch(records: &[Record]) -> u64 {
+    let epoch = records.first().map_or(0, |r| r.epoch);
+    debug_assert!(
+        records.iter().all(|r| r.epoch == epoch),
+        "a batch mixes epochs"
+    );
+    epoch
 }
 
 #[cfg(test)]
@@ -181,10 +194,12 @@ mod tests {
     fn batch_message_is_valid_json_with_sequence_numbers() {
         let records = vec![
             Record {
+                epoch: 4,
                 seq: 7,
                 payload: br#"{"ts":1,"deviceId":"bat-1","state":{"type":"battery"}}"#.to_vec(),
             },
             Record {
+                epoch: 4,
                 seq: 8,
                 payload: br#"{"ts":2,"deviceId":"gw","health":{}}"#.to_vec(),
             },
@@ -192,6 +207,7 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_slice(&batch_message("gw\"1", &records)).unwrap();
         assert_eq!(v["gatewayId"], "gw\"1");
+        assert_eq!(v["epoch"], 4);
         assert_eq!(v["points"][0]["seq"], 7);
         assert_eq!(v["points"][0]["deviceId"], "bat-1");
         assert_eq!(v["points"][1]["seq"], 8);

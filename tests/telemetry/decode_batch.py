@@ -1,10 +1,18 @@
 #!/usr/bin/env python3
 """Independent decoder for texture-agent telemetry payloads.
 
-Built from docs/PROTOCOL.md sections 14.1 (batch message) and 14.9 (compact
-encoding) only. Reads one payload (raw bytes) from stdin and prints the JSON
-batch of 14.1 as one line of JSON on stdout, exit 0. On malformed input it
-prints one line naming the problem on stderr and exits 1.
+Built from docs/PROTOCOL.md sections 14.1 (batch message), 14.3 (sequence
+numbers and epochs) and 14.9 (compact encoding) only. Reads one payload (raw
+bytes) from stdin and prints the JSON batch of 14.1 (gatewayId, epoch, points)
+as one line of JSON on stdout, exit 0. On malformed input it prints one line
+naming the problem on stderr and exits 1.
+
+First bytes (14.1): 0x7B a JSON batch; 0x03 a compact body as is, 0x04 a
+compact body as raw DEFLATE; 0x01 and 0x02 the same for the first version of
+the compact encoding, whose body has no epoch: its batch is printed with no
+epoch member (epoch 0, from a gateway before epochs). An epoch that is present
+is an unsigned 64-bit integer; 0 marks points stored before the gateway had
+epochs (14.1, 14.3).
 
 Standard library only.
 """
@@ -242,9 +250,13 @@ def check_increasing(points):
             raise DecodeError("seq not increasing: %d followed by %d" % (a["seq"], b["seq"]))
 
 
-def decode_compact(body):
+def decode_compact(body, has_epoch):
     r = Reader(body)
     gateway_id = r.string("gatewayId")
+    epoch = None
+    if has_epoch:
+        # 0 is allowed: points stored before the gateway had epochs (14.1, 14.3).
+        epoch = r.uvarint("epoch")
     series_count = r.count("series count")
     points = []
     for sidx in range(series_count):
@@ -257,7 +269,9 @@ def decode_compact(body):
     for a, b in zip(points, points[1:]):
         if a["seq"] == b["seq"]:
             raise DecodeError("duplicate seq %d in two series" % a["seq"])
-    return {"gatewayId": gateway_id, "points": points}
+    if epoch is None:
+        return {"gatewayId": gateway_id, "points": points}
+    return {"gatewayId": gateway_id, "epoch": epoch, "points": points}
 
 
 def is_u64(x):
@@ -274,6 +288,11 @@ def decode_json(data):
         raise DecodeError("JSON batch is not an object")
     if not isinstance(obj.get("gatewayId"), str):
         raise DecodeError("JSON batch: gatewayId missing or not a string")
+    if "epoch" in obj:
+        epoch = obj["epoch"]
+        if not is_u64(epoch):
+            raise DecodeError("JSON batch: epoch %s is not an integer from 0 to 2^64 - 1"
+                              % json.dumps(epoch)[:40])
     pts = obj.get("points")
     if not isinstance(pts, list):
         raise DecodeError("JSON batch: points missing or not an array")
@@ -313,10 +332,14 @@ def decode(data):
     first = data[0]
     if first == 0x7B:
         return decode_json(data)
-    if first == 0x01:
-        return decode_compact(data[1:])
+    if first == 0x03:
+        return decode_compact(data[1:], True)
+    if first == 0x04:
+        return decode_compact(inflate(data[1:]), True)
+    if first == 0x01:  # first version, before epochs: no epoch in the body
+        return decode_compact(data[1:], False)
     if first == 0x02:
-        return decode_compact(inflate(data[1:]))
+        return decode_compact(inflate(data[1:]), False)
     raise DecodeError("unknown first byte 0x%02x" % first)
 
 

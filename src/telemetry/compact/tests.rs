@@ -172,7 +172,11 @@ fn random_records(rng: &mut fastrand::Rng) -> Vec<Record> {
                     out
                 }
             };
-            Record { seq, payload }
+            Record {
+                epoch: 1,
+                seq,
+                payload,
+            }
         })
         .collect()
 }
@@ -219,7 +223,11 @@ fn a_battery_minute_is_a_few_bytes_a_point() {
             ts += 1000 + seq % 3;
             let mut payload = Vec::new();
             points::encode_state(ts, "bat-1", device.step(1.0, 43_200), &mut payload);
-            Record { seq, payload }
+            Record {
+                epoch: 1,
+                seq,
+                payload,
+            }
         })
         .collect();
     let json_batch = points::batch_message("gw-0001", &records);
@@ -264,19 +272,50 @@ fn hostile_bytes_are_refused_with_an_error() {
         "telemetry batch: unknown encoding byte 0x07"
     );
     assert!(decode(b"").is_err());
-    // A huge count is refused before anything is allocated for it.
-    let mut bytes = vec![PLAIN];
-    put_str(&mut bytes, "gw");
-    put_uvarint(&mut bytes, u64::MAX);
-    assert!(decode(&bytes)
-        .unwrap_err()
-        .to_string()
-        .contains("exceeds the bytes left"));
+    // A huge count is refused before anything is allocated for it, in either body.
+    for (first, epoch) in [(PLAIN, Some(9)), (PLAIN_V1, None)] {
+        let mut bytes = vec![first];
+        put_str(&mut bytes, "gw");
+        if let Some(epoch) = epoch {
+            put_uvarint(&mut bytes, epoch);
+        }
+        put_uvarint(&mut bytes, u64::MAX);
+        assert!(decode(&bytes)
+            .unwrap_err()
+            .to_string()
+            .contains("exceeds the bytes left"));
+    }
+}
+
+#[test]
+fn a_batch_states_its_epoch_and_one_from_before_epochs_decodes_without_one() {
+    let records = example_records();
+    for deflate in [false, true] {
+        let batch = decode(&encode("gw-0001", &records, deflate).unwrap()).unwrap();
+        assert_eq!(batch["epoch"], 7, "deflate {deflate}");
+        assert_eq!(batch["points"][1]["seq"], 1043);
+    }
+    let json: Value = serde_json::from_slice(&points::batch_message("gw-0001", &records)).unwrap();
+    assert_eq!(json["epoch"], 7);
+    // A body of the first version is the same without the epoch.
+    let v2 = encode("gw-0001", &records, false).unwrap();
+    let mut v1 = vec![PLAIN_V1];
+    put_str(&mut v1, "gw-0001");
+    let epoch_at = 1 + 1 + "gw-0001".len();
+    assert_eq!(v2[epoch_at], 7);
+    v1.extend_from_slice(&v2[epoch_at + 1..]);
+    let old = decode(&v1).unwrap();
+    assert_eq!(old.get("epoch"), None);
+    assert_eq!(old["points"], json["points"]);
+    let mut deflated = vec![DEFLATED_V1];
+    deflated.extend(miniz_oxide::deflate::compress_to_vec(&v1[1..], 6));
+    assert_eq!(decode(&deflated).unwrap(), old);
 }
 
 #[test]
 fn a_point_the_encoder_cannot_read_is_an_error_not_a_guess() {
     let records = [Record {
+        epoch: 1,
         seq: 1,
         payload: br#"{"ts":1,"deviceId":"bat-1","state":{},"health":{}}"#.to_vec(),
     }];
@@ -298,10 +337,12 @@ fn example_records() -> Vec<Record> {
     points::encode_state(1_795_786_202_125, "bat-1", &state(59.9, 598.0), &mut second);
     vec![
         Record {
+            epoch: 7,
             seq: 1042,
             payload: first,
         },
         Record {
+            epoch: 7,
             seq: 1043,
             payload: second,
         },
@@ -409,7 +450,7 @@ fn a_deflated_capabilities_message_decodes_to_its_json_and_is_far_smaller() {
     let registry = crate::drivers::DriverRegistry::default();
     let json = crate::inbound::commands::capabilities("gw-1", &registry);
     let packed = deflate_json(&json);
-    assert_eq!(packed[0], DEFLATED);
+    assert_eq!(packed[0], DEFLATED_JSON);
     assert_eq!(
         decode_capabilities(&packed).unwrap(),
         serde_json::from_slice::<Value>(&json).unwrap()
@@ -431,6 +472,7 @@ fn a_deflated_capabilities_message_decodes_to_its_json_and_is_far_smaller() {
 fn a_deflate_bomb_of_empty_points_is_refused_before_it_is_built() {
     let mut body = Vec::new();
     put_str(&mut body, "gw");
+    put_uvarint(&mut body, 1);
     put_uvarint(&mut body, 1);
     put_str(&mut body, "bat-1");
     put_str(&mut body, "state");

@@ -48,6 +48,7 @@ impl Outbox {
                 tail_room -= payload.len();
                 cached.push(Cached {
                     record: Record {
+                        epoch: self.meta.epoch,
                         seq: end.seq,
                         payload: payload.to_vec(),
                     },
@@ -153,7 +154,7 @@ impl Outbox {
         // torn write was cut off, and starting fresh keeps recovery simple.
         let id = self.next_segment_id;
         self.next_segment_id += 1;
-        let path = segment_path(&self.dir, id);
+        let path = segment_path(&self.dir, id, self.meta.epoch);
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -170,8 +171,10 @@ impl Outbox {
             // (recovery keeps every intact record of every segment).
             self.unsynced.push((old_id, old));
         }
+        self.dir_dirty = true;
         self.segments.push_back(Segment {
             id,
+            epoch: self.meta.epoch,
             path,
             first_seq: self.meta.next_seq,
             last_seq: self.meta.next_seq - 1,

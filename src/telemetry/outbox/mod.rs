@@ -7,15 +7,22 @@
 //! last record, which the per-record CRC detects.
 //!
 //! **Layout.** `outbox/` in the state directory holds numbered segment files
-//! (`00000000000000000001.seg`, ...) and `meta.json`. A record is
-//! `len: u32 LE | crc32(seq ‖ payload): u32 LE | seq: u64 LE | payload`. Sequence numbers are
-//! per gateway, start at 1 and never repeat, so the platform can detect gaps and drop duplicates.
+//! (`00000000000000000001-7.seg`, ...: id, then the epoch that wrote it) and `meta.json`. A
+//! record is `len: u32 LE | crc32(seq ‖ payload): u32 LE | seq: u64 LE | payload`. Sequence
+//! numbers are per gateway and start at 1, so the platform can detect gaps and drop duplicates.
 //!
 //! **Durability.** Appends go to the page cache at once (so a crash of the *process* loses
 //! nothing) and are fsynced by [`Outbox::sync`] on a timer (default 1 s), sparing flash from an
 //! fsync per sample; a power cut can lose at most that window. Acknowledgements are recorded in
 //! `meta.json`, and a fully acknowledged segment is deleted only after that record is durable,
-//! so a crash can cause re-sends (duplicates) but never reuse a sequence number.
+//! so a crash of the process can cause re-sends (duplicates) but never reuse a sequence number.
+//!
+//! **Epochs.** A power cut is different: points numbered and *sent* within the last interval
+//! may never have reached the disk, and the next run numbers new points from the last one that
+//! did, so a sequence number the platform already holds is given again. Every run therefore
+//! takes a new **epoch**, made durable in `meta.json` when the outbox opens, before it can store
+//! a point. A record carries the epoch of the run that stored it (its segment's), a batch never
+//! mixes epochs, and the platform tells points apart by `(epoch, seq)` (PROTOCOL 14.3).
 //!
 //! **Bounds.** Unacknowledged bytes are capped. When an append would exceed the cap the oldest
 //! segment is dropped whole: exactly the oldest points go, their number is added to the persisted
@@ -68,6 +75,8 @@ pub enum OutboxError {
 /// One stored record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
+    /// The epoch of the run that stored it (see the module docs).
+    pub epoch: u64,
     pub seq: u64,
     pub payload: Vec<u8>,
 }
@@ -103,6 +112,9 @@ struct Meta {
     /// Sequence numbers below this were handed out; never hand them out again.
     next_seq: u64,
     dropped: u64,
+    /// The epoch of the run that last opened the outbox (0 for an outbox from before epochs).
+    #[serde(default)]
+    epoch: u64,
 }
 
 /// Where the next read continues: after `seq`, at `offset` in segment `id`.
@@ -129,6 +141,9 @@ pub struct Outbox {
     durable: Meta,
     /// Appends since the last fsync.
     dirty: bool,
+    /// Segment files created since the directory was last fsynced. Until it is, a power cut
+    /// may take a new file's name away with every record in it, fsynced or not.
+    dir_dirty: bool,
     cursor: Option<Cursor>,
     /// Ids are never reused within a run, so a cached [`Cursor`] can never point into a
     /// different segment that happens to get the same name.
@@ -152,17 +167,18 @@ struct Cached {
 }
 
 impl Outbox {
-    /// Opens (or creates) the outbox in `dir`, recovering from a torn tail.
+    /// Opens (or creates) the outbox in `dir`, recovering from a torn tail, and starts a new
+    /// epoch: durable when this returns, so no point of this run can be stored without it.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<(Outbox, Recovery), OutboxError> {
         storage::ensure_dir(dir)?;
         let meta: Meta = storage::read_json(&dir.join(META_FILE))?.unwrap_or_default();
         let ids = segment_ids(dir)?;
         let mut recovery = Recovery::default();
         let mut segments = VecDeque::new();
-        let last_id = ids.last().copied();
-        for id in ids {
+        let last_id = ids.last().map(|(id, _)| *id);
+        for (id, epoch) in ids {
             let is_last = Some(id) == last_id;
-            if let Some(segment) = Segment::recover(dir, id, is_last, &mut recovery)? {
+            if let Some(segment) = Segment::recover(dir, (id, epoch), is_last, &mut recovery)? {
                 segments.push_back(segment);
             }
         }
@@ -172,7 +188,20 @@ impl Outbox {
             .map_or(1, |s| s.last_seq + 1)
             .max(meta.next_seq)
             .max(meta.acked + 1);
-        let meta = Meta { next_seq, ..meta };
+        // Above every epoch on disk too, in case `meta.json` was lost while segments were not.
+        let epoch = segments
+            .iter()
+            .map(|s| s.epoch)
+            .max()
+            .unwrap_or(0)
+            .max(meta.epoch)
+            + 1;
+        let meta = Meta {
+            next_seq,
+            epoch,
+            ..meta
+        };
+        storage::write_json(&dir.join(META_FILE), &meta, 0o600)?;
         let mut outbox = Outbox {
             dir: dir.to_owned(),
             max_bytes,
@@ -183,6 +212,7 @@ impl Outbox {
             meta,
             durable: meta,
             dirty: false,
+            dir_dirty: false,
             cursor: None,
             next_segment_id,
             reader: None,
@@ -222,6 +252,11 @@ impl Outbox {
         (depth, bytes)
     }
 
+    /// The epoch of this run: every record it appends has it.
+    pub fn epoch(&self) -> u64 {
+        self.meta.epoch
+    }
+
     /// The highest acknowledged sequence number.
     pub fn acked(&self) -> u64 {
         self.meta.acked
@@ -256,7 +291,8 @@ impl Outbox {
         if self.dirty {
             for (id, old) in &self.unsynced {
                 old.sync_data().map_err(|source| StorageError::Io {
-                    path: segment_path(&self.dir, *id),
+                    // Former heads are this run's segments, so of this run's epoch.
+                    path: segment_path(&self.dir, *id, self.meta.epoch),
                     source,
                 })?;
             }
@@ -268,6 +304,12 @@ impl Outbox {
                 })?;
             }
             self.dirty = false;
+        }
+        if self.dir_dirty {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(storage::io_err(&self.dir))?;
+            self.dir_dirty = false;
         }
         Ok(())
     }
@@ -295,12 +337,12 @@ impl Outbox {
     }
 }
 
-/// The ids of the segment files in `dir`, oldest first.
-fn segment_ids(dir: &Path) -> Result<Vec<u64>, OutboxError> {
-    let mut ids: Vec<u64> = fs::read_dir(dir)
+/// The ids and epochs of the segment files in `dir`, oldest first.
+fn segment_ids(dir: &Path) -> Result<Vec<(u64, u64)>, OutboxError> {
+    let mut ids: Vec<(u64, u64)> = fs::read_dir(dir)
         .map_err(storage::io_err(dir))?
         .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
+        .filter_map(|e| segment::parse_name(e.file_name().to_str()?))
         .collect();
     ids.sort_unstable();
     Ok(ids)

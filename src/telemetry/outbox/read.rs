@@ -44,7 +44,9 @@ impl Batch {
 }
 
 impl Outbox {
-    /// Reads up to `max_records` records (and about `max_bytes`) with `seq > after`, in order.
+    /// Reads up to `max_records` records (and about `max_bytes`) with `seq > after`, in order,
+    /// all of one epoch: a read stops where the records of a later run begin, so the batch it
+    /// becomes can state its epoch once.
     pub fn read_after(
         &mut self,
         after: u64,
@@ -94,6 +96,9 @@ impl Outbox {
         };
         let mut reader_file = self.reader.take();
         for seg in self.segments.iter().skip(start) {
+            if batch.records.first().is_some_and(|r| r.epoch != seg.epoch) {
+                break;
+            }
             let offset = match self.cursor {
                 Some(c) if c.seq == after && c.id == seg.id && c.offset <= seg.bytes => c.offset,
                 _ => 0,
@@ -141,7 +146,7 @@ fn read_segment(
     let mut reader = BufReader::with_capacity(left.min(READ_CHUNK) as usize, (&*file).take(left));
     let mut pos = offset;
     loop {
-        let rec = match read_record(&mut reader) {
+        let rec = match read_record(&mut reader, seg.epoch) {
             Ok(Some(rec)) => rec,
             Ok(None) => return Ok(ControlFlow::Continue(())),
             Err(error) => {

@@ -31,7 +31,9 @@ fn crc(seq: u64, payload: &[u8]) -> u32 {
 
 /// Reads the next record from `r`. `Ok(None)` at a clean end; an error for a torn or bad record
 /// ([`OutboxError::Torn`], [`OutboxError::TooLarge`], [`OutboxError::Checksum`]) or a failed read.
-pub(super) fn read_record(r: &mut impl Read) -> Result<Option<Record>, OutboxError> {
+///
+/// The record's `epoch` is not in its framing: it is the epoch of the segment that holds it.
+pub(super) fn read_record(r: &mut impl Read, epoch: u64) -> Result<Option<Record>, OutboxError> {
     let mut header = [0u8; HEADER_BYTES as usize];
     let mut got = 0;
     while got < header.len() {
@@ -57,7 +59,11 @@ pub(super) fn read_record(r: &mut impl Read) -> Result<Option<Record>, OutboxErr
     if crc(seq, &payload) != sum {
         return Err(OutboxError::Checksum { seq });
     }
-    Ok(Some(Record { seq, payload }))
+    Ok(Some(Record {
+        epoch,
+        seq,
+        payload,
+    }))
 }
 
 #[cfg(test)]
@@ -75,29 +81,30 @@ mod tests {
         };
         let good = record(7, b"{}");
         assert_eq!(
-            read_record(&mut &good[..]).unwrap(),
+            read_record(&mut &good[..], 3).unwrap(),
             Some(Record {
+                epoch: 3,
                 seq: 7,
                 payload: b"{}".to_vec()
             })
         );
-        assert!(matches!(read_record(&mut &[][..]), Ok(None)));
+        assert!(matches!(read_record(&mut &[][..], 3), Ok(None)));
         for cut in [3, HEADER_BYTES as usize + 1] {
             assert!(
-                matches!(read_record(&mut &good[..cut]), Err(OutboxError::Torn)),
+                matches!(read_record(&mut &good[..cut], 3), Err(OutboxError::Torn)),
                 "cut at {cut}"
             );
         }
         let mut flipped = good.clone();
         *flipped.last_mut().unwrap() ^= 1;
         assert!(matches!(
-            read_record(&mut &flipped[..]),
+            read_record(&mut &flipped[..], 3),
             Err(OutboxError::Checksum { seq: 7 })
         ));
         let mut huge = good.clone();
         huge[0..4].copy_from_slice(&(MAX_RECORD_BYTES as u32 + 1).to_le_bytes());
         assert!(matches!(
-            read_record(&mut &huge[..]),
+            read_record(&mut &huge[..], 3),
             Err(OutboxError::TooLarge(n)) if n == MAX_RECORD_BYTES + 1
         ));
     }
@@ -111,11 +118,12 @@ mod tests {
         let mut r = &buf[..];
         for (seq, payload) in [(7, &b"{}"[..]), (8, &b""[..])] {
             let record = Record {
+                epoch: 1,
                 seq,
                 payload: payload.to_vec(),
             };
-            assert_eq!(read_record(&mut r).unwrap(), Some(record));
+            assert_eq!(read_record(&mut r, 1).unwrap(), Some(record));
         }
-        assert!(matches!(read_record(&mut r), Ok(None)));
+        assert!(matches!(read_record(&mut r, 1), Ok(None)));
     }
 }

@@ -214,3 +214,113 @@ fn reading_resumes_from_a_position_without_rescanning() {
         (1, 101, 201, 300)
     );
 }
+
+#[test]
+fn every_run_has_a_new_epoch_and_a_read_never_mixes_two() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut o, _) = Outbox::open(d.path(), 1 << 20).unwrap();
+    assert_eq!(o.epoch(), 1);
+    for i in 1..=5 {
+        o.append(&payload(i)).unwrap();
+    }
+    drop(o);
+    let (mut o, _) = Outbox::open(d.path(), 1 << 20).unwrap();
+    assert_eq!(o.epoch(), 2);
+    for i in 6..=8 {
+        o.append(&payload(i)).unwrap();
+    }
+    let first = o.read_after(0, 100, 1 << 20).unwrap();
+    assert_eq!(
+        first.iter().map(|r| (r.epoch, r.seq)).collect::<Vec<_>>(),
+        (1..=5).map(|s| (1, s)).collect::<Vec<_>>()
+    );
+    let second = o.read_after(5, 100, 1 << 20).unwrap();
+    assert_eq!(
+        second.iter().map(|r| (r.epoch, r.seq)).collect::<Vec<_>>(),
+        (6..=8).map(|s| (2, s)).collect::<Vec<_>>()
+    );
+    // The epoch was durable before the run stored anything: a run that stores nothing still
+    // uses one up.
+    drop(o);
+    let (o, _) = Outbox::open(d.path(), 1 << 20).unwrap();
+    drop(o);
+    let (o, _) = Outbox::open(d.path(), 1 << 20).unwrap();
+    assert_eq!(o.epoch(), 4);
+}
+
+#[test]
+fn numbers_a_power_cut_gives_again_come_with_a_higher_epoch() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut o, _) = Outbox::open(d.path(), 1 << 20).unwrap();
+    for i in 1..=10 {
+        o.append(&payload(i)).unwrap();
+    }
+    o.sync().unwrap();
+    let synced = fs::metadata(only_segment(d.path())).unwrap().len();
+    for i in 11..=20 {
+        o.append(&payload(i)).unwrap();
+    }
+    // Points 11 to 20 were sent; then the power went before they reached the disk.
+    let sent = o.read_after(0, 100, 1 << 20).unwrap();
+    assert_eq!(sent.last().map(|r| (r.epoch, r.seq)), Some((1, 20)));
+    drop(o);
+    OpenOptions::new()
+        .write(true)
+        .open(only_segment(d.path()))
+        .unwrap()
+        .set_len(synced)
+        .unwrap();
+    let (mut o, _) = Outbox::open(d.path(), 1 << 20).unwrap();
+    assert_eq!(
+        o.append(&payload(99)).unwrap(),
+        11,
+        "the number is given again"
+    );
+    let again = o.read_after(10, 100, 1 << 20).unwrap();
+    assert_eq!(
+        again.iter().map(|r| (r.epoch, r.seq)).collect::<Vec<_>>(),
+        [(2, 11)],
+        "but never with the same epoch"
+    );
+}
+
+#[test]
+fn an_outbox_from_before_epochs_is_read_as_epoch_zero() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut o, _) = Outbox::open(d.path(), 1 << 20).unwrap();
+    for i in 1..=3 {
+        o.append(&payload(i)).unwrap();
+    }
+    o.sync().unwrap();
+    drop(o);
+    // What an agent before epochs left: its segment names carry no epoch, nor does meta.json.
+    let old = only_segment(d.path());
+    let name = old.file_name().unwrap().to_str().unwrap().to_owned();
+    let (id, _) = name.split_once('-').unwrap();
+    fs::rename(&old, d.path().join(format!("{id}.seg"))).unwrap();
+    fs::write(
+        d.path().join("meta.json"),
+        r#"{"acked":0,"next_seq":4,"dropped":0}"#,
+    )
+    .unwrap();
+    let (mut o, rec) = Outbox::open(d.path(), 1 << 20).unwrap();
+    assert_eq!((rec.records, o.epoch()), (3, 1));
+    o.append(&payload(4)).unwrap();
+    let old = o.read_after(0, 100, 1 << 20).unwrap();
+    assert_eq!(
+        old.iter().map(|r| (r.epoch, r.seq)).collect::<Vec<_>>(),
+        [(0, 1), (0, 2), (0, 3)]
+    );
+    assert_eq!(o.read_after(3, 100, 1 << 20).unwrap()[0].epoch, 1);
+}
+
+/// The one segment file in `dir`.
+fn only_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut segments: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    segments.pop().unwrap()
+}
