@@ -446,7 +446,7 @@ async fn a_persistent_session_keeps_subscriptions_and_queues_commands_across_a_r
         .await;
     assert_eq!(peer.reply(GW, "cmd-first", CONNECT).await["status"], 200);
     assert_eq!(
-        agent.logs_with_message("connected")[0]["session_present"],
+        agent.wait_for_logs("connected", 1, CONNECT)[0]["session_present"],
         false
     );
     // One SUBSCRIBE carries all four filters.
@@ -477,7 +477,7 @@ async fn a_persistent_session_keeps_subscriptions_and_queues_commands_across_a_r
     let reply = peer.reply(GW, "cmd-while-away", CONNECT).await;
     assert_eq!(reply["type"], "command.succeeded", "{reply}");
     peer.expect(&status, CONNECT, online).await;
-    let connects = agent.logs_with_message("connected");
+    let connects = agent.wait_for_logs("connected", 2, CONNECT);
     assert_eq!(connects.len(), 2, "{}", agent.log_dump());
     assert_eq!(connects[1]["session_present"], true);
     assert_eq!(broker_saw(&broker, &subscribes), 1, "{}", broker.log_text());
@@ -499,7 +499,7 @@ async fn a_persistent_session_keeps_subscriptions_and_queues_commands_across_a_r
     let agent = Agent::spawn(BIN, &config);
     peer.expect(&status, CONNECT, online).await;
     assert_eq!(
-        agent.logs_with_message("connected")[0]["session_present"],
+        agent.wait_for_logs("connected", 1, CONNECT)[0]["session_present"],
         true
     );
     assert_eq!(broker_saw(&broker, &subscribes), 2, "{}", broker.log_text());
@@ -517,8 +517,9 @@ async fn a_persistent_session_keeps_subscriptions_and_queues_commands_across_a_r
         peer.reply(GW, "cmd-after-restart", CONNECT).await["status"],
         200
     );
-    let connects = agent.logs_with_message("connected");
-    assert_eq!(connects.last().unwrap()["session_present"], false);
+    let connects = agent.wait_for_logs("connected", 2, CONNECT);
+    assert_eq!(connects.len(), 2, "{}", agent.log_dump());
+    assert_eq!(connects[1]["session_present"], false);
     // The broker's log runs on across the restart.
     assert_eq!(broker_saw(&broker, &subscribes), 3, "{}", broker.log_text());
 }

@@ -368,7 +368,8 @@ async fn wrong_password_unknown_id_and_missing_subprotocol_are_refused() {
     let mut right = site.spec("CP-1");
     right["subprotocols"] = json!(["ocpp2.0.1", "ocpp1.6"]);
     site.connect(&right);
-    assert_eq!(site.agent.logs_with_message("ocpp: connected").len(), 1);
+    let connected = site.agent.wait_for_logs("ocpp: connected", 1, WAIT);
+    assert_eq!(connected.len(), 1, "{}", site.agent.log_dump());
 }
 
 /// Malformed JSON is answered FormationViolation (1.6's spelling) under the unique id it

@@ -1412,8 +1412,7 @@ async fn pair_output_never_carries_escapes_from_a_junk_binding() {
         "a fake line reached pair's output:\n{text}"
     );
     // The agent's own log of the refusal does not carry it either.
-    let refused = agent.logs_with_message("owner binding refused");
-    assert!(!refused.is_empty(), "{}", agent.log_dump());
+    let refused = agent.wait_for_logs("owner binding refused", 1, WAIT);
     for line in refused {
         let error = line["error"].as_str().unwrap_or_default();
         assert!(!error.chars().any(char::is_control), "{error:?}");

@@ -282,6 +282,32 @@ impl Agent {
         }
     }
 
+    /// The first `n` log lines whose `message` equals `message`, waiting for them. The agent's
+    /// stderr is read by a thread, so a line can arrive after what the agent did next was
+    /// already seen on the broker: a test that saw the effect waits for the line, never reads
+    /// it once.
+    pub fn wait_for_logs(
+        &self,
+        message: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.logs_with_message(message);
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} log lines {message:?} within {timeout:?}; log:\n{}",
+                lines.len(),
+                self.log_dump()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
