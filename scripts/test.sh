@@ -14,6 +14,8 @@ missing=()
 compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || missing+=(faketime)
 # socat: the simulated RS-485 bus (a pty pair) of the Modbus RTU tests (testkit/src/modbus.rs).
 [ -x /usr/bin/socat ] || missing+=(socat)
+# libfuse 3: the power-cut tests' filesystem (tests/powercut/crashfs.py, over /dev/fuse).
+compgen -G '/usr/lib/*/libfuse3.so.3' >/dev/null || missing+=(libfuse3-3)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   $sudo apt-get update -qq
@@ -34,11 +36,13 @@ pyserial_version=3.5
 ocpp_version=2.1.0
 # ocpp depends on no WebSocket library; 15.0.1 was current when ocpp 2.1.0 came out.
 websockets_version=15.0.1
+# mfusepy: crashfs's libfuse 3 binding (tests/powercut/crashfs.py).
+mfusepy_version=3.1.1
 pins=("pymodbus==$pymodbus_version" "pysunspec2==$pysunspec2_version" "pyserial==$pyserial_version"
-      "ocpp==$ocpp_version" "websockets==$websockets_version")
+      "ocpp==$ocpp_version" "websockets==$websockets_version" "mfusepy==$mfusepy_version")
 pyenv_ok() {
-  "$pyenv/bin/python" -c "import importlib.metadata as m, pymodbus, serial, sunspec2, ocpp, websockets, sys
-sys.exit(0 if m.version('pymodbus') == '$pymodbus_version' and m.version('pysunspec2') == '$pysunspec2_version' and m.version('pyserial') == '$pyserial_version' and m.version('ocpp') == '$ocpp_version' and m.version('websockets') == '$websockets_version' else 1)" 2>/dev/null
+  "$pyenv/bin/python" -c "import importlib.metadata as m, pymodbus, serial, sunspec2, ocpp, websockets, mfusepy, sys
+sys.exit(0 if m.version('pymodbus') == '$pymodbus_version' and m.version('pysunspec2') == '$pysunspec2_version' and m.version('pyserial') == '$pyserial_version' and m.version('ocpp') == '$ocpp_version' and m.version('websockets') == '$websockets_version' and m.version('mfusepy') == '$mfusepy_version' else 1)" 2>/dev/null
 }
 if ! pyenv_ok; then
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing_venv=1

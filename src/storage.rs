@@ -33,12 +33,32 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_
 }
 
 /// Creates `dir` (and parents) with owner-only permissions if it does not exist.
+///
+/// A directory it creates is made durable in its parent (the parent is fsynced), as a file's
+/// name would be: otherwise a power cut could take the new directory, and every file fsynced
+/// into it, with it.
 pub fn ensure_dir(dir: &Path) -> Result<(), StorageError> {
     use std::os::unix::fs::DirBuilderExt;
+    let created: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
+        .map_err(io_err(dir))?;
+    for new in created.iter().rev() {
+        match new.parent() {
+            Some(parent) if parent.as_os_str().is_empty() => sync_dir(Path::new("."))?,
+            Some(parent) => sync_dir(parent)?,
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// Fsyncs `dir`, which makes the names created, renamed or removed in it durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
         .map_err(io_err(dir))
 }
 
@@ -71,7 +91,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StorageE
     // The new contents are in place from here on, so this is not reported as a failure (the
     // caller must not believe the old contents are still current). If it fails, the rename may
     // not survive a power cut; the old contents would then come back, which is still whole.
-    if let Err(error) = File::open(dir).and_then(|d| d.sync_all()) {
+    if let Err(error) = sync_dir(dir) {
         tracing::warn!(%error, path = %path.display(), "directory fsync failed after replace");
     }
     Ok(())

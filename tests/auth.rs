@@ -1085,24 +1085,6 @@ const GATEWAY: &str = "gw-clock";
 const CLOCK_WORKSPACE: &str = "ws-clock";
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A driver for one battery that answers every command at once and appends each command it
-/// receives to the file named by its first argument.
-const COUNTING_DRIVER: &str = r#"
-import json, sys
-log = open(sys.argv[1], "a")
-state = {"type": "battery", "charge": 5000.0, "chargePercentage": 40.0, "chargingState": "idle",
-         "chargeRate": 0.0, "backupReserve": 20, "gridStatus": "idle", "gridPower": 0.0,
-         "strategy": "test"}
-def emit(obj):
-    sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
-emit({"type": "state", "deviceId": "bat-count", "state": state})
-for line in sys.stdin:
-    msg = json.loads(line)
-    if msg["type"] != "command": continue
-    log.write(msg["commandId"] + "\n"); log.flush()
-    emit({"type": "result", "commandId": msg["commandId"], "ok": True, "result": {}})
-"#;
-
 /// libfaketime's preload library, where Debian puts it.
 fn libfaketime() -> PathBuf {
     let found = std::fs::read_dir("/usr/lib")
@@ -1137,16 +1119,9 @@ async fn a_restart_with_the_clock_ahead_does_not_let_the_broker_replay_an_execut
         &[&replies, &capabilities, &status],
     )
     .await;
-    let script = pki.path().join("counting_driver.py");
-    std::fs::write(&script, COUNTING_DRIVER).unwrap();
     let driver_log = pki.path().join("commands.log");
     let mut cfg = AgentConfig::new(&pki, broker.port, GATEWAY).trusting(&signer, CLOCK_WORKSPACE);
-    cfg.extra_toml = format!(
-        "[[drivers]]\nkind = \"process\"\nname = \"counting\"\n\
-         command = [\"python3\", \"-u\", \"{}\", \"{}\"]\n",
-        script.display(),
-        driver_log.display()
-    );
+    cfg.extra_toml = kit::counting_driver(pki.path(), &driver_log, Duration::ZERO);
     let config = cfg.write(pki.path());
 
     let key = ApiKey::server("key-server", CLOCK_WORKSPACE);

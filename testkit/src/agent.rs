@@ -157,6 +157,41 @@ pub fn firehose_script(dir: &Path, line: &str) -> PathBuf {
     script
 }
 
+/// The `[[drivers]]` entry of a process driver (its script written under `dir`) with one
+/// battery, `bat-count`, that appends the `commandId` of every command it runs to `log`, one
+/// per line, and answers it succeeded: the device's own record of what it was made to do,
+/// which survives the agent (a test counts executions there, not in the agent's replies).
+/// Each command takes `takes` between the record and the answer, as a device's does.
+pub fn counting_driver(dir: &Path, log: &Path, takes: Duration) -> String {
+    let script = dir.join("counting_driver.py");
+    std::fs::write(&script, COUNTING_DRIVER).unwrap();
+    format!(
+        "[[drivers]]\nkind = \"process\"\nname = \"counting\"\n\
+         command = [\"python3\", \"-u\", \"{}\", \"{}\", \"{}\"]\n",
+        script.display(),
+        log.display(),
+        takes.as_secs_f64()
+    )
+}
+
+const COUNTING_DRIVER: &str = r#"
+import json, sys, time
+log = open(sys.argv[1], "a")
+takes = float(sys.argv[2])
+state = {"type": "battery", "charge": 5000.0, "chargePercentage": 40.0, "chargingState": "idle",
+         "chargeRate": 0.0, "backupReserve": 20, "gridStatus": "idle", "gridPower": 0.0,
+         "strategy": "test"}
+def emit(obj):
+    sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
+emit({"type": "state", "deviceId": "bat-count", "state": state})
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg["type"] != "command": continue
+    log.write(msg["commandId"] + "\n"); log.flush()
+    time.sleep(takes)
+    emit({"type": "result", "commandId": msg["commandId"], "ok": True, "result": {}})
+"#;
+
 /// The texture-agent binary under test: `bin` (the one cargo built for this run), or another
 /// build named by `TEXTURE_AGENT_BIN` (the cross-compiled ARM binary in the QEMU tests).
 pub fn agent_binary(bin: &str) -> String {

@@ -12,7 +12,8 @@
 //! | [`fleet`] | a fleet of in-process agent sessions against one broker |
 //! | [`modbus`] | real Modbus TCP servers (pymodbus) that look like SunSpec devices, maps generated from the official model definitions |
 //! | [`ocpp`] | real OCPP 1.6J charge points (mobilityhouse's `ocpp`), driven by JSON control lines, every frame logged raw |
-//! | [`pyenv`] | the pinned Python environment in `target/pyenv` that both run in |
+//! | [`crashfs`] | a directory that loses at a power cut what POSIX lets a cut take (FUSE, `tests/powercut/crashfs.py`) |
+//! | [`pyenv`] | the pinned Python environment in `target/pyenv` that they run in |
 //! | [`relay`] | a TCP relay that counts the bytes on the gateway's socket, and can cut it |
 //!
 //! Nothing here touches a fixed port or a file outside the test's temporary directory, so tests
@@ -20,6 +21,7 @@
 //! binary's path, `CARGO_TARGET_TMPDIR`) is passed in by the caller.
 
 pub mod agent;
+pub mod crashfs;
 pub mod fleet;
 pub mod modbus;
 pub mod mosquitto;
@@ -32,7 +34,11 @@ pub mod regex;
 pub mod relay;
 pub mod schema;
 
-pub use agent::{agent_binary, agent_command, agent_process, firehose_script, Agent, AgentConfig};
+pub use agent::{
+    agent_binary, agent_command, agent_process, counting_driver, firehose_script, Agent,
+    AgentConfig,
+};
+pub use crashfs::CrashFs;
 pub use modbus::{sunspec_model_json, SunSpecServer};
 pub use mosquitto::{free_port, Mosquitto, PLATFORM_CLIENT};
 pub use ocpp::ChargePoint;

@@ -1,6 +1,6 @@
 //! The private Python environment of the tests' real peers: the SunSpec servers
-//! ([`crate::modbus`], pymodbus) and the OCPP charge points ([`crate::ocpp`], mobilityhouse's
-//! `ocpp`). Every package is pinned to one version, here and in `scripts/test.sh`, so a fresh
+//! ([`crate::modbus`], pymodbus), the OCPP charge points ([`crate::ocpp`], mobilityhouse's
+//! `ocpp`) and the power-cut filesystem ([`crate::crashfs`], mfusepy). Every package is pinned to one version, here and in `scripts/test.sh`, so a fresh
 //! machine and a developer's run the same peers.
 //!
 //! It lives at `<workspace>/target/pyenv` (`scripts/test.sh` creates it before `cargo test`;
@@ -28,6 +28,10 @@ pub const OCPP_VERSION: &str = "2.1.0";
 /// asyncio API); as in `scripts/test.sh`.
 pub const WEBSOCKETS_VERSION: &str = "15.0.1";
 
+/// The pinned mfusepy: `tests/powercut/crashfs.py`'s binding to libfuse 3 (fusepy's maintained
+/// successor; fusepy itself speaks only libfuse 2); as in `scripts/test.sh`.
+pub const MFUSEPY_VERSION: &str = "3.1.1";
+
 /// (distribution, version, module to import): what `target/pyenv` must hold.
 const PINS: &[(&str, &str, &str)] = &[
     ("pymodbus", PYMODBUS_VERSION, "pymodbus"),
@@ -35,6 +39,7 @@ const PINS: &[(&str, &str, &str)] = &[
     ("pyserial", PYSERIAL_VERSION, "serial"),
     ("ocpp", OCPP_VERSION, "ocpp"),
     ("websockets", WEBSOCKETS_VERSION, "websockets"),
+    ("mfusepy", MFUSEPY_VERSION, "mfusepy"),
 ];
 
 /// The workspace root: the testkit's manifest directory's parent, so each worktree or clone uses

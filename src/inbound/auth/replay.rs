@@ -176,7 +176,12 @@ impl ReplayWindow {
             .map(|(jti, _)| jti.clone())
             .collect();
         report.interrupted.sort();
+        let created = !path.exists();
         let file = open_append(&path)?;
+        if created {
+            // The journal's name must be as durable as the records fsynced into it.
+            storage::sync_dir(state_dir)?;
+        }
         let mut window = ReplayWindow {
             path,
             file,

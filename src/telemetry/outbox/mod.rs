@@ -306,9 +306,7 @@ impl Outbox {
             self.dirty = false;
         }
         if self.dir_dirty {
-            File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(storage::io_err(&self.dir))?;
+            storage::sync_dir(&self.dir)?;
             self.dir_dirty = false;
         }
         Ok(())
